@@ -1,0 +1,44 @@
+# querywarden — the README's two commands are `make demo` and `make test`.
+# Each sets up what it needs: a virtualenv with pinned Python packages, and PostgreSQL
+# server binaries from Debian's packages when the machine has none.
+
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint typecheck unit bench system-deps clean lock
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+system-deps:
+	@bash scripts/ensure-system-deps.sh
+
+demo: $(STAMP) system-deps
+	$(BIN)/querywarden demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy operator tests bench
+	$(BIN)/ruff format --check proxy operator tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) system-deps lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@bash scripts/ensure-system-deps.sh --bench
+	$(BIN)/python bench/run.py
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock:
+	$(BIN)/pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .querywarden

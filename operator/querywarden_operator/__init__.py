@@ -1,0 +1,1 @@
+"""The querywarden Kubernetes operator (placeholder until the operator issue)."""

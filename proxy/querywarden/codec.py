@@ -1,0 +1,404 @@
+"""Sans-I/O PostgreSQL wire codec: framing, the few decoders the gateway needs, encoders.
+
+Nothing here touches a socket. Frames are located by their 5-byte header (type byte and
+big-endian length) and handed on as slices of the bytes received; only messages the
+gateway must read are decoded. Message names follow the PostgreSQL documentation,
+chapter "Frontend/Backend Protocol".
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from querywarden.errors import ProtocolViolation
+
+# --- constants ------------------------------------------------------------------------
+
+PROTOCOL_3_0 = 196608  # 3 << 16
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+#: The largest untyped startup packet we accept (PostgreSQL itself allows 10000 bytes).
+MAX_STARTUP_PACKET = 10000
+
+INT32 = struct.Struct("!i")
+UINT32 = struct.Struct("!I")
+INT16 = struct.Struct("!h")
+HEADER = struct.Struct("!cI")
+TYPE_AND_LENGTH = struct.Struct("!BI")
+
+# Authentication request codes (backend 'R').
+AUTH_OK = 0
+AUTH_CLEARTEXT_PASSWORD = 3
+AUTH_MD5_PASSWORD = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+# --- framing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartupPacket:
+    """An untyped frame from the start of a connection, identified by its code."""
+
+    code: int
+    body: bytes  # everything after the 4-byte code
+
+    @property
+    def is_startup_message(self) -> bool:
+        """True for a StartupMessage (protocol version 3.x), false for the request codes."""
+        return self.code >> 16 == 3
+
+
+def read_startup_packet(buf: bytearray) -> StartupPacket | None:
+    """Remove and return one untyped startup packet from ``buf``; ``None`` if incomplete.
+
+    Raises ProtocolViolation for a length PostgreSQL itself would refuse.
+    """
+    if len(buf) < 8:
+        if len(buf) >= 4:
+            _check_startup_length(UINT32.unpack_from(buf, 0)[0])
+        return None
+    length = UINT32.unpack_from(buf, 0)[0]
+    _check_startup_length(length)
+    if len(buf) < length:
+        return None
+    code = UINT32.unpack_from(buf, 4)[0]
+    body = bytes(buf[8:length])
+    del buf[:length]
+    return StartupPacket(code, body)
+
+
+def _check_startup_length(length: int) -> None:
+    if length < 8 or length > MAX_STARTUP_PACKET:
+        raise ProtocolViolation(f"invalid length of startup packet: {length}")
+
+
+def parse_startup_parameters(body: bytes) -> dict[str, str]:
+    """Decode the NUL-separated name/value pairs of a StartupMessage."""
+    if not body.endswith(b"\0"):
+        raise ProtocolViolation("startup packet is not NUL-terminated")
+    parts = body[:-1].split(b"\0")
+    if parts == [b""]:
+        return {}
+    if len(parts) % 2:
+        # A trailing empty name ends the list; anything else is malformed.
+        if parts[-1] != b"":
+            raise ProtocolViolation("startup packet has a parameter without a value")
+        parts = parts[:-1]
+    try:
+        names = [p.decode() for p in parts[0::2]]
+        values = [p.decode() for p in parts[1::2]]
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation("startup parameter is not valid UTF-8") from exc
+    if any(not n for n in names):
+        raise ProtocolViolation("startup packet has an empty parameter name")
+    return dict(zip(names, values, strict=True))
+
+
+class FrameReader:
+    """Splits a byte stream of typed messages into frames, bounded by a size limit.
+
+    ``max_size`` bounds the length of one message that the caller asks to be buffered
+    whole. Messages the caller streams (see :meth:`next_header`) are not bounded here.
+    """
+
+    __slots__ = ("_buf", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self._buf = bytearray()
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        self._buf += data
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def next_frame(self) -> tuple[int, bytes] | None:
+        """Remove and return ``(type, whole message bytes)``, or ``None`` if incomplete."""
+        buf = self._buf
+        if len(buf) < 5:
+            return None
+        mtype, length = TYPE_AND_LENGTH.unpack_from(buf, 0)
+        if length < 4:
+            raise ProtocolViolation(f"invalid message length {length} for message type {mtype!r}")
+        if length + 1 > self.max_size:
+            raise MessageTooLarge(mtype, length + 1, self.max_size)
+        end = length + 1
+        if len(buf) < end:
+            return None
+        frame = bytes(buf[:end])
+        del buf[:end]
+        return mtype, frame
+
+    def peek_header(self) -> tuple[int, int] | None:
+        """``(type, length)`` of the next message without consuming it; ``None`` if < 5 bytes."""
+        if len(self._buf) < 5:
+            return None
+        mtype, length = TYPE_AND_LENGTH.unpack_from(self._buf, 0)
+        if length < 4:
+            raise ProtocolViolation(f"invalid message length {length} for message type {mtype!r}")
+        return int(mtype), int(length)
+
+    def take_all(self) -> bytes:
+        """Remove and return every buffered byte (for streaming pass-through)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+
+class MessageTooLarge(ProtocolViolation):
+    """A message longer than the configured limit."""
+
+    def __init__(self, mtype: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"message of type {chr(mtype)!r} is {size} bytes, over the gateway's limit of {limit}",
+            sqlstate="54000",
+        )
+
+
+# --- decoders -------------------------------------------------------------------------
+
+
+def _cstring(data: bytes, pos: int) -> tuple[str, int]:
+    end = data.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolViolation("string in message is not NUL-terminated")
+    try:
+        return data[pos:end].decode(), end + 1
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation("string in message is not valid UTF-8") from exc
+
+
+def decode_query(frame: bytes) -> str:
+    """Query ('Q'): the SQL text."""
+    sql, _ = _cstring(frame, 5)
+    return sql
+
+
+@dataclass(frozen=True, slots=True)
+class Parse:
+    """Parse ('P'): statement name, SQL text and parameter type OIDs."""
+
+    statement: str
+    sql: str
+    param_types: tuple[int, ...]
+
+
+def decode_parse(frame: bytes) -> Parse:
+    """Decode a Parse message."""
+    name, pos = _cstring(frame, 5)
+    sql, pos = _cstring(frame, pos)
+    if pos + 2 > len(frame):
+        raise ProtocolViolation("Parse message is truncated")
+    (count,) = INT16.unpack_from(frame, pos)
+    pos += 2
+    if count < 0 or pos + 4 * count != len(frame):
+        raise ProtocolViolation("Parse message has an invalid parameter type list")
+    types = struct.unpack_from(f"!{count}I", frame, pos)
+    return Parse(name, sql, types)
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """Bind ('B'): portal and statement names; parameters stay in the raw frame."""
+
+    portal: str
+    statement: str
+
+
+def decode_bind_names(frame: bytes) -> Bind:
+    """Decode just the portal and statement names of a Bind message."""
+    portal, pos = _cstring(frame, 5)
+    statement, _ = _cstring(frame, pos)
+    return Bind(portal, statement)
+
+
+def decode_target(frame: bytes) -> tuple[str, str]:
+    """Describe ('D') or Close ('C'): ``(kind, name)`` where kind is 'S' or 'P'."""
+    if len(frame) < 7:
+        raise ProtocolViolation("Describe/Close message is truncated")
+    kind = chr(frame[5])
+    if kind not in ("S", "P"):
+        raise ProtocolViolation(f"Describe/Close target must be 'S' or 'P', not {kind!r}")
+    name, _ = _cstring(frame, 6)
+    return kind, name
+
+
+def decode_execute_portal(frame: bytes) -> str:
+    """Execute ('E'): the portal name."""
+    name, _ = _cstring(frame, 5)
+    return name
+
+
+def decode_function_call_oid(frame: bytes) -> int:
+    """FunctionCall ('F'): the OID of the function called."""
+    if len(frame) < 9:
+        raise ProtocolViolation("FunctionCall message is truncated")
+    return int(UINT32.unpack_from(frame, 5)[0])
+
+
+def decode_password(frame: bytes) -> bytes:
+    """PasswordMessage ('p'): the raw password bytes (without the terminator)."""
+    body = frame[5:]
+    if not body.endswith(b"\0"):
+        raise ProtocolViolation("password message is not NUL-terminated")
+    return body[:-1]
+
+
+def decode_fields(frame: bytes) -> dict[str, str]:
+    """ErrorResponse/NoticeResponse ('E'/'N'): the fields keyed by their one-letter code."""
+    fields: dict[str, str] = {}
+    pos = 5
+    end = len(frame)
+    while pos < end and frame[pos] != 0:
+        code = chr(frame[pos])
+        stop = frame.find(b"\0", pos + 1)
+        if stop < 0:
+            raise ProtocolViolation("error field is not NUL-terminated")
+        fields[code] = frame[pos + 1 : stop].decode("utf-8", "replace")
+        pos = stop + 1
+    return fields
+
+
+def decode_parameter_status(frame: bytes) -> tuple[str, str]:
+    """ParameterStatus ('S'): ``(name, value)``."""
+    name, pos = _cstring(frame, 5)
+    value, _ = _cstring(frame, pos)
+    return name, value
+
+
+def decode_backend_key_data(frame: bytes) -> tuple[int, bytes]:
+    """BackendKeyData ('K'): ``(process id, secret key bytes)``."""
+    if len(frame) < 13:
+        raise ProtocolViolation("BackendKeyData is truncated")
+    return UINT32.unpack_from(frame, 5)[0], bytes(frame[9:])
+
+
+def decode_authentication(frame: bytes) -> tuple[int, bytes]:
+    """Authentication ('R'): ``(request code, remaining payload)``."""
+    if len(frame) < 9:
+        raise ProtocolViolation("Authentication message is truncated")
+    return UINT32.unpack_from(frame, 5)[0], bytes(frame[9:])
+
+
+# --- encoders -------------------------------------------------------------------------
+
+
+def message(mtype: bytes, payload: bytes = b"") -> bytes:
+    """Frame a typed message."""
+    return HEADER.pack(mtype, len(payload) + 4) + payload
+
+
+def cstr(value: str) -> bytes:
+    """A NUL-terminated UTF-8 string."""
+    return value.encode() + b"\0"
+
+
+def startup_message(params: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
+    """An untyped StartupMessage."""
+    body = INT32.pack(version) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\0"
+    return INT32.pack(len(body) + 4) + body
+
+
+def ssl_request() -> bytes:
+    """An untyped SSLRequest."""
+    return INT32.pack(8) + INT32.pack(SSL_REQUEST_CODE)
+
+
+def cancel_request(pid: int, secret: bytes) -> bytes:
+    """An untyped CancelRequest."""
+    return (
+        INT32.pack(12 + len(secret) - 4)
+        + INT32.pack(CANCEL_REQUEST_CODE)
+        + UINT32.pack(pid)
+        + secret
+    )
+
+
+def authentication(code: int, payload: bytes = b"") -> bytes:
+    """An Authentication ('R') request."""
+    return message(b"R", UINT32.pack(code) + payload)
+
+
+AUTHENTICATION_OK = authentication(AUTH_OK)
+AUTHENTICATION_CLEARTEXT = authentication(AUTH_CLEARTEXT_PASSWORD)
+
+
+def backend_key_data(pid: int, secret: bytes) -> bytes:
+    """BackendKeyData ('K')."""
+    return message(b"K", UINT32.pack(pid) + secret)
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    """ParameterStatus ('S')."""
+    return message(b"S", cstr(name) + cstr(value))
+
+
+READY_FOR_QUERY = {status: message(b"Z", status) for status in (b"I", b"T", b"E")}
+
+
+def ready_for_query(status: bytes) -> bytes:
+    """ReadyForQuery ('Z') with transaction status I, T or E."""
+    return READY_FOR_QUERY[status]
+
+
+def _fields(severity: str, sqlstate: str, text: str, detail: str | None, hint: str | None) -> bytes:
+    parts = [b"S", cstr(severity), b"V", cstr(severity), b"C", cstr(sqlstate), b"M", cstr(text)]
+    if detail:
+        parts += [b"D", cstr(detail)]
+    if hint:
+        parts += [b"H", cstr(hint)]
+    parts.append(b"\0")
+    return b"".join(parts)
+
+
+def error_response(
+    sqlstate: str,
+    text: str,
+    *,
+    detail: str | None = None,
+    hint: str | None = None,
+    severity: str = "ERROR",
+) -> bytes:
+    """ErrorResponse ('E')."""
+    return message(b"E", _fields(severity, sqlstate, text, detail, hint))
+
+
+def notice_response(
+    text: str, *, sqlstate: str = "00000", detail: str | None = None, hint: str | None = None
+) -> bytes:
+    """NoticeResponse ('N')."""
+    return message(b"N", _fields("NOTICE", sqlstate, text, detail, hint))
+
+
+def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:
+    """NegotiateProtocolVersion ('v')."""
+    payload = INT32.pack(newest_minor) + INT32.pack(len(unsupported))
+    payload += b"".join(cstr(o) for o in unsupported)
+    return message(b"v", payload)
+
+
+def query(sql: str) -> bytes:
+    """Query ('Q')."""
+    return message(b"Q", cstr(sql))
+
+
+def parse(statement: str, sql: str, param_types: tuple[int, ...] = ()) -> bytes:
+    """Parse ('P')."""
+    payload = cstr(statement) + cstr(sql) + INT16.pack(len(param_types))
+    payload += struct.pack(f"!{len(param_types)}I", *param_types)
+    return message(b"P", payload)
+
+
+def password_message(payload: bytes) -> bytes:
+    """PasswordMessage / SASLInitialResponse / SASLResponse ('p')."""
+    return message(b"p", payload)
+
+
+TERMINATE = message(b"X")

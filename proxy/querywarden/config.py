@@ -1,0 +1,168 @@
+"""Gateway process settings: listen address, TLS, upstream, limits, development users.
+
+Settings come from a YAML file (``querywarden serve --config FILE``) with environment
+overrides: ``QUERYWARDEN_`` + the path in camelCase joined by ``__``, for example
+``QUERYWARDEN_UPSTREAM__PASSWORD`` or ``QUERYWARDEN_LIMITS__MAXCLIENTMESSAGE``. The
+policy (who may do what) is a separate document.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ByteSize, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _parse_duration(value: Any) -> Any:
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m or h")
+        return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    return value
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value.total_seconds() <= 0:
+        raise ValueError("duration must be positive")
+    return value
+
+
+#: A duration written as ``30s``, ``5m``, ``1h``, ``250ms`` or a number of seconds.
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_positive)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class ListenSettings(_Section):
+    """Where the gateway accepts client connections."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(6432, ge=0, le=65535)
+    #: When a client may skip TLS: ``never``, only from ``loopback`` addresses, or ``always``.
+    plaintext: Literal["never", "loopback", "always"] = "loopback"
+
+
+class TLSSettings(_Section):
+    """The certificate the gateway presents to clients."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class UpstreamSettings(_Section):
+    """The database the gateway connects to, with its own credentials."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(5432, ge=1, le=65535)
+    #: Pin every session to this database; unset, the client's ``database`` is used.
+    database: str | None = None
+    user: str = "querywarden"
+    password: str | None = None
+    password_file: Path | None = None
+    sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    sslrootcert: Path | None = None
+    connect_timeout: Duration = timedelta(seconds=5)
+
+    def resolved_password(self) -> str | None:
+        """The password, read from ``passwordFile`` when that is set."""
+        if self.password_file is not None:
+            return self.password_file.read_text().rstrip("\n")
+        return self.password
+
+
+class LimitSettings(_Section):
+    """Bounds that keep one client from harming the others."""
+
+    #: Largest client message the gateway reads whole (a COPY row streams past it).
+    max_client_message: ByteSize = ByteSize(64 * 1024 * 1024)
+    #: Largest server message the gateway reads whole when a hook must inspect it.
+    max_server_message: ByteSize = ByteSize(1024 * 1024 * 1024)
+    #: Time a client has from connecting to completing authentication.
+    startup_timeout: Duration = timedelta(seconds=15)
+    max_connections: int = Field(1000, ge=1)
+
+
+class DevUserSettings(_Section):
+    """A test credential accepted by the development authenticator."""
+
+    password: str
+    groups: list[str] = []
+
+
+class AuthSettings(_Section):
+    """Client authentication. ``devUsers`` is for development and tests only."""
+
+    dev_users: dict[str, DevUserSettings] = {}
+
+
+class GatewaySettings(BaseSettings):
+    """All process settings of ``querywarden serve``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QUERYWARDEN_",
+        env_nested_delimiter="__",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    listen: ListenSettings = ListenSettings.model_validate({})
+    tls: TLSSettings = TLSSettings.model_validate({})
+    upstream: UpstreamSettings = UpstreamSettings.model_validate({})
+    limits: LimitSettings = LimitSettings.model_validate({})
+    auth: AuthSettings = AuthSettings.model_validate({})
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file: a deployment sets secrets there.
+        return env_settings, init_settings
+
+
+def load_settings(path: Path | None) -> GatewaySettings:
+    """Read settings from a YAML file (if given), then apply environment overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the settings file must hold a mapping")
+        data = loaded or {}
+        # Relative file paths in the config are relative to the config file.
+        data = _anchor_paths(data, path.parent)
+    return GatewaySettings(**data)
+
+
+_PATH_KEYS = {"certFile", "keyFile", "passwordFile", "sslrootcert"}
+
+
+def _anchor_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out[key] = _anchor_paths(value, base)
+        elif key in _PATH_KEYS and isinstance(value, str) and not Path(value).is_absolute():
+            out[key] = str(base / value)
+        else:
+            out[key] = value
+    return out

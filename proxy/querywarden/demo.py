@@ -1,0 +1,122 @@
+"""``querywarden demo``: PostgreSQL with sensitive sample data, the gateway in front.
+
+Both run on this machine; Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+from querywarden.cli import run_event_loop
+from querywarden.config import GatewaySettings
+from querywarden.devcluster import DATABASE, ROLE_PASSWORD, EphemeralCluster
+from querywarden.server import Gateway
+from querywarden.tlsutil import write_self_signed
+
+#: The sample schema: customers with SSNs, card numbers and emails; an api_keys table.
+SEED_SQL = """
+CREATE TABLE customers (
+    id          serial PRIMARY KEY,
+    name        text NOT NULL,
+    email       text NOT NULL UNIQUE,
+    ssn         text NOT NULL UNIQUE,
+    card_number text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE api_keys (
+    id       serial PRIMARY KEY,
+    owner_id int NOT NULL REFERENCES customers(id),
+    label    text NOT NULL,
+    secret   text NOT NULL
+);
+CREATE TABLE orders (
+    id          serial PRIMARY KEY,
+    customer_id int NOT NULL REFERENCES customers(id),
+    amount      numeric(10, 2) NOT NULL,
+    placed_at   timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO customers (name, email, ssn, card_number) VALUES
+    ('Ada Lovelace',  'ada@example.com',   '123-45-6789', '4111 1111 1111 1111'),
+    ('Alan Turing',   'alan@example.org',  '234-56-7890', '5500 0000 0000 0004'),
+    ('Grace Hopper',  'grace@example.net', '345-67-8901', '3400 000000 00009'),
+    ('Edsger Dijkstra','edsger@example.com','456-78-9012', '6011 0000 0000 0004');
+INSERT INTO api_keys (owner_id, label, secret) VALUES
+    (1, 'ci',      'qw_live_8f14e45fceea167a5a36dedd4bea2543'),
+    (2, 'laptop',  'qw_live_c9f0f895fb98ab9159f51fd0297e236d');
+INSERT INTO orders (customer_id, amount)
+    SELECT 1 + (g % 4), (g * 7 % 500) + 0.99 FROM generate_series(1, 1000) g;
+ALTER TABLE customers OWNER TO qw_scram;
+ALTER TABLE api_keys OWNER TO qw_scram;
+ALTER TABLE orders OWNER TO qw_scram;
+"""
+
+#: A query to show in the banner.
+TRY_QUERY = "SELECT name, email, ssn, card_number FROM customers;"
+
+DEMO_USERS = {
+    "agent": {"password": "agent-demo-pw", "groups": ["ai-agents"]},
+    "dba": {"password": "dba-demo-pw", "groups": ["dba"]},
+}
+
+
+def run_demo(port: int, state_dir: Path) -> int:
+    """Run the demo until interrupted."""
+    cluster = EphemeralCluster.create()
+    print("starting an ephemeral PostgreSQL ...", flush=True)
+    try:
+        cluster.start()
+        cluster.psql(SEED_SQL)
+        cert, key = write_self_signed(state_dir, "gateway")
+        settings = GatewaySettings.model_validate(
+            {
+                "listen": {"host": "127.0.0.1", "port": port, "plaintext": "loopback"},
+                "tls": {"certFile": cert, "keyFile": key},
+                "upstream": {
+                    "host": "127.0.0.1",
+                    "port": cluster.port,
+                    "database": DATABASE,
+                    "user": "qw_scram",
+                    "password": ROLE_PASSWORD,
+                    "sslmode": "require",
+                },
+                "auth": {"devUsers": DEMO_USERS},
+            }
+        )
+        run_event_loop(_serve_until_interrupted(settings, cluster))
+    finally:
+        print("\nstopping PostgreSQL ...", flush=True)
+        cluster.stop()
+    return 0
+
+
+async def _serve_until_interrupted(settings: GatewaySettings, cluster: EphemeralCluster) -> None:
+    gateway = Gateway(settings)
+    host, port = await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    agent = DEMO_USERS["agent"]["password"]
+    dba = DEMO_USERS["dba"]["password"]
+    print(
+        f"""
+querywarden demo is running.
+  PostgreSQL (direct, for comparison): 127.0.0.1:{cluster.port}
+  gateway:                             {host}:{port}  (TLS offered; plaintext on loopback)
+
+Connect through the gateway as the AI agent or as the DBA:
+
+  PGPASSWORD={agent} psql "host={host} port={port} dbname={DATABASE} user=agent sslmode=require"
+  PGPASSWORD={dba} psql "host={host} port={port} dbname={DATABASE} user=dba sslmode=require"
+
+then try:  {TRY_QUERY}
+
+Press Ctrl-C to stop.""",
+        flush=True,
+    )
+    await stop.wait()
+    with contextlib.suppress(Exception):
+        await gateway.close()

@@ -1,0 +1,147 @@
+"""The gateway's plug-in points: the decision point and the result hook.
+
+Every statement passes :class:`StatementGate` before it can reach the database, and every
+result message passes :class:`ResultHook` on its way back. Policy, approvals, masking and
+audit plug in here; the defaults allow everything and forward the bytes untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from querywarden.identity import Principal
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What the hooks know about the connection a statement came from."""
+
+    session_id: str
+    principal: Principal
+    database: str
+    client_address: str
+    application_name: str = ""
+
+
+RequestKind = Literal["query", "parse", "function_call"]
+
+
+class StatementRequest:
+    """One request to run SQL, as the client sent it.
+
+    ``kind`` says which protocol path it came by: a simple ``query`` (which may hold
+    several statements, see :attr:`statements`), an extended-protocol ``parse``, or a
+    legacy ``function_call`` by OID (``sql`` is then empty).
+    """
+
+    __slots__ = ("_statements", "function_oid", "kind", "sql", "statement_name")
+
+    def __init__(
+        self, kind: RequestKind, sql: str, *, statement_name: str = "", function_oid: int = 0
+    ) -> None:
+        self.kind = kind
+        self.sql = sql
+        self.statement_name = statement_name
+        self.function_oid = function_oid
+        self._statements: tuple[str, ...] | None = None
+
+    @property
+    def statements(self) -> tuple[str, ...]:
+        """The statements in :attr:`sql`, split by PostgreSQL's own scanner (computed once).
+
+        Text the scanner cannot split is returned whole, as one statement, so a hook that
+        parses each statement sees it and can refuse it.
+        """
+        if self._statements is None:
+            self._statements = split_statements(self.sql)
+        return self._statements
+
+    def __repr__(self) -> str:
+        return f"StatementRequest({self.kind!r}, {self.sql!r})"
+
+
+def split_statements(sql: str) -> tuple[str, ...]:
+    """Split SQL text into statements with pglast's scanner (libpg_query)."""
+    import pglast  # imported here: pass-through sessions never pay for it
+
+    try:
+        parts = tuple(s.strip() for s in pglast.split(sql, with_parser=False))
+    except pglast.parser.ParseError:
+        return (sql,)
+    return tuple(p for p in parts if p) or ((sql,) if sql.strip() else ())
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome for one request: allowed, or refused with a message an agent can act on.
+
+    A refusal names the rule and the reason, and says what is allowed instead (``hint``),
+    because the reader is often an AI agent that adapts its next query.
+    """
+
+    allowed: bool
+    sqlstate: str = "42501"
+    message: str = ""
+    detail: str | None = None
+    hint: str | None = None
+    rule: str | None = None
+
+    @classmethod
+    def refuse(
+        cls,
+        message: str,
+        *,
+        sqlstate: str = "42501",
+        detail: str | None = None,
+        hint: str | None = None,
+        rule: str | None = None,
+    ) -> Decision:
+        """A refusal."""
+        return cls(False, sqlstate, message, detail, hint, rule)
+
+
+ALLOW = Decision(True)
+
+
+class StatementGate(Protocol):
+    """The decision point: sees every request before it is forwarded upstream.
+
+    Return a :class:`Decision` at once, or an awaitable of one when deciding needs I/O
+    (an EXPLAIN on the upstream, a human approver); the session holds the request, and
+    everything the client pipelines after it, until the awaitable resolves.
+    """
+
+    def decide(
+        self, session: SessionInfo, request: StatementRequest
+    ) -> Decision | Awaitable[Decision]:
+        """Decide on one request."""
+        ...
+
+
+class ResultHook(Protocol):
+    """The result hook: sees every result message on its way to the client.
+
+    That is RowDescription, DataRow, CopyData, CommandComplete, ErrorResponse and
+    NoticeResponse.
+
+    ``frame`` is the whole message (type byte, length, payload). Return ``None`` to
+    forward it untouched, or the bytes to send instead (zero, one or more messages).
+    """
+
+    def on_result(self, session: SessionInfo, mtype: int, frame: bytes) -> bytes | None:
+        """Inspect one backend message."""
+        ...
+
+
+class AllowAll:
+    """The pass-through gate: allows every request."""
+
+    def decide(self, session: SessionInfo, request: StatementRequest) -> Decision:
+        """Allow."""
+        return ALLOW
+
+
+#: Backend message types the result hook is shown.
+RESULT_MESSAGE_TYPES = frozenset(b"TDdCEN")

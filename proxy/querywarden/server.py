@@ -1,0 +1,492 @@
+"""The asyncio server adapter: the only place where client sockets live.
+
+For each client connection it drives the sans-I/O start-up (TLS, protocol negotiation,
+password), asks the authenticator for a Principal, opens the gateway's own upstream
+connection, and then relays bytes through a :class:`querywarden.session.Session`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import secrets
+import ssl
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+from querywarden import codec
+from querywarden.config import GatewaySettings
+from querywarden.endpoint import ConnectionClosed, Endpoint
+from querywarden.errors import AuthenticationFailed, ProtocolViolation, QuerywardenError
+from querywarden.hooks import AllowAll, Decision, ResultHook, SessionInfo, StatementGate
+from querywarden.identity import Authenticator, Credentials, DevPasswordAuthenticator, DevUser
+from querywarden.session import Session
+from querywarden.startup import (
+    CancelRequested,
+    ClientStartup,
+    GSSENCRequested,
+    PasswordReceived,
+    SSLRequested,
+    StartupReceived,
+)
+from querywarden.upstream import UpstreamConnection, UpstreamTarget, connect, send_cancel
+
+log = logging.getLogger("querywarden.server")
+
+#: Start-up parameters passed on to the upstream; everything else (notably ``options``,
+#: which can carry ``-c role=...``) stays at the gateway.
+FORWARDED_PARAMETERS = frozenset(
+    {
+        "application_name",
+        "client_encoding",
+        "DateStyle",
+        "datestyle",
+        "IntervalStyle",
+        "TimeZone",
+        "timezone",
+        "extra_float_digits",
+    }
+)
+
+# Keep per-connection buffering small: a slow client pauses the upstream, not our memory.
+_WRITE_HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _CancelKey:
+    secret: bytes
+    upstream_pid: int
+    upstream_secret: bytes
+
+
+class Gateway:
+    """A running querywarden gateway: listener, sessions and cancel-key registry."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        authenticator: Authenticator | None = None,
+        gate: StatementGate | None = None,
+        result_hook: ResultHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.authenticator = authenticator or DevPasswordAuthenticator(
+            {
+                name: DevUser(user.password, tuple(user.groups))
+                for name, user in settings.auth.dev_users.items()
+            }
+        )
+        self.gate: StatementGate = gate or AllowAll()
+        self.result_hook = result_hook
+        self.tls_context = _server_tls_context(settings)
+        if self.tls_context is None and settings.listen.plaintext == "never":
+            raise ValueError("listen.plaintext is 'never' but no tls.certFile/tls.keyFile is set")
+        up = settings.upstream
+        self.upstream_target = UpstreamTarget(
+            host=up.host,
+            port=up.port,
+            user=up.user,
+            password=up.resolved_password(),
+            sslmode=up.sslmode,
+            sslrootcert=up.sslrootcert,
+            connect_timeout=up.connect_timeout.total_seconds(),
+        )
+        self.connections: set[ClientConnection] = set()
+        self._cancel_keys: dict[int, _CancelKey] = {}
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> tuple[str, int]:
+        """Start listening; return the bound address (port 0 picks a free port)."""
+        loop = asyncio.get_running_loop()
+        listen = self.settings.listen
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True
+        )
+        sock = self._server.sockets[0].getsockname()
+        log.info("querywarden listening on %s:%s", sock[0], sock[1])
+        return str(sock[0]), int(sock[1])
+
+    async def close(self) -> None:
+        """Stop listening and close every session."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.shutdown("the gateway is shutting down", sqlstate="57P01")
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # cancel keys -------------------------------------------------------------------
+
+    def register_cancel_key(self, upstream: UpstreamConnection) -> tuple[int, bytes]:
+        """Hand out a gateway key for the client and remember the upstream key behind it."""
+        while True:
+            pid = secrets.randbelow(2**31 - 1) + 1
+            if pid not in self._cancel_keys:
+                break
+        secret = secrets.token_bytes(4)
+        self._cancel_keys[pid] = _CancelKey(secret, upstream.backend_pid, upstream.backend_secret)
+        return pid, secret
+
+    def forget_cancel_key(self, pid: int) -> None:
+        """Drop a key when its session ends."""
+        self._cancel_keys.pop(pid, None)
+
+    async def cancel(self, pid: int, secret: bytes) -> None:
+        """Map a client CancelRequest to its upstream backend; unknown keys are ignored."""
+        key = self._cancel_keys.get(pid)
+        if key is None or not hmac.compare_digest(key.secret, secret):
+            log.info("ignored a CancelRequest with an unknown key")
+            return
+        await send_cancel(self.upstream_target, key.upstream_pid, key.upstream_secret)
+
+
+def _server_tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return context
+
+
+def _is_loopback(address: object) -> bool:
+    if not isinstance(address, tuple) or not address:
+        return isinstance(address, str)  # a Unix socket path
+    try:
+        return ipaddress.ip_address(str(address[0])).is_loopback
+    except ValueError:
+        return False
+
+
+class ClientConnection(Endpoint):
+    """One client connection: start-up, then the relay through a Session."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.session: Session | None = None
+        self.upstream: Endpoint | None = None
+        self.pid = 0
+        self._task: asyncio.Task[None] | None = None
+        self._deciding: asyncio.Task[None] | None = None
+        self._finished = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        gateway = self.gateway
+        if len(gateway.connections) >= gateway.settings.limits.max_connections:
+            self._send_fatal("53300", "sorry, too many clients already")
+            self.close()
+            return
+        gateway.connections.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._finish()
+
+    # start-up ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        limits = self.gateway.settings.limits
+        try:
+            async with asyncio.timeout(limits.startup_timeout.total_seconds()):
+                ready = await self._start_up()
+            if ready is not None:
+                self._start_relay(*ready)
+        except TimeoutError:
+            self._send_fatal("08006", "start-up timed out: authenticate within the startup timeout")
+            self.close()
+        except AuthenticationFailed as exc:
+            log.info("authentication failed from %s: %s", self.peer_address(), exc.message)
+            self._send_fatal(exc.sqlstate, exc.message)
+            self.close()
+        except QuerywardenError as exc:
+            log.info("start-up failed from %s: %s", self.peer_address(), exc.message)
+            self._send_fatal(exc.sqlstate, exc.message)
+            self.close()
+        except ConnectionClosed:
+            self.close()
+        except Exception:
+            log.exception("unexpected error during start-up")
+            self._send_fatal("XX000", "internal error in the gateway during start-up")
+            self.close()
+
+    async def _start_up(self) -> tuple[StartupReceived, SessionInfo, UpstreamConnection] | None:
+        gateway = self.gateway
+        machine = ClientStartup()
+        startup: StartupReceived | None = None
+        while True:
+            event = machine.next_event()
+            if event is None:
+                machine.receive(await self.read())
+                continue
+            if isinstance(event, SSLRequested):
+                if gateway.tls_context is None:
+                    self.write(b"N")
+                else:
+                    self.write(b"S")
+                    await self.start_tls(gateway.tls_context, server_side=True)
+                    machine.tls = True
+            elif isinstance(event, GSSENCRequested):
+                self.write(b"N")
+            elif isinstance(event, CancelRequested):
+                await gateway.cancel(event.pid, event.secret)
+                self.close()
+                return None
+            elif isinstance(event, StartupReceived):
+                startup = event
+                self._check_startup(event, tls=machine.tls)
+                if event.needs_negotiation:
+                    self.write(codec.negotiate_protocol_version(0, list(event.unsupported_options)))
+                self.write(codec.AUTHENTICATION_CLEARTEXT)
+                machine.expect_password()
+            elif isinstance(event, PasswordReceived):
+                assert startup is not None
+                break
+        principal = await gateway.authenticator.authenticate(
+            Credentials(startup.params["user"], event.secret, self.peer_address())
+        )
+        database = self._database(startup)
+        params = {k: v for k, v in startup.params.items() if k in FORWARDED_PARAMETERS}
+        upstream = await connect(gateway.upstream_target, database, params)
+        info = SessionInfo(
+            session_id=secrets.token_hex(8),
+            principal=principal,
+            database=database,
+            client_address=self.peer_address(),
+            application_name=startup.params.get("application_name", ""),
+        )
+        leftover = machine.leftover()
+        if leftover:
+            self._buffer[:0] = leftover
+        return startup, info, upstream
+
+    def _check_startup(self, startup: StartupReceived, *, tls: bool) -> None:
+        if "replication" in startup.params and startup.params["replication"] not in (
+            "false",
+            "0",
+            "off",
+            "no",
+        ):
+            raise ProtocolViolation(
+                "replication connections are not supported through querywarden",
+                sqlstate="0A000",
+            )
+        if not tls:
+            mode = self.gateway.settings.listen.plaintext
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            if mode == "never" or (mode == "loopback" and not _is_loopback(peer)):
+                raise AuthenticationFailed(
+                    "the gateway requires TLS for this connection: connect with sslmode=require "
+                    "(or verify-full)",
+                    sqlstate="28000",
+                )
+
+    def _database(self, startup: StartupReceived) -> str:
+        requested = startup.params.get("database") or startup.params["user"]
+        pinned = self.gateway.settings.upstream.database
+        if pinned is not None and requested != pinned:
+            raise AuthenticationFailed(
+                f'database "{requested}" is not served here: this gateway serves only '
+                f'database "{pinned}"; connect with dbname={pinned}',
+                sqlstate="3D000",
+            )
+        return requested
+
+    # relay -------------------------------------------------------------------------
+
+    def _start_relay(
+        self, startup: StartupReceived, info: SessionInfo, upstream: UpstreamConnection
+    ) -> None:
+        gateway = self.gateway
+        if self.closed:
+            upstream.endpoint.close()
+            return
+        settings = gateway.settings.limits
+        self.session = Session(
+            info,
+            gateway.gate,
+            gateway.result_hook,
+            max_client_message=int(settings.max_client_message),
+            max_server_message=int(settings.max_server_message),
+        )
+        self.session.transaction_status = upstream.transaction_status
+        self.upstream = up = upstream.endpoint
+        assert up.transport is not None
+        up.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        self.pid, secret = gateway.register_cancel_key(upstream)
+        self.writelines(
+            [
+                codec.AUTHENTICATION_OK,
+                *upstream.startup_frames,
+                codec.backend_key_data(self.pid, secret),
+                codec.ready_for_query(upstream.transaction_status),
+            ]
+        )
+        log.info(
+            "session %s: %s connected to database %s from %s",
+            info.session_id,
+            info.principal.subject,
+            info.database,
+            info.client_address,
+        )
+        # Flow control: whichever side cannot keep up pauses the other side's reads.
+        self.on_pause_writing = _pauser(up)
+        self.on_resume_writing = _resumer(up)
+        up.on_pause_writing = _pauser(self)
+        up.on_resume_writing = _resumer(self)
+        up.on_lost = self._upstream_lost
+        pending_server = up.start_relay(self._on_server_data)
+        pending_client = self.start_relay(self._on_client_data)
+        if pending_server:
+            self._on_server_data(pending_server)
+        if pending_client:
+            self._on_client_data(pending_client)
+        if up.closed:
+            self._upstream_lost(None)
+
+    def _on_client_data(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            session.receive_client(data)
+        except QuerywardenError as exc:
+            self.shutdown(exc.message, sqlstate=exc.sqlstate)
+            return
+        self._flush()
+        if session.awaiting is not None and self._deciding is None:
+            self._deciding = asyncio.get_running_loop().create_task(self._await_decisions())
+
+    def _on_server_data(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            session.receive_server(data)
+        except QuerywardenError as exc:
+            self.shutdown(exc.message, sqlstate=exc.sqlstate)
+            return
+        self._flush()
+
+    async def _await_decisions(self) -> None:
+        """Hold the client's input while a decision needs I/O, then carry on."""
+        session = self.session
+        assert session is not None and self.transport is not None
+        self.transport.pause_reading()
+        try:
+            while session.awaiting is not None and not self.closed:
+                decision = await _settle(session.awaiting)
+                try:
+                    session.resume(decision)
+                except QuerywardenError as exc:
+                    self.shutdown(exc.message, sqlstate=exc.sqlstate)
+                    return
+                self._flush()
+        finally:
+            self._deciding = None
+            if not self.closed and self.transport is not None:
+                self.transport.resume_reading()
+
+    def _flush(self) -> None:
+        session = self.session
+        assert session is not None and self.upstream is not None
+        if session.to_server:
+            chunks, session.to_server = session.to_server, []
+            self.upstream.writelines(chunks)
+        if session.to_client:
+            chunks, session.to_client = session.to_client, []
+            self.writelines(chunks)
+        if session.terminated:
+            self.upstream.close()
+            self.close()
+
+    def _upstream_lost(self, exc: Exception | None) -> None:
+        session = self.session
+        if self.closed or (session is not None and session.terminated):
+            return
+        log.warning(
+            "session %s: upstream connection lost", session.info.session_id if session else "-"
+        )
+        self._send_fatal(
+            "08006",
+            "the connection to the upstream database was lost; reconnect to continue",
+        )
+        self.close()
+
+    # ending --------------------------------------------------------------------------
+
+    def _send_fatal(self, sqlstate: str, text: str) -> None:
+        self.write(codec.error_response(sqlstate, text, severity="FATAL"))
+
+    def shutdown(self, text: str, *, sqlstate: str) -> None:
+        """End the session with a FATAL ErrorResponse to the client."""
+        log.info("closing session of %s: %s (%s)", self.peer_address(), text, sqlstate)
+        self._send_fatal(sqlstate, text)
+        self.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.gateway.connections.discard(self)
+        if self.pid:
+            self.gateway.forget_cancel_key(self.pid)
+        if self.upstream is not None and not self.upstream.closed:
+            self.upstream.write(codec.TERMINATE)
+            self.upstream.close()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._deciding is not None and not self._deciding.done():
+            self._deciding.cancel()
+
+
+async def _settle(awaitable: Awaitable[Decision]) -> Decision:
+    """Await a decision; a hook that fails refuses the statement (fail closed)."""
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("decision hook failed")
+        return Decision.refuse(
+            f"the gateway could not decide on this statement ({type(exc).__name__}); "
+            "it was not run",
+            sqlstate="58000",
+            hint="retry; if it persists, ask the gateway's operator to check its logs",
+        )
+
+
+def _pauser(endpoint: Endpoint) -> _Toggle:
+    return _Toggle(endpoint, pause=True)
+
+
+def _resumer(endpoint: Endpoint) -> _Toggle:
+    return _Toggle(endpoint, pause=False)
+
+
+class _Toggle:
+    """Pauses or resumes reading on an endpoint (a callable, for flow-control hooks)."""
+
+    __slots__ = ("_endpoint", "_pause")
+
+    def __init__(self, endpoint: Endpoint, *, pause: bool) -> None:
+        self._endpoint = endpoint
+        self._pause = pause
+
+    def __call__(self) -> None:
+        transport = self._endpoint.transport
+        if transport is None or transport.is_closing():
+            return
+        with contextlib.suppress(RuntimeError):
+            if self._pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()

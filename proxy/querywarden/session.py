@@ -1,0 +1,391 @@
+"""Sans-I/O session state machine for an authenticated connection.
+
+A :class:`Session` sits between one client and one upstream connection once both are
+past startup. The I/O shell feeds it bytes from either side (:meth:`Session.receive_client`,
+:meth:`Session.receive_server`) and drains what it produces (:attr:`Session.to_server`,
+:attr:`Session.to_client`). It never touches a socket.
+
+What it tracks, because later stages (policy, masking, audit) need it:
+
+* the transaction status of every ReadyForQuery (``I``, ``T``, ``E``);
+* the protocol mode: ready, or COPY in / out / both;
+* the responses the server still owes, in order, so each one can be matched with the
+  request that caused it (error-until-Sync recovery included);
+* prepared statements and portals, by name, as the server confirms them.
+
+Refusals are made by the server itself. A refused Query, Parse or FunctionCall is
+replaced by a *sentinel*: a statement that fails at parse time with a syntax error at a
+unique token and has no side effect. The server then produces exactly what it would for
+any failed statement (discarding until Sync in the extended protocol, the right
+ReadyForQuery status, a failed transaction block), and the session swaps the server's
+syntax error for the refusal's ErrorResponse. The client's view stays in order even deep
+inside a pipeline, and the gateway never has to imitate the server's state machine.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Awaitable
+from typing import Final, Literal
+
+from querywarden import codec
+from querywarden.errors import ProtocolViolation, UpstreamError
+from querywarden.hooks import (
+    RESULT_MESSAGE_TYPES,
+    Decision,
+    ResultHook,
+    SessionInfo,
+    StatementGate,
+    StatementRequest,
+)
+
+Mode = Literal["ready", "copy_in", "copy_out", "copy_both"]
+
+# One-byte message types as ints (frame[0] is an int).
+_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")
+_COPY_DATA, _COPY_DONE, _COPY_FAIL = ord("d"), ord("c"), ord("f")
+_FRONTEND_TYPES: Final = frozenset(b"QPBDECSHFXdcf")
+
+# Messages whose body may be forwarded in pieces before it has fully arrived, so that a
+# huge row or COPY chunk streams through in bounded memory.
+_STREAMABLE: Final = frozenset(b"Dd")
+
+#: Every refusal token starts with this; the rest is a per-session nonce and a counter.
+SENTINEL_PREFIX = "querywarden_refused_"
+
+
+class Session:
+    """The relay between one authenticated client and its upstream connection."""
+
+    def __init__(
+        self,
+        info: SessionInfo,
+        gate: StatementGate,
+        result_hook: ResultHook | None = None,
+        *,
+        max_client_message: int = 64 * 1024 * 1024,
+        max_server_message: int = 1024 * 1024 * 1024,
+    ) -> None:
+        self.info = info
+        self.gate = gate
+        self.result_hook = result_hook
+        self.max_server_message = max_server_message
+        #: Bytes to send to the upstream server, in order. The shell drains this list.
+        self.to_server: list[bytes] = []
+        #: Bytes to send to the client, in order. The shell drains this list.
+        self.to_client: list[bytes] = []
+        #: Transaction status from the last ReadyForQuery: b"I", b"T" or b"E".
+        self.transaction_status = b"I"
+        self.mode: Mode = "ready"
+        #: Prepared statements the server has confirmed: name -> SQL ("" is the unnamed one).
+        self.statements: dict[str, str] = {}
+        #: Portals the server has confirmed: name -> statement name.
+        self.portals: dict[str, str] = {}
+        #: Set once the client sent Terminate: the shell closes both sides after flushing.
+        self.terminated = False
+        #: A decision the shell must await, then pass to :meth:`resume`.
+        self.awaiting: Awaitable[Decision] | None = None
+
+        self._client = codec.FrameReader(max_client_message)
+        self._client_stream_left = 0  # bytes of a streamed CopyData still to forward
+        self._server_buf = bytearray()
+        self._server_stream_left = 0  # bytes of a streamed DataRow/CopyData still to forward
+        self._held: tuple[int, bytes, StatementRequest] | None = None
+        # What the server still owes, oldest first: (message type, name, extra).
+        self._expected: deque[tuple[int, str, str]] = deque()
+        self._nonce = secrets.token_hex(6)
+        self._refusal_count = 0
+        self._refusals: dict[str, Decision] = {}
+
+    # --- client -> server --------------------------------------------------------------
+
+    def receive_client(self, data: bytes) -> None:
+        """Take bytes from the client; produce output and possibly an awaited decision."""
+        if self._client_stream_left:
+            data = self._stream_client_copy_data(data)
+            if not data:
+                return
+        self._client.feed(data)
+        self._process_client()
+
+    def resume(self, decision: Decision) -> None:
+        """Apply the decision that :attr:`awaiting` produced and carry on with the input."""
+        if self._held is None:
+            raise RuntimeError("resume() without a held request")
+        mtype, frame, request = self._held
+        self._held = None
+        self.awaiting = None
+        self._apply(mtype, frame, request, decision)
+        self._process_client()
+
+    def _process_client(self) -> None:
+        reader = self._client
+        while self.awaiting is None and not self.terminated:
+            if self.mode == "copy_in" and self._start_client_stream():
+                return
+            frame_info = reader.next_frame()
+            if frame_info is None:
+                return
+            mtype, frame = frame_info
+            self._on_client_message(mtype, frame)
+
+    def _start_client_stream(self) -> bool:
+        """In COPY IN, forward a large CopyData as it arrives instead of buffering it."""
+        peek = self._client.peek_header()
+        if peek is None:
+            return False
+        mtype, length = peek
+        if mtype != _COPY_DATA or len(self._client) >= length + 1:
+            return False
+        chunk = self._client.take_all()
+        self.to_server.append(chunk)
+        self._client_stream_left = length + 1 - len(chunk)
+        return True
+
+    def _stream_client_copy_data(self, data: bytes) -> bytes:
+        n = min(self._client_stream_left, len(data))
+        self.to_server.append(data[:n])
+        self._client_stream_left -= n
+        return data[n:]
+
+    def _on_client_message(self, mtype: int, frame: bytes) -> None:
+        if mtype not in _FRONTEND_TYPES:
+            raise ProtocolViolation(f"invalid frontend message type {mtype!r}")
+        if mtype == _Q:
+            request = StatementRequest("query", codec.decode_query(frame))
+            self._decide(mtype, frame, request)
+        elif mtype == _P:
+            parse = codec.decode_parse(frame)
+            request = StatementRequest("parse", parse.sql, statement_name=parse.statement)
+            self._decide(mtype, frame, request)
+        elif mtype == _F:
+            oid = codec.decode_function_call_oid(frame)
+            self._decide(mtype, frame, StatementRequest("function_call", "", function_oid=oid))
+        else:
+            self._forward_client(mtype, frame)
+
+    def _decide(self, mtype: int, frame: bytes, request: StatementRequest) -> None:
+        outcome = self.gate.decide(self.info, request)
+        if isinstance(outcome, Decision):
+            self._apply(mtype, frame, request, outcome)
+        else:
+            self._held = (mtype, frame, request)
+            self.awaiting = outcome
+
+    def _apply(
+        self, mtype: int, frame: bytes, request: StatementRequest, decision: Decision
+    ) -> None:
+        if decision.allowed:
+            self._forward_client(mtype, frame)
+            return
+        self._refusal_count += 1
+        token = f"{SENTINEL_PREFIX}{self._nonce}_{self._refusal_count}"
+        self._refusals[token] = decision
+        if mtype == _P:
+            sentinel = codec.parse(request.statement_name, token)
+            self._expected.append((_P, "\0refused", ""))
+        else:
+            # Query and FunctionCall both answer ErrorResponse + ReadyForQuery.
+            sentinel = codec.query(token)
+            self._expected.append((_Q, "", ""))
+        self.to_server.append(sentinel)
+
+    def _forward_client(self, mtype: int, frame: bytes) -> None:
+        self.to_server.append(frame)
+        expected = self._expected
+        if mtype == _P:
+            parse = codec.decode_parse(frame)
+            expected.append((_P, parse.statement, parse.sql))
+        elif mtype == _B:
+            bind = codec.decode_bind_names(frame)
+            expected.append((_B, bind.portal, bind.statement))
+        elif mtype == _E:
+            expected.append((_E, codec.decode_execute_portal(frame), ""))
+        elif mtype in (_D, _C):
+            kind, name = codec.decode_target(frame)
+            expected.append((mtype, name, kind))
+        elif mtype == _S:
+            # During COPY IN the server ignores Sync (and Flush): it owes nothing for it.
+            if self.mode != "copy_in":
+                expected.append((_S, "", ""))
+        elif mtype in (_Q, _F):
+            expected.append((mtype, "", ""))
+        elif mtype == _X:
+            self.terminated = True
+
+    # --- server -> client --------------------------------------------------------------
+
+    def receive_server(self, data: bytes) -> None:
+        """Take bytes from the upstream server and produce what the client should get.
+
+        Messages nobody needs to change leave as slices of the bytes received, in runs.
+        """
+        out = self.to_client
+        if self._server_stream_left:
+            n = min(self._server_stream_left, len(data))
+            out.append(data[:n])
+            self._server_stream_left -= n
+            data = data[n:]
+            if not data:
+                return
+        if self._server_buf:
+            self._server_buf += data
+            data = bytes(self._server_buf)
+            self._server_buf.clear()
+        hook = self.result_hook
+        info = self.info
+        unpack = codec.TYPE_AND_LENGTH.unpack_from
+        handlers = _SERVER_HANDLERS
+        size = len(data)
+        pos = run_start = 0
+        while size - pos >= 5:
+            mtype, length = unpack(data, pos)
+            end = pos + 1 + length
+            if length < 4:
+                raise UpstreamError(f"upstream sent an invalid message length {length}")
+            if end > size:
+                if hook is None and mtype in _STREAMABLE:
+                    # Forward the part that is here; the rest follows as it arrives.
+                    out.append(data[run_start:])
+                    self._server_stream_left = end - size
+                    return
+                if length + 1 > self.max_server_message:
+                    raise UpstreamError(
+                        f"upstream message of {length + 1} bytes is over the gateway's limit",
+                        sqlstate="54000",
+                    )
+                break
+            handler = handlers.get(mtype)
+            replacement = handler(self, data, pos, end) if handler is not None else None
+            if replacement is None and hook is not None and mtype in RESULT_MESSAGE_TYPES:
+                replacement = hook.on_result(info, mtype, data[pos:end])
+            if replacement is not None:
+                if pos > run_start:
+                    out.append(data[run_start:pos])
+                out.append(replacement)
+                run_start = end
+            pos = end
+        if pos > run_start:
+            out.append(data[run_start:pos])
+        if pos < size:
+            self._server_buf += data[pos:]
+
+    # Handlers return None to forward the message untouched, or replacement bytes.
+
+    def _on_ready_for_query(self, data: bytes, pos: int, end: int) -> bytes | None:
+        status = data[pos + 5 : pos + 6]
+        self.transaction_status = status
+        self.mode = "ready"
+        expected = self._expected
+        while expected:
+            mtype = expected.popleft()[0]
+            if mtype in (_S, _Q, _F):
+                break
+        if status == b"I":
+            # Portals live no longer than their transaction.
+            self.portals.clear()
+        self._refusals.clear()
+        return None
+
+    def _on_error(self, data: bytes, pos: int, end: int) -> bytes | None:
+        self.mode = "ready"
+        expected = self._expected
+        # In the extended protocol the server now discards everything up to Sync.
+        if expected and expected[0][0] not in (_Q, _F):
+            while expected and expected[0][0] != _S:
+                expected.popleft()
+        if not self._refusals:
+            return None
+        fields = codec.decode_fields(data[pos:end])
+        text = fields.get("M", "")
+        if fields.get("C") != "42601" or SENTINEL_PREFIX not in text:
+            return None
+        for token, decision in self._refusals.items():
+            if f'"{token}"' in text:
+                del self._refusals[token]
+                return codec.error_response(
+                    decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint
+                )
+        return None
+
+    def _pop_expected(self, *types: int) -> tuple[int, str, str] | None:
+        expected = self._expected
+        if expected and expected[0][0] in types:
+            return expected.popleft()
+        return None
+
+    def _on_parse_complete(self, data: bytes, pos: int, end: int) -> bytes | None:
+        entry = self._pop_expected(_P)
+        if entry is not None:
+            self.statements[entry[1]] = entry[2]
+        return None
+
+    def _on_bind_complete(self, data: bytes, pos: int, end: int) -> bytes | None:
+        entry = self._pop_expected(_B)
+        if entry is not None:
+            self.portals[entry[1]] = entry[2]
+        return None
+
+    def _on_close_complete(self, data: bytes, pos: int, end: int) -> bytes | None:
+        entry = self._pop_expected(_C)
+        if entry is not None:
+            table = self.statements if entry[2] == "S" else self.portals
+            table.pop(entry[1], None)
+        return None
+
+    def _on_describe_done(self, data: bytes, pos: int, end: int) -> bytes | None:
+        # RowDescription or NoData ends a Describe; in a simple Query it is just a result.
+        self._pop_expected(_D)
+        return None
+
+    def _on_execute_done(self, data: bytes, pos: int, end: int) -> bytes | None:
+        if self.mode != "ready":
+            self.mode = "ready"  # CommandComplete ends a COPY
+        self._pop_expected(_E)
+        return None
+
+    def _on_copy_in(self, data: bytes, pos: int, end: int) -> bytes | None:
+        self.mode = "copy_in"
+        # Syncs the client pipelined behind this COPY reach the server in COPY IN mode,
+        # where they are ignored: the server owes nothing for them.
+        expected = self._expected
+        if expected and expected[0][0] == _E:
+            head = expected.popleft()
+            kept = deque(e for e in expected if e[0] != _S)
+            expected.clear()
+            expected.append(head)
+            expected.extend(kept)
+        return None
+
+    def _on_copy_out(self, data: bytes, pos: int, end: int) -> bytes | None:
+        self.mode = "copy_out"
+        return None
+
+    def _on_copy_both(self, data: bytes, pos: int, end: int) -> bytes | None:
+        self.mode = "copy_both"
+        return None
+
+    # --- for the shell ---------------------------------------------------------------
+
+    @property
+    def expected_responses(self) -> int:
+        """How many requests still await a response from the server."""
+        return len(self._expected)
+
+
+_SERVER_HANDLERS = {
+    ord("Z"): Session._on_ready_for_query,
+    ord("E"): Session._on_error,
+    ord("1"): Session._on_parse_complete,
+    ord("2"): Session._on_bind_complete,
+    ord("3"): Session._on_close_complete,
+    ord("T"): Session._on_describe_done,
+    ord("n"): Session._on_describe_done,
+    ord("C"): Session._on_execute_done,
+    ord("s"): Session._on_execute_done,
+    ord("I"): Session._on_execute_done,
+    ord("G"): Session._on_copy_in,
+    ord("H"): Session._on_copy_out,
+    ord("W"): Session._on_copy_both,
+}

@@ -1,0 +1,140 @@
+"""Sans-I/O client startup: the untyped frames before the StartupMessage, then the password.
+
+The shell feeds bytes to :class:`ClientStartup` and reacts to the events it returns:
+answer an SSLRequest, refuse GSS encryption, route a CancelRequest, verify a password.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from querywarden import codec
+from querywarden.errors import AuthenticationFailed, ProtocolViolation
+from querywarden.identity import MAX_SECRET_BYTES
+
+#: The newest protocol minor version the gateway speaks (3.0).
+SUPPORTED_MINOR = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SSLRequested:
+    """The client asks for TLS: answer b'S' and upgrade, or b'N'."""
+
+
+@dataclass(frozen=True, slots=True)
+class GSSENCRequested:
+    """The client asks for GSSAPI encryption, which the gateway does not offer."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    """A CancelRequest with the key the gateway handed out in BackendKeyData."""
+
+    pid: int
+    secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartupReceived:
+    """The StartupMessage: connection parameters and what must be negotiated down."""
+
+    params: dict[str, str]
+    minor_version: int
+    unsupported_options: tuple[str, ...]
+
+    @property
+    def needs_negotiation(self) -> bool:
+        """True when the client asked for a newer minor version or `_pq_.` options."""
+        return self.minor_version > SUPPORTED_MINOR or bool(self.unsupported_options)
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordReceived:
+    """The PasswordMessage: the secret in the password slot."""
+
+    secret: bytes
+
+
+StartupEvent = SSLRequested | GSSENCRequested | CancelRequested | StartupReceived | PasswordReceived
+
+
+class ClientStartup:
+    """Reads the client's side of connection start-up, one event at a time."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._phase = "startup"  # then "password", then "done"
+        self.tls = False
+
+    def receive(self, data: bytes) -> None:
+        """Append bytes from the client."""
+        self._buf += data
+
+    def next_event(self) -> StartupEvent | None:
+        """The next complete event, or ``None`` until more bytes arrive."""
+        if self._phase == "startup":
+            packet = codec.read_startup_packet(self._buf)
+            return None if packet is None else self._on_packet(packet)
+        if self._phase == "password":
+            return self._read_password()
+        raise ProtocolViolation("start-up is already complete")
+
+    def expect_password(self) -> None:
+        """The gateway has asked for a password; the next frame must carry it."""
+        self._phase = "password"
+
+    def leftover(self) -> bytes:
+        """Bytes received past start-up (a client may pipeline its first query)."""
+        self._phase = "done"
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def _on_packet(self, packet: codec.StartupPacket) -> StartupEvent:
+        if packet.code == codec.SSL_REQUEST_CODE:
+            if self.tls:
+                raise ProtocolViolation("SSLRequest received on a connection that already uses TLS")
+            if self._buf:
+                # Bytes after SSLRequest but before our answer would be outside TLS: an
+                # injection attempt (CVE-2021-23214 in PostgreSQL's own server).
+                raise ProtocolViolation("unencrypted data received after SSLRequest")
+            return SSLRequested()
+        if packet.code == codec.GSSENC_REQUEST_CODE:
+            return GSSENCRequested()
+        if packet.code == codec.CANCEL_REQUEST_CODE:
+            if len(packet.body) < 8:
+                raise ProtocolViolation("CancelRequest is truncated")
+            pid = codec.UINT32.unpack_from(packet.body, 0)[0]
+            return CancelRequested(pid, packet.body[4:])
+        if not packet.is_startup_message:
+            raise ProtocolViolation(
+                f"unsupported frontend protocol {packet.code >> 16}.{packet.code & 0xFFFF}: "
+                "the gateway speaks protocol 3.0"
+            )
+        params = codec.parse_startup_parameters(packet.body)
+        unsupported = tuple(k for k in params if k.startswith("_pq_."))
+        for key in unsupported:
+            del params[key]
+        if "user" not in params:
+            raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
+        return StartupReceived(params, packet.code & 0xFFFF, unsupported)
+
+    def _read_password(self) -> PasswordReceived | None:
+        buf = self._buf
+        if len(buf) < 5:
+            return None
+        mtype, length = codec.TYPE_AND_LENGTH.unpack_from(buf, 0)
+        if mtype != ord("p"):
+            raise ProtocolViolation(f"expected a password message, got message type {chr(mtype)!r}")
+        if length < 5:
+            raise ProtocolViolation(f"invalid password message length {length}")
+        if length - 5 > MAX_SECRET_BYTES:
+            raise AuthenticationFailed(
+                f"password field is {length - 5} bytes, over the limit of {MAX_SECRET_BYTES}",
+                sqlstate="28000",
+            )
+        if len(buf) < length + 1:
+            return None
+        frame = bytes(buf[: length + 1])
+        del buf[: length + 1]
+        return PasswordReceived(codec.decode_password(frame))

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the system packages querywarden's demo, tests and benchmark need, when missing:
+# PostgreSQL server binaries and clients (psql, pgbench) from Debian's packages, and
+# pgbouncer for the benchmark (pass --bench). Idempotent; prints nothing when all is there.
+set -euo pipefail
+
+need=()
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  need+=(postgresql postgresql-contrib)
+fi
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+if ! command -v pgbench >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1; then
+  need+=(postgresql-contrib)
+fi
+if [[ "${1:-}" == "--bench" ]] && ! command -v pgbouncer >/dev/null 2>&1 && [[ ! -x /usr/sbin/pgbouncer ]]; then
+  need+=(pgbouncer)
+fi
+[[ ${#need[@]} -eq 0 ]] && exit 0
+
+echo "installing system packages: ${need[*]}"
+sudo=""
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null 2>&1 || { echo "need root (or sudo) to install: ${need[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+# policy-rc.d keeps the package from starting a system-wide cluster we do not use.
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
