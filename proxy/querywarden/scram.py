@@ -27,10 +27,10 @@ def md5_password(user: str, password: str, salt: bytes) -> bytes:
 class ScramClient:
     """One SCRAM-SHA-256 exchange: first message, final message, server signature check."""
 
-    def __init__(self, password: str, nonce: str | None = None) -> None:
+    def __init__(self, password: str, nonce: str | None = None, username: str = "") -> None:
         self._password = password.encode()
         self._nonce = nonce or base64.b64encode(secrets.token_bytes(18)).decode()
-        self._client_first_bare = f"n=,r={self._nonce}"
+        self._client_first_bare = f"n={username},r={self._nonce}"
         self._server_signature = b""
 
     def client_first(self) -> bytes:

@@ -73,6 +73,12 @@ class ClientStartup:
     def next_event(self) -> StartupEvent | None:
         """The next complete event, or ``None`` until more bytes arrive."""
         if self._phase == "startup":
+            if self._buf[:1] == b"\x16":
+                # A TLS ClientHello without SSLRequest: PostgreSQL 17's sslnegotiation=direct.
+                raise ProtocolViolation(
+                    "direct TLS negotiation is not supported: connect with "
+                    "sslnegotiation=postgres (the default)"
+                )
             packet = codec.read_startup_packet(self._buf)
             return None if packet is None else self._on_packet(packet)
         if self._phase == "password":

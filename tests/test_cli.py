@@ -1,0 +1,114 @@
+"""The console script: `querywarden serve` and `querywarden demo`, as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from querywarden.devcluster import ROLE_PASSWORD, EphemeralCluster, free_port, wait_for_port
+
+QUERYWARDEN = [sys.executable, "-m", "querywarden"]
+
+
+def psql(dsn: str, sql: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ}
+    if password:
+        env["PGPASSWORD"] = password
+    return subprocess.run(
+        ["psql", dsn, "-X", "-A", "-t", "-c", sql],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+
+
+def test_serve_from_config_file(pg: EphemeralCluster, tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "upstream-password").write_text(ROLE_PASSWORD + "\n")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+upstream:
+  host: 127.0.0.1
+  port: {pg.port}
+  user: qw_scram
+  passwordFile: upstream-password
+  sslmode: require
+auth:
+  devUsers:
+    carol: {{password: carol-pw, groups: [ai-agents]}}
+"""
+    )
+    proc = subprocess.Popen(
+        [*QUERYWARDEN, "--log-level", "WARNING", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_port("127.0.0.1", port)
+        result = psql(
+            f"host=127.0.0.1 port={port} dbname=app user=carol", "SELECT current_user", "carol-pw"
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "qw_scram"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, errors = proc.communicate(timeout=15)
+    assert proc.returncode == 0, errors
+
+
+def test_serve_refuses_invalid_settings(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("upstream:\n  sslmode: sometimes\n")
+    result = subprocess.run(
+        [*QUERYWARDEN, "serve", "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "invalid settings" in result.stderr
+    assert "upstream.sslmode" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_prints_a_working_psql_line_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*QUERYWARDEN, "--log-level", "WARNING", "demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        banner = "".join(lines)
+        match = re.search(r"PGPASSWORD=(\S+) psql \"([^\"]+user=agent[^\"]*)\"", banner)
+        assert match, banner
+        result = psql(match[2], "SELECT count(*) FROM customers", match[1])
+        assert result.returncode == 0, result.stderr
+        assert int(result.stdout) == 4
+        # The demo offers TLS, and the printed line asks for it.
+        assert "sslmode=require" in match[2]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    assert "stopping PostgreSQL" in rest

@@ -1,0 +1,67 @@
+"""Settings: the shipped example loads, the environment overrides the file, errors name the field."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from querywarden.config import load_settings
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gateway.yaml"
+
+
+def test_example_settings_load() -> None:
+    settings = load_settings(EXAMPLE)
+    assert settings.listen.port == 6432
+    assert settings.upstream.sslmode == "prefer"
+    assert settings.limits.max_client_message == 64 * 1024 * 1024
+    assert settings.limits.startup_timeout == timedelta(seconds=15)
+    # Relative paths are anchored at the settings file.
+    assert settings.tls.cert_file == EXAMPLE.parent / "tls" / "gateway.crt"
+    assert settings.auth.dev_users["alice"].groups == ["ai-agents"]
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text("upstream:\n  host: db.internal\n  password: from-file\n")
+    monkeypatch.setenv("QUERYWARDEN_UPSTREAM__PASSWORD", "from-env")
+    monkeypatch.setenv("QUERYWARDEN_LIMITS__STARTUPTIMEOUT", "250ms")
+    settings = load_settings(path)
+    assert settings.upstream.host == "db.internal"
+    assert settings.upstream.resolved_password() == "from-env"
+    assert settings.limits.startup_timeout == timedelta(milliseconds=250)
+
+
+def test_password_file(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    path = tmp_path / "gw.yaml"
+    path.write_text("upstream:\n  passwordFile: pw\n")
+    assert load_settings(path).upstream.resolved_password() == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("listen:\n  port: 70000\n", "listen.port"),
+        ("upstream:\n  sslmode: sometimes\n", "upstream.sslmode"),
+        ("limits:\n  startupTimeout: soon\n", "limits.startupTimeout"),
+        ("limits:\n  startupTimeout: 0s\n", "limits.startupTimeout"),
+        ("listen:\n  prot: 1\n", "listen.prot"),
+    ],
+)
+def test_invalid_settings_name_the_field(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(text)
+    with pytest.raises(ValidationError) as info:
+        load_settings(path)
+    assert field in str(info.value)
+
+
+def test_settings_file_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_settings(path)
