@@ -165,19 +165,63 @@ class MessageTooLarge(ProtocolViolation):
 # --- decoders -------------------------------------------------------------------------
 
 
-def _cstring(data: bytes, pos: int) -> tuple[str, int]:
+#: PostgreSQL's client encodings (as ParameterStatus reports them) -> Python codecs.
+_PG_ENCODINGS = {
+    "UTF8": "utf-8",
+    "SQL_ASCII": "latin-1",  # bytes above 127 carry no meaning; latin-1 maps them 1:1
+    "LATIN1": "latin-1",
+    "LATIN2": "iso8859-2",
+    "LATIN3": "iso8859-3",
+    "LATIN4": "iso8859-4",
+    "LATIN5": "iso8859-9",
+    "LATIN6": "iso8859-10",
+    "LATIN7": "iso8859-13",
+    "LATIN8": "iso8859-14",
+    "LATIN9": "iso8859-15",
+    "LATIN10": "iso8859-16",
+    "ISO_8859_5": "iso8859-5",
+    "ISO_8859_6": "iso8859-6",
+    "ISO_8859_7": "iso8859-7",
+    "ISO_8859_8": "iso8859-8",
+    "WIN866": "cp866",
+    "WIN874": "cp874",
+    **{f"WIN{n}": f"cp{n}" for n in range(1250, 1259)},
+    "KOI8R": "koi8-r",
+    "KOI8U": "koi8-u",
+    "EUC_JP": "euc-jp",
+    "EUC_JIS_2004": "euc-jis-2004",
+    "EUC_KR": "euc-kr",
+    "EUC_CN": "gb2312",
+    "SJIS": "shift-jis",
+    "SHIFT_JIS_2004": "shift-jis-2004",
+    "BIG5": "big5",
+    "GBK": "gbk",
+    "GB18030": "gb18030",
+    "UHC": "cp949",
+    "JOHAB": "johab",
+}
+
+
+def python_encoding(pg_name: str) -> str | None:
+    """The Python codec for a PostgreSQL client_encoding, or None if there is none."""
+    return _PG_ENCODINGS.get(pg_name.upper())
+
+
+def _cstring(data: bytes, pos: int, encoding: str = "utf-8") -> tuple[str, int]:
     end = data.find(b"\0", pos)
     if end < 0:
         raise ProtocolViolation("string in message is not NUL-terminated")
     try:
-        return data[pos:end].decode(), end + 1
+        return data[pos:end].decode(encoding), end + 1
     except UnicodeDecodeError as exc:
-        raise ProtocolViolation("string in message is not valid UTF-8") from exc
+        raise ProtocolViolation(
+            f"string in message is not valid in the client encoding ({encoding})"
+        ) from exc
 
 
-def decode_query(frame: bytes) -> str:
+def decode_query(frame: bytes, encoding: str = "utf-8") -> str:
     """Query ('Q'): the SQL text."""
-    sql, _ = _cstring(frame, 5)
+    sql, _ = _cstring(frame, 5, encoding)
     return sql
 
 
@@ -190,10 +234,10 @@ class Parse:
     param_types: tuple[int, ...]
 
 
-def decode_parse(frame: bytes) -> Parse:
+def decode_parse(frame: bytes, encoding: str = "utf-8") -> Parse:
     """Decode a Parse message."""
-    name, pos = _cstring(frame, 5)
-    sql, pos = _cstring(frame, pos)
+    name, pos = _cstring(frame, 5, encoding)
+    sql, pos = _cstring(frame, pos, encoding)
     if pos + 2 > len(frame):
         raise ProtocolViolation("Parse message is truncated")
     (count,) = INT16.unpack_from(frame, pos)
@@ -212,27 +256,27 @@ class Bind:
     statement: str
 
 
-def decode_bind_names(frame: bytes) -> Bind:
+def decode_bind_names(frame: bytes, encoding: str = "utf-8") -> Bind:
     """Decode just the portal and statement names of a Bind message."""
-    portal, pos = _cstring(frame, 5)
-    statement, _ = _cstring(frame, pos)
+    portal, pos = _cstring(frame, 5, encoding)
+    statement, _ = _cstring(frame, pos, encoding)
     return Bind(portal, statement)
 
 
-def decode_target(frame: bytes) -> tuple[str, str]:
+def decode_target(frame: bytes, encoding: str = "utf-8") -> tuple[str, str]:
     """Describe ('D') or Close ('C'): ``(kind, name)`` where kind is 'S' or 'P'."""
     if len(frame) < 7:
         raise ProtocolViolation("Describe/Close message is truncated")
     kind = chr(frame[5])
     if kind not in ("S", "P"):
         raise ProtocolViolation(f"Describe/Close target must be 'S' or 'P', not {kind!r}")
-    name, _ = _cstring(frame, 6)
+    name, _ = _cstring(frame, 6, encoding)
     return kind, name
 
 
-def decode_execute_portal(frame: bytes) -> str:
+def decode_execute_portal(frame: bytes, encoding: str = "utf-8") -> str:
     """Execute ('E'): the portal name."""
-    name, _ = _cstring(frame, 5)
+    name, _ = _cstring(frame, 5, encoding)
     return name
 
 
@@ -378,8 +422,12 @@ def notice_response(
 
 
 def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:
-    """NegotiateProtocolVersion ('v')."""
-    payload = INT32.pack(newest_minor) + INT32.pack(len(unsupported))
+    """NegotiateProtocolVersion ('v') for protocol 3.``newest_minor``.
+
+    The first field is the whole version code (3.0 is 196608), as PostgreSQL sends it and
+    libpq 18 checks it, although the protocol documentation calls it the minor version.
+    """
+    payload = INT32.pack((3 << 16) | newest_minor) + INT32.pack(len(unsupported))
     payload += b"".join(cstr(o) for o in unsupported)
     return message(b"v", payload)
 

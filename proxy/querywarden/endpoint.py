@@ -34,6 +34,7 @@ class Endpoint(asyncio.Protocol):
         self._buffer = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._lost_exc: Exception | None = None
+        self._lost: asyncio.Future[None] | None = None
 
     # asyncio.Protocol --------------------------------------------------------------
 
@@ -55,6 +56,8 @@ class Endpoint(asyncio.Protocol):
         self.closed = True
         self._lost_exc = exc
         self._wake()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         if self.on_lost is not None:
             self.on_lost(exc)
 
@@ -87,6 +90,14 @@ class Endpoint(asyncio.Protocol):
         self._buffer.clear()
         return data
 
+    async def wait_closed(self) -> None:
+        """Return once the socket is really closed (connection_lost has run)."""
+        if self.closed:
+            return
+        if self._lost is None:
+            self._lost = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._lost)
+
     def start_relay(self, on_data: Callable[[bytes], None]) -> bytes:
         """Switch to callback mode; return what was buffered but not yet read."""
         self.on_data = on_data
@@ -98,13 +109,15 @@ class Endpoint(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """Write unless the connection is gone."""
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.write(data)
 
     def writelines(self, chunks: list[bytes]) -> None:
         """Write several chunks in one call."""
-        if self.transport is not None and not self.closed:
-            self.transport.writelines(chunks)
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.writelines(chunks)
 
     def close(self) -> None:
         """Close after flushing what is buffered."""
@@ -131,8 +144,15 @@ class Endpoint(asyncio.Protocol):
                 server_hostname=server_hostname,
             )
         except (ssl.SSLError, OSError, ConnectionError) as exc:
+            # The socket is gone, and this protocol may never hear connection_lost: during
+            # the handshake the transport belonged to the loop's SSL protocol.
+            self.closed = True
+            self.transport.abort()
+            if server_side:
+                raise ConnectionClosed(f"TLS handshake with the client failed: {exc}") from exc
             raise UpstreamError(f"TLS handshake failed: {exc}", sqlstate="08006") from exc
         if transport is None:
+            self.closed = True
             raise ConnectionClosed("connection closed during the TLS handshake")
         self.transport = transport
 

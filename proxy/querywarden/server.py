@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import secrets
 import ssl
+import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
@@ -96,6 +97,8 @@ class Gateway:
             connect_timeout=up.connect_timeout.total_seconds(),
         )
         self.connections: set[ClientConnection] = set()
+        #: Every client and upstream socket still alive, for close() to wait on.
+        self.endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()
         self._cancel_keys: dict[int, _CancelKey] = {}
         self._server: asyncio.Server | None = None
 
@@ -110,12 +113,27 @@ class Gateway:
         log.info("querywarden listening on %s:%s", sock[0], sock[1])
         return str(sock[0]), int(sock[1])
 
-    async def close(self) -> None:
-        """Stop listening and close every session."""
+    async def close(self, *, grace: float = 5.0) -> None:
+        """Stop listening, close every session, and wait until their sockets are closed.
+
+        Sockets still open after ``grace`` seconds (a peer that never acknowledges a TLS
+        close) are aborted, so the event loop can be closed safely afterwards.
+        """
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
             conn.shutdown("the gateway is shutting down", sqlstate="57P01")
+        endpoints = [e for e in self.endpoints if not e.closed]
+        if endpoints:
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(e.wait_closed()) for e in endpoints], timeout=grace
+            )
+            for waiter in pending:
+                waiter.cancel()
+            for endpoint in endpoints:
+                if not endpoint.closed:
+                    endpoint.abort()
+            await asyncio.sleep(0)  # let the aborts deliver connection_lost
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -175,17 +193,20 @@ class ClientConnection(Endpoint):
         self._task: asyncio.Task[None] | None = None
         self._deciding: asyncio.Task[None] | None = None
         self._finished = False
+        self._over_limit = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert self.transport is not None
+        self.gateway.endpoints.add(self)
         self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         gateway = self.gateway
-        if len(gateway.connections) >= gateway.settings.limits.max_connections:
-            self._send_fatal("53300", "sorry, too many clients already")
-            self.close()
-            return
-        gateway.connections.add(self)
+        # Over the limit, the client is still told why once it has sent its StartupMessage,
+        # as PostgreSQL does: libpq discards an error that answers its SSLRequest. The
+        # refusal is bounded by the startup timeout and holds no slot.
+        self._over_limit = len(gateway.connections) >= gateway.settings.limits.max_connections
+        if not self._over_limit:
+            gateway.connections.add(self)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -218,6 +239,14 @@ class ClientConnection(Endpoint):
             log.exception("unexpected error during start-up")
             self._send_fatal("XX000", "internal error in the gateway during start-up")
             self.close()
+        finally:
+            if self.session is None and (self.closed or self._transport_closing()):
+                # Start-up ended without a session. connection_lost normally releases the
+                # slot, but it never comes when a TLS handshake dies: release it here.
+                self._finish()
+
+    def _transport_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     async def _start_up(self) -> tuple[StartupReceived, SessionInfo, UpstreamConnection] | None:
         gateway = self.gateway
@@ -243,6 +272,8 @@ class ClientConnection(Endpoint):
                 return None
             elif isinstance(event, StartupReceived):
                 startup = event
+                if self._over_limit:
+                    raise QuerywardenError("sorry, too many clients already", sqlstate="53300")
                 self._check_startup(event, tls=machine.tls)
                 if event.needs_negotiation:
                     self.write(codec.negotiate_protocol_version(0, list(event.unsupported_options)))
@@ -319,7 +350,9 @@ class ClientConnection(Endpoint):
             max_server_message=int(settings.max_server_message),
         )
         self.session.transaction_status = upstream.transaction_status
+        self.session.set_client_encoding(upstream.parameters.get("client_encoding", "UTF8"))
         self.upstream = up = upstream.endpoint
+        gateway.endpoints.add(up)
         assert up.transport is not None
         up.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self.pid, secret = gateway.register_cancel_key(upstream)
@@ -442,8 +475,9 @@ class ClientConnection(Endpoint):
         if self.upstream is not None and not self.upstream.closed:
             self.upstream.write(codec.TERMINATE)
             self.upstream.close()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
         if self._deciding is not None and not self._deciding.done():
             self._deciding.cancel()
 

@@ -86,6 +86,8 @@ class Session:
         self.terminated = False
         #: A decision the shell must await, then pass to :meth:`resume`.
         self.awaiting: Awaitable[Decision] | None = None
+        #: The Python codec of the client_encoding the server last reported.
+        self.encoding = "utf-8"
 
         self._client = codec.FrameReader(max_client_message)
         self._client_stream_left = 0  # bytes of a streamed CopyData still to forward
@@ -153,10 +155,10 @@ class Session:
         if mtype not in _FRONTEND_TYPES:
             raise ProtocolViolation(f"invalid frontend message type {mtype!r}")
         if mtype == _Q:
-            request = StatementRequest("query", codec.decode_query(frame))
+            request = StatementRequest("query", codec.decode_query(frame, self.encoding))
             self._decide(mtype, frame, request)
         elif mtype == _P:
-            parse = codec.decode_parse(frame)
+            parse = codec.decode_parse(frame, self.encoding)
             request = StatementRequest("parse", parse.sql, statement_name=parse.statement)
             self._decide(mtype, frame, request)
         elif mtype == _F:
@@ -195,15 +197,15 @@ class Session:
         self.to_server.append(frame)
         expected = self._expected
         if mtype == _P:
-            parse = codec.decode_parse(frame)
+            parse = codec.decode_parse(frame, self.encoding)
             expected.append((_P, parse.statement, parse.sql))
         elif mtype == _B:
-            bind = codec.decode_bind_names(frame)
+            bind = codec.decode_bind_names(frame, self.encoding)
             expected.append((_B, bind.portal, bind.statement))
         elif mtype == _E:
-            expected.append((_E, codec.decode_execute_portal(frame), ""))
+            expected.append((_E, codec.decode_execute_portal(frame, self.encoding), ""))
         elif mtype in (_D, _C):
-            kind, name = codec.decode_target(frame)
+            kind, name = codec.decode_target(frame, self.encoding)
             expected.append((mtype, name, kind))
         elif mtype == _S:
             # During COPY IN the server ignores Sync (and Flush): it owes nothing for it.
@@ -271,7 +273,18 @@ class Session:
         if pos < size:
             self._server_buf += data[pos:]
 
+    def set_client_encoding(self, pg_name: str) -> None:
+        """Decode what the client sends in this PostgreSQL client_encoding from now on."""
+        # An encoding without a Python codec keeps strict UTF-8: undecodable text is refused.
+        self.encoding = codec.python_encoding(pg_name) or "utf-8"
+
     # Handlers return None to forward the message untouched, or replacement bytes.
+
+    def _on_parameter_status(self, data: bytes, pos: int, end: int) -> bytes | None:
+        name, value = codec.decode_parameter_status(data[pos:end])
+        if name == "client_encoding":
+            self.set_client_encoding(value)
+        return None
 
     def _on_ready_for_query(self, data: bytes, pos: int, end: int) -> bytes | None:
         status = data[pos + 5 : pos + 6]
@@ -375,6 +388,7 @@ class Session:
 
 
 _SERVER_HANDLERS = {
+    ord("S"): Session._on_parameter_status,
     ord("Z"): Session._on_ready_for_query,
     ord("E"): Session._on_error,
     ord("1"): Session._on_parse_complete,
