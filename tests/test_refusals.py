@@ -14,12 +14,12 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-from gateway_harness import USERS, RunningGateway
-from wire_client import SYNC, WireClient, bind, describe, execute, types
 
+from gateway_harness import USERS, RunningGateway
 from querywarden import codec
 from querywarden.devcluster import DATABASE
 from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
+from wire_client import SYNC, WireClient, bind, describe, execute, types
 
 REFUSAL = Decision.refuse(
     "querywarden: statement refused by rule test-forbidden: it mentions a forbidden name",

@@ -7,8 +7,9 @@ from collections import Counter
 from collections.abc import Callable
 
 import psycopg
-from gateway_harness import RunningGateway
+import pytest
 
+from gateway_harness import RunningGateway
 from querywarden import codec
 from querywarden.hooks import SessionInfo
 
@@ -45,7 +46,9 @@ class ReplaceFirstColumn:
         values[0] = b"masked"
         body = struct.pack("!h", count)
         for value in values:
-            body += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
+            body += (
+                struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
+            )
         return codec.message(b"D", body)
 
 
@@ -59,10 +62,8 @@ def test_hook_sees_every_result_message_type(make_gateway: Callable[..., Running
             copied = list(copy)
         assert len(copied) >= 1
         conn.execute("DO $$ BEGIN RAISE NOTICE 'hello from the server'; END $$")
-        try:
+        with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("SELECT 1/0")
-        except psycopg.errors.DivisionByZero:
-            pass
     assert recorder.seen["D"] == 50
     assert recorder.seen["d"] == 7
     assert recorder.seen["T"] >= 1

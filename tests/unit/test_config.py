@@ -1,4 +1,4 @@
-"""Settings: the shipped example loads, the environment overrides the file, errors name the field."""
+"""Settings: the example loads, the environment overrides the file, errors name the field."""
 
 from __future__ import annotations
 

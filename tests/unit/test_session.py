@@ -144,7 +144,9 @@ def test_a_real_syntax_error_is_not_mistaken_for_a_refusal() -> None:
 
 def test_refused_parse_keeps_its_statement_name() -> None:
     session = Session(INFO, Refuse())
-    session.receive_client(codec.parse("s1", "SELECT forbidden") + bind("", "s1") + execute() + SYNC)
+    session.receive_client(
+        codec.parse("s1", "SELECT forbidden") + bind("", "s1") + execute() + SYNC
+    )
     sent = drain(session.to_server)
     first = codec.FrameReader(1 << 20)
     first.feed(sent)
