@@ -358,10 +358,7 @@ def ssl_request() -> bytes:
 def cancel_request(pid: int, secret: bytes) -> bytes:
     """An untyped CancelRequest."""
     return (
-        INT32.pack(12 + len(secret))
-        + INT32.pack(CANCEL_REQUEST_CODE)
-        + UINT32.pack(pid)
-        + secret
+        INT32.pack(12 + len(secret)) + INT32.pack(CANCEL_REQUEST_CODE) + UINT32.pack(pid) + secret
     )
 
 
