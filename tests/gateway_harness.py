@@ -7,9 +7,11 @@ exactly as a user would; the thread only saves a process start per test.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvloop
@@ -17,14 +19,24 @@ import uvloop
 from querywarden.config import GatewaySettings
 from querywarden.devcluster import DATABASE, ROLE_PASSWORD, EphemeralCluster
 from querywarden.hooks import ResultHook, StatementGate
+from querywarden.identity.dev import mint_token
+from querywarden.policy import PolicyDocument
 from querywarden.server import Gateway
 
 T = TypeVar("T")
 
-USERS = {
-    "alice": {"password": "alice-pw", "groups": ["ai-agents"]},
-    "bob": {"password": "bob-pw", "groups": ["dba"]},
-}
+#: Test identities and their groups. Each connects with a fresh token of the development
+#: issuer (a local key in a temporary directory), as a real client would with its IdP's.
+USERS = {"alice": ["ai-agents"], "bob": ["dba"]}
+DEV_KEY = Path(tempfile.mkdtemp(prefix="querywarden-dev-key-")) / "dev-issuer.pem"
+POLICY = PolicyDocument.model_validate(
+    {"identity": {"issuers": [{"name": "dev", "kind": "dev", "keyFile": DEV_KEY}]}}
+)
+
+
+def token_for(user: str, *, ttl: float = 600, **kwargs: Any) -> str:
+    """A development-issuer token for a test identity (unknown users get no groups)."""
+    return mint_token(user, groups=USERS.get(user, []), ttl=ttl, key_file=DEV_KEY, **kwargs)
 
 
 def gateway_settings(cluster: EphemeralCluster, **overrides: Any) -> GatewaySettings:
@@ -38,7 +50,6 @@ def gateway_settings(cluster: EphemeralCluster, **overrides: Any) -> GatewaySett
             "password": ROLE_PASSWORD,
             "sslmode": "require",
         },
-        "auth": {"devUsers": USERS},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -61,7 +72,7 @@ class RunningGateway:
 
     def dsn(self, user: str = "alice", *, database: str = DATABASE, **params: Any) -> str:
         """A libpq DSN for connecting through the gateway."""
-        password = USERS[user]["password"] if user in USERS else "wrong"
+        password = token_for(user) if user in USERS else "not-a-token"
         parts = {
             "host": self.host,
             "port": self.port,
@@ -74,7 +85,7 @@ class RunningGateway:
 
     def url(self, user: str = "alice", *, scheme: str = "postgresql") -> str:
         """A URL form of the DSN (for asyncpg and SQLAlchemy)."""
-        password = USERS[user]["password"]
+        password = token_for(user)
         return f"{scheme}://{user}:{password}@{self.host}:{self.port}/{DATABASE}"
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
@@ -105,10 +116,11 @@ def start_gateway(
     *,
     gate: StatementGate | None = None,
     result_hook: ResultHook | None = None,
+    policy: PolicyDocument | None = None,
 ) -> RunningGateway:
     """Start a gateway with the given hooks on a fresh uvloop loop in a thread."""
     loop = uvloop.new_event_loop()
-    gateway = Gateway(settings, gate=gate, result_hook=result_hook)
+    gateway = Gateway(settings, policy=policy or POLICY, gate=gate, result_hook=result_hook)
     thread = threading.Thread(target=loop.run_forever, name="querywarden-gateway", daemon=True)
     thread.start()
     running = RunningGateway(gateway=gateway, loop=loop, thread=thread)

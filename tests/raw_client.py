@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from gateway_harness import USERS, RunningGateway
+from gateway_harness import RunningGateway, token_for
 from querywarden import codec
 from querywarden.devcluster import DATABASE, EphemeralCluster
 from querywarden.server import ClientConnection
@@ -179,7 +179,7 @@ class RawClient:
         auth = self.read_message()
         assert auth is not None and auth.mtype == b"R", auth
         assert codec.decode_authentication(auth.frame)[0] == codec.AUTH_CLEARTEXT_PASSWORD
-        self.password(password if password is not None else str(USERS[user]["password"]))
+        self.password(password if password is not None else token_for(user))
         messages = self.read_until(b"Z")
         assert messages[-1].mtype == b"Z", [m.fields for m in messages if m.mtype == b"E"]
         return [auth, *messages]

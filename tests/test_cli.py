@@ -43,11 +43,20 @@ upstream:
   user: qw_scram
   passwordFile: upstream-password
   sslmode: require
-auth:
-  devUsers:
-    carol: {{password: carol-pw, groups: [ai-agents]}}
+policyFile: policy.yaml
 """
     )
+    (tmp_path / "policy.yaml").write_text(
+        "identity:\n  issuers:\n    - {name: dev, kind: dev, keyFile: dev-issuer.pem}\n"
+    )
+    minted = subprocess.run(
+        [*QUERYWARDEN, "token", "--key-file", str(tmp_path / "dev-issuer.pem"), "--sub", "carol"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    token = minted.stdout.strip()
+    assert (tmp_path / "dev-issuer.pem").stat().st_mode & 0o777 == 0o600
     proc = subprocess.Popen(
         [*QUERYWARDEN, "--log-level", "WARNING", "serve", "--config", str(config)],
         stdout=subprocess.PIPE,
@@ -57,7 +66,7 @@ auth:
     try:
         wait_for_port("127.0.0.1", port)
         result = psql(
-            f"host=127.0.0.1 port={port} dbname=app user=carol", "SELECT current_user", "carol-pw"
+            f"host=127.0.0.1 port={port} dbname=app user=carol", "SELECT current_user", token
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "qw_scram"
@@ -100,9 +109,14 @@ def test_demo_prints_a_working_psql_line_and_stops_cleanly(tmp_path: Path) -> No
             if "Press Ctrl-C" in line:
                 break
         banner = "".join(lines)
-        match = re.search(r"PGPASSWORD=(\S+) psql \"([^\"]+user=agent[^\"]*)\"", banner)
+        match = re.search(
+            r"PGPASSWORD=\$\((.+?)\) \\\n\s+psql \"([^\"]+user=agent[^\"]*)\"", banner
+        )
         assert match, banner
-        result = psql(match[2], "SELECT count(*) FROM customers", match[1])
+        token = subprocess.run(
+            match[1].split(), capture_output=True, text=True, check=True, cwd=tmp_path
+        ).stdout.strip()
+        result = psql(match[2], "SELECT count(*) FROM customers", token)
         assert result.returncode == 0, result.stderr
         assert int(result.stdout) == 4
         # The demo offers TLS, and the printed line asks for it.

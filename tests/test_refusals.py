@@ -15,7 +15,7 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from gateway_harness import USERS, RunningGateway
+from gateway_harness import RunningGateway, token_for
 from querywarden import codec
 from querywarden.devcluster import DATABASE
 from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
@@ -65,7 +65,7 @@ def refusing(make_gateway: Callable[..., RunningGateway]) -> RunningGateway:
 
 
 def wire(gw: RunningGateway) -> WireClient:
-    return WireClient(gw.host, gw.port, "alice", USERS["alice"]["password"], DATABASE)
+    return WireClient(gw.host, gw.port, "alice", token_for("alice"), DATABASE)
 
 
 def assert_refusal(msg_fields: dict[str, str]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway_harness import DEV_KEY, token_for
 from querywarden.devcluster import ROLE_PASSWORD, EphemeralCluster, free_port, wait_for_port
 
 ROWS = 1_000_000
@@ -28,12 +29,16 @@ def rss_kib(pid: int, field: str) -> int:
 @pytest.mark.slow
 def test_million_row_select_streams_in_bounded_memory(pg: EphemeralCluster, tmp_path: Path) -> None:
     port = free_port()
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(
+        f"identity: {{issuers: [{{name: dev, kind: dev, keyFile: {DEV_KEY}}}]}}\n"
+    )
     config = tmp_path / "gw.yaml"
     config.write_text(
         f"listen: {{port: {port}}}\n"
         f"upstream: {{port: {pg.port}, user: qw_scram, password: {ROLE_PASSWORD}, "
         "sslmode: disable}\n"
-        "auth: {devUsers: {alice: {password: alice-pw}}}\n"
+        f"policyFile: {policy_file}\n"
     )
     gateway = subprocess.Popen(
         [
@@ -51,7 +56,7 @@ def test_million_row_select_streams_in_bounded_memory(pg: EphemeralCluster, tmp_
     )
     try:
         wait_for_port("127.0.0.1", port)
-        dsn = f"host=127.0.0.1 port={port} dbname=app user=alice password=alice-pw"
+        dsn = f"host=127.0.0.1 port={port} dbname=app user=alice password={token_for('alice')}"
         # Warm up: imports, first connection, TLS-less upstream handshake.
         subprocess.run(["psql", dsn, "-X", "-c", "SELECT 1"], check=True, capture_output=True)
         before = rss_kib(gateway.pid, "VmRSS")

@@ -23,6 +23,17 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", type=Path, help="settings file (YAML)")
+    token = commands.add_parser(
+        "token", help="mint a short-lived token from the local development issuer"
+    )
+    token.add_argument("--sub", required=True, help="the subject (user or agent name)")
+    token.add_argument("--groups", default="", help="comma-separated groups")
+    token.add_argument("--ttl", default="10m", help="lifetime, e.g. 10m (default 10m)")
+    token.add_argument(
+        "--key-file", type=Path, default=Path(".querywarden/dev-issuer.pem"), help="signing key"
+    )
+    token.add_argument("--issuer", default="querywarden-dev", help="the iss claim")
+    token.add_argument("--audience", default="querywarden", help="the aud claim")
     demo = commands.add_parser("demo", help="run PostgreSQL and the gateway on this machine")
     demo.add_argument("--port", type=int, default=6432, help="gateway port (default 6432)")
     demo.add_argument(
@@ -44,6 +55,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"querywarden: invalid settings: {exc}", file=sys.stderr)
             return 2
         return serve(settings)
+    if args.command == "token":
+        from querywarden.config import parse_duration
+        from querywarden.identity.dev import mint_token
+
+        try:
+            ttl = parse_duration(args.ttl).total_seconds()
+        except ValueError as exc:
+            print(f"querywarden: {exc}", file=sys.stderr)
+            return 2
+        groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+        print(
+            mint_token(
+                args.sub,
+                groups=groups,
+                ttl=ttl,
+                key_file=args.key_file,
+                issuer=args.issuer,
+                audience=args.audience,
+            )
+        )
+        return 0
     if args.command == "demo":
         from querywarden.demo import run_demo
 

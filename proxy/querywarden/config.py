@@ -1,4 +1,4 @@
-"""Gateway process settings: listen address, TLS, upstream, limits, development users.
+"""Gateway process settings: listen address, TLS, upstream, limits, policy file.
 
 Settings come from a YAML file (``querywarden serve --config FILE``) with environment
 overrides: ``QUERYWARDEN_`` + the path in camelCase joined by ``__``, for example
@@ -22,7 +22,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
-def _parse_duration(value: Any) -> Any:
+def parse_duration(value: Any) -> Any:
+    """Turn ``30s``, ``5m``, ``1h``, ``250ms`` or a number of seconds into a timedelta."""
     if isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
@@ -38,7 +39,7 @@ def _positive(value: timedelta) -> timedelta:
 
 
 #: A duration written as ``30s``, ``5m``, ``1h``, ``250ms`` or a number of seconds.
-Duration = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_positive)]
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
 
 
 class _Section(BaseModel):
@@ -61,6 +62,9 @@ class TLSSettings(_Section):
 
     cert_file: Path | None = None
     key_file: Path | None = None
+    #: CA bundle for client certificates. When set, clients may present one (it is not
+    #: required); a token bound to a certificate (``cnf.x5t#S256``) must match it.
+    client_ca_file: Path | None = None
 
 
 class UpstreamSettings(_Section):
@@ -96,19 +100,6 @@ class LimitSettings(_Section):
     max_connections: int = Field(1000, ge=1)
 
 
-class DevUserSettings(_Section):
-    """A test credential accepted by the development authenticator."""
-
-    password: str
-    groups: list[str] = []
-
-
-class AuthSettings(_Section):
-    """Client authentication. ``devUsers`` is for development and tests only."""
-
-    dev_users: dict[str, DevUserSettings] = {}
-
-
 class GatewaySettings(BaseSettings):
     """All process settings of ``querywarden serve``."""
 
@@ -125,7 +116,8 @@ class GatewaySettings(BaseSettings):
     tls: TLSSettings = TLSSettings.model_validate({})
     upstream: UpstreamSettings = UpstreamSettings.model_validate({})
     limits: LimitSettings = LimitSettings.model_validate({})
-    auth: AuthSettings = AuthSettings.model_validate({})
+    #: The policy document (trusted issuers, and in later stages the rules).
+    policy_file: Path | None = None
 
     @classmethod
     def settings_customise_sources(
@@ -153,7 +145,7 @@ def load_settings(path: Path | None) -> GatewaySettings:
     return GatewaySettings(**data)
 
 
-_PATH_KEYS = {"certFile", "keyFile", "passwordFile", "sslrootcert"}
+_PATH_KEYS = {"certFile", "keyFile", "passwordFile", "sslrootcert", "clientCaFile", "policyFile"}
 
 
 def _anchor_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 from pathlib import Path
 
 from querywarden.cli import run_event_loop
 from querywarden.config import GatewaySettings
 from querywarden.devcluster import DATABASE, ROLE_PASSWORD, EphemeralCluster
+from querywarden.policy import PolicyDocument
 from querywarden.server import Gateway
 from querywarden.tlsutil import write_self_signed
 
@@ -56,10 +58,8 @@ ALTER TABLE orders OWNER TO qw_scram;
 #: A query to show in the banner.
 TRY_QUERY = "SELECT name, email, ssn, card_number FROM customers;"
 
-DEMO_USERS = {
-    "agent": {"password": "agent-demo-pw", "groups": ["ai-agents"]},
-    "dba": {"password": "dba-demo-pw", "groups": ["dba"]},
-}
+#: The two demo identities: an AI coding agent and a human DBA.
+DEMO_IDENTITIES = {"agent": ["ai-agents"], "dba": ["dba", "dba-oncall"]}
 
 
 def run_demo(port: int, state_dir: Path) -> int:
@@ -82,35 +82,48 @@ def run_demo(port: int, state_dir: Path) -> int:
                     "password": ROLE_PASSWORD,
                     "sslmode": "require",
                 },
-                "auth": {"devUsers": DEMO_USERS},
             }
         )
-        run_event_loop(_serve_until_interrupted(settings, cluster))
+        key_file = (state_dir / "dev-issuer.pem").resolve()
+        policy = PolicyDocument.model_validate(
+            {"identity": {"issuers": [{"name": "dev", "kind": "dev", "keyFile": key_file}]}}
+        )
+        run_event_loop(_serve_until_interrupted(settings, policy, key_file, cluster))
     finally:
         print("\nstopping PostgreSQL ...", flush=True)
         cluster.stop()
     return 0
 
 
-async def _serve_until_interrupted(settings: GatewaySettings, cluster: EphemeralCluster) -> None:
-    gateway = Gateway(settings)
+async def _serve_until_interrupted(
+    settings: GatewaySettings, policy: PolicyDocument, key_file: Path, cluster: EphemeralCluster
+) -> None:
+    gateway = Gateway(settings, policy=policy)
     host, port = await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    agent = DEMO_USERS["agent"]["password"]
-    dba = DEMO_USERS["dba"]["password"]
+    # Absolute paths, so the printed lines work from any directory.
+    cli = Path(sys.executable).with_name("querywarden")
+    lines = []
+    for who, groups in DEMO_IDENTITIES.items():
+        mint = f"{cli} token --key-file {key_file} --sub {who} --groups {','.join(groups)}"
+        lines.append(
+            f"  PGPASSWORD=$({mint}) \\\n"
+            f'    psql "host={host} port={port} dbname={DATABASE} user={who} sslmode=require"'
+        )
+    connect = "\n\n".join(lines)
     print(
         f"""
 querywarden demo is running.
   PostgreSQL (direct, for comparison): 127.0.0.1:{cluster.port}
   gateway:                             {host}:{port}  (TLS offered; plaintext on loopback)
 
-Connect through the gateway as the AI agent or as the DBA:
+Every connection presents a short-lived token from the local development issuer
+({key_file}); `querywarden token` mints one. Connect as the AI agent or as the DBA:
 
-  PGPASSWORD={agent} psql "host={host} port={port} dbname={DATABASE} user=agent sslmode=require"
-  PGPASSWORD={dba} psql "host={host} port={port} dbname={DATABASE} user=dba sslmode=require"
+{connect}
 
 then try:  {TRY_QUERY}
 

@@ -23,7 +23,9 @@ from querywarden.config import GatewaySettings
 from querywarden.endpoint import ConnectionClosed, Endpoint
 from querywarden.errors import AuthenticationFailed, ProtocolViolation, QuerywardenError
 from querywarden.hooks import AllowAll, Decision, ResultHook, SessionInfo, StatementGate
-from querywarden.identity import Authenticator, Credentials, DevPasswordAuthenticator, DevUser
+from querywarden.identity import Authenticator, Credentials
+from querywarden.identity.authenticator import TokenAuthenticator
+from querywarden.policy import PolicyDocument, load_policy
 from querywarden.session import Session
 from querywarden.startup import (
     CancelRequested,
@@ -70,17 +72,17 @@ class Gateway:
         self,
         settings: GatewaySettings,
         *,
+        policy: PolicyDocument | None = None,
         authenticator: Authenticator | None = None,
         gate: StatementGate | None = None,
         result_hook: ResultHook | None = None,
     ) -> None:
         self.settings = settings
-        self.authenticator = authenticator or DevPasswordAuthenticator(
-            {
-                name: DevUser(user.password, tuple(user.groups))
-                for name, user in settings.auth.dev_users.items()
-            }
-        )
+        if policy is None:
+            # No policy trusts no issuer: every connection is refused (fail closed).
+            policy = load_policy(settings.policy_file) if settings.policy_file else PolicyDocument()
+        self.policy = policy
+        self.authenticator = authenticator or TokenAuthenticator(policy.identity)
         self.gate: StatementGate = gate or AllowAll()
         self.result_hook = result_hook
         self.tls_context = _server_tls_context(settings)
@@ -169,6 +171,9 @@ def _server_tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.client_ca_file is not None:
+        context.load_verify_locations(cafile=str(tls.client_ca_file))
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 
@@ -283,7 +288,12 @@ class ClientConnection(Endpoint):
                 assert startup is not None
                 break
         principal = await gateway.authenticator.authenticate(
-            Credentials(startup.params["user"], event.secret, self.peer_address())
+            Credentials(
+                startup.params["user"],
+                event.secret,
+                self.peer_address(),
+                client_certificate=self._peer_certificate(),
+            )
         )
         database = self._database(startup)
         params = {k: v for k, v in startup.params.items() if k in FORWARDED_PARAMETERS}
@@ -299,6 +309,13 @@ class ClientConnection(Endpoint):
         if leftover:
             self._buffer[:0] = leftover
         return startup, info, upstream
+
+    def _peer_certificate(self) -> bytes | None:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if ssl_object is None:
+            return None
+        der = ssl_object.getpeercert(binary_form=True)
+        return bytes(der) if der else None
 
     def _check_startup(self, startup: StartupReceived, *, tls: bool) -> None:
         if "replication" in startup.params and startup.params["replication"] not in (
@@ -348,6 +365,7 @@ class ClientConnection(Endpoint):
             gateway.result_hook,
             max_client_message=int(settings.max_client_message),
             max_server_message=int(settings.max_server_message),
+            expires_at=info.principal.expires_at,
         )
         self.session.transaction_status = upstream.transaction_status
         self.session.set_client_encoding(upstream.parameters.get("client_encoding", "UTF8"))
@@ -447,10 +465,11 @@ class ClientConnection(Endpoint):
         log.warning(
             "session %s: upstream connection lost", session.info.session_id if session else "-"
         )
-        self._send_fatal(
-            "08006",
-            "the connection to the upstream database was lost; reconnect to continue",
-        )
+        if session is None or not session.server_fatal:
+            self._send_fatal(
+                "08006",
+                "the connection to the upstream database was lost; reconnect to continue",
+            )
         self.close()
 
     # ending --------------------------------------------------------------------------

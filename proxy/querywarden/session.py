@@ -25,12 +25,13 @@ inside a pipeline, and the gateway never has to imitate the server's state machi
 from __future__ import annotations
 
 import secrets
+import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Final, Literal
 
 from querywarden import codec
-from querywarden.errors import ProtocolViolation, UpstreamError
+from querywarden.errors import AuthenticationFailed, ProtocolViolation, UpstreamError
 from querywarden.hooks import (
     RESULT_MESSAGE_TYPES,
     Decision,
@@ -46,6 +47,8 @@ Mode = Literal["ready", "copy_in", "copy_out", "copy_both"]
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")
 _COPY_DATA, _COPY_DONE, _COPY_FAIL = ord("d"), ord("c"), ord("f")
 _FRONTEND_TYPES: Final = frozenset(b"QPBDECSHFXdcf")
+# Messages that make the server do work; a connection whose token expired may send none.
+_REQUESTS: Final = frozenset(b"QPBEF")
 
 # Messages whose body may be forwarded in pieces before it has fully arrived, so that a
 # huge row or COPY chunk streams through in bounded memory.
@@ -66,11 +69,16 @@ class Session:
         *,
         max_client_message: int = 64 * 1024 * 1024,
         max_server_message: int = 1024 * 1024 * 1024,
+        expires_at: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.info = info
         self.gate = gate
         self.result_hook = result_hook
         self.max_server_message = max_server_message
+        #: When the client's token expires (POSIX time): no request runs after it.
+        self.expires_at = expires_at
+        self._clock = clock
         #: Bytes to send to the upstream server, in order. The shell drains this list.
         self.to_server: list[bytes] = []
         #: Bytes to send to the client, in order. The shell drains this list.
@@ -84,6 +92,8 @@ class Session:
         self.portals: dict[str, str] = {}
         #: Set once the client sent Terminate: the shell closes both sides after flushing.
         self.terminated = False
+        #: Set when the server sent a FATAL error: it is about to close the connection.
+        self.server_fatal = False
         #: A decision the shell must await, then pass to :meth:`resume`.
         self.awaiting: Awaitable[Decision] | None = None
         #: The Python codec of the client_encoding the server last reported.
@@ -154,6 +164,12 @@ class Session:
     def _on_client_message(self, mtype: int, frame: bytes) -> None:
         if mtype not in _FRONTEND_TYPES:
             raise ProtocolViolation(f"invalid frontend message type {mtype!r}")
+        if mtype in _REQUESTS and self.expires_at is not None and self._clock() >= self.expires_at:
+            # A connection lives no longer than the token that opened it.
+            raise AuthenticationFailed(
+                "your token has expired: this connection is closed; reconnect with a fresh token",
+                sqlstate="28000",
+            )
         if mtype == _Q:
             request = StatementRequest("query", codec.decode_query(frame, self.encoding))
             self._decide(mtype, frame, request)
@@ -303,6 +319,9 @@ class Session:
 
     def _on_error(self, data: bytes, pos: int, end: int) -> bytes | None:
         self.mode = "ready"
+        if b"VFATAL\0" in data[pos:end] or b"VPANIC\0" in data[pos:end]:
+            # The server says why it is closing; the shell need not add its own FATAL.
+            self.server_fatal = True
         expected = self._expected
         # In the extended protocol the server now discards everything up to Sync.
         if expected and expected[0][0] not in (_Q, _F):

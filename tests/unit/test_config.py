@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from querywarden.config import load_settings
+from querywarden.policy import load_policy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gateway.yaml"
 
@@ -21,7 +22,13 @@ def test_example_settings_load() -> None:
     assert settings.limits.startup_timeout == timedelta(seconds=15)
     # Relative paths are anchored at the settings file.
     assert settings.tls.cert_file == EXAMPLE.parent / "tls" / "gateway.crt"
-    assert settings.auth.dev_users["alice"].groups == ["ai-agents"]
+    assert settings.policy_file == EXAMPLE.parent / "policy.yaml"
+
+
+def test_example_policy_loads() -> None:
+    policy = load_policy(EXAMPLE.parent / "policy.yaml")
+    kinds = {issuer.name: issuer.kind for issuer in policy.identity.issuers}
+    assert kinds == {"corp": "oidc", "cluster": "kubernetes", "corp-saml": "saml", "dev": "dev"}
 
 
 def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

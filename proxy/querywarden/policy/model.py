@@ -1,0 +1,194 @@
+"""Pydantic models of the policy document.
+
+One format serves three places: the file given to ``querywarden serve``, the
+``.spec.policy`` of a DatabaseAccessPolicy resource, and the ConfigMap the operator renders
+for the sidecar. Field names are camelCase, as in Kubernetes resources.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from querywarden.config import Duration, parse_duration
+
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _non_negative(value: timedelta) -> timedelta:
+    if value.total_seconds() < 0:
+        raise ValueError("duration must not be negative")
+    return value
+
+
+#: A duration that may be zero (``0s``).
+NonNegativeDuration = Annotated[
+    timedelta, BeforeValidator(parse_duration), AfterValidator(_non_negative)
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class _IssuerBase(_Model):
+    #: A short name for the issuer: it appears in audit records and messages.
+    name: str = Field(pattern=_NAME.pattern)
+
+
+class _JwtIssuerBase(_IssuerBase):
+    #: The ``iss`` claim tokens carry, and for OIDC the base of the discovery URL.
+    issuer: str
+    #: Accepted ``aud`` values; a token must name at least one of them.
+    audiences: list[str] = Field(min_length=1)
+    #: Claim with the groups: a dotted path (``realm_access.roles``); a list or a
+    #: space-separated string.
+    groups_claim: str = "groups"
+    #: Refuse tokens whose ``exp - iat`` is longer: no long-lived static tokens.
+    max_token_lifetime: Duration = timedelta(hours=1)
+    #: Clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
+    leeway: NonNegativeDuration = timedelta(seconds=30)
+
+
+class OidcIssuer(_JwtIssuerBase):
+    """An OpenID Connect provider; keys from its discovery document's ``jwks_uri``."""
+
+    kind: Literal["oidc"] = "oidc"
+    #: Use this JWKS URL instead of discovery.
+    jwks_uri: str | None = None
+    #: CA bundle to verify the provider's HTTPS certificate (default: system CAs).
+    ca_file: Path | None = None
+    #: Bound on each discovery or JWKS fetch.
+    fetch_timeout: Duration = timedelta(seconds=3)
+    #: Minimum time between two JWKS refreshes caused by an unknown ``kid``.
+    jwks_refresh_interval: NonNegativeDuration = timedelta(seconds=30)
+    #: Claim with a human-readable name for audit records.
+    display_name_claim: str = "name"
+
+    @model_validator(mode="after")
+    def _https_only(self) -> OidcIssuer:
+        for url in (self.issuer, self.jwks_uri):
+            if url is not None and not url.startswith("https://"):
+                raise ValueError(f"{url!r}: keys are fetched over HTTPS only")
+        return self
+
+
+class KubernetesIssuer(OidcIssuer):
+    """Projected service-account tokens, verified via the cluster's OIDC discovery.
+
+    The subject is ``system:serviceaccount:NAMESPACE:NAME``; groups are
+    ``system:serviceaccounts``, ``system:serviceaccounts:NAMESPACE`` and what
+    ``groupMappings`` adds for the service account or its namespace.
+    """
+
+    kind: Literal["kubernetes"] = "kubernetes"  # type: ignore[assignment]
+    #: Extra groups per service account (``system:serviceaccount:NS:NAME``) or
+    #: namespace (``NS``).
+    group_mappings: dict[str, list[str]] = {}
+    #: A bearer token file for fetching discovery from the API server (in a pod: the
+    #: mounted service-account token).
+    bearer_token_file: Path | None = None
+
+
+class DevIssuer(_IssuerBase):
+    """A local signing key for demos and tests: ``querywarden token`` mints tokens."""
+
+    kind: Literal["dev"] = "dev"
+    key_file: Path
+    issuer: str = "querywarden-dev"
+    audiences: list[str] = Field(default=["querywarden"], min_length=1)
+    groups_claim: str = "groups"
+    max_token_lifetime: Duration = timedelta(hours=1)
+    leeway: NonNegativeDuration = timedelta(seconds=30)
+
+
+class SamlIssuer(_IssuerBase):
+    """A SAML 2.0 identity provider whose signed assertions are presented base64-encoded."""
+
+    kind: Literal["saml"] = "saml"
+    #: The IdP's entity ID: the assertion's ``<Issuer>``.
+    entity_id: str
+    #: The IdP's signing certificate (PEM), inline or from a file.
+    certificate: str | None = None
+    certificate_file: Path | None = None
+    #: The ``<Audience>`` the assertion must be restricted to.
+    audience: str
+    groups_attribute: str = "groups"
+    max_token_lifetime: Duration = timedelta(hours=1)
+    leeway: NonNegativeDuration = timedelta(seconds=30)
+
+    @model_validator(mode="after")
+    def _one_certificate(self) -> SamlIssuer:
+        if (self.certificate is None) == (self.certificate_file is None):
+            raise ValueError("give exactly one of certificate and certificateFile")
+        return self
+
+    def certificate_pem(self) -> str:
+        """The IdP certificate as PEM text."""
+        if self.certificate_file is not None:
+            return self.certificate_file.read_text()
+        assert self.certificate is not None
+        return self.certificate
+
+
+Issuer = Annotated[
+    OidcIssuer | KubernetesIssuer | DevIssuer | SamlIssuer, Field(discriminator="kind")
+]
+
+
+def _default_kind(value: Any) -> Any:
+    # ``kind`` may be left out for OIDC, the common case.
+    if isinstance(value, dict) and "kind" not in value:
+        return {**value, "kind": "oidc"}
+    return value
+
+
+class IdentitySection(_Model):
+    """The trusted token issuers."""
+
+    issuers: list[Annotated[Issuer, BeforeValidator(_default_kind)]] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> IdentitySection:
+        names = [i.name for i in self.issuers]
+        if len(names) != len(set(names)):
+            raise ValueError("issuer names must be unique")
+        keyed = [i.entity_id if isinstance(i, SamlIssuer) else i.issuer for i in self.issuers]
+        if len(keyed) != len(set(keyed)):
+            raise ValueError("two issuers share the same issuer URL or entity ID")
+        return self
+
+
+class PolicyDocument(_Model):
+    """The whole policy document."""
+
+    identity: IdentitySection = IdentitySection()
+
+
+def load_policy(path: Path) -> PolicyDocument:
+    """Read and validate a policy file (YAML); relative paths are anchored at the file."""
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the policy must be a mapping")
+    for issuer in (data.get("identity") or {}).get("issuers") or []:
+        if isinstance(issuer, dict):
+            for key in ("keyFile", "caFile", "certificateFile", "bearerTokenFile"):
+                value = issuer.get(key)
+                if isinstance(value, str) and not Path(value).is_absolute():
+                    issuer[key] = str(path.parent / value)
+    return PolicyDocument.model_validate(data)
