@@ -34,25 +34,11 @@ from querywarden.startup import (
     PasswordReceived,
     SSLRequested,
     StartupReceived,
+    upstream_parameters,
 )
 from querywarden.upstream import UpstreamConnection, UpstreamTarget, connect, send_cancel
 
 log = logging.getLogger("querywarden.server")
-
-#: Start-up parameters passed on to the upstream; everything else (notably ``options``,
-#: which can carry ``-c role=...``) stays at the gateway.
-FORWARDED_PARAMETERS = frozenset(
-    {
-        "application_name",
-        "client_encoding",
-        "DateStyle",
-        "datestyle",
-        "IntervalStyle",
-        "TimeZone",
-        "timezone",
-        "extra_float_digits",
-    }
-)
 
 # Keep per-connection buffering small: a slow client pauses the upstream, not our memory.
 _WRITE_HIGH_WATER = 256 * 1024
@@ -257,6 +243,7 @@ class ClientConnection(Endpoint):
         gateway = self.gateway
         machine = ClientStartup()
         startup: StartupReceived | None = None
+        forwarded: dict[str, str] = {}
         while True:
             event = machine.next_event()
             if event is None:
@@ -280,6 +267,8 @@ class ClientConnection(Endpoint):
                 if self._over_limit:
                     raise QuerywardenError("sorry, too many clients already", sqlstate="53300")
                 self._check_startup(event, tls=machine.tls)
+                # Refused here, before authentication, when a setting is not accepted.
+                forwarded = upstream_parameters(event.params)
                 if event.needs_negotiation:
                     self.write(codec.negotiate_protocol_version(0, list(event.unsupported_options)))
                 self.write(codec.AUTHENTICATION_CLEARTEXT)
@@ -296,8 +285,7 @@ class ClientConnection(Endpoint):
             )
         )
         database = self._database(startup)
-        params = {k: v for k, v in startup.params.items() if k in FORWARDED_PARAMETERS}
-        upstream = await connect(gateway.upstream_target, database, params)
+        upstream = await connect(gateway.upstream_target, database, forwarded)
         info = SessionInfo(
             session_id=secrets.token_hex(8),
             principal=principal,

@@ -144,3 +144,92 @@ class ClientStartup:
         frame = bytes(buf[: length + 1])
         del buf[: length + 1]
         return PasswordReceived(codec.decode_password(frame))
+
+
+#: Settings a client may give at start-up (as parameters or ``-c`` in ``options``); they
+#: are passed on to the upstream. Anything that changes what a statement means or who
+#: runs it (role, session_authorization, search_path, standard_conforming_strings, ...)
+#: must be set with SET after connecting, where the decision point sees it.
+STARTUP_SETTINGS = {
+    name.lower(): name
+    for name in (
+        "application_name",
+        "client_encoding",
+        "DateStyle",
+        "IntervalStyle",
+        "TimeZone",
+        "extra_float_digits",
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+        "idle_session_timeout",
+        "bytea_output",
+    )
+}
+
+#: Start-up parameters the gateway itself consumes.
+_CONNECTION_PARAMETERS = frozenset({"user", "database", "replication", "options"})
+
+
+def upstream_parameters(params: dict[str, str]) -> dict[str, str]:
+    """The settings to pass upstream; refuse (0A000) any the gateway does not accept."""
+    settings: dict[str, str] = {}
+    for name, value in params.items():
+        if name in _CONNECTION_PARAMETERS:
+            continue
+        settings[_accepted_setting(name)] = value
+    for name, value in _parse_options(params.get("options", "")):
+        settings[_accepted_setting(name)] = value
+    return settings
+
+
+def _accepted_setting(name: str) -> str:
+    canonical = STARTUP_SETTINGS.get(name.lower())
+    if canonical is None:
+        raise ProtocolViolation(
+            f"start-up setting {name!r} is not accepted through querywarden: run SET after "
+            f"connecting, where the policy sees it (accepted at start-up: "
+            f"{', '.join(sorted(STARTUP_SETTINGS.values()))})",
+            sqlstate="0A000",
+        )
+    return canonical
+
+
+def _parse_options(options: str) -> list[tuple[str, str]]:
+    """``-c name=value`` / ``--name=value`` pairs from libpq's ``options`` string."""
+    words: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in options:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char.isspace():
+            if current:
+                words.append("".join(current))
+                current = []
+        else:
+            current.append(char)
+    if current:
+        words.append("".join(current))
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c" and i + 1 < len(words):
+            setting, i = words[i + 1], i + 2
+        elif word.startswith("-c") or word.startswith("--"):
+            setting, i = word[2:], i + 1
+        else:
+            raise ProtocolViolation(
+                f"start-up option {word!r} is not accepted through querywarden: only "
+                "-c name=value settings are",
+                sqlstate="0A000",
+            )
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            raise ProtocolViolation(f"malformed start-up option {setting!r}", sqlstate="0A000")
+        pairs.append((name.replace("-", "_"), value))
+    return pairs

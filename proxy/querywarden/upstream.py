@@ -9,6 +9,7 @@ reported to the client without the server's text.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +51,22 @@ class UpstreamConnection:
 
 
 def _client_tls_context(target: UpstreamTarget) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if target.sslmode in ("verify-ca", "verify-full"):
-        if target.sslrootcert is not None:
-            context.load_verify_locations(cafile=str(target.sslrootcert))
-        context.check_hostname = target.sslmode == "verify-full"
+    return _tls_context_for(target.sslmode, target.sslrootcert)
+
+
+@functools.lru_cache(maxsize=16)
+def _tls_context_for(sslmode: str, sslrootcert: Path | None) -> ssl.SSLContext:
+    # Built once per (sslmode, sslrootcert): loading a CA store takes tens of milliseconds
+    # and would block the event loop on every connection.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if sslmode in ("verify-ca", "verify-full"):
+        # As in libpq: sslrootcert, when given, is the only trust anchor.
+        if sslrootcert is not None:
+            context.load_verify_locations(cafile=str(sslrootcert))
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        context.check_hostname = sslmode == "verify-full"
         context.verify_mode = ssl.CERT_REQUIRED
     else:
         # prefer/require encrypt without verifying, exactly as libpq defines those modes.

@@ -139,3 +139,40 @@ def test_error_response_round_trip() -> None:
         "D": "because",
         "H": "do that",
     }
+
+
+def test_startup_settings_pass_through_and_options_are_parsed() -> None:
+    from querywarden.startup import upstream_parameters
+
+    params = {
+        "user": "a",
+        "database": "app",
+        "application_name": "agent",
+        "options": r"-c statement_timeout=1234ms --lock-timeout=5s -cTimeZone=UTC",
+    }
+    assert upstream_parameters(params) == {
+        "application_name": "agent",
+        "statement_timeout": "1234ms",
+        "lock_timeout": "5s",
+        "TimeZone": "UTC",
+    }
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"user": "a", "search_path": "evil,public"},
+        {"user": "a", "options": "-c role=postgres"},
+        {"user": "a", "options": "-c session_authorization=postgres"},
+        {"user": "a", "options": "-D /tmp"},
+        {"user": "a", "options": "-c novalue"},
+    ],
+)
+def test_startup_settings_that_change_meaning_or_identity_are_refused(
+    params: dict[str, str],
+) -> None:
+    from querywarden.startup import upstream_parameters
+
+    with pytest.raises(ProtocolViolation) as info:
+        upstream_parameters(params)
+    assert info.value.sqlstate == "0A000"
