@@ -371,9 +371,11 @@ class ClientConnection(Endpoint):
             ]
         )
         log.info(
-            "session %s: %s connected to database %s from %s",
+            "session %s: %s (issuer %s, groups %s) connected to database %s from %s",
             info.session_id,
             info.principal.subject,
+            info.principal.issuer,
+            ",".join(sorted(info.principal.groups)) or "-",
             info.database,
             info.client_address,
         )
