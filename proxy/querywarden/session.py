@@ -49,6 +49,9 @@ _COPY_DATA, _COPY_DONE, _COPY_FAIL = ord("d"), ord("c"), ord("f")
 _FRONTEND_TYPES: Final = frozenset(b"QPBDECSHFXdcf")
 # Messages that make the server do work; a connection whose token expired may send none.
 _REQUESTS: Final = frozenset(b"QPBEF")
+# Messages the decision point sees.
+_GATED: Final = frozenset(b"QPF")
+_SYNC_ENTRY: Final = (_S, "", "")
 
 # Messages whose body may be forwarded in pieces before it has fully arrived, so that a
 # huge row or COPY chunk streams through in bounded memory.
@@ -99,11 +102,12 @@ class Session:
         #: The Python codec of the client_encoding the server last reported.
         self.encoding = "utf-8"
 
-        self._client = codec.FrameReader(max_client_message)
+        self.max_client_message = max_client_message
+        self._client_buf = bytearray()
         self._client_stream_left = 0  # bytes of a streamed CopyData still to forward
         self._server_buf = bytearray()
         self._server_stream_left = 0  # bytes of a streamed DataRow/CopyData still to forward
-        self._held: tuple[int, bytes, StatementRequest] | None = None
+        self._held: tuple[int, bytes, StatementRequest, codec.Parse | None] | None = None
         # What the server still owes, oldest first: (message type, name, extra).
         self._expected: deque[tuple[int, str, str]] = deque()
         self._nonce = secrets.token_hex(6)
@@ -113,90 +117,112 @@ class Session:
     # --- client -> server --------------------------------------------------------------
 
     def receive_client(self, data: bytes) -> None:
-        """Take bytes from the client; produce output and possibly an awaited decision."""
+        """Take bytes from the client; produce output and possibly an awaited decision.
+
+        Messages the gate allows, and those it need not see, leave as slices of the bytes
+        received, in runs: a pipelined batch is usually one write upstream.
+        """
         if self._client_stream_left:
-            data = self._stream_client_copy_data(data)
+            n = min(self._client_stream_left, len(data))
+            self.to_server.append(data[:n])
+            self._client_stream_left -= n
+            data = data[n:]
             if not data:
                 return
-        self._client.feed(data)
-        self._process_client()
+        if self._client_buf or self.awaiting is not None:
+            self._client_buf += data
+            if self.awaiting is not None:
+                return  # held behind a decision; resume() carries on
+            data = bytes(self._client_buf)
+            self._client_buf.clear()
+        self._process_client(data)
 
     def resume(self, decision: Decision) -> None:
         """Apply the decision that :attr:`awaiting` produced and carry on with the input."""
         if self._held is None:
             raise RuntimeError("resume() without a held request")
-        mtype, frame, request = self._held
+        mtype, frame, request, parse = self._held
         self._held = None
         self.awaiting = None
-        self._apply(mtype, frame, request, decision)
-        self._process_client()
+        if decision.allowed:
+            self.to_server.append(frame)
+            self._track(mtype, frame, 0, len(frame), parse)
+        else:
+            self._refuse(mtype, request, decision)
+        if self._client_buf:
+            data = bytes(self._client_buf)
+            self._client_buf.clear()
+            self._process_client(data)
 
-    def _process_client(self) -> None:
-        reader = self._client
-        while self.awaiting is None and not self.terminated:
-            if self.mode == "copy_in" and self._start_client_stream():
-                return
-            frame_info = reader.next_frame()
-            if frame_info is None:
-                return
-            mtype, frame = frame_info
-            self._on_client_message(mtype, frame)
+    def _process_client(self, data: bytes) -> None:
+        out = self.to_server
+        unpack = codec.TYPE_AND_LENGTH.unpack_from
+        limit = self.max_client_message
+        size = len(data)
+        pos = run_start = 0
+        while size - pos >= 5 and self.awaiting is None and not self.terminated:
+            mtype, length = unpack(data, pos)
+            end = pos + 1 + length
+            if length < 4:
+                raise ProtocolViolation(f"invalid message length {length} for type {mtype!r}")
+            streaming_copy = mtype == _COPY_DATA and self.mode == "copy_in"
+            if length + 1 > limit and not streaming_copy:
+                raise codec.MessageTooLarge(mtype, length + 1, limit)
+            if end > size:
+                if streaming_copy:
+                    # Forward the part of a large CopyData that is here; the rest streams.
+                    out.append(data[run_start:])
+                    self._client_stream_left = end - size
+                    return
+                break
+            if mtype in _GATED:
+                frame = data[pos:end]
+                request, parse = self._request(mtype, frame)
+                outcome = self.gate.decide(self.info, request)
+                if isinstance(outcome, Decision) and outcome.allowed:
+                    self._track(mtype, data, pos, end, parse)
+                else:
+                    # What precedes the request goes first, so the order is kept.
+                    if pos > run_start:
+                        out.append(data[run_start:pos])
+                    run_start = end
+                    if isinstance(outcome, Decision):
+                        self._refuse(mtype, request, outcome)
+                    else:
+                        self._held = (mtype, frame, request, parse)
+                        self.awaiting = outcome
+            elif mtype in _FRONTEND_TYPES:
+                if mtype in _REQUESTS:
+                    self._check_expiry()
+                self._track(mtype, data, pos, end, None)
+            else:
+                raise ProtocolViolation(f"invalid frontend message type {mtype!r}")
+            pos = end
+        if pos > run_start:
+            out.append(data[run_start:pos])
+        if pos < size:
+            self._client_buf += data[pos:]
 
-    def _start_client_stream(self) -> bool:
-        """In COPY IN, forward a large CopyData as it arrives instead of buffering it."""
-        peek = self._client.peek_header()
-        if peek is None:
-            return False
-        mtype, length = peek
-        if mtype != _COPY_DATA or len(self._client) >= length + 1:
-            return False
-        chunk = self._client.take_all()
-        self.to_server.append(chunk)
-        self._client_stream_left = length + 1 - len(chunk)
-        return True
-
-    def _stream_client_copy_data(self, data: bytes) -> bytes:
-        n = min(self._client_stream_left, len(data))
-        self.to_server.append(data[:n])
-        self._client_stream_left -= n
-        return data[n:]
-
-    def _on_client_message(self, mtype: int, frame: bytes) -> None:
-        if mtype not in _FRONTEND_TYPES:
-            raise ProtocolViolation(f"invalid frontend message type {mtype!r}")
-        if mtype in _REQUESTS and self.expires_at is not None and self._clock() >= self.expires_at:
+    def _check_expiry(self) -> None:
+        if self.expires_at is not None and self._clock() >= self.expires_at:
             # A connection lives no longer than the token that opened it.
             raise AuthenticationFailed(
                 "your token has expired: this connection is closed; reconnect with a fresh token",
                 sqlstate="28000",
             )
+
+    def _request(self, mtype: int, frame: bytes) -> tuple[StatementRequest, codec.Parse | None]:
+        self._check_expiry()
         if mtype == _Q:
-            request = StatementRequest("query", codec.decode_query(frame, self.encoding))
-            self._decide(mtype, frame, request)
-        elif mtype == _P:
+            return StatementRequest("query", codec.decode_query(frame, self.encoding)), None
+        if mtype == _P:
             parse = codec.decode_parse(frame, self.encoding)
             request = StatementRequest("parse", parse.sql, statement_name=parse.statement)
-            self._decide(mtype, frame, request)
-        elif mtype == _F:
-            oid = codec.decode_function_call_oid(frame)
-            self._decide(mtype, frame, StatementRequest("function_call", "", function_oid=oid))
-        else:
-            self._forward_client(mtype, frame)
+            return request, parse
+        oid = codec.decode_function_call_oid(frame)
+        return StatementRequest("function_call", "", function_oid=oid), None
 
-    def _decide(self, mtype: int, frame: bytes, request: StatementRequest) -> None:
-        outcome = self.gate.decide(self.info, request)
-        if isinstance(outcome, Decision):
-            self._apply(mtype, frame, request, outcome)
-        else:
-            self._held = (mtype, frame, request)
-            self.awaiting = outcome
-
-    def _apply(
-        self, mtype: int, frame: bytes, request: StatementRequest, decision: Decision
-    ) -> None:
-        if decision.allowed:
-            self._forward_client(mtype, frame)
-            return
+    def _refuse(self, mtype: int, request: StatementRequest, decision: Decision) -> None:
         self._refusal_count += 1
         token = f"{SENTINEL_PREFIX}{self._nonce}_{self._refusal_count}"
         self._refusals[token] = decision
@@ -209,24 +235,31 @@ class Session:
             self._expected.append((_Q, "", ""))
         self.to_server.append(sentinel)
 
-    def _forward_client(self, mtype: int, frame: bytes) -> None:
-        self.to_server.append(frame)
+    def _track(
+        self, mtype: int, data: bytes, pos: int, end: int, parse: codec.Parse | None
+    ) -> None:
+        """Note what the server will owe for a message that is being forwarded."""
         expected = self._expected
-        if mtype == _P:
-            parse = codec.decode_parse(frame, self.encoding)
-            expected.append((_P, parse.statement, parse.sql))
-        elif mtype == _B:
-            bind = codec.decode_bind_names(frame, self.encoding)
-            expected.append((_B, bind.portal, bind.statement))
+        if mtype == _B:
+            # The unnamed portal and statement are by far the most common: skip decoding.
+            if data[pos + 5] == 0 and data[pos + 6] == 0:
+                expected.append((_B, "", ""))
+            else:
+                bind = codec.decode_bind_names(data[pos:end], self.encoding)
+                expected.append((_B, bind.portal, bind.statement))
         elif mtype == _E:
-            expected.append((_E, codec.decode_execute_portal(frame, self.encoding), ""))
-        elif mtype in (_D, _C):
-            kind, name = codec.decode_target(frame, self.encoding)
-            expected.append((mtype, name, kind))
+            portal = "" if data[pos + 5] == 0 else codec.decode_execute_portal(data[pos:end])
+            expected.append((_E, portal, ""))
         elif mtype == _S:
             # During COPY IN the server ignores Sync (and Flush): it owes nothing for it.
             if self.mode != "copy_in":
-                expected.append((_S, "", ""))
+                expected.append(_SYNC_ENTRY)
+        elif mtype == _P:
+            assert parse is not None
+            expected.append((_P, parse.statement, parse.sql))
+        elif mtype in (_D, _C):
+            kind, name = codec.decode_target(data[pos:end], self.encoding)
+            expected.append((mtype, name, kind))
         elif mtype in (_Q, _F):
             expected.append((mtype, "", ""))
         elif mtype == _X:
@@ -311,10 +344,11 @@ class Session:
             mtype = expected.popleft()[0]
             if mtype in (_S, _Q, _F):
                 break
-        if status == b"I":
+        if status == b"I" and self.portals:
             # Portals live no longer than their transaction.
             self.portals.clear()
-        self._refusals.clear()
+        if self._refusals:
+            self._refusals.clear()
         return None
 
     def _on_error(self, data: bytes, pos: int, end: int) -> bytes | None:
