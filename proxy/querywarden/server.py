@@ -402,8 +402,14 @@ class ClientConnection(Endpoint):
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
             return
-        self._flush()
-        if session.awaiting is not None and self._deciding is None:
+        # Client input only ever produces bytes for the upstream (refusals included).
+        chunks = session.to_server
+        if chunks:
+            session.to_server = []
+            _send(self.upstream, chunks)
+        if session.terminated:
+            self._flush()
+        elif session.awaiting is not None and self._deciding is None:
             self._deciding = asyncio.get_running_loop().create_task(self._await_decisions())
 
     def _on_server_data(self, data: bytes) -> None:
@@ -414,7 +420,11 @@ class ClientConnection(Endpoint):
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
             return
-        self._flush()
+        # Server input only ever produces bytes for the client.
+        chunks = session.to_client
+        if chunks:
+            session.to_client = []
+            _send(self, chunks)
 
     async def _await_decisions(self) -> None:
         """Hold the client's input while a decision needs I/O, then carry on."""
@@ -489,6 +499,17 @@ class ClientConnection(Endpoint):
             task.cancel()
         if self._deciding is not None and not self._deciding.done():
             self._deciding.cancel()
+
+
+def _send(endpoint: Endpoint | None, chunks: list[bytes]) -> None:
+    """Write the relay's output: the hot path, so one C call for the common single chunk."""
+    transport = endpoint.transport if endpoint is not None else None
+    if transport is None or transport.is_closing():
+        return
+    if len(chunks) == 1:
+        transport.write(chunks[0])
+    else:
+        transport.writelines(chunks)
 
 
 async def _settle(awaitable: Awaitable[Decision]) -> Decision:
