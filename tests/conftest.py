@@ -49,3 +49,21 @@ def make_gateway(pg: EphemeralCluster) -> Iterator[Callable[..., RunningGateway]
     finally:
         for running in started:
             running.stop()
+
+
+# --- a real OpenID Connect provider ------------------------------------------------------
+
+from oidc_provider import OidcProvider  # noqa: E402
+
+#: The provider's confidential clients and their groups.
+OIDC_CLIENTS = {"agent-1": ["ai-agents"], "dba-1": ["dba", "dba-oncall"]}
+
+
+@pytest.fixture(scope="session")
+def oidc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
+    """A real OIDC provider on loopback (HTTPS, self-signed) with two confidential clients."""
+    provider = OidcProvider().start(tmp_path_factory.mktemp("oidc"), OIDC_CLIENTS)
+    try:
+        yield provider
+    finally:
+        provider.stop()

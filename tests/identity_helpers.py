@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from lxml import etree
-from signxml import XMLSigner
+from signxml.signer import XMLSigner
 
 AUDIENCE = "querywarden"
 
@@ -250,9 +250,7 @@ def _validity(builder: x509.CertificateBuilder, days: int = 7) -> x509.Certifica
     )
 
 
-def self_signed_certificate(
-    key: PrivateKey, common_name: str
-) -> tuple[x509.Certificate, str]:
+def self_signed_certificate(key: PrivateKey, common_name: str) -> tuple[x509.Certificate, str]:
     """A self-signed certificate for ``key`` (an IdP's signing certificate) and its PEM."""
     builder = _validity(
         x509.CertificateBuilder()
@@ -331,9 +329,7 @@ class Pki:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         ).sign(self.ca_key, hashes.SHA256())
         cert_file = self.directory / f"{common_name}.crt"
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -360,6 +356,13 @@ def _samlp(tag: str) -> str:
 def saml_instant(when: float) -> str:
     moment = datetime.datetime.fromtimestamp(when, datetime.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Sha1Signer(XMLSigner):
+    """signxml refuses SHA-1 unless told otherwise (its documented way): an old IdP."""
+
+    def check_deprecated_methods(self) -> None:
+        return None
 
 
 class SamlIdp:
@@ -438,13 +441,14 @@ class SamlIdp:
         self,
         element: etree._Element,
         *,
-        key: PrivateKey | None = None,
+        key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None,
         cert_pem: str | None = None,
         signature_algorithm: str = "rsa-sha256",
         digest_algorithm: str = "sha256",
     ) -> etree._Element:
         """Sign ``element`` (enveloped, referenced by its ID), as an IdP does."""
-        signer = XMLSigner(
+        legacy = "sha1" in signature_algorithm or "sha1" in digest_algorithm
+        signer = (_Sha1Signer if legacy else XMLSigner)(
             signature_algorithm=signature_algorithm,
             digest_algorithm=digest_algorithm,
             c14n_algorithm=EXC_C14N,
@@ -463,7 +467,7 @@ class SamlIdp:
 
 
 def to_xml(element: etree._Element) -> bytes:
-    return etree.tostring(element)
+    return bytes(etree.tostring(element))
 
 
 def parse_xml(xml: bytes) -> etree._Element:

@@ -28,7 +28,7 @@ OIDC_DIR = Path(__file__).resolve().parent / "oidc"
 SCRIPT = OIDC_DIR / "provider.mjs"
 AUDIENCE = "querywarden"
 DEFAULT_TTL = 600
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 90.0  # generous: CI machines are shared and sometimes slow
 HTTP_TIMEOUT = 10.0
 
 

@@ -17,16 +17,6 @@ from oidc_provider import AUDIENCE, DEFAULT_TTL, OidcError, OidcProvider
 CLIENTS = {"agent-1": ["ai-agents"], "dba-1": ["dba", "dba-oncall"]}
 
 
-@pytest.fixture(scope="session")
-def oidc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
-    """A real OIDC provider on loopback (HTTPS, self-signed) with two confidential clients."""
-    provider = OidcProvider().start(tmp_path_factory.mktemp("oidc"), CLIENTS)
-    try:
-        yield provider
-    finally:
-        provider.stop()
-
-
 @pytest.fixture
 def fresh_oidc(tmp_path: Path) -> Iterator[OidcProvider]:
     """A provider of its own, for tests that change its keys."""

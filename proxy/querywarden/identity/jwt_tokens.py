@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import ssl
 import time
 import urllib.request
@@ -160,6 +161,7 @@ class JwtVerifier:
         self.config = config
         self.keys: KeyCache | None = None
         self._static_key: dict[str, Any] | None = None
+        self._discovered_jwks_uri: str | None = None
         if isinstance(config, DevIssuer):
             from querywarden.identity.dev import load_public_jwk
 
@@ -187,7 +189,7 @@ class JwtVerifier:
         bearer = None
         if isinstance(config, KubernetesIssuer) and config.bearer_token_file is not None:
             bearer = config.bearer_token_file.read_text().strip()
-        jwks_uri = config.jwks_uri
+        jwks_uri = config.jwks_uri or self._discovered_jwks_uri
         if jwks_uri is None:
             url = config.issuer.rstrip("/") + "/.well-known/openid-configuration"
             discovery = await asyncio.wait_for(
@@ -199,6 +201,8 @@ class JwtVerifier:
             jwks_uri = str(discovery.get("jwks_uri", ""))
             if not jwks_uri.startswith("https://"):
                 raise ValueError(f"discovery at {url} has no HTTPS jwks_uri")
+            # Discovery once: a refresh then costs one fetch, bounded by fetchTimeout.
+            self._discovered_jwks_uri = jwks_uri
         return await asyncio.wait_for(
             asyncio.to_thread(_get_json, jwks_uri, context=context, timeout=timeout, token=bearer),
             timeout,
@@ -232,15 +236,14 @@ class JwtVerifier:
                 algorithms=[alg],
                 audience=config.audiences,
                 issuer=config.issuer,
-                leeway=config.leeway.total_seconds(),
-                options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+                # Times are judged below, against ``now`` (the authenticator's clock).
+                options={
+                    "require": ["exp", "iat", "iss", "aud", "sub"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
-        except jwt.ExpiredSignatureError as exc:
-            raise AuthenticationFailed(
-                "token has expired: get a fresh one and reconnect", sqlstate="28000"
-            ) from exc
-        except jwt.ImmatureSignatureError as exc:
-            raise AuthenticationFailed("token is not valid yet (nbf/iat in the future)") from exc
         except jwt.InvalidAudienceError as exc:
             raise AuthenticationFailed(
                 f"token audience is not accepted: issuer {config.name!r} requires one of "
@@ -254,7 +257,19 @@ class JwtVerifier:
             raise AuthenticationFailed(f"token lacks the required claim {exc.claim!r}") from exc
         except jwt.PyJWTError as exc:
             raise AuthenticationFailed(f"token is invalid: {type(exc).__name__}") from exc
-        lifetime = float(claims["exp"]) - float(claims["iat"])
+        now = time.time() if now is None else now
+        leeway = config.leeway.total_seconds()
+        exp, iat = _numeric_date(claims, "exp"), _numeric_date(claims, "iat")
+        nbf = _numeric_date(claims, "nbf") if "nbf" in claims else iat
+        # No leeway on exp: the session ends at exp (Principal.expires_at), so a token
+        # already past it would be authenticated only to have its first statement refused.
+        if now >= exp:
+            raise AuthenticationFailed(
+                "token has expired: get a fresh one and reconnect", sqlstate="28000"
+            )
+        if max(nbf, iat) > now + leeway:
+            raise AuthenticationFailed("token is not valid yet (nbf/iat in the future)")
+        lifetime = exp - iat
         limit = config.max_token_lifetime.total_seconds()
         if lifetime > limit:
             raise AuthenticationFailed(
@@ -262,6 +277,13 @@ class JwtVerifier:
                 f"maxTokenLifetime of {limit:.0f}s: long-lived tokens are not accepted"
             )
         return claims
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AuthenticationFailed(f"token claim {name!r} is not a NumericDate")
+    return float(value)
 
 
 def unverified_issuer(token: str) -> str | None:

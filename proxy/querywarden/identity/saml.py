@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from lxml import etree
-from signxml.exceptions import InvalidCertificate, InvalidDigest, InvalidInput, InvalidSignature
+from signxml.exceptions import SignXMLException
 from signxml.verifier import XMLVerifier
 
 from querywarden.errors import AuthenticationFailed
@@ -33,8 +33,10 @@ def _parser() -> etree.XMLParser:
 
 def decode_assertion(secret: bytes) -> bytes | None:
     """The XML of a base64-encoded assertion, or None when the secret is not one."""
+    # Tools such as GNU base64 wrap lines: white space is not part of the encoding.
+    compact = b"".join(secret.split())
     try:
-        xml = base64.b64decode(secret, validate=True)
+        xml = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
         return None
     return xml if xml.lstrip().startswith(b"<") else None
@@ -69,10 +71,12 @@ def verify_assertion(xml: bytes, config: SamlIssuer, *, now: float | None = None
         result: Any = XMLVerifier().verify(
             xml, x509_cert=config.certificate_pem(), parser=_parser()
         )
-    except (InvalidSignature, InvalidDigest, InvalidCertificate, InvalidInput) as exc:
-        raise AuthenticationFailed("SAML assertion signature is invalid or missing") from exc
     except etree.XMLSyntaxError as exc:
         raise AuthenticationFailed("SAML assertion is not well-formed XML") from exc
+    except (SignXMLException, etree.DocumentInvalid, TypeError, ValueError) as exc:
+        # The XML is the client's: a Signature that is missing, schema-invalid (DocumentInvalid)
+        # or has empty values (TypeError in b64decode) is a refused credential, not a crash.
+        raise AuthenticationFailed("SAML assertion signature is invalid or missing") from exc
     signed = result.signed_xml
     # The signed element is the Assertion itself, or a Response that contains exactly one.
     if signed.tag == _ASSERTION:
@@ -93,7 +97,8 @@ def verify_assertion(xml: bytes, config: SamlIssuer, *, now: float | None = None
     not_on_or_after = _instant(conditions.get("NotOnOrAfter"), "NotOnOrAfter")
     if now + leeway < not_before:
         raise AuthenticationFailed("SAML assertion is not valid yet (NotBefore)")
-    if now - leeway >= not_on_or_after:
+    # No leeway here: the session ends at NotOnOrAfter (Principal.expires_at).
+    if now >= not_on_or_after:
         raise AuthenticationFailed(
             "SAML assertion has expired: get a fresh one and reconnect", sqlstate="28000"
         )
