@@ -35,6 +35,7 @@ test: $(STAMP) system-deps lint typecheck
 bench: $(STAMP)
 	@bash scripts/ensure-system-deps.sh --bench
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/identity_latency.py
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:
