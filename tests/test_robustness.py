@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,54 +29,9 @@ from raw_client import (
     backends_named,
     connect,
     data_rows,
-    gateway_errors,
-    wait_for_released_sessions,
     wait_until,
 )
-
-MakeGateway = Callable[..., RunningGateway]
-
-
-@pytest.fixture(autouse=True)
-def no_gateway_crash(
-    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
-) -> Iterator[None]:
-    """Bad input and failures must be handled, never crash the gateway (no ERROR logs).
-
-    Sessions the test ended on the shared gateway must also have released their sockets.
-    """
-    caplog.set_level(logging.INFO, logger="querywarden")
-    yield
-    assert not gateway_errors(caplog.get_records("call"))
-    if "gateway" in request.fixturenames:
-        wait_for_released_sessions([request.getfixturevalue("gateway")])
-
-
-@pytest.fixture
-def make_gateway(make_gateway: MakeGateway) -> Iterator[MakeGateway]:
-    """conftest's make_gateway; the sessions a test ended must really be released.
-
-    Before the gateway is stopped, every session whose client has gone must have closed
-    both its client and its upstream socket (no leaked upstream connection).
-    """
-    started: list[RunningGateway] = []
-
-    def make(**overrides: Any) -> RunningGateway:
-        running = make_gateway(**overrides)
-        started.append(running)
-        return running
-
-    yield make
-    wait_for_released_sessions(started)
-
-
-@pytest.fixture
-def bystander(gateway: RunningGateway) -> Iterator[psycopg.Connection]:
-    """A session held open on the shared gateway while another one fails next to it."""
-    with connect(gateway, application_name="bystander") as conn:
-        assert_alive(conn)
-        yield conn
-        assert_alive(conn)
+from robustness_fixtures import MakeGateway, bystander, make_gateway, no_gateway_crash  # noqa: F401
 
 
 def _app() -> str:

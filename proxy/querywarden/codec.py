@@ -136,15 +136,6 @@ class FrameReader:
         del buf[:end]
         return mtype, frame
 
-    def peek_header(self) -> tuple[int, int] | None:
-        """``(type, length)`` of the next message without consuming it; ``None`` if < 5 bytes."""
-        if len(self._buf) < 5:
-            return None
-        mtype, length = TYPE_AND_LENGTH.unpack_from(self._buf, 0)
-        if length < 4:
-            raise ProtocolViolation(f"invalid message length {length} for message type {mtype!r}")
-        return int(mtype), int(length)
-
     def take_all(self) -> bytes:
         """Remove and return every buffered byte (for streaming pass-through)."""
         data = bytes(self._buf)

@@ -248,7 +248,11 @@ class Session:
                 bind = codec.decode_bind_names(data[pos:end], self.encoding)
                 expected.append((_B, bind.portal, bind.statement))
         elif mtype == _E:
-            portal = "" if data[pos + 5] == 0 else codec.decode_execute_portal(data[pos:end])
+            portal = (
+                ""
+                if data[pos + 5] == 0
+                else codec.decode_execute_portal(data[pos:end], self.encoding)
+            )
             expected.append((_E, portal, ""))
         elif mtype == _S:
             # During COPY IN the server ignores Sync (and Flush): it owes nothing for it.
