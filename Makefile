@@ -36,6 +36,7 @@ bench: $(STAMP)
 	@bash scripts/ensure-system-deps.sh --bench
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/identity_latency.py
+	$(BIN)/python bench/analysis_bench.py
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:

@@ -185,8 +185,8 @@ class Target:
 def gateway_credentials(workdir: Path) -> tuple[dict[str, Any], str]:
     """Settings that let the client ``bench`` in, and the token it presents as password.
 
-    A policy trusting a local development issuer, and a token from it valid for 50
-    minutes (the policy's maxTokenLifetime is raised to match).
+    A policy trusting a local development issuer, with a read-only rule for ``bench``, and
+    a token from that issuer valid for 50 minutes.
     """
     from querywarden.identity.dev import mint_token
 
@@ -194,7 +194,16 @@ def gateway_credentials(workdir: Path) -> tuple[dict[str, Any], str]:
     token: str = mint_token(BENCH_USER, ttl=3000, key_file=key_file)
     policy = workdir / "policy.yaml"
     issuer = {"name": "bench", "kind": "dev", "keyFile": str(key_file), "maxTokenLifetime": "1h"}
-    policy.write_text(yaml.safe_dump({"identity": {"issuers": [issuer]}}, sort_keys=False))
+    # A realistic read-only rule: every statement is parsed and checked against it.
+    rule = {
+        "name": "bench-read",
+        "subjects": {"users": [BENCH_USER]},
+        "allow": {"operations": ["select"], "tables": ["public.*", "pg_catalog.*"]},
+        "deny": {"tables": ["public.secrets"]},
+        "review": {"operations": ["update", "delete"], "unboundedWrite": True},
+    }
+    document = {"identity": {"issuers": [issuer]}, "rules": [rule]}
+    policy.write_text(yaml.safe_dump(document, sort_keys=False))
     return {"policyFile": str(policy)}, token
 
 

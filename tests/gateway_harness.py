@@ -18,7 +18,7 @@ import uvloop
 
 from querywarden.config import GatewaySettings
 from querywarden.devcluster import DATABASE, ROLE_PASSWORD, EphemeralCluster
-from querywarden.hooks import ResultHook, StatementGate
+from querywarden.hooks import AllowAll, ResultHook, StatementGate
 from querywarden.identity.dev import mint_token
 from querywarden.policy import PolicyDocument
 from querywarden.server import Gateway
@@ -120,7 +120,10 @@ def start_gateway(
 ) -> RunningGateway:
     """Start a gateway with the given hooks on a fresh uvloop loop in a thread."""
     loop = uvloop.new_event_loop()
-    gateway = Gateway(settings, policy=policy or POLICY, gate=gate, result_hook=result_hook)
+    # These tests are about the relay: unless a test brings its own gate, allow everything.
+    gateway = Gateway(
+        settings, policy=policy or POLICY, gate=gate or AllowAll(), result_hook=result_hook
+    )
     thread = threading.Thread(target=loop.run_forever, name="querywarden-gateway", daemon=True)
     thread.start()
     running = RunningGateway(gateway=gateway, loop=loop, thread=thread)

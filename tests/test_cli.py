@@ -48,6 +48,8 @@ policyFile: policy.yaml
     )
     (tmp_path / "policy.yaml").write_text(
         "identity:\n  issuers:\n    - {name: dev, kind: dev, keyFile: dev-issuer.pem}\n"
+        "rules:\n  - {name: all, subjects: {users: [carol]}, allow: {operations: ['*'], "
+        "tables: ['*']}}\n"
     )
     minted = subprocess.run(
         [*QUERYWARDEN, "token", "--key-file", str(tmp_path / "dev-issuer.pem"), "--sub", "carol"],
@@ -109,18 +111,30 @@ def test_demo_prints_a_working_psql_line_and_stops_cleanly(tmp_path: Path) -> No
             if "Press Ctrl-C" in line:
                 break
         banner = "".join(lines)
-        match = re.search(
-            r"PGPASSWORD=\$\((.+?)\) \\\n\s+psql \"([^\"]+user=agent[^\"]*)\"", banner
-        )
-        assert match, banner
-        token = subprocess.run(
-            match[1].split(), capture_output=True, text=True, check=True, cwd=tmp_path
-        ).stdout.strip()
-        result = psql(match[2], "SELECT count(*) FROM customers", token)
-        assert result.returncode == 0, result.stderr
-        assert int(result.stdout) == 4
-        # The demo offers TLS, and the printed line asks for it.
-        assert "sslmode=require" in match[2]
+        logins = {}
+        for who in ("agent", "dba"):
+            match = re.search(
+                rf"PGPASSWORD=\$\((.+?)\) \\\n\s+psql \"([^\"]+user={who}[^\"]*)\"", banner
+            )
+            assert match, banner
+            token = subprocess.run(
+                match[1].split(), capture_output=True, text=True, check=True, cwd=tmp_path
+            ).stdout.strip()
+            # The demo offers TLS, and the printed line asks for it.
+            assert "sslmode=require" in match[2]
+            logins[who] = (match[2], token)
+        # Both identities read customers ...
+        for dsn, token in logins.values():
+            result = psql(dsn, "SELECT count(*) FROM customers", token)
+            assert result.returncode == 0, result.stderr
+            assert int(result.stdout) == 4
+        # ... but only the DBA may read the API keys: two identities, two treatments.
+        agent = psql(*logins["agent"][:1], "SELECT count(*) FROM api_keys", logins["agent"][1])
+        assert agent.returncode != 0
+        assert "public.api_keys is denied by rule ai-agents-read" in agent.stderr
+        dba = psql(logins["dba"][0], "SELECT count(*) FROM api_keys", logins["dba"][1])
+        assert dba.returncode == 0, dba.stderr
+        assert int(dba.stdout) == 2
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)

@@ -32,6 +32,7 @@ def test_million_row_select_streams_in_bounded_memory(pg: EphemeralCluster, tmp_
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(
         f"identity: {{issuers: [{{name: dev, kind: dev, keyFile: {DEV_KEY}}}]}}\n"
+        "rules: [{name: read, subjects: {users: [alice]}, allow: {operations: [select]}}]\n"
     )
     config = tmp_path / "gw.yaml"
     config.write_text(

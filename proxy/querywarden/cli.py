@@ -34,6 +34,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--issuer", default="querywarden-dev", help="the iss claim")
     token.add_argument("--audience", default="querywarden", help="the aud claim")
+    check = commands.add_parser("check", help="evaluate a statement against a policy, offline")
+    check.add_argument("--policy", type=Path, required=True, help="policy file (YAML)")
+    check.add_argument("--sub", required=True, help="the subject")
+    check.add_argument("--groups", default="", help="comma-separated groups")
+    check.add_argument("--database", default="app", help="database name (default app)")
+    check.add_argument("--search-path", default="public", help="comma-separated search_path")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("sql", help="the SQL text")
+    policy = commands.add_parser("policy", help="policy file tools")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    validate = policy_commands.add_parser("validate", help="check a policy file")
+    validate.add_argument("file", type=Path)
     demo = commands.add_parser("demo", help="run PostgreSQL and the gateway on this machine")
     demo.add_argument("--port", type=int, default=6432, help="gateway port (default 6432)")
     demo.add_argument(
@@ -76,11 +88,64 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
+    if args.command == "check":
+        return _check(args)
+    if args.command == "policy":
+        from querywarden.policy import load_policy
+
+        try:
+            document = load_policy(args.file)
+        except (ValidationError, ValueError, OSError) as exc:
+            print(f"querywarden: invalid policy {args.file}: {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"{args.file}: valid ({len(document.identity.issuers)} issuers, "
+            f"{len(document.rules)} rules)"
+        )
+        return 0
     if args.command == "demo":
         from querywarden.demo import run_demo
 
         return run_demo(args.port, args.state_dir)
     return 2
+
+
+def _check(args: argparse.Namespace) -> int:
+    import json
+
+    from querywarden.analysis import AnalysisError, Analyzer
+    from querywarden.identity import Principal
+    from querywarden.policy import load_policy
+    from querywarden.policy.engine import PolicyEngine
+
+    try:
+        document = load_policy(args.policy)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"querywarden: invalid policy {args.policy}: {exc}", file=sys.stderr)
+        return 2
+    groups = frozenset(g.strip() for g in args.groups.split(",") if g.strip())
+    principal = Principal(args.sub, groups)
+    search_path = tuple(s.strip() for s in args.search_path.split(",") if s.strip())
+    outcome: str
+    rule: str | None
+    reason: str
+    hint: str | None
+    try:
+        summaries = Analyzer().analyze(args.sql)
+    except AnalysisError as exc:
+        outcome, rule, reason, hint = "deny", "analysis", exc.message, None
+    else:
+        verdict = PolicyEngine(document).evaluate(
+            principal, args.database, summaries, search_path=search_path
+        )
+        outcome, rule, reason, hint = verdict.outcome, verdict.rule, verdict.reason, verdict.hint
+    if args.json:
+        print(json.dumps({"outcome": outcome, "rule": rule, "reason": reason, "hint": hint}))
+    else:
+        print(f"{outcome.upper()}  rule: {rule or '-'}\n  {reason}")
+        if hint:
+            print(f"  hint: {hint}")
+    return 0 if outcome == "allow" else 1
 
 
 def serve(settings: GatewaySettings) -> int:

@@ -55,8 +55,32 @@ ALTER TABLE api_keys OWNER TO qw_scram;
 ALTER TABLE orders OWNER TO qw_scram;
 """
 
-#: A query to show in the banner.
-TRY_QUERY = "SELECT name, email, ssn, card_number FROM customers;"
+#: Statements to try, shown in the banner.
+TRY_QUERIES = """\
+  SELECT name, email, ssn, card_number FROM customers;
+  SELECT * FROM api_keys;      -- the agent is refused (rule ai-agents-read)
+  DELETE FROM orders;          -- needs approval (approvals come in a later release)"""
+
+#: The demo's rules: the agent reads (not the API keys), the DBA does anything, and
+#: destructive statements need an approver.
+DEMO_RULES = [
+    {
+        "name": "ai-agents-read",
+        "subjects": {"groups": ["ai-agents"]},
+        "allow": {
+            "operations": ["select", "explain", "show", "transaction"],
+            "tables": ["public.*", "pg_catalog.*", "information_schema.*"],
+        },
+        "deny": {"tables": ["public.api_keys"]},
+        "review": {"operations": ["insert", "update", "delete", "ddl", "truncate"]},
+    },
+    {
+        "name": "dba-all",
+        "subjects": {"groups": ["dba"]},
+        "allow": {"operations": ["*"], "tables": ["*"]},
+        "review": {"operations": ["ddl:drop", "truncate"], "unboundedWrite": True},
+    },
+]
 
 #: The two demo identities: an AI coding agent and a human DBA.
 DEMO_IDENTITIES = {"agent": ["ai-agents"], "dba": ["dba", "dba-oncall"]}
@@ -86,7 +110,10 @@ def run_demo(port: int, state_dir: Path) -> int:
         )
         key_file = (state_dir / "dev-issuer.pem").resolve()
         policy = PolicyDocument.model_validate(
-            {"identity": {"issuers": [{"name": "dev", "kind": "dev", "keyFile": key_file}]}}
+            {
+                "identity": {"issuers": [{"name": "dev", "kind": "dev", "keyFile": key_file}]},
+                "rules": DEMO_RULES,
+            }
         )
         run_event_loop(_serve_until_interrupted(settings, policy, key_file, cluster))
     finally:
@@ -125,7 +152,8 @@ Every connection presents a short-lived token from the local development issuer
 
 {connect}
 
-then try:  {TRY_QUERY}
+then try, as each of them:
+{TRY_QUERIES}
 
 Press Ctrl-C to stop.""",
         flush=True,

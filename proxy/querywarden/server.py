@@ -22,10 +22,11 @@ from querywarden import codec
 from querywarden.config import GatewaySettings
 from querywarden.endpoint import ConnectionClosed, Endpoint
 from querywarden.errors import AuthenticationFailed, ProtocolViolation, QuerywardenError
-from querywarden.hooks import AllowAll, Decision, ResultHook, SessionInfo, StatementGate
+from querywarden.hooks import Decision, ResultHook, SessionInfo, StatementGate
 from querywarden.identity import Authenticator, Credentials
 from querywarden.identity.authenticator import TokenAuthenticator
 from querywarden.policy import PolicyDocument, load_policy
+from querywarden.policy.gate import PolicyGate
 from querywarden.session import Session
 from querywarden.startup import (
     CancelRequested,
@@ -69,7 +70,8 @@ class Gateway:
             policy = load_policy(settings.policy_file) if settings.policy_file else PolicyDocument()
         self.policy = policy
         self.authenticator = authenticator or TokenAuthenticator(policy.identity)
-        self.gate: StatementGate = gate or AllowAll()
+        # The policy's rules decide; without rules nothing is allowed (default deny).
+        self.gate: StatementGate = gate or PolicyGate(policy)
         self.result_hook = result_hook
         self.tls_context = _server_tls_context(settings)
         if self.tls_context is None and settings.listen.plaintext == "never":

@@ -174,10 +174,112 @@ class IdentitySection(_Model):
         return self
 
 
+#: Operation names a rule may list. ``ddl`` covers every ``ddl:<kind>``; ``*`` covers all.
+OPERATIONS = frozenset(
+    {
+        "*", "select", "insert", "update", "delete", "merge", "truncate", "ddl", "grant",
+        "revoke", "copy_out", "copy_in", "copy_file", "copy_program", "call", "do", "prepare",
+        "execute", "deallocate", "set", "reset", "set_role", "set_session_authorization",
+        "set_search_path", "transaction", "lock", "listen", "notify", "unlisten", "vacuum",
+        "analyze", "explain", "explain_analyze", "select_into", "row_lock", "alter_system",
+        "discard", "checkpoint", "load", "reindex", "cluster", "refresh_materialized_view",
+        "comment", "security_label", "create_extension", "fetch", "declare_cursor",
+        "close_cursor", "show",
+    }
+)  # fmt: skip
+
+
+def _operation_names(values: list[str]) -> list[str]:
+    for value in values:
+        if value not in OPERATIONS and not value.startswith("ddl:"):
+            raise ValueError(f"unknown operation {value!r}")
+    return values
+
+
+Operations = Annotated[list[str], AfterValidator(_operation_names)]
+
+
+class Subjects(_Model):
+    """Whom a rule applies to: any of these groups or users."""
+
+    groups: list[str] = []
+    users: list[str] = []
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Subjects:
+        if not self.groups and not self.users:
+            raise ValueError("name at least one group or user")
+        return self
+
+
+class AllowSection(_Model):
+    """What a rule allows: operations on tables (glob patterns, ``schema.table``)."""
+
+    operations: Operations = []
+    tables: list[str] = []
+    #: Functions allowed although a built-in denial covers them (``pg_read_file``, ...).
+    functions: list[str] = []
+
+
+class DenySection(_Model):
+    """What a rule refuses, whatever else allows it."""
+
+    operations: Operations = []
+    tables: list[str] = []
+    functions: list[str] = []
+
+
+class FullTableScan(_Model):
+    """Review statements whose plan scans more rows than this sequentially."""
+
+    min_rows: int = Field(ge=1)
+
+
+class ReviewSection(_Model):
+    """What needs a human approver before it runs."""
+
+    operations: Operations = []
+    tables: list[str] = []
+    full_table_scan: FullTableScan | None = None
+    #: UPDATE or DELETE without WHERE.
+    unbounded_write: bool = False
+
+
+class Limits(_Model):
+    """Bounds on what an allowed statement may do."""
+
+    max_rows: int | None = Field(None, ge=1)
+    statement_timeout: Duration | None = None
+
+
+class Rule(_Model):
+    """One rule: who, where, and what is allowed, refused or reviewed."""
+
+    name: str = Field(pattern=_NAME.pattern)
+    subjects: Subjects
+    #: Database names (glob patterns); default: any.
+    databases: list[str] = ["*"]
+    allow: AllowSection = AllowSection()
+    deny: DenySection = DenySection()
+    review: ReviewSection = ReviewSection()
+    limits: Limits = Limits()
+    #: Which upstream credential this rule's sessions connect with.
+    upstream_role: str | None = None
+
+
 class PolicyDocument(_Model):
     """The whole policy document."""
 
     identity: IdentitySection = IdentitySection()
+    #: Evaluated for every statement; anything no rule allows is refused.
+    rules: list[Rule] = []
+
+    @model_validator(mode="after")
+    def _unique_rules(self) -> PolicyDocument:
+        names = [r.name for r in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("rule names must be unique")
+        return self
 
 
 def load_policy(path: Path) -> PolicyDocument:

@@ -1,0 +1,295 @@
+"""The policy engine: (Principal, database, analyzed statements) → Verdict. Sans-I/O.
+
+Every element a statement touches (each operation, each relation read or written, each
+function) gets an outcome, and the most restrictive wins: deny > review > allow. Nothing
+is allowed unless a rule that applies to the Principal allows it (default deny); what a
+rule lists under ``review`` is permitted once an approver says yes. Functions are allowed
+unless a built-in or rule denial names them.
+
+Unqualified relation names are checked against every schema they could resolve to on the
+session's ``search_path`` (``pg_catalog`` first, as PostgreSQL searches it implicitly): a
+name is refused if any candidate is denied, and allowed only if every candidate is
+allowed, so an unqualified name can never reach a table the policy would refuse by its
+qualified name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from querywarden.analysis import QualifiedName, StatementSummary
+from querywarden.identity import Principal
+from querywarden.policy.model import PolicyDocument, Rule
+
+Outcome = Literal["allow", "review", "deny"]
+_RANK = {"allow": 0, "review": 1, "deny": 2}
+
+#: Denied unless a rule that applies explicitly allows them (in allow.operations).
+BUILTIN_DENIED_OPERATIONS = frozenset(
+    {"copy_file", "copy_program", "set_role", "set_session_authorization", "alter_system"}
+)
+#: Denied unless a rule that applies explicitly allows them (in allow.functions).
+BUILTIN_DENIED_FUNCTIONS = (
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_*",
+    "pg_stat_file",
+    "lo_import",
+    "lo_export",
+    "dblink*",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_signal_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_promote",
+    "set_config",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision for one request, with what a client (often an agent) needs to adapt."""
+
+    outcome: Outcome
+    rule: str | None
+    reason: str
+    hint: str | None = None
+    #: The rules that applied to the Principal (for audit).
+    rules: tuple[str, ...] = field(default=())
+
+
+def _operation_covered(listed: Iterable[str], operation: str) -> bool:
+    for item in listed:
+        if item in ("*", operation) or (item == "ddl" and operation.startswith("ddl")):
+            return True
+    return False
+
+
+def _matches(patterns: Iterable[str], name: str) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _denied(patterns: Iterable[str], name: str) -> bool:
+    """Whether a deny pattern covers ``name``.
+
+    A wildcard name (``hr.*``, ``*.*``: a whole schema or database) is denied if any denied
+    table could be inside it.
+    """
+    schema, _, relation = name.partition(".")
+    if "*" not in relation and schema != "*":
+        return _matches(patterns, name)
+    return any(
+        schema == "*" or fnmatchcase(schema, pattern.partition(".")[0]) for pattern in patterns
+    )
+
+
+def _allowed(patterns: Iterable[str], name: str) -> bool:
+    """Whether an allow pattern covers ``name`` (a wildcard name needs one covering it all)."""
+    schema, _, relation = name.partition(".")
+    if "*" not in relation and schema != "*":
+        return _matches(patterns, name)
+    return any(p == "*" or (schema != "*" and p in (f"{schema}.*", "*.*")) for p in patterns)
+
+
+def _function_matches(patterns: Iterable[str], function: QualifiedName) -> bool:
+    # A pattern without a schema matches the function in any schema.
+    full = str(function)
+    return any(
+        fnmatchcase(full, p) or ("." not in p and fnmatchcase(function.name, p)) for p in patterns
+    )
+
+
+def candidates(relation: QualifiedName, search_path: Sequence[str]) -> list[str]:
+    """The qualified names an (unqualified) relation name could resolve to."""
+    if relation.schema is not None:
+        return [f"{relation.schema}.{relation.name}"]
+    schemas = ["pg_catalog", *(s for s in search_path if s != "pg_catalog")]
+    return [f"{schema}.{relation.name}" for schema in schemas]
+
+
+class PolicyEngine:
+    """Evaluates analyzed statements against a policy document."""
+
+    def __init__(self, policy: PolicyDocument) -> None:
+        self.policy = policy
+
+    def applicable(self, principal: Principal, database: str) -> list[Rule]:
+        """The rules whose subjects include the Principal and whose databases match."""
+        return [
+            rule
+            for rule in self.policy.rules
+            if (
+                principal.subject in rule.subjects.users
+                or not principal.groups.isdisjoint(rule.subjects.groups)
+            )
+            and _matches(rule.databases, database)
+        ]
+
+    def evaluate(
+        self,
+        principal: Principal,
+        database: str,
+        statements: Sequence[StatementSummary],
+        *,
+        search_path: Sequence[str] = ("public",),
+    ) -> Verdict:
+        """The verdict for a request made of these statements (most restrictive wins)."""
+        rules = self.applicable(principal, database)
+        names = tuple(r.name for r in rules)
+        if not rules:
+            groups = ", ".join(sorted(principal.groups)) or "none"
+            return Verdict(
+                "deny",
+                None,
+                f"no rule of the policy applies to {principal.subject} (groups: {groups}) "
+                f"on database {database}",
+                hint="ask the gateway's operator for access; nothing is allowed by default",
+            )
+        worst = Verdict("allow", rules[0].name, "allowed", rules=names)
+        for summary in statements:
+            verdict = self._evaluate_one(rules, summary, search_path)
+            if _RANK[verdict.outcome] > _RANK[worst.outcome]:
+                worst = verdict
+                if verdict.outcome == "deny":
+                    break
+        return Verdict(worst.outcome, worst.rule, worst.reason, worst.hint, names)
+
+    def _evaluate_one(
+        self, rules: list[Rule], summary: StatementSummary, search_path: Sequence[str]
+    ) -> Verdict:
+        allowed_summary = _allowed_summary(rules)
+        # 1. Built-in denials, unless a rule lifts them explicitly.
+        for operation in sorted(summary.operations & BUILTIN_DENIED_OPERATIONS):
+            if not any(operation in r.allow.operations for r in rules):
+                return Verdict(
+                    "deny",
+                    "built-in",
+                    f"{_op(operation)} is refused by querywarden's built-in protections "
+                    "(server files, programs, role changes and server settings)",
+                    hint=allowed_summary,
+                )
+        for function in sorted(summary.functions, key=str):
+            if _function_matches(BUILTIN_DENIED_FUNCTIONS, function) and not any(
+                _function_matches(r.allow.functions, function) for r in rules
+            ):
+                return Verdict(
+                    "deny",
+                    "built-in",
+                    f"calling {function} is refused by querywarden's built-in protections "
+                    "(file, network, signalling and settings functions)",
+                    hint=allowed_summary,
+                )
+        # SQL the analyzer cannot see (dynamic text run by a function): only a rule that
+        # allows everything may run it.
+        if (
+            summary.opaque
+            and "do" not in summary.operations
+            and not any("*" in r.allow.operations for r in rules)
+        ):
+            return Verdict(
+                "deny",
+                "built-in",
+                "the statement runs SQL text that querywarden cannot inspect "
+                "(dynamic SQL in a function argument)",
+                hint="write the query itself instead of passing it as text; " + allowed_summary,
+            )
+        relations = [(rel, "read") for rel in summary.reads] + [
+            (rel, "write") for rel in summary.writes
+        ]
+        # 2. Rule denials.
+        for rule in rules:
+            for operation in sorted(summary.operations):
+                if _operation_covered(rule.deny.operations, operation):
+                    return Verdict(
+                        "deny", rule.name, f"{_op(operation)} is denied by rule {rule.name}",
+                        hint=allowed_summary,
+                    )  # fmt: skip
+            for relation, _ in relations:
+                for name in candidates(relation, search_path):
+                    if _denied(rule.deny.tables, name):
+                        return Verdict(
+                            "deny", rule.name, f"{name} is denied by rule {rule.name}",
+                            hint=allowed_summary,
+                        )  # fmt: skip
+            for function in summary.functions:
+                if _function_matches(rule.deny.functions, function):
+                    return Verdict(
+                        "deny", rule.name, f"calling {function} is denied by rule {rule.name}",
+                        hint=allowed_summary,
+                    )  # fmt: skip
+        # 3. Allow: every operation and every relation must be allowed by some rule.
+        for operation in sorted(summary.operations):
+            if operation in BUILTIN_DENIED_OPERATIONS:
+                continue  # lifted explicitly above
+            # An operation a rule sends to review is permitted, once approved.
+            if not any(
+                _operation_covered(r.allow.operations, operation)
+                or _operation_covered(r.review.operations, operation)
+                for r in rules
+            ):
+                return Verdict(
+                    "deny",
+                    rules[0].name if len(rules) == 1 else None,
+                    f"{_op(operation)} is not allowed for you by any rule",
+                    hint=allowed_summary,
+                )
+        for relation, access in relations:
+            for name in candidates(relation, search_path):
+                if not any(
+                    _allowed(r.allow.tables, name) or _allowed(r.review.tables, name) for r in rules
+                ):
+                    shown = name if relation.schema is not None else f"{relation} (as {name})"
+                    return Verdict(
+                        "deny",
+                        rules[0].name if len(rules) == 1 else None,
+                        f"{access} access to {shown} is not allowed for you by any rule",
+                        hint=allowed_summary,
+                    )
+        # 4. Review.
+        for rule in rules:
+            review = rule.review
+            for operation in sorted(summary.operations):
+                if _operation_covered(review.operations, operation):
+                    return Verdict(
+                        "review", rule.name, f"{_op(operation)} needs approval (rule {rule.name})",
+                        hint=allowed_summary,
+                    )  # fmt: skip
+            for relation, _ in relations:
+                for name in candidates(relation, search_path):
+                    if _denied(review.tables, name):
+                        return Verdict(
+                            "review", rule.name, f"access to {name} needs approval "
+                            f"(rule {rule.name})", hint=allowed_summary,
+                        )  # fmt: skip
+            if review.unbounded_write and summary.unbounded_write:
+                return Verdict(
+                    "review",
+                    rule.name,
+                    f"UPDATE or DELETE without WHERE needs approval (rule {rule.name})",
+                    hint="add a WHERE clause that bounds the rows, or ask an approver",
+                )
+        return Verdict("allow", _allowing_rule(rules, summary), "allowed")
+
+
+def _op(operation: str) -> str:
+    return operation.replace("ddl:", "").replace("_", " ").upper()
+
+
+def _allowed_summary(rules: list[Rule]) -> str:
+    parts = []
+    for rule in rules:
+        ops = ", ".join(op.upper() for op in rule.allow.operations) or "nothing"
+        tables = ", ".join(rule.allow.tables) or "no tables"
+        parts.append(f"{ops} on {tables} (rule {rule.name})")
+    return "allowed for you: " + "; ".join(parts)
+
+
+def _allowing_rule(rules: list[Rule], summary: StatementSummary) -> str:
+    for rule in rules:
+        if all(_operation_covered(rule.allow.operations, op) for op in summary.operations):
+            return rule.name
+    return rules[0].name

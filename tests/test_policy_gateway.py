@@ -1,0 +1,115 @@
+"""The policy as the gateway's decision point, through real clients and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+
+from gateway_harness import POLICY, RunningGateway
+from querywarden.devcluster import EphemeralCluster
+from querywarden.policy import PolicyDocument
+from querywarden.policy.gate import PolicyGate
+
+RULES = [
+    {
+        "name": "ai-agents-read",
+        "subjects": {"groups": ["ai-agents"]},
+        "allow": {
+            "operations": ["select", "transaction", "show"],
+            "tables": ["public.*", "pg_catalog.*"],
+        },
+        "deny": {"tables": ["public.qw_secrets"]},
+        "review": {"operations": ["update", "delete"]},
+    },
+    {
+        "name": "dba-all",
+        "subjects": {"groups": ["dba"]},
+        "allow": {"operations": ["*"], "tables": ["*"]},
+        "review": {"unboundedWrite": True},
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def tables(pg: EphemeralCluster) -> Iterator[None]:
+    pg.psql(
+        "CREATE TABLE IF NOT EXISTS qw_orders (id int PRIMARY KEY, amount int);"
+        "CREATE TABLE IF NOT EXISTS qw_secrets (id int, secret text);"
+        "GRANT ALL ON qw_orders, qw_secrets TO PUBLIC;"
+        "INSERT INTO qw_orders VALUES (1, 10), (2, 20) ON CONFLICT DO NOTHING;"
+        "INSERT INTO qw_secrets VALUES (1, 'hunter2');"
+    )
+    yield
+    pg.psql("DROP TABLE qw_orders, qw_secrets")
+
+
+@pytest.fixture
+def policed(make_gateway: Callable[..., RunningGateway], tables: None) -> RunningGateway:
+    policy = PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": RULES}
+    )
+    return make_gateway(gate=PolicyGate(policy))
+
+
+def test_agent_reads_and_is_refused_with_rule_reason_and_hint(policed: RunningGateway) -> None:
+    with psycopg.connect(policed.dsn("alice"), autocommit=True) as conn:
+        assert conn.execute("SELECT sum(amount) FROM qw_orders").fetchone() == (30,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as denied:
+            conn.execute("SELECT * FROM qw_orders WHERE id IN (SELECT id FROM qw_secrets)")
+        diag = denied.value.diag
+        assert diag.message_primary is not None
+        assert "public.qw_secrets is denied by rule ai-agents-read" in diag.message_primary
+        assert diag.message_hint is not None and "SELECT" in diag.message_hint
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="needs approval"):
+            conn.execute("WITH d AS (DELETE FROM qw_orders RETURNING *) SELECT * FROM d")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not allowed"):
+            conn.execute("EXPLAIN ANALYZE DELETE FROM qw_orders")
+        # Nothing was deleted, and the session carries on.
+        assert conn.execute("SELECT count(*) FROM qw_orders").fetchone() == (2,)
+
+
+def test_unparseable_sql_is_refused_not_forwarded(policed: RunningGateway) -> None:
+    with psycopg.connect(policed.dsn("alice"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.SyntaxError) as info:
+            conn.execute("SELEC 1")
+        assert "was not run" in str(info.value)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_extended_protocol_and_prepared_statements(policed: RunningGateway) -> None:
+    with psycopg.connect(policed.dsn("alice"), autocommit=True) as conn:
+        row = conn.execute("SELECT amount FROM qw_orders WHERE id = %s", (2,), prepare=True)
+        assert row.fetchone() == (20,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE qw_orders SET amount = %s WHERE id = %s", (0, 1), prepare=True)
+        # SQL-level PREPARE is analyzed by its body too; here PREPARE itself is not allowed.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="PREPARE is not allowed"):
+            conn.execute("PREPARE p AS DELETE FROM qw_orders")
+
+
+def test_psql_function_call_path_is_refused(policed: RunningGateway, tmp_path: object) -> None:
+    # \lo_import uses FunctionCall messages, which call a function by OID.
+    result = subprocess.run(
+        ["psql", policed.dsn("bob"), "-X", "-c", "\\lo_import /etc/hostname"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "FunctionCall" in result.stderr
+
+
+def test_dba_is_treated_differently(policed: RunningGateway) -> None:
+    name = f"qw_tmp_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(policed.dsn("bob"), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM qw_secrets").fetchone() == (1,)
+        conn.execute(f"CREATE TABLE {name} (a int)")
+        conn.execute(f"INSERT INTO {name} VALUES (1), (2)")
+        conn.execute(f"DELETE FROM {name} WHERE a = 1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="without WHERE"):
+            conn.execute(f"DELETE FROM {name}")
+        conn.execute(f"DROP TABLE {name}")
