@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -140,3 +141,50 @@ def test_demo_prints_a_working_psql_line_and_stops_cleanly(tmp_path: Path) -> No
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     assert "stopping PostgreSQL" in rest
+
+
+EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "examples" / "policy.yaml"
+
+
+def test_check_evaluates_a_statement_offline() -> None:
+    def check(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*QUERYWARDEN, "check", "--policy", str(EXAMPLE_POLICY), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    allowed = check("--sub", "agent-7", "--groups", "ai-agents", "SELECT * FROM orders")
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.startswith("ALLOW")
+    denied = check("--sub", "agent-7", "--groups", "ai-agents", "--json", "TABLE api_keys")
+    assert denied.returncode == 1
+    verdict = json.loads(denied.stdout)
+    assert verdict["outcome"] == "deny"
+    assert verdict["rule"] == "ai-agents-read"
+    assert "public.api_keys" in verdict["reason"]
+    broken = check("--sub", "agent-7", "--groups", "ai-agents", "DELET FROM orders")
+    assert broken.returncode == 1
+    assert "syntax error" in broken.stdout
+
+
+def test_policy_validate(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [*QUERYWARDEN, "policy", "validate", str(EXAMPLE_POLICY)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "2 rules" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "rules:\n  - {name: r, subjects: {groups: [g]}, allow: {operations: [sellect]}}\n"
+    )
+    refused = subprocess.run(
+        [*QUERYWARDEN, "policy", "validate", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2
+    assert "unknown operation 'sellect'" in refused.stderr
+    assert "rules.0.allow.operations" in refused.stderr
