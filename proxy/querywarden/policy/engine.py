@@ -114,20 +114,32 @@ def candidates(relation: QualifiedName, search_path: Sequence[str]) -> list[str]
 class PolicyEngine:
     """Evaluates analyzed statements against a policy document."""
 
-    def __init__(self, policy: PolicyDocument) -> None:
+    def __init__(self, policy: PolicyDocument, *, memo_entries: int = 10000) -> None:
         self.policy = policy
+        # Verdicts depend only on literal-independent parts of a summary, so repeated
+        # statement shapes are decided by one dictionary lookup.
+        self._memo: dict[tuple[object, ...], Verdict] = {}
+        self._memo_entries = memo_entries
+        self._applicable: dict[tuple[str, frozenset[str], str], list[Rule]] = {}
 
     def applicable(self, principal: Principal, database: str) -> list[Rule]:
         """The rules whose subjects include the Principal and whose databases match."""
-        return [
-            rule
-            for rule in self.policy.rules
-            if (
-                principal.subject in rule.subjects.users
-                or not principal.groups.isdisjoint(rule.subjects.groups)
-            )
-            and _matches(rule.databases, database)
-        ]
+        key = (principal.subject, principal.groups, database)
+        found = self._applicable.get(key)
+        if found is None:
+            found = [
+                rule
+                for rule in self.policy.rules
+                if (
+                    principal.subject in rule.subjects.users
+                    or not principal.groups.isdisjoint(rule.subjects.groups)
+                )
+                and _matches(rule.databases, database)
+            ]
+            if len(self._applicable) >= self._memo_entries:
+                self._applicable.clear()
+            self._applicable[key] = found
+        return found
 
     def evaluate(
         self,
@@ -150,8 +162,26 @@ class PolicyEngine:
                 hint="ask the gateway's operator for access; nothing is allowed by default",
             )
         worst = Verdict("allow", rules[0].name, "allowed", rules=names)
+        rules_key = tuple(id(r) for r in rules)
+        path_key = tuple(search_path)
         for summary in statements:
-            verdict = self._evaluate_one(rules, summary, search_path)
+            key = (
+                rules_key,
+                path_key,
+                summary.operations,
+                summary.reads,
+                summary.writes,
+                summary.functions,
+                summary.unbounded_write,
+                summary.opaque,
+                summary.set_parameters,
+            )
+            verdict = self._memo.get(key)
+            if verdict is None:
+                verdict = self._evaluate_one(rules, summary, search_path)
+                if len(self._memo) >= self._memo_entries:
+                    self._memo.clear()
+                self._memo[key] = verdict
             if _RANK[verdict.outcome] > _RANK[worst.outcome]:
                 worst = verdict
                 if verdict.outcome == "deny":
