@@ -37,9 +37,11 @@ def make_gateway(pg: EphemeralCluster) -> Iterator[Callable[..., RunningGateway]
     """Start gateways with custom settings or hooks; each is stopped after the test."""
     started: list[RunningGateway] = []
 
-    def make(gate: Any = None, result_hook: Any = None, **overrides: Any) -> RunningGateway:
+    def make(
+        gate: Any = None, result_hook: Any = None, policy: Any = None, **overrides: Any
+    ) -> RunningGateway:
         running = start_gateway(
-            gateway_settings(pg, **overrides), gate=gate, result_hook=result_hook
+            gateway_settings(pg, **overrides), gate=gate, result_hook=result_hook, policy=policy
         )
         started.append(running)
         return running

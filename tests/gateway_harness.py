@@ -120,10 +120,11 @@ def start_gateway(
 ) -> RunningGateway:
     """Start a gateway with the given hooks on a fresh uvloop loop in a thread."""
     loop = uvloop.new_event_loop()
-    # These tests are about the relay: unless a test brings its own gate, allow everything.
-    gateway = Gateway(
-        settings, policy=policy or POLICY, gate=gate or AllowAll(), result_hook=result_hook
-    )
+    # Tests of the relay allow everything unless they bring a gate; a test that brings a
+    # policy (with rules) gets the gateway's own policy gate.
+    if gate is None and policy is None:
+        gate = AllowAll()
+    gateway = Gateway(settings, policy=policy or POLICY, gate=gate, result_hook=result_hook)
     thread = threading.Thread(target=loop.run_forever, name="querywarden-gateway", daemon=True)
     thread.start()
     running = RunningGateway(gateway=gateway, loop=loop, thread=thread)

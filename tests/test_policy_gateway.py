@@ -113,3 +113,31 @@ def test_dba_is_treated_differently(policed: RunningGateway) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="without WHERE"):
             conn.execute(f"DELETE FROM {name}")
         conn.execute(f"DROP TABLE {name}")
+
+
+def test_statement_timeout_is_enforced_upstream(
+    make_gateway: Callable[..., RunningGateway],
+) -> None:
+    rules = [
+        {
+            "name": "agents-timeout",
+            "subjects": {"groups": ["ai-agents"]},
+            "allow": {"operations": ["select", "show", "set"], "tables": ["pg_catalog.*"]},
+            "limits": {"statementTimeout": "500ms"},
+        }
+    ]
+    policy = PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": rules}
+    )
+    gw = make_gateway(policy=policy)
+    # A client asking for a longer timeout at start-up gets the rule's.
+    with psycopg.connect(
+        gw.dsn("alice", options="'-c statement_timeout=1h'"), autocommit=True
+    ) as c:
+        assert c.execute("SHOW statement_timeout").fetchone() == ("500ms",)
+        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+            c.execute("SELECT pg_sleep(3)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"fixed at 0\.5s"):
+            c.execute("SET statement_timeout = 0")
+        c.execute("SET application_name = 'still allowed'")
+        assert c.execute("SELECT 1").fetchone() == (1,)

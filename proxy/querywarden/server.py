@@ -26,6 +26,7 @@ from querywarden.hooks import Decision, ResultHook, SessionInfo, StatementGate
 from querywarden.identity import Authenticator, Credentials
 from querywarden.identity.authenticator import TokenAuthenticator
 from querywarden.policy import PolicyDocument, load_policy
+from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
 from querywarden.session import Session
 from querywarden.startup import (
@@ -69,9 +70,10 @@ class Gateway:
             # No policy trusts no issuer: every connection is refused (fail closed).
             policy = load_policy(settings.policy_file) if settings.policy_file else PolicyDocument()
         self.policy = policy
+        self.engine = PolicyEngine(policy)
         self.authenticator = authenticator or TokenAuthenticator(policy.identity)
         # The policy's rules decide; without rules nothing is allowed (default deny).
-        self.gate: StatementGate = gate or PolicyGate(policy)
+        self.gate: StatementGate = gate or PolicyGate(self.engine)
         self.result_hook = result_hook
         self.tls_context = _server_tls_context(settings)
         if self.tls_context is None and settings.listen.plaintext == "never":
@@ -287,6 +289,13 @@ class ClientConnection(Endpoint):
             )
         )
         database = self._database(startup)
+        limits = gateway.engine.session_limits(principal, database)
+        if limits.statement_timeout is not None:
+            # Enforced by the upstream itself, as the session's default: RESET returns to it.
+            requested = _milliseconds(forwarded.get("statement_timeout"))
+            ceiling = int(limits.statement_timeout * 1000)
+            if requested is None or requested == 0 or requested > ceiling:
+                forwarded["statement_timeout"] = f"{ceiling}ms"
         upstream = await connect(gateway.upstream_target, database, forwarded)
         info = SessionInfo(
             session_id=secrets.token_hex(8),
@@ -512,6 +521,22 @@ def _send(endpoint: Endpoint | None, chunks: list[bytes]) -> None:
         transport.write(chunks[0])
     else:
         transport.writelines(chunks)
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "min": 60000.0, "h": 3600000.0, "d": 86400000.0}
+
+
+def _milliseconds(value: str | None) -> int | None:
+    """A statement_timeout setting in milliseconds (None when absent or unreadable)."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
+    unit = text[len(number) :].strip() or "ms"
+    try:
+        return int(float(number) * _UNITS_MS[unit])
+    except (ValueError, KeyError):
+        return None
 
 
 async def _settle(awaitable: Awaitable[Decision]) -> Decision:

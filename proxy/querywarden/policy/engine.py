@@ -62,6 +62,16 @@ class Verdict:
     rules: tuple[str, ...] = field(default=())
 
 
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Limits that hold for a whole session (the most restrictive of its rules)."""
+
+    statement_timeout: float | None = None  # seconds
+    statement_timeout_rule: str | None = None
+    max_rows: int | None = None
+    max_rows_rule: str | None = None
+
+
 def _operation_covered(listed: Iterable[str], operation: str) -> bool:
     for item in listed:
         if item in ("*", operation) or (item == "ddl" and operation.startswith("ddl")):
@@ -140,6 +150,24 @@ class PolicyEngine:
                 self._applicable.clear()
             self._applicable[key] = found
         return found
+
+    def session_limits(self, principal: Principal, database: str) -> SessionLimits:
+        """The most restrictive limits of the rules that apply to this identity."""
+        rules = self.applicable(principal, database)
+        timeouts = [
+            (r.limits.statement_timeout.total_seconds(), r.name)
+            for r in rules
+            if r.limits.statement_timeout is not None
+        ]
+        rows = [(r.limits.max_rows, r.name) for r in rules if r.limits.max_rows is not None]
+        timeout = min(timeouts) if timeouts else None
+        max_rows = min(rows) if rows else None
+        return SessionLimits(
+            statement_timeout=timeout[0] if timeout else None,
+            statement_timeout_rule=timeout[1] if timeout else None,
+            max_rows=max_rows[0] if max_rows else None,
+            max_rows_rule=max_rows[1] if max_rows else None,
+        )
 
     def evaluate(
         self,
@@ -227,6 +255,19 @@ class PolicyEngine:
                 "(dynamic SQL in a function argument)",
                 hint="write the query itself instead of passing it as text; " + allowed_summary,
             )
+        changed = summary.set_parameters & {"statement_timeout", "all", "*"}
+        if changed and "reset" not in summary.operations:
+            fixed = [r for r in rules if r.limits.statement_timeout is not None]
+            if fixed:
+                limit = fixed[0].limits.statement_timeout
+                assert limit is not None
+                return Verdict(
+                    "deny",
+                    fixed[0].name,
+                    f"statement_timeout is fixed at {limit.total_seconds():g}s by rule "
+                    f"{fixed[0].name} and cannot be changed",
+                    hint="keep statements within the limit; RESET statement_timeout restores it",
+                )
         relations = [(rel, "read") for rel in summary.reads] + [
             (rel, "write") for rel in summary.writes
         ]

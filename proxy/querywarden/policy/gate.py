@@ -13,8 +13,10 @@ _PREFIX = "querywarden: "
 class PolicyGate:
     """A StatementGate that applies the policy's rules to every request."""
 
-    def __init__(self, policy: PolicyDocument, analyzer: Analyzer | None = None) -> None:
-        self.engine = PolicyEngine(policy)
+    def __init__(
+        self, policy: PolicyDocument | PolicyEngine, analyzer: Analyzer | None = None
+    ) -> None:
+        self.engine = policy if isinstance(policy, PolicyEngine) else PolicyEngine(policy)
         self.analyzer = analyzer or Analyzer()
 
     def decide(self, session: SessionInfo, request: StatementRequest) -> Decision:
