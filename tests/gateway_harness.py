@@ -122,9 +122,11 @@ def start_gateway(
     loop = uvloop.new_event_loop()
     # Tests of the relay allow everything unless they bring a gate; a test that brings a
     # policy (with rules) gets the gateway's own policy gate.
-    if gate is None and policy is None:
+    if gate is None and policy is None and settings.policy_file is None:
         gate = AllowAll()
-    gateway = Gateway(settings, policy=policy or POLICY, gate=gate, result_hook=result_hook)
+    if policy is None and settings.policy_file is None:
+        policy = POLICY
+    gateway = Gateway(settings, policy=policy, gate=gate, result_hook=result_hook)
     thread = threading.Thread(target=loop.run_forever, name="querywarden-gateway", daemon=True)
     thread.start()
     running = RunningGateway(gateway=gateway, loop=loop, thread=thread)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -141,3 +143,46 @@ def test_statement_timeout_is_enforced_upstream(
             c.execute("SET statement_timeout = 0")
         c.execute("SET application_name = 'still allowed'")
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def _policy_yaml(denied: str) -> str:
+    from gateway_harness import DEV_KEY
+
+    return (
+        f"identity: {{issuers: [{{name: dev, kind: dev, keyFile: {DEV_KEY}}}]}}\n"
+        "rules:\n"
+        "  - name: agents\n"
+        "    subjects: {groups: [ai-agents]}\n"
+        "    allow: {operations: [select], tables: ['public.*', 'pg_catalog.*']}\n"
+        f"    deny: {{tables: [{denied}]}}\n"
+    )
+
+
+def test_policy_file_reload_applies_to_open_sessions_and_keeps_last_good(
+    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
+) -> None:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(_policy_yaml("public.qw_secrets"))
+    gw = make_gateway(policyFile=str(policy_file), policyReloadInterval="100ms")
+
+    def wait_for(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, "policy was not reloaded"
+            time.sleep(0.05)
+
+    with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM qw_orders").fetchone() == (2,)
+        # Deny qw_orders instead: the open session is refused from the next statement on.
+        policy_file.write_text(_policy_yaml("public.qw_orders"))
+        wait_for(lambda: "public.qw_orders" in str(gw.gateway.policy.rules[0].deny.tables))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="qw_orders is denied"):
+            conn.execute("SELECT count(*) FROM qw_orders")
+        # A broken policy file is refused at reload; the last good policy stays in force.
+        good = gw.gateway.policy
+        policy_file.write_text("rules: [{name: BAD NAME}]\n")
+        time.sleep(0.5)
+        assert gw.gateway.policy is good
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="qw_orders is denied"):
+            conn.execute("SELECT count(*) FROM qw_orders")
+        assert conn.execute("SELECT count(*) FROM qw_secrets").fetchone() == (1,)

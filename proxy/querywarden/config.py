@@ -116,8 +116,11 @@ class GatewaySettings(BaseSettings):
     tls: TLSSettings = TLSSettings.model_validate({})
     upstream: UpstreamSettings = UpstreamSettings.model_validate({})
     limits: LimitSettings = LimitSettings.model_validate({})
-    #: The policy document (trusted issuers, and in later stages the rules).
+    #: The policy document: trusted issuers and rules.
     policy_file: Path | None = None
+    #: How often the policy file is checked for changes (a failed reload keeps the last
+    #: good policy).
+    policy_reload_interval: Duration = timedelta(seconds=2)
 
     @classmethod
     def settings_customise_sources(

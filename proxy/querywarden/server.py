@@ -17,6 +17,7 @@ import ssl
 import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 
 from querywarden import codec
 from querywarden.config import GatewaySettings
@@ -93,6 +94,8 @@ class Gateway:
         self.endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()
         self._cancel_keys: dict[int, _CancelKey] = {}
         self._server: asyncio.Server | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._policy_stamp: tuple[int, int, int] | None = None
 
     async def start(self) -> tuple[str, int]:
         """Start listening; return the bound address (port 0 picks a free port)."""
@@ -101,9 +104,53 @@ class Gateway:
         self._server = await loop.create_server(
             lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True
         )
+        if self.settings.policy_file is not None:
+            self._policy_stamp = _file_stamp(self.settings.policy_file)
+            self._watcher = loop.create_task(self._watch_policy())
         sock = self._server.sockets[0].getsockname()
         log.info("querywarden listening on %s:%s", sock[0], sock[1])
         return str(sock[0]), int(sock[1])
+
+    # policy reload ---------------------------------------------------------------------
+
+    def reload_policy(self) -> bool:
+        """Load the policy file again; on any error keep the last good policy.
+
+        Rules apply at once to every session, open ones included; issuers apply to new
+        connections.
+        """
+        path = self.settings.policy_file
+        if path is None:
+            return False
+        try:
+            policy = load_policy(path)
+        except Exception as exc:  # any failure: keep what works (and say why)
+            log.error("policy reload from %s failed, keeping the last good policy: %s", path, exc)
+            return False
+        self.policy = policy
+        self.engine = PolicyEngine(policy)
+        self.authenticator = TokenAuthenticator(policy.identity)
+        if isinstance(self.gate, PolicyGate):
+            self.gate.engine = self.engine
+        log.info(
+            "policy reloaded from %s: %d issuers, %d rules",
+            path,
+            len(policy.identity.issuers),
+            len(policy.rules),
+        )
+        return True
+
+    async def _watch_policy(self) -> None:
+        """Poll the policy file (a ConfigMap volume swaps a symlink) and reload on change."""
+        path = self.settings.policy_file
+        assert path is not None
+        interval = self.settings.policy_reload_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            stamp = _file_stamp(path)
+            if stamp != self._policy_stamp:
+                self._policy_stamp = stamp
+                self.reload_policy()
 
     async def close(self, *, grace: float = 5.0) -> None:
         """Stop listening, close every session, and wait until their sockets are closed.
@@ -111,6 +158,8 @@ class Gateway:
         Sockets still open after ``grace`` seconds (a peer that never acknowledges a TLS
         close) are aborted, so the event loop can be closed safely afterwards.
         """
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -524,6 +573,15 @@ def _send(endpoint: Endpoint | None, chunks: list[bytes]) -> None:
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "min": 60000.0, "h": 3600000.0, "d": 86400000.0}
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What identifies a file's current content cheaply (through symlinks)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _milliseconds(value: str | None) -> int | None:
