@@ -222,6 +222,9 @@ _DATABASE_READERS: Final = frozenset(
     {"database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema"}
 )
 _MAX_DYNAMIC_DEPTH: Final = 4
+# Functions that write the sequence named by their regclass argument (index 0): PostgreSQL
+# itself asks for UPDATE (or USAGE) on the sequence.
+_SEQUENCE_WRITERS: Final = frozenset({"nextval", "setval"})
 
 # Object types whose qualified name (a List of String) names a relation.
 _RELATION_OBJECTS: Final = frozenset(
@@ -899,6 +902,12 @@ class _Walk:
             self.reads.add(QualifiedName("*", "*"))
         elif name.startswith("dblink"):
             self.opaque = True
+        elif name in _SEQUENCE_WRITERS:
+            self.literal_dependent = True
+            self.op("update")
+            text = _const_string(args[0]) if args else None
+            rel = _regclass_name(text) if text is not None else None
+            self.writes.add(rel if rel is not None else QualifiedName("*", "*"))
         self.node(args, clause)
         self.sort_list(b.get("agg_order", ()), "order", None)
         self.node(b.get("agg_filter"), "where")
@@ -1050,6 +1059,25 @@ def _h_variable_set(w: _Walk, b: dict[str, Any], clause: str) -> None:
                 w.set_param(prefix + str(d.get("defname", "")).lower())
     else:
         w.set_param(name)
+
+
+def _h_alter_default_setting(kind: str) -> _Handler:
+    """ALTER ROLE / DATABASE ... SET x: a default for every later session.
+
+    That includes the sessions of the gateway's shared upstream role, so it is what SET x
+    is, and the rules for SET apply.
+    """
+
+    def handler(w: _Walk, b: dict[str, Any], clause: str) -> None:
+        w.op("ddl:" + kind)
+        w.op("ddl")
+        setstmt = b.get("setstmt") or {}
+        if setstmt.get("kind") == "VAR_RESET_ALL":
+            w.set_param("all")
+        elif setstmt.get("name"):
+            w.set_param(str(setstmt["name"]).lower())
+
+    return handler
 
 
 def _h_discard(w: _Walk, b: dict[str, Any], clause: str) -> None:
@@ -1295,6 +1323,8 @@ _HANDLERS: Final[dict[str, _Handler]] = {
     "VariableSetStmt": _h_variable_set,
     "VariableShowStmt": _h_simple("show"),
     "DiscardStmt": _h_discard,
+    "AlterRoleSetStmt": _h_alter_default_setting("alter_role_set"),
+    "AlterDatabaseSetStmt": _h_alter_default_setting("alter_database_set"),
     "PrepareStmt": _h_prepare,
     "ExecuteStmt": _h_execute,
     "DeallocateStmt": _h_deallocate,
@@ -1427,7 +1457,9 @@ _BY_TEXT: Final[_Values] = ("by-text",)  # marker: this shape is cached by exact
 _EXACT: Final = "\x00"  # prefix of exact-text keys (statement text never holds NUL)
 
 
-_UNSAFE_FOR_FAST_KEY: Final = re.compile(r"['\"$\\]|--|/\*")
+# Non-ASCII text is excluded too: PostgreSQL reads every non-ASCII character as part of an
+# identifier, but \b does not (qwc€1 would become qwc€0).
+_UNSAFE_FOR_FAST_KEY: Final = re.compile(r"['\"$\\]|--|/\*|[^\x00-\x7f]")
 _NUMBER: Final = re.compile(r"\b\d+\b")
 _FAST_PREFIX: Final = "\x00fast:"
 

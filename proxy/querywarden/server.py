@@ -345,6 +345,11 @@ class ClientConnection(Endpoint):
             ceiling = int(limits.statement_timeout * 1000)
             if requested is None or requested == 0 or requested > ceiling:
                 forwarded["statement_timeout"] = f"{ceiling}ms"
+        # The policy resolves unqualified names against public (after pg_catalog); pin the
+        # upstream session to it, so neither a "$user" schema named after the upstream role
+        # nor an ALTER ROLE / DATABASE ... SET search_path default makes the server read a
+        # table the policy did not check. (Clients cannot set it at start-up.)
+        forwarded["search_path"] = "public"
         upstream = await connect(gateway.upstream_target, database, forwarded)
         info = SessionInfo(
             session_id=secrets.token_hex(8),

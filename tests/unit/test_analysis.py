@@ -327,12 +327,19 @@ CASES = [
         set(),
         {"set_config"},
     ),
-    ("SELECT nextval('orders_id_seq')", {"select"}, set(), set(), {"nextval"}),
+    # nextval/setval write the sequence (PostgreSQL asks for UPDATE on it).
+    (
+        "SELECT nextval('orders_id_seq')",
+        {"select", "update"},
+        set(),
+        {"orders_id_seq"},
+        {"nextval"},
+    ),
     (
         "INSERT INTO t (id) VALUES (nextval('s'))",
-        {"insert"},
+        {"insert", "update"},
         set(),
-        {"t"},
+        {"t", "s"},
         {"nextval"},
     ),
     ("SELECT app.definer_fn(1)", {"select"}, set(), set(), {"app.definer_fn"}),
@@ -462,7 +469,8 @@ CASES = [
     ("ALTER ROLE agent SUPERUSER", {"ddl", "ddl:alter_role"}, set(), set(), set()),
     (
         "ALTER ROLE agent SET search_path = evil",
-        {"ddl", "ddl:alter_role_set"},
+        # A default for every later session of that role: treated as SET search_path.
+        {"ddl", "ddl:alter_role_set", "set_search_path"},
         set(),
         set(),
         set(),
@@ -481,9 +489,9 @@ CASES = [
     ),
     (
         "CREATE TABLE t (a int DEFAULT nextval('s'), b text CHECK (valid(b)))",
-        {"ddl", "ddl:create_table"},
+        {"ddl", "ddl:create_table", "update"},
         set(),
-        {"t"},
+        {"t", "s"},
         {"nextval", "valid"},
     ),
     (
@@ -889,7 +897,7 @@ def test_row_locks(sql: str, locks: bool) -> None:
         ("UPDATE pg_settings SET setting = 'x' WHERE name = 'role'", {"*"}),
         ("SELECT current_setting('role')", set()),
         ("ALTER FUNCTION f() SET search_path = x", set()),
-        ("ALTER ROLE r SET role = x", set()),
+        ("ALTER ROLE r SET role = x", {"role"}),
         ("SHOW role", set()),
         ("SELECT 1", set()),
     ],
