@@ -186,3 +186,38 @@ def test_policy_file_reload_applies_to_open_sessions_and_keeps_last_good(
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="qw_orders is denied"):
             conn.execute("SELECT count(*) FROM qw_orders")
         assert conn.execute("SELECT count(*) FROM qw_secrets").fetchone() == (1,)
+
+
+def test_upstream_role_per_rule(
+    make_gateway: Callable[..., RunningGateway], pg: EphemeralCluster
+) -> None:
+    pg.psql(
+        "DO $$ BEGIN CREATE ROLE qw_reader LOGIN PASSWORD 'reader-pw'; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    )
+    rules = [
+        {
+            "name": "agents",
+            "subjects": {"groups": ["ai-agents"]},
+            "allow": {"operations": ["select"], "tables": ["pg_catalog.*"]},
+            "upstreamRole": "reader",
+        },
+        {
+            "name": "dba",
+            "subjects": {"groups": ["dba"]},
+            "allow": {"operations": ["select"], "tables": ["pg_catalog.*"]},
+        },
+    ]
+    policy = PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": rules}
+    )
+    roles = {"reader": {"user": "qw_reader", "password": "reader-pw"}}
+    gw = make_gateway(policy=policy, upstream={"roles": roles})
+    with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("qw_reader",)
+    with psycopg.connect(gw.dsn("bob"), autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("qw_scram",)
+    # A role the settings do not define is a configuration error, said as such.
+    broken = make_gateway(policy=policy)
+    with pytest.raises(psycopg.OperationalError, match="do not define"):
+        psycopg.connect(broken.dsn("alice"))

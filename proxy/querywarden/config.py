@@ -67,6 +67,20 @@ class TLSSettings(_Section):
     client_ca_file: Path | None = None
 
 
+class UpstreamRoleSettings(_Section):
+    """Credentials for one upstream role that policy rules can name (``upstreamRole``)."""
+
+    user: str
+    password: str | None = None
+    password_file: Path | None = None
+
+    def resolved_password(self) -> str | None:
+        """The password, read from ``passwordFile`` (at each use, so it can rotate)."""
+        if self.password_file is not None:
+            return self.password_file.read_text().rstrip("\n")
+        return self.password
+
+
 class UpstreamSettings(_Section):
     """The database the gateway connects to, with its own credentials."""
 
@@ -80,6 +94,9 @@ class UpstreamSettings(_Section):
     sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
     sslrootcert: Path | None = None
     connect_timeout: Duration = timedelta(seconds=5)
+    #: Named credentials a policy rule's ``upstreamRole`` selects; a session whose rules
+    #: name none connects as ``user``.
+    roles: dict[str, UpstreamRoleSettings] = {}
 
     def resolved_password(self) -> str | None:
         """The password, read from ``passwordFile`` when that is set."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import logging
@@ -22,9 +23,14 @@ from pathlib import Path
 from querywarden import codec
 from querywarden.config import GatewaySettings
 from querywarden.endpoint import ConnectionClosed, Endpoint
-from querywarden.errors import AuthenticationFailed, ProtocolViolation, QuerywardenError
+from querywarden.errors import (
+    AuthenticationFailed,
+    ProtocolViolation,
+    QuerywardenError,
+    UpstreamError,
+)
 from querywarden.hooks import Decision, ResultHook, SessionInfo, StatementGate
-from querywarden.identity import Authenticator, Credentials
+from querywarden.identity import Authenticator, Credentials, Principal
 from querywarden.identity.authenticator import TokenAuthenticator
 from querywarden.policy import PolicyDocument, load_policy
 from querywarden.policy.engine import PolicyEngine
@@ -110,6 +116,29 @@ class Gateway:
         sock = self._server.sockets[0].getsockname()
         log.info("querywarden listening on %s:%s", sock[0], sock[1])
         return str(sock[0]), int(sock[1])
+
+    def upstream_target_for(self, principal: Principal, database: str) -> UpstreamTarget:
+        """The upstream credentials for this identity: its rules' ``upstreamRole``, if any."""
+        rules = self.engine.applicable(principal, database)
+        named = sorted({r.upstream_role for r in rules if r.upstream_role})
+        if not named:
+            return self.upstream_target
+        if len(named) > 1:
+            raise AuthenticationFailed(
+                f"the rules that apply to you name different upstream roles ({', '.join(named)}); "
+                "the gateway cannot choose: ask its operator to give your identity one",
+                sqlstate="28000",
+            )
+        role = self.settings.upstream.roles.get(named[0])
+        if role is None:
+            raise UpstreamError(
+                f"the policy names upstream role {named[0]!r}, which the gateway's settings "
+                "do not define (upstream.roles); this is a gateway configuration problem",
+                sqlstate="08004",
+            )
+        return dataclasses.replace(
+            self.upstream_target, user=role.user, password=role.resolved_password()
+        )
 
     # policy reload ---------------------------------------------------------------------
 
@@ -350,7 +379,8 @@ class ClientConnection(Endpoint):
         # nor an ALTER ROLE / DATABASE ... SET search_path default makes the server read a
         # table the policy did not check. (Clients cannot set it at start-up.)
         forwarded["search_path"] = "public"
-        upstream = await connect(gateway.upstream_target, database, forwarded)
+        target = gateway.upstream_target_for(principal, database)
+        upstream = await connect(target, database, forwarded)
         info = SessionInfo(
             session_id=secrets.token_hex(8),
             principal=principal,
