@@ -29,7 +29,7 @@ import pytest
 from lxml import etree
 from psycopg.conninfo import make_conninfo
 
-from gateway_harness import DEV_KEY, RunningGateway, gateway_settings, start_gateway
+from gateway_harness import DEV_KEY, RunningGateway
 from identity_helpers import (
     AUDIENCE,
     DS_NS,
@@ -51,7 +51,7 @@ from identity_helpers import (
 )
 from oidc_provider import OidcProvider
 from querywarden import codec
-from querywarden.devcluster import DATABASE, EphemeralCluster
+from querywarden.devcluster import DATABASE
 from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
 from querywarden.identity import Principal
 from querywarden.identity import jwt_tokens as jwt_tokens_module
@@ -92,23 +92,17 @@ def no_gateway_crash(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 @pytest.fixture
-def start(pg: EphemeralCluster) -> Iterator[StartGateway]:
+def start(make_gateway: Callable[..., RunningGateway]) -> StartGateway:
     """Start gateways trusting the given issuers; each records Principals; all are stopped."""
-    started: list[RunningGateway] = []
 
     def make(issuers: list[dict[str, Any]], **settings: Any) -> RunningGateway:
         policy = PolicyDocument.model_validate({"identity": {"issuers": issuers}})
         gate = RecordPrincipals()
-        running = start_gateway(gateway_settings(pg, **settings), gate=gate, policy=policy)
+        running = make_gateway(gate=gate, policy=policy, **settings)
         running.extra["gate"] = gate
-        started.append(running)
         return running
 
-    try:
-        yield make
-    finally:
-        for running in started:
-            running.stop()
+    return make
 
 
 def gate_of(gw: RunningGateway) -> RecordPrincipals:

@@ -807,13 +807,17 @@ class _Walk:
             self.set_targets(b.get("targetList", ()), name, "set")
             for item in b.get("fromClause", ()):
                 self.from_item(item, "other")
-            where = b.get("whereClause")
-            if where is None:
-                self.unbounded = True
-            self.node(where, "where")
+            self.write_where(b)
             self.returning(b)
         finally:
             self.dml_end(state)
+
+    def write_where(self, b: dict[str, Any]) -> None:
+        """The WHERE of an UPDATE or DELETE; without one, the write is unbounded."""
+        where = b.get("whereClause")
+        if where is None:
+            self.unbounded = True
+        self.node(where, "where")
 
     def delete(self, b: dict[str, Any], clause: str) -> None:
         state = self.dml_start(b, "delete", "other")
@@ -821,10 +825,7 @@ class _Walk:
             self.target(b.get("relation", {}))
             for item in b.get("usingClause", ()):
                 self.from_item(item, "other")
-            where = b.get("whereClause")
-            if where is None:
-                self.unbounded = True
-            self.node(where, "where")
+            self.write_where(b)
             self.returning(b)
         finally:
             self.dml_end(state)

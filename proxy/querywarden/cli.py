@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from querywarden import __version__
 from querywarden.config import GatewaySettings, load_settings
+from querywarden.policy import PolicyDocument
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"querywarden: {exc}", file=sys.stderr)
             return 2
-        groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+        groups = _comma_list(args.groups)
         print(
             mint_token(
                 args.sub,
@@ -91,12 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return _check(args)
     if args.command == "policy":
-        from querywarden.policy import load_policy
-
-        try:
-            document = load_policy(args.file)
-        except (ValidationError, ValueError, OSError) as exc:
-            print(f"querywarden: invalid policy {args.file}: {exc}", file=sys.stderr)
+        document = _load_policy_or_report(args.file)
+        if document is None:
             return 2
         print(
             f"{args.file}: valid ({len(document.identity.issuers)} issuers, "
@@ -110,22 +107,34 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _comma_list(text: str) -> list[str]:
+    """``a, b,,c`` -> ``["a", "b", "c"]``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _load_policy_or_report(path: Path) -> PolicyDocument | None:
+    """The policy at ``path``, or None after printing why it is invalid."""
+    from querywarden.policy import load_policy
+
+    try:
+        return load_policy(path)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"querywarden: invalid policy {path}: {exc}", file=sys.stderr)
+        return None
+
+
 def _check(args: argparse.Namespace) -> int:
     import json
 
     from querywarden.analysis import AnalysisError, Analyzer
     from querywarden.identity import Principal
-    from querywarden.policy import load_policy
     from querywarden.policy.engine import PolicyEngine
 
-    try:
-        document = load_policy(args.policy)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"querywarden: invalid policy {args.policy}: {exc}", file=sys.stderr)
+    document = _load_policy_or_report(args.policy)
+    if document is None:
         return 2
-    groups = frozenset(g.strip() for g in args.groups.split(",") if g.strip())
-    principal = Principal(args.sub, groups)
-    search_path = tuple(s.strip() for s in args.search_path.split(",") if s.strip())
+    principal = Principal(args.sub, frozenset(_comma_list(args.groups)))
+    search_path = tuple(_comma_list(args.search_path))
     outcome: str
     rule: str | None
     reason: str
