@@ -35,6 +35,7 @@ from querywarden.identity.authenticator import TokenAuthenticator
 from querywarden.policy import PolicyDocument, load_policy
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
+from querywarden.policy.plans import PlanEstimator
 from querywarden.session import Session
 from querywarden.startup import (
     CancelRequested,
@@ -80,7 +81,8 @@ class Gateway:
         self.engine = PolicyEngine(policy)
         self.authenticator = authenticator or TokenAuthenticator(policy.identity)
         # The policy's rules decide; without rules nothing is allowed (default deny).
-        self.gate: StatementGate = gate or PolicyGate(self.engine)
+        self.plans = PlanEstimator()
+        self.gate: StatementGate = gate or PolicyGate(self.engine, estimator=self._largest_scan)
         self.result_hook = result_hook
         self.tls_context = _server_tls_context(settings)
         if self.tls_context is None and settings.listen.plaintext == "never":
@@ -140,6 +142,10 @@ class Gateway:
             self.upstream_target, user=role.user, password=role.resolved_password()
         )
 
+    async def _largest_scan(self, session: SessionInfo, sql: str) -> int:
+        target = self.upstream_target_for(session.principal, session.database)
+        return await self.plans.largest_scan(target, session.database, sql)
+
     # policy reload ---------------------------------------------------------------------
 
     def reload_policy(self) -> bool:
@@ -189,6 +195,8 @@ class Gateway:
         """
         if self._watcher is not None:
             self._watcher.cancel()
+        with contextlib.suppress(Exception):
+            await self.plans.close()
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):

@@ -151,6 +151,15 @@ class PolicyEngine:
             self._applicable[key] = found
         return found
 
+    def scan_review(self, principal: Principal, database: str) -> tuple[int, str] | None:
+        """``(minRows, rule)`` of the strictest fullTableScan review that applies, if any."""
+        found = [
+            (r.review.full_table_scan.min_rows, r.name)
+            for r in self.applicable(principal, database)
+            if r.review.full_table_scan is not None
+        ]
+        return min(found) if found else None
+
     def session_limits(self, principal: Principal, database: str) -> SessionLimits:
         """The most restrictive limits of the rules that apply to this identity."""
         rules = self.applicable(principal, database)

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
-from querywarden.analysis import AnalysisError, Analyzer
+from collections.abc import Awaitable, Callable, Sequence
+
+from querywarden.analysis import AnalysisError, Analyzer, StatementSummary
 from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.model import PolicyDocument
 
 _PREFIX = "querywarden: "
 
+#: ``(session, statement text) -> rows of its largest sequential scan``.
+ScanEstimator = Callable[[SessionInfo, str], Awaitable[int]]
+
 
 class PolicyGate:
     """A StatementGate that applies the policy's rules to every request."""
 
     def __init__(
-        self, policy: PolicyDocument | PolicyEngine, analyzer: Analyzer | None = None
+        self,
+        policy: PolicyDocument | PolicyEngine,
+        analyzer: Analyzer | None = None,
+        *,
+        estimator: ScanEstimator | None = None,
     ) -> None:
         self.engine = policy if isinstance(policy, PolicyEngine) else PolicyEngine(policy)
         self.analyzer = analyzer or Analyzer()
+        #: Estimates full-table scans (EXPLAIN upstream) for fullTableScan reviews.
+        self.estimator = estimator
 
-    def decide(self, session: SessionInfo, request: StatementRequest) -> Decision:
+    def decide(
+        self, session: SessionInfo, request: StatementRequest
+    ) -> Decision | Awaitable[Decision]:
         """Allow, or refuse with the rule, the reason and what is allowed instead."""
         if request.kind == "function_call":
             return Decision.refuse(
@@ -43,6 +56,11 @@ class PolicyGate:
             return ALLOW  # an empty query: the server answers EmptyQueryResponse
         verdict = self.engine.evaluate(session.principal, session.database, summaries)
         if verdict.outcome == "allow":
+            scans = self.engine.scan_review(session.principal, session.database)
+            touching = [s for s in summaries if s.reads or s.writes]
+            if scans is not None and touching:
+                # Deciding needs the upstream's plan: the session holds the request.
+                return self._review_scans(session, touching, *scans)
             return ALLOW
         if verdict.outcome == "review":
             return Decision.refuse(
@@ -52,3 +70,43 @@ class PolicyGate:
                 rule=verdict.rule,
             )
         return Decision.refuse(_PREFIX + verdict.reason, hint=verdict.hint, rule=verdict.rule)
+
+    async def _review_scans(
+        self,
+        session: SessionInfo,
+        summaries: Sequence[StatementSummary],
+        min_rows: int,
+        rule: str,
+    ) -> Decision:
+        if self.estimator is None:
+            return Decision.refuse(
+                _PREFIX + f"rule {rule} reviews full-table scans, and this gateway has no "
+                "way to estimate plans; the statement was not run",
+                sqlstate="58000",
+                rule=rule,
+            )
+        for summary in summaries:
+            try:
+                # Keyed by the exact text: a plan depends on the constants (id > 0 scans
+                # the table where id > 149999 uses the index), so shapes are not enough.
+                rows = await self.estimator(session, summary.text)
+            except Exception as exc:
+                # Fail closed: no estimate, no statement.
+                return Decision.refuse(
+                    _PREFIX + f"rule {rule} reviews full-table scans, and the gateway could "
+                    f"not get this statement's plan ({type(exc).__name__}); it was not run",
+                    hint="send the statement with literal values instead of parameters, "
+                    "or retry shortly",
+                    rule=rule,
+                )
+            if rows > min_rows:
+                return Decision.refuse(
+                    _PREFIX + f"this statement scans a table of about {rows} rows "
+                    f"sequentially, more than the {min_rows} that rule {rule} allows without "
+                    "approval; this gateway cannot hold statements for an approver yet, so it "
+                    "was not run",
+                    hint="filter on an indexed column (e.g. the primary key) so PostgreSQL "
+                    "does not read the whole table",
+                    rule=rule,
+                )
+        return ALLOW
