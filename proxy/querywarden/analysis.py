@@ -1399,6 +1399,11 @@ def _error(exc: BaseException) -> AnalysisError:
 _PG_SPACE: Final = " \t\n\r\f\v"
 
 
+def split_text(sql: str) -> list[str]:
+    """The statements of ``sql`` as PostgreSQL's parser delimits them (empty ones dropped)."""
+    return [piece for piece in _split(sql) if piece]
+
+
 def _split(sql: str) -> list[str]:
     """The statements of ``sql`` as the parser delimits them, trimmed of whitespace only."""
     if "\x00" in sql:

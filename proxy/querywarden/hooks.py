@@ -49,11 +49,7 @@ class StatementRequest:
 
     @property
     def statements(self) -> tuple[str, ...]:
-        """The statements in :attr:`sql`, split by PostgreSQL's own scanner (computed once).
-
-        Text the scanner cannot split is returned whole, as one statement, so a hook that
-        parses each statement sees it and can refuse it.
-        """
+        """The statements in :attr:`sql` (computed once); see :func:`split_statements`."""
         if self._statements is None:
             self._statements = split_statements(self.sql)
         return self._statements
@@ -63,14 +59,18 @@ class StatementRequest:
 
 
 def split_statements(sql: str) -> tuple[str, ...]:
-    """Split SQL text into statements with pglast's scanner (libpg_query)."""
-    import pglast  # imported here: pass-through sessions never pay for it
+    """Split SQL text into statements as PostgreSQL's parser delimits them.
+
+    Text the parser cannot split is returned whole, as one statement, so a hook that
+    parses each statement sees it and can refuse it.
+    """
+    # Imported here: pass-through sessions never pay for the parser.
+    from querywarden.analysis import AnalysisError, split_text
 
     try:
-        parts = tuple(s.strip() for s in pglast.split(sql, with_parser=False))
-    except pglast.parser.ParseError:
+        return tuple(split_text(sql))
+    except AnalysisError:
         return (sql,)
-    return tuple(p for p in parts if p) or ((sql,) if sql.strip() else ())
 
 
 @dataclass(frozen=True, slots=True)
