@@ -129,20 +129,7 @@ def test_custom_script_keeps_balances_consistent(
     before = balances(pg, bench_db)
     script = tmp_path / "transfer.sql"
     script.write_text(TRANSFER_SCRIPT)
-    result = pgbench(
-        gateway.dsn(database=bench_db),
-        "-n",
-        "-f",
-        str(script),
-        "-c",
-        str(CLIENTS),
-        "-j",
-        str(THREADS),
-        "-t",
-        str(TRANSACTIONS),
-        "-M",
-        mode,
-    )
+    result = run_script(gateway, bench_db, script, mode)
     assert_clean_run(result)
     # Transfers move money between accounts: every sum stays what it was.
     assert balances(pg, bench_db) == before
@@ -229,8 +216,19 @@ def test_pipeline_script(
     before = balances(pg, bench_db)
     script = tmp_path / "pipeline.sql"
     script.write_text(PIPELINE_SCRIPT)
-    result = pgbench(
-        gateway.dsn(database=bench_db),
+    result = run_script(gateway, bench_db, script, mode)
+    assert_clean_run(result)
+    accounts, tellers, branches, deltas, history = balances(pg, bench_db)
+    assert accounts == tellers == branches == deltas
+    assert history == before[4] + CLIENTS * TRANSACTIONS
+
+
+def run_script(
+    gateway: RunningGateway, database: str, script: Path, mode: str
+) -> subprocess.CompletedProcess[str]:
+    """A custom pgbench script through the gateway, every client its own transactions."""
+    return pgbench(
+        gateway.dsn(database=database),
         "-n",
         "-f",
         str(script),
@@ -243,7 +241,3 @@ def test_pipeline_script(
         "-M",
         mode,
     )
-    assert_clean_run(result)
-    accounts, tellers, branches, deltas, history = balances(pg, bench_db)
-    assert accounts == tellers == branches == deltas
-    assert history == before[4] + CLIENTS * TRANSACTIONS

@@ -67,6 +67,13 @@ class TLSSettings(_Section):
     client_ca_file: Path | None = None
 
 
+def _secret(value: str | None, file: Path | None) -> str | None:
+    """A secret given inline or in a file (the file wins; a trailing newline is dropped)."""
+    if file is not None:
+        return file.read_text().rstrip("\n")
+    return value
+
+
 class UpstreamRoleSettings(_Section):
     """Credentials for one upstream role that policy rules can name (``upstreamRole``)."""
 
@@ -76,9 +83,7 @@ class UpstreamRoleSettings(_Section):
 
     def resolved_password(self) -> str | None:
         """The password, read from ``passwordFile`` (at each use, so it can rotate)."""
-        if self.password_file is not None:
-            return self.password_file.read_text().rstrip("\n")
-        return self.password
+        return _secret(self.password, self.password_file)
 
 
 class UpstreamSettings(_Section):
@@ -100,9 +105,7 @@ class UpstreamSettings(_Section):
 
     def resolved_password(self) -> str | None:
         """The password, read from ``passwordFile`` when that is set."""
-        if self.password_file is not None:
-            return self.password_file.read_text().rstrip("\n")
-        return self.password
+        return _secret(self.password, self.password_file)
 
 
 class LimitSettings(_Section):

@@ -277,82 +277,65 @@ class PolicyEngine:
                     f"{fixed[0].name} and cannot be changed",
                     hint="keep statements within the limit; RESET statement_timeout restores it",
                 )
-        relations = [(rel, "read") for rel in summary.reads] + [
-            (rel, "write") for rel in summary.writes
+        # Every qualified name each relation could be, computed once for steps 2-4.
+        touched = [
+            (access, relation, name)
+            for access, relations in (("read", summary.reads), ("write", summary.writes))
+            for relation in relations
+            for name in candidates(relation, search_path)
         ]
+        sole_rule = rules[0].name if len(rules) == 1 else None
+
+        def refuse(rule: str | None, reason: str) -> Verdict:
+            return Verdict("deny", rule, reason, hint=allowed_summary)
+
+        def review(rule: str, reason: str) -> Verdict:
+            return Verdict("review", rule, f"{reason} (rule {rule})", hint=allowed_summary)
+
         # 2. Rule denials.
         for rule in rules:
             for operation in sorted(summary.operations):
                 if _operation_covered(rule.deny.operations, operation):
-                    return Verdict(
-                        "deny", rule.name, f"{_op(operation)} is denied by rule {rule.name}",
-                        hint=allowed_summary,
-                    )  # fmt: skip
-            for relation, _ in relations:
-                for name in candidates(relation, search_path):
-                    if _denied(rule.deny.tables, name):
-                        return Verdict(
-                            "deny", rule.name, f"{name} is denied by rule {rule.name}",
-                            hint=allowed_summary,
-                        )  # fmt: skip
+                    return refuse(rule.name, f"{_op(operation)} is denied by rule {rule.name}")
+            for _, _, name in touched:
+                if _denied(rule.deny.tables, name):
+                    return refuse(rule.name, f"{name} is denied by rule {rule.name}")
             for function in summary.functions:
                 if _function_matches(rule.deny.functions, function):
-                    return Verdict(
-                        "deny", rule.name, f"calling {function} is denied by rule {rule.name}",
-                        hint=allowed_summary,
-                    )  # fmt: skip
-        # 3. Allow: every operation and every relation must be allowed by some rule.
-        for operation in sorted(summary.operations):
-            if operation in BUILTIN_DENIED_OPERATIONS:
-                continue  # lifted explicitly above
-            # An operation a rule sends to review is permitted, once approved.
+                    return refuse(rule.name, f"calling {function} is denied by rule {rule.name}")
+        # 3. Allow: every operation and every relation must be allowed by some rule; what a
+        # rule sends to review is permitted, once approved.
+        for operation in sorted(summary.operations - BUILTIN_DENIED_OPERATIONS):
             if not any(
                 _operation_covered(r.allow.operations, operation)
                 or _operation_covered(r.review.operations, operation)
                 for r in rules
             ):
-                return Verdict(
-                    "deny",
-                    rules[0].name if len(rules) == 1 else None,
-                    f"{_op(operation)} is not allowed for you by any rule",
-                    hint=allowed_summary,
+                return refuse(sole_rule, f"{_op(operation)} is not allowed for you by any rule")
+        for access, relation, name in touched:
+            if not any(
+                _allowed(r.allow.tables, name) or _allowed(r.review.tables, name) for r in rules
+            ):
+                shown = name if relation.schema is not None else f"{relation} (as {name})"
+                return refuse(
+                    sole_rule, f"{access} access to {shown} is not allowed for you by any rule"
                 )
-        for relation, access in relations:
-            for name in candidates(relation, search_path):
-                if not any(
-                    _allowed(r.allow.tables, name) or _allowed(r.review.tables, name) for r in rules
-                ):
-                    shown = name if relation.schema is not None else f"{relation} (as {name})"
-                    return Verdict(
-                        "deny",
-                        rules[0].name if len(rules) == 1 else None,
-                        f"{access} access to {shown} is not allowed for you by any rule",
-                        hint=allowed_summary,
-                    )
         # 4. Review.
         for rule in rules:
-            review = rule.review
             for operation in sorted(summary.operations):
-                if _operation_covered(review.operations, operation):
-                    return Verdict(
-                        "review", rule.name, f"{_op(operation)} needs approval (rule {rule.name})",
-                        hint=allowed_summary,
-                    )  # fmt: skip
-            for relation, _ in relations:
-                for name in candidates(relation, search_path):
-                    if _denied(review.tables, name):
-                        return Verdict(
-                            "review", rule.name, f"access to {name} needs approval "
-                            f"(rule {rule.name})", hint=allowed_summary,
-                        )  # fmt: skip
-            if review.unbounded_write and summary.unbounded_write:
+                if _operation_covered(rule.review.operations, operation):
+                    return review(rule.name, f"{_op(operation)} needs approval")
+            for _, _, name in touched:
+                if _denied(rule.review.tables, name):
+                    return review(rule.name, f"access to {name} needs approval")
+            if rule.review.unbounded_write and summary.unbounded_write:
                 return Verdict(
                     "review",
                     rule.name,
                     f"UPDATE or DELETE without WHERE needs approval (rule {rule.name})",
                     hint="add a WHERE clause that bounds the rows, or ask an approver",
                 )
-        return Verdict("allow", _allowing_rule(rules, summary), "allowed")
+        return Verdict("allow", None, "allowed")
 
 
 def _op(operation: str) -> str:
@@ -366,10 +349,3 @@ def _allowed_summary(rules: list[Rule]) -> str:
         tables = ", ".join(rule.allow.tables) or "no tables"
         parts.append(f"{ops} on {tables} (rule {rule.name})")
     return "allowed for you: " + "; ".join(parts)
-
-
-def _allowing_rule(rules: list[Rule], summary: StatementSummary) -> str:
-    for rule in rules:
-        if all(_operation_covered(rule.allow.operations, op) for op in summary.operations):
-            return rule.name
-    return rules[0].name

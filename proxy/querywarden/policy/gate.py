@@ -63,12 +63,7 @@ class PolicyGate:
                 return self._review_scans(session, touching, *scans)
             return ALLOW
         if verdict.outcome == "review":
-            return Decision.refuse(
-                _PREFIX + f"{verdict.reason}; this gateway cannot hold statements for an "
-                "approver yet, so it was not run",
-                hint=verdict.hint,
-                rule=verdict.rule,
-            )
+            return _needs_review(verdict.reason, hint=verdict.hint, rule=verdict.rule)
         return Decision.refuse(_PREFIX + verdict.reason, hint=verdict.hint, rule=verdict.rule)
 
     async def _review_scans(
@@ -100,13 +95,21 @@ class PolicyGate:
                     rule=rule,
                 )
             if rows > min_rows:
-                return Decision.refuse(
-                    _PREFIX + f"this statement scans a table of about {rows} rows "
-                    f"sequentially, more than the {min_rows} that rule {rule} allows without "
-                    "approval; this gateway cannot hold statements for an approver yet, so it "
-                    "was not run",
+                return _needs_review(
+                    f"this statement scans a table of about {rows} rows sequentially, more "
+                    f"than the {min_rows} that rule {rule} allows without approval",
                     hint="filter on an indexed column (e.g. the primary key) so PostgreSQL "
                     "does not read the whole table",
                     rule=rule,
                 )
         return ALLOW
+
+
+def _needs_review(reason: str, *, hint: str | None, rule: str | None) -> Decision:
+    """A statement that needs an approver: the one place approvals will hold it instead."""
+    return Decision.refuse(
+        _PREFIX + f"{reason}; this gateway cannot hold statements for an approver yet, so it "
+        "was not run",
+        hint=hint,
+        rule=rule,
+    )
