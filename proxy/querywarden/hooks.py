@@ -2,7 +2,9 @@
 
 Every statement passes :class:`StatementGate` before it can reach the database, and every
 result message passes :class:`ResultHook` on its way back. Policy, approvals, masking and
-audit plug in here; the defaults allow everything and forward the bytes untouched.
+audit plug in here. The gateway's default gate is the policy's
+(:class:`querywarden.policy.gate.PolicyGate`); :class:`AllowAll` and no result hook give
+a pure pass-through relay.
 """
 
 from __future__ import annotations
