@@ -36,7 +36,7 @@ from querywarden.policy import PolicyDocument, load_policy
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
 from querywarden.policy.plans import PlanEstimator
-from querywarden.session import Session
+from querywarden.session import RowLimit, Session
 from querywarden.startup import (
     CancelRequested,
     ClientStartup,
@@ -273,6 +273,8 @@ class ClientConnection(Endpoint):
         self.pid = 0
         self._task: asyncio.Task[None] | None = None
         self._deciding: asyncio.Task[None] | None = None
+        self._cancelling: asyncio.Task[None] | None = None
+        self._cancel_secret = b""
         self._finished = False
         self._over_limit = False
 
@@ -450,6 +452,12 @@ class ClientConnection(Endpoint):
             upstream.endpoint.close()
             return
         settings = gateway.settings.limits
+        limits = gateway.engine.session_limits(info.principal, info.database)
+        row_limit = (
+            RowLimit(limits.max_rows, limits.max_rows_rule or "?")
+            if limits.max_rows is not None
+            else None
+        )
         self.session = Session(
             info,
             gateway.gate,
@@ -457,6 +465,7 @@ class ClientConnection(Endpoint):
             max_client_message=int(settings.max_client_message),
             max_server_message=int(settings.max_server_message),
             expires_at=info.principal.expires_at,
+            row_limit=row_limit,
         )
         self.session.transaction_status = upstream.transaction_status
         self.session.set_client_encoding(upstream.parameters.get("client_encoding", "UTF8"))
@@ -465,6 +474,7 @@ class ClientConnection(Endpoint):
         assert up.transport is not None
         up.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self.pid, secret = gateway.register_cancel_key(upstream)
+        self._cancel_secret = secret
         self.writelines(
             [
                 codec.AUTHENTICATION_OK,
@@ -528,6 +538,35 @@ class ClientConnection(Endpoint):
         if chunks:
             session.to_client = []
             _send(self, chunks)
+        if session.cancel_wanted:
+            session.cancel_wanted = False
+            self._cancelling = asyncio.get_running_loop().create_task(self._cancel_statement())
+
+    async def _cancel_statement(self) -> None:
+        """Cancel the running statement upstream (a row limit), holding client input."""
+        session = self.session
+        assert session is not None and self.transport is not None
+        self.transport.pause_reading()
+        try:
+            await self.gateway.cancel(self.pid, self._cancel_secret)
+        except (OSError, QuerywardenError) as exc:
+            # Not delivered: the statement runs to its end and the client still gets the
+            # row-limit error; nothing can be hit by a late cancel.
+            log.warning("session %s: cancel failed: %s", session.info.session_id, exc)
+        finally:
+            self._cancelling = None
+        if self.closed:
+            return
+        try:
+            session.cancel_delivered()
+        except QuerywardenError as exc:
+            self.shutdown(exc.message, sqlstate=exc.sqlstate)
+            return
+        self._flush()
+        if session.awaiting is not None and self._deciding is None:
+            self._deciding = asyncio.get_running_loop().create_task(self._await_decisions())
+        elif self._deciding is None:
+            self.transport.resume_reading()
 
     async def _await_decisions(self) -> None:
         """Hold the client's input while a decision needs I/O, then carry on."""
@@ -545,7 +584,7 @@ class ClientConnection(Endpoint):
                 self._flush()
         finally:
             self._deciding = None
-            if not self.closed and self.transport is not None:
+            if not self.closed and self.transport is not None and self._cancelling is None:
                 self.transport.resume_reading()
 
     def _flush(self) -> None:
@@ -602,6 +641,8 @@ class ClientConnection(Endpoint):
             task.cancel()
         if self._deciding is not None and not self._deciding.done():
             self._deciding.cancel()
+        if self._cancelling is not None and not self._cancelling.done():
+            self._cancelling.cancel()
 
 
 def _send(endpoint: Endpoint | None, chunks: list[bytes]) -> None:

@@ -20,6 +20,13 @@ any failed statement (discarding until Sync in the extended protocol, the right
 ReadyForQuery status, a failed transaction block), and the session swaps the server's
 syntax error for the refusal's ErrorResponse. The client's view stays in order even deep
 inside a pipeline, and the gateway never has to imitate the server's state machine.
+
+A :class:`RowLimit` (a rule's ``maxRows``) is enforced the same way: past the limit the
+session stops forwarding the result and asks the shell to cancel the statement upstream
+(:attr:`Session.cancel_wanted`), so PostgreSQL fails it, rolls back what it did and skips
+the rest of the request, exactly as the error the client then receives implies. Client
+input is held until the shell reports the cancel delivered, so a late cancel can never
+hit a statement the client sends afterwards.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final, Literal
 
 from querywarden import codec
@@ -60,6 +68,40 @@ _STREAMABLE: Final = frozenset(b"Dd")
 #: Every refusal token starts with this; the rest is a per-session nonce and a counter.
 SENTINEL_PREFIX = "querywarden_refused_"
 
+_QUERY_CANCELED = b"C57014\0"
+
+
+@dataclass(frozen=True, slots=True)
+class RowLimit:
+    """The most rows one result may carry to the client, and the rule that says so."""
+
+    rows: int
+    rule: str
+
+    def error(self, *, completed: bool) -> bytes:
+        """The ErrorResponse a client gets instead of the end of an oversized result."""
+        if completed:
+            detail = (
+                f"the first {self.rows} rows were withheld with the rest: the statement "
+                "finished on the server before the gateway could cancel it, so its effects, "
+                "if any, stand"
+            )
+        else:
+            detail = (
+                "the statement was cancelled on the server, so it had no effect; "
+                "no rows of its result were delivered"
+            )
+        return codec.error_response(
+            "54000",
+            f"querywarden: the result has more than {self.rows} rows, the limit of rule "
+            f"{self.rule} (maxRows)",
+            detail=detail,
+            hint=(
+                f"ask for at most {self.rows} rows: add LIMIT {self.rows}, a narrower WHERE, "
+                "or aggregate (count(*), GROUP BY) instead of reading every row"
+            ),
+        )
+
 
 class Session:
     """The relay between one authenticated client and its upstream connection."""
@@ -73,6 +115,7 @@ class Session:
         max_client_message: int = 64 * 1024 * 1024,
         max_server_message: int = 1024 * 1024 * 1024,
         expires_at: float | None = None,
+        row_limit: RowLimit | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.info = info
@@ -114,6 +157,17 @@ class Session:
         self._refusal_count = 0
         self._refusals: dict[str, Decision] = {}
 
+        self.row_limit = row_limit
+        self._handlers = _SERVER_HANDLERS if row_limit is None else _LIMITED_SERVER_HANDLERS
+        #: Set when the shell should cancel the running statement upstream; the shell
+        #: clears it and calls :meth:`cancel_delivered` once the server has the request.
+        self.cancel_wanted = False
+        self._cancel_in_flight = False  # client input waits while this is set
+        self._cancelled = False  # a cancel was sent for the request now running
+        self._rows = 0  # rows of the current result so far
+        self._cut = False  # the current result passed the limit: drop the rest of it
+        self._suspended_rows: dict[str, int] = {}  # portal -> rows sent before it suspended
+
     # --- client -> server --------------------------------------------------------------
 
     def receive_client(self, data: bytes) -> None:
@@ -129,10 +183,10 @@ class Session:
             data = data[n:]
             if not data:
                 return
-        if self._client_buf or self.awaiting is not None:
+        if self._client_buf or self.awaiting is not None or self._cancel_in_flight:
             self._client_buf += data
-            if self.awaiting is not None:
-                return  # held behind a decision; resume() carries on
+            if self.awaiting is not None or self._cancel_in_flight:
+                return  # held behind a decision or a cancel; resume() carries on
             data = bytes(self._client_buf)
             self._client_buf.clear()
         self._process_client(data)
@@ -149,7 +203,15 @@ class Session:
             self._track(mtype, frame, 0, len(frame), parse)
         else:
             self._refuse(mtype, request, decision)
-        if self._client_buf:
+        self._continue_client()
+
+    def cancel_delivered(self) -> None:
+        """The shell delivered the cancel :attr:`cancel_wanted` asked for: carry on."""
+        self._cancel_in_flight = False
+        self._continue_client()
+
+    def _continue_client(self) -> None:
+        if self._client_buf and self.awaiting is None and not self._cancel_in_flight:
             data = bytes(self._client_buf)
             self._client_buf.clear()
             self._process_client(data)
@@ -279,7 +341,8 @@ class Session:
         out = self.to_client
         if self._server_stream_left:
             n = min(self._server_stream_left, len(data))
-            out.append(data[:n])
+            if not self._cut:
+                out.append(data[:n])
             self._server_stream_left -= n
             data = data[n:]
             if not data:
@@ -291,7 +354,7 @@ class Session:
         hook = self.result_hook
         info = self.info
         unpack = codec.TYPE_AND_LENGTH.unpack_from
-        handlers = _SERVER_HANDLERS
+        handlers = self._handlers
         size = len(data)
         pos = run_start = 0
         while size - pos >= 5:
@@ -301,8 +364,14 @@ class Session:
                 raise UpstreamError(f"upstream sent an invalid message length {length}")
             if end > size:
                 if hook is None and mtype in _STREAMABLE:
-                    # Forward the part that is here; the rest follows as it arrives.
-                    out.append(data[run_start:])
+                    # Forward the part that is here; the rest follows as it arrives (or,
+                    # past a row limit, is dropped as it arrives).
+                    handler = handlers.get(mtype)
+                    if handler is not None and handler(self, data, pos, end) is not None:
+                        if pos > run_start:
+                            out.append(data[run_start:pos])
+                    else:
+                        out.append(data[run_start:])
                     self._server_stream_left = end - size
                     return
                 if length + 1 > self.max_server_message:
@@ -318,7 +387,8 @@ class Session:
             if replacement is not None:
                 if pos > run_start:
                     out.append(data[run_start:pos])
-                out.append(replacement)
+                if replacement:
+                    out.append(replacement)
                 run_start = end
             pos = end
         if pos > run_start:
@@ -353,6 +423,11 @@ class Session:
             self.portals.clear()
         if self._refusals:
             self._refusals.clear()
+        if self.row_limit is not None:
+            self._rows = 0
+            self._cut = self._cancelled = False
+            if status == b"I":
+                self._suspended_rows.clear()
         return None
 
     def _on_error(self, data: bytes, pos: int, end: int) -> bytes | None:
@@ -365,6 +440,13 @@ class Session:
         if expected and expected[0][0] not in (_Q, _F):
             while expected and expected[0][0] != _S:
                 expected.popleft()
+        if self._cut or self._cancelled:
+            self._cut = False
+            self._rows = 0
+            if self._cancelled and _QUERY_CANCELED in data[pos:end]:
+                # Our own cancel (or the statement timeout, past the limit all the same).
+                assert self.row_limit is not None
+                return self.row_limit.error(completed=False)
         if not self._refusals:
             return None
         fields = codec.decode_fields(data[pos:end])
@@ -412,8 +494,68 @@ class Session:
     def _on_execute_done(self, data: bytes, pos: int, end: int) -> bytes | None:
         if self.mode != "ready":
             self.mode = "ready"  # CommandComplete ends a COPY
-        self._pop_expected(_E)
-        return None
+        entry = self._pop_expected(_E)
+        if self.row_limit is None:
+            return None
+        rows, self._rows = self._rows, 0
+        if data[pos] == _PORTAL_SUSPENDED and entry is not None:
+            # The portal goes on at the next Execute: so does its count.
+            self._suspended_rows[entry[1]] = rows
+        if not self._cut:
+            return None
+        self._cut = False
+        return self.row_limit.error(completed=True)
+
+    # Row limits: only sessions with a RowLimit have these handlers.
+
+    def _on_row(self, data: bytes, pos: int, end: int) -> bytes | None:
+        """Count a DataRow (or a COPY TO STDOUT row); past the limit, drop it (b"")."""
+        if self._cut:
+            return b""
+        if data[pos] == _COPY_DATA and self.mode != "copy_out":
+            return None
+        rows = self._rows
+        if rows == 0 and self._suspended_rows:
+            entry = self._expected[0] if self._expected else None
+            if entry is not None and entry[0] == _E:
+                rows = self._suspended_rows.pop(entry[1], 0)
+        rows += 1
+        self._rows = rows
+        assert self.row_limit is not None
+        if rows <= self.row_limit.rows:
+            return None
+        self._cut = True
+        if not self._cancelled and self._cancel_is_safe():
+            self._cancelled = self.cancel_wanted = self._cancel_in_flight = True
+        return b""
+
+    def _on_copy_done(self, data: bytes, pos: int, end: int) -> bytes | None:
+        return b"" if self._cut else None
+
+    def _on_result_start(self, data: bytes, pos: int, end: int) -> bytes | None:
+        self._rows = 0
+        return self._on_describe_done(data, pos, end)
+
+    def _cancel_is_safe(self) -> bool:
+        """Whether a cancel can only stop what the client would see as one failed unit.
+
+        That is the running simple Query, or the running Execute and what follows it up to
+        the next Sync: an error anywhere there ends the unit for the client anyway. Client
+        messages already sent past that point would be at risk, so then the session does
+        not cancel (the statement runs to its end, and only the rows are withheld).
+        """
+        expected = self._expected
+        if not expected:
+            return False
+        head = expected[0][0]
+        if head == _Q:
+            return len(expected) == 1
+        if head != _E:
+            return False
+        for index, entry in enumerate(expected):
+            if entry[0] == _S:
+                return index == len(expected) - 1
+        return True  # no Sync yet: what the client sends next waits for the cancel
 
     def _on_copy_in(self, data: bytes, pos: int, end: int) -> bytes | None:
         self.mode = "copy_in"
@@ -444,6 +586,8 @@ class Session:
         return len(self._expected)
 
 
+_PORTAL_SUSPENDED = ord("s")
+
 _SERVER_HANDLERS = {
     ord("S"): Session._on_parameter_status,
     ord("Z"): Session._on_ready_for_query,
@@ -459,4 +603,12 @@ _SERVER_HANDLERS = {
     ord("G"): Session._on_copy_in,
     ord("H"): Session._on_copy_out,
     ord("W"): Session._on_copy_both,
+}
+
+_LIMITED_SERVER_HANDLERS = {
+    **_SERVER_HANDLERS,
+    ord("D"): Session._on_row,
+    ord("d"): Session._on_row,
+    ord("c"): Session._on_copy_done,
+    ord("T"): Session._on_result_start,
 }
