@@ -146,7 +146,9 @@ class StatementSummary:
     prepared statement of PREPARE, EXECUTE and DEALLOCATE (``None`` for DEALLOCATE ALL).
     ``set_parameters`` contains ``"all"`` for RESET ALL / DISCARD ALL and ``"*"`` when a
     parameter is changed whose name is not a constant (``set_config($1, ...)``, UPDATE of
-    ``pg_settings``).
+    ``pg_settings``). ``search_path`` lists the schemas a statement puts on the session's
+    search_path (``SET search_path``, ``set_config('search_path', ...)``), as PostgreSQL
+    reads them; ``"*"`` stands for a value the analyzer cannot see.
     """
 
     text: str
@@ -164,6 +166,7 @@ class StatementSummary:
     aliases: tuple[tuple[str, QualifiedName], ...] = ()
     opaque: bool = False
     prepared_name: str | None = None
+    search_path: tuple[str, ...] = ()
 
 
 # --- the tree walk ------------------------------------------------------------------------
@@ -225,6 +228,15 @@ _MAX_DYNAMIC_DEPTH: Final = 4
 # Functions that write the sequence named by their regclass argument (index 0): PostgreSQL
 # itself asks for UPDATE (or USAGE) on the sequence.
 _SEQUENCE_WRITERS: Final = frozenset({"nextval", "setval"})
+# Large objects live in pg_catalog.pg_largeobject: these functions read or change it.
+_LARGE_OBJECT: Final = QualifiedName("pg_catalog", "pg_largeobject")
+_LARGE_OBJECT_WRITERS: Final = frozenset(
+    {
+        "lo_create", "lo_creat", "lo_from_bytea", "lo_unlink", "lo_put", "lo_truncate",
+        "lo_truncate64", "lowrite", "lo_import",
+    }
+)  # fmt: skip
+_LARGE_OBJECT_READERS: Final = frozenset({"lo_get", "loread", "lo_open", "lo_export"})
 
 # Object types whose qualified name (a List of String) names a relation.
 _RELATION_OBJECTS: Final = frozenset(
@@ -426,6 +438,7 @@ class _Walk:
         "prepared_name",
         "reads",
         "row_locks",
+        "search_path",
         "singles",
         "sink",
         "unbounded",
@@ -450,6 +463,7 @@ class _Walk:
         self.opaque = False
         self.prepared_name: str | None = None
         self.literal_dependent = False
+        self.search_path: list[str] = []
         self.ctes: list[set[str]] = []  # CTE names in scope, innermost last
         self.default_write = True  # a bare RangeVar met by the generic walk is written
         self.direct = True  # plain select-list columns reach the client as themselves
@@ -580,6 +594,8 @@ class _Walk:
 
     def set_param(self, name: str) -> None:
         self.params.add(name)
+        if name == "*":
+            self.search_path.append("*")  # might be search_path, to a value unseen
         if name in _ROLE_PARAMS:
             self.op("set_role")
         if name in _AUTH_PARAMS:
@@ -876,6 +892,9 @@ class _Walk:
             param = _const_string(args[0]) if args else None
             self.op("set")
             self.set_param(param.lower() if param is not None else "*")
+            if param is not None and param.lower() == "search_path":
+                value = _const_string(args[1]) if len(args) > 1 else None
+                self.search_path.extend(_schema_list(value) if value is not None else ["*"])
         elif name == "pg_notify":
             self.op("notify")
         elif name in _DYNAMIC_SQL or (name == "ts_rewrite" and len(args) == 2):
@@ -903,6 +922,11 @@ class _Walk:
             self.reads.add(QualifiedName("*", "*"))
         elif name.startswith("dblink"):
             self.opaque = True
+        elif name in _LARGE_OBJECT_WRITERS:
+            self.op("update")
+            self.writes.add(_LARGE_OBJECT)
+        elif name in _LARGE_OBJECT_READERS:
+            self.reads.add(_LARGE_OBJECT)
         elif name in _SEQUENCE_WRITERS:
             self.literal_dependent = True
             self.op("update")
@@ -1060,6 +1084,56 @@ def _h_variable_set(w: _Walk, b: dict[str, Any], clause: str) -> None:
                 w.set_param(prefix + str(d.get("defname", "")).lower())
     else:
         w.set_param(name)
+        if name == "search_path" and kind == "VAR_SET_VALUE":
+            w.literal_dependent = True
+            for arg in b.get("args", ()):
+                # Each item is one schema name as written: the parser has folded unquoted
+                # names already, and a string constant is one name too ('a,b' is "a,b").
+                value = _const_string(arg)
+                w.search_path.append(value if value is not None else "*")
+
+
+def _schema_list(value: str) -> list[str]:
+    """A search_path string as PostgreSQL splits it when it is used (``set_config``).
+
+    Unquoted names fold to lower case; ``""`` inside quotes is a quote. Anything malformed
+    gives ``["*"]`` (unknown).
+    """
+    schemas: list[str] = []
+    rest = value.strip(" \t\n\r\f\v")
+    while rest:
+        if rest.startswith('"'):
+            end = 1
+            name = ""
+            while True:
+                close = rest.find('"', end)
+                if close < 0:
+                    return ["*"]  # unterminated: PostgreSQL rejects it; so does the caller
+                name += rest[end:close]
+                if rest.startswith('"', close + 1):
+                    name += '"'
+                    end = close + 2
+                    continue
+                rest = rest[close + 1 :]
+                break
+        else:
+            cut = len(rest)
+            for stop in (",", " ", "\t", "\n"):
+                found = rest.find(stop)
+                if 0 <= found < cut:
+                    cut = found
+            name, rest = rest[:cut].lower(), rest[cut:]
+            if not name:
+                return ["*"]
+        schemas.append(name)
+        rest = rest.strip(" \t\n\r\f\v")
+        if rest.startswith(","):
+            rest = rest[1:].strip(" \t\n\r\f\v")
+            if not rest:
+                return ["*"]
+        elif rest:
+            return ["*"]
+    return schemas
 
 
 def _h_alter_default_setting(kind: str) -> _Handler:
@@ -1455,6 +1529,7 @@ def _analyze_statement(text: str) -> tuple[_Values, bool]:
         tuple(w.aliases),
         w.opaque,
         w.prepared_name,
+        tuple(w.search_path),
     )
     return values, w.literal_dependent
 

@@ -10,10 +10,13 @@ a pure pass-through relay.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from querywarden.identity import Principal
+
+if TYPE_CHECKING:
+    from querywarden.analysis import StatementSummary
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +28,14 @@ class SessionInfo:
     database: str
     client_address: str
     application_name: str = ""
+    #: Every schema the session's search_path may hold (the gateway pins ``public`` at
+    #: start-up). Only ever grows: a SET that is rolled back or local to a transaction
+    #: still counts, so unqualified names are checked against every schema they could
+    #: resolve to.
+    search_path: list[str] = field(default_factory=lambda: ["public"])
+    #: SQL-level prepared statements (PREPARE name AS ...) by name, as the gate allowed
+    #: them: an EXECUTE is checked again by its body, under the policy of the moment.
+    prepared: dict[str, StatementSummary] = field(default_factory=dict)
 
 
 RequestKind = Literal["query", "parse", "function_call"]

@@ -283,8 +283,20 @@ CASES = [
         set(),
         {"pg_catalog.pg_ls_dir"},
     ),
-    ("SELECT lo_import('/etc/passwd')", {"select"}, set(), set(), {"lo_import"}),
-    ("SELECT lo_export(1234, '/tmp/x')", {"select"}, set(), set(), {"lo_export"}),
+    (
+        "SELECT lo_import('/etc/passwd')",
+        {"select", "update"},
+        set(),
+        {"pg_catalog.pg_largeobject"},
+        {"lo_import"},
+    ),
+    (
+        "SELECT lo_export(1234, '/tmp/x')",
+        {"select"},
+        {"pg_catalog.pg_largeobject"},
+        set(),
+        {"lo_export"},
+    ),
     (
         "SELECT * FROM dblink('dbname=app', 'DELETE FROM t') AS x(a int)",
         {"select"},
@@ -1475,3 +1487,46 @@ def test_trailing_identifier_made_of_unicode_space() -> None:
     assert s.text == "SELECT 1 \u00a0"
     (s, _) = analyze("SELECT 1 \u00a0; SELECT 2")
     assert s.text == "SELECT 1 \u00a0"
+
+
+@pytest.mark.parametrize(
+    ("sql", "schemas"),
+    [
+        ('SET search_path TO hr, "Mixed", public', ("hr", "Mixed", "public")),
+        # A string constant is one schema name, commas and all (PostgreSQL quotes it).
+        ("SET search_path = 'a,b'", ("a,b",)),
+        ("SET LOCAL search_path TO DEFAULT", ()),
+        ("RESET search_path", ()),
+        # set_config's value is split when used: unquoted names fold to lower case.
+        ("SELECT set_config('search_path', 'A, \"B\"', false)", ("a", "B")),
+        ("SELECT set_config('search_path', 'a,,b', false)", ("*",)),
+        ("SELECT set_config('search_path', $1, false)", ("*",)),
+        ("SELECT set_config($1, 'hr', false)", ("*",)),
+        ("UPDATE pg_settings SET setting = 'hr' WHERE name = 'search_path'", ("*",)),
+        ("SELECT 1", ()),
+    ],
+)
+def test_search_path_values(sql: str, schemas: tuple[str, ...]) -> None:
+    assert Analyzer().analyze(sql)[0].search_path == schemas
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT lo_create(0)",
+        "SELECT lo_from_bytea(0, '\\xdeadbeef')",
+        "SELECT lo_unlink(16400)",
+        "SELECT lo_put(16400, 0, 'x')",
+        "SELECT lowrite(lo_open(16400, 131072), 'x')",
+    ],
+)
+def test_large_object_writers_write_pg_largeobject(sql: str) -> None:
+    summary = one(sql)
+    assert "update" in summary.operations
+    assert QualifiedName("pg_catalog", "pg_largeobject") in summary.writes
+
+
+def test_large_object_readers_read_pg_largeobject() -> None:
+    summary = one("SELECT lo_get(16400)")
+    assert QualifiedName("pg_catalog", "pg_largeobject") in summary.reads
+    assert not summary.writes

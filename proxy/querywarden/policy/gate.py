@@ -54,8 +54,38 @@ class PolicyGate:
             )
         if not summaries:
             return ALLOW  # an empty query: the server answers EmptyQueryResponse
-        verdict = self.engine.evaluate(session.principal, session.database, summaries)
+        prepared = session.prepared
+        if prepared:
+            # EXECUTE name runs the body PREPARE gave: decide on that body again now.
+            bodies = [
+                prepared[s.prepared_name]
+                for s in summaries
+                if s.prepared_name in prepared and "execute" in s.operations
+            ]
+            if bodies:
+                summaries = (*summaries, *bodies)
+        search_path = session.search_path
+        added = [s for summary in summaries for s in summary.search_path]
+        if added:
+            # A statement after the SET in the same request already resolves with it.
+            search_path = [*search_path, *(s for s in added if s not in search_path)]
+        verdict = self.engine.evaluate(
+            session.principal, session.database, summaries, search_path=search_path
+        )
+        if verdict.outcome == "allow" and added:
+            unknown = {"*", "$user"} & set(added)
+            if unknown:
+                return Decision.refuse(
+                    _PREFIX + "this statement sets search_path to a schema the gateway "
+                    "cannot name (" + ", ".join(sorted(unknown)) + "), so it could not check "
+                    "what unqualified names would mean; it was not run",
+                    hint="name the schemas explicitly, e.g. SET search_path TO public, "
+                    "or qualify table names (schema.table) instead",
+                    rule="analysis",
+                )
+            session.search_path[:] = search_path
         if verdict.outcome == "allow":
+            _note_prepared(session, summaries)
             scans = self.engine.scan_review(session.principal, session.database)
             touching = [s for s in summaries if s.reads or s.writes]
             if scans is not None and touching:
@@ -103,6 +133,22 @@ class PolicyGate:
                     rule=rule,
                 )
         return ALLOW
+
+
+def _note_prepared(session: SessionInfo, summaries: Sequence[StatementSummary]) -> None:
+    """Remember allowed PREPAREs (and forget deallocated ones) for later EXECUTEs."""
+    prepared = session.prepared
+    for summary in summaries:
+        command = summary.command
+        if command == "prepare" and summary.prepared_name is not None:
+            prepared[summary.prepared_name] = summary
+        elif command == "deallocate":
+            if summary.prepared_name is None:
+                prepared.clear()
+            else:
+                prepared.pop(summary.prepared_name, None)
+        elif command == "discard" and "all" in summary.set_parameters:
+            prepared.clear()
 
 
 def _needs_review(reason: str, *, hint: str | None, rule: str | None) -> Decision:
