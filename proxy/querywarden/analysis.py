@@ -30,7 +30,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import pglast.parser as _pg
 
@@ -126,8 +126,7 @@ class ColumnRef:
     direct: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class StatementSummary:
+class StatementSummary(NamedTuple):
     """What one statement touches, anywhere in its parse tree.
 
     ``operations`` holds every operation found (``select``, ``delete``, ``ddl`` and
@@ -1540,7 +1539,19 @@ _EXACT: Final = "\x00"  # prefix of exact-text keys (statement text never holds 
 
 # Non-ASCII text is excluded too: PostgreSQL reads every non-ASCII character as part of an
 # identifier, but \b does not (qwc€1 would become qwc€0).
-_UNSAFE_FOR_FAST_KEY: Final = re.compile(r"['\"$\\]|--|/\*|[^\x00-\x7f]")
+def _fast_key_safe(text: str) -> bool:
+    """No quote, dollar, backslash, comment or non-ASCII character (a few C scans)."""
+    return (
+        text.isascii()
+        and "'" not in text
+        and '"' not in text
+        and "$" not in text
+        and "\\" not in text
+        and "--" not in text
+        and "/*" not in text
+    )
+
+
 _NUMBER: Final = re.compile(r"\b\d+\b")
 _FAST_PREFIX: Final = "\x00fast:"
 
@@ -1593,7 +1604,7 @@ class Analyzer:
         # run of digits standing alone can only be a numeric constant, so replacing it
         # keeps every identifier, keyword and operator. It saves the normalizing parse.
         fast = None
-        if _UNSAFE_FOR_FAST_KEY.search(text) is None:
+        if _fast_key_safe(text):
             fast = _FAST_PREFIX + _NUMBER.sub("0", text)
             values = cache.get(fast)
             if values is not None and values is not _BY_TEXT:

@@ -131,6 +131,9 @@ class PolicyEngine:
         self._memo: dict[tuple[object, ...], Verdict] = {}
         self._memo_entries = memo_entries
         self._applicable: dict[tuple[str, frozenset[str], str], list[Rule]] = {}
+        # Per list of applicable rules: (the list, the rules' ids as a memo key, names).
+        self._rules_keys: dict[int, tuple[list[Rule], tuple[int, ...], tuple[str, ...]]] = {}
+        self._scan_reviews: dict[int, tuple[list[Rule], tuple[int, str] | None]] = {}
 
     def applicable(self, principal: Principal, database: str) -> list[Rule]:
         """The rules whose subjects include the Principal and whose databases match."""
@@ -153,12 +156,20 @@ class PolicyEngine:
 
     def scan_review(self, principal: Principal, database: str) -> tuple[int, str] | None:
         """``(minRows, rule)`` of the strictest fullTableScan review that applies, if any."""
+        rules = self.applicable(principal, database)
+        cached = self._scan_reviews.get(id(rules))
+        if cached is not None and cached[0] is rules:
+            return cached[1]
         found = [
             (r.review.full_table_scan.min_rows, r.name)
-            for r in self.applicable(principal, database)
+            for r in rules
             if r.review.full_table_scan is not None
         ]
-        return min(found) if found else None
+        review = min(found) if found else None
+        if len(self._scan_reviews) >= self._memo_entries:
+            self._scan_reviews.clear()
+        self._scan_reviews[id(rules)] = (rules, review)
+        return review
 
     def session_limits(self, principal: Principal, database: str) -> SessionLimits:
         """The most restrictive limits of the rules that apply to this identity."""
@@ -188,7 +199,6 @@ class PolicyEngine:
     ) -> Verdict:
         """The verdict for a request made of these statements (most restrictive wins)."""
         rules = self.applicable(principal, database)
-        names = tuple(r.name for r in rules)
         if not rules:
             groups = ", ".join(sorted(principal.groups)) or "none"
             return Verdict(
@@ -198,12 +208,19 @@ class PolicyEngine:
                 f"on database {database}",
                 hint="ask the gateway's operator for access; nothing is allowed by default",
             )
-        worst = Verdict("allow", rules[0].name, "allowed", rules=names)
-        rules_key = tuple(id(r) for r in rules)
-        path_key = tuple(search_path)
+        rules_key = self._rules_keys.get(id(rules))
+        if rules_key is None or rules_key[0] is not rules:
+            if len(self._rules_keys) >= self._memo_entries:
+                self._rules_keys.clear()
+            rules_key = (rules, tuple(id(r) for r in rules), tuple(r.name for r in rules))
+            self._rules_keys[id(rules)] = rules_key
+        names = rules_key[2]
+        path_key = search_path if type(search_path) is tuple else tuple(search_path)
+        memo = self._memo
+        worst: Verdict | None = None
         for summary in statements:
             key = (
-                rules_key,
+                rules_key[1],
                 path_key,
                 summary.operations,
                 summary.reads,
@@ -213,17 +230,23 @@ class PolicyEngine:
                 summary.opaque,
                 summary.set_parameters,
             )
-            verdict = self._memo.get(key)
+            verdict = memo.get(key)
             if verdict is None:
-                verdict = self._evaluate_one(rules, summary, search_path)
-                if len(self._memo) >= self._memo_entries:
-                    self._memo.clear()
-                self._memo[key] = verdict
-            if _RANK[verdict.outcome] > _RANK[worst.outcome]:
+                found = self._evaluate_one(rules, summary, search_path)
+                if found.outcome == "allow":
+                    verdict = Verdict("allow", rules[0].name, "allowed", rules=names)
+                else:
+                    verdict = Verdict(found.outcome, found.rule, found.reason, found.hint, names)
+                if len(memo) >= self._memo_entries:
+                    memo.clear()
+                memo[key] = verdict
+            if worst is None or _RANK[verdict.outcome] > _RANK[worst.outcome]:
                 worst = verdict
                 if verdict.outcome == "deny":
                     break
-        return Verdict(worst.outcome, worst.rule, worst.reason, worst.hint, names)
+        if worst is None:
+            return Verdict("allow", rules[0].name, "allowed", rules=names)
+        return worst
 
     def _evaluate_one(
         self, rules: list[Rule], summary: StatementSummary, search_path: Sequence[str]
