@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 #: Test identities and their groups. Each connects with a fresh token of the development
 #: issuer (a local key in a temporary directory), as a real client would with its IdP's.
-USERS = {"alice": ["ai-agents"], "bob": ["dba"]}
+USERS = {"alice": ["ai-agents"], "bob": ["dba"], "carol": ["support"]}
 DEV_KEY = Path(tempfile.mkdtemp(prefix="querywarden-dev-key-")) / "dev-issuer.pem"
 POLICY = PolicyDocument.model_validate(
     {"identity": {"issuers": [{"name": "dev", "kind": "dev", "keyFile": DEV_KEY}]}}

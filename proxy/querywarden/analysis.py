@@ -166,6 +166,9 @@ class StatementSummary(NamedTuple):
     opaque: bool = False
     prepared_name: str | None = None
     search_path: tuple[str, ...] = ()
+    #: Whether rows flow through a derived table (a CTE, a FROM subquery or function):
+    #: names there can stand for expressions over other columns.
+    derived: bool = False
 
 
 # --- the tree walk ------------------------------------------------------------------------
@@ -426,6 +429,7 @@ class _Walk:
         "ctes",
         "default_write",
         "deferred",
+        "derived",
         "direct",
         "dynamic_depth",
         "functions",
@@ -463,6 +467,7 @@ class _Walk:
         self.prepared_name: str | None = None
         self.literal_dependent = False
         self.search_path: list[str] = []
+        self.derived = False
         self.ctes: list[set[str]] = []  # CTE names in scope, innermost last
         self.default_write = True  # a bare RangeVar met by the generic walk is written
         self.direct = True  # plain select-list columns reach the client as themselves
@@ -630,6 +635,7 @@ class _Walk:
         """Push a CTE scope and walk the CTE bodies; the caller pops the scope."""
         scope: set[str] = set()
         ctes = w.get("ctes", ())
+        self.derived = True
         recursive = bool(w.get("recursive"))
         if recursive:
             for cte in ctes:
@@ -679,9 +685,11 @@ class _Walk:
                     if alias:
                         self.names.add(alias.get("aliasname", ""))
             elif key == "RangeSubselect":
+                self.derived = True
                 self.node(b.get("subquery"), clause)
                 self.alias(b)
             elif key == "RangeFunction":
+                self.derived = True
                 for fn in b.get("functions", ()):
                     items = fn.get("List", {}).get("items", ()) if type(fn) is dict else ()
                     for part in items[:1]:
@@ -1529,6 +1537,7 @@ def _analyze_statement(text: str) -> tuple[_Values, bool]:
         w.opaque,
         w.prepared_name,
         tuple(w.search_path),
+        w.derived,
     )
     return values, w.literal_dependent
 

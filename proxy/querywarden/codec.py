@@ -254,6 +254,48 @@ def decode_bind_names(frame: bytes, encoding: str = "utf-8") -> Bind:
     return Bind(portal, statement)
 
 
+def decode_bind_result_formats(frame: bytes) -> tuple[int, ...]:
+    """Bind ('B'): the result-column format codes (empty: all text; one: for all)."""
+    pos = frame.index(b"\0", 5) + 1  # portal
+    pos = frame.index(b"\0", pos) + 1  # statement
+    (count,) = INT16.unpack_from(frame, pos)
+    pos += 2 + 2 * count
+    (params,) = INT16.unpack_from(frame, pos)
+    pos += 2
+    for _ in range(params):
+        (length,) = INT32.unpack_from(frame, pos)
+        pos += 4 + max(length, 0)
+    (count,) = INT16.unpack_from(frame, pos)
+    return struct.unpack_from(f"!{count}h", frame, pos + 2)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldDescription:
+    """One column of a RowDescription."""
+
+    name: bytes
+    table_oid: int
+    attnum: int
+    type_oid: int
+    format: int
+
+
+def decode_row_description(frame: bytes) -> list[FieldDescription]:
+    """RowDescription ('T'): every column's origin, type and format."""
+    (count,) = INT16.unpack_from(frame, 5)
+    fields = []
+    pos = 7
+    for _ in range(count):
+        end = frame.index(b"\0", pos)
+        table_oid, attnum, type_oid, _, _, fmt = _FIELD.unpack_from(frame, end + 1)
+        fields.append(FieldDescription(frame[pos:end], table_oid, attnum, type_oid, fmt))
+        pos = end + 1 + _FIELD.size
+    return fields
+
+
+_FIELD = struct.Struct("!IhIhih")
+
+
 def decode_target(frame: bytes, encoding: str = "utf-8") -> tuple[str, str]:
     """Describe ('D') or Close ('C'): ``(kind, name)`` where kind is 'S' or 'P'."""
     if len(frame) < 7:
@@ -299,6 +341,12 @@ def decode_fields(frame: bytes) -> dict[str, str]:
         fields[code] = frame[pos + 1 : stop].decode("utf-8", "replace")
         pos = stop + 1
     return fields
+
+
+def encode_fields(mtype: bytes, fields: dict[str, str]) -> bytes:
+    """ErrorResponse/NoticeResponse from fields keyed by their one-letter code."""
+    parts = [code.encode() + cstr(value) for code, value in fields.items()]
+    return message(mtype, b"".join(parts) + b"\0")
 
 
 def decode_parameter_status(frame: bytes) -> tuple[str, str]:
@@ -430,6 +478,11 @@ def parse(statement: str, sql: str, param_types: tuple[int, ...] = ()) -> bytes:
     payload = cstr(statement) + cstr(sql) + INT16.pack(len(param_types))
     payload += struct.pack(f"!{len(param_types)}I", *param_types)
     return message(b"P", payload)
+
+
+def describe(kind: str, name: str) -> bytes:
+    """Describe ('D') of a statement ('S') or portal ('P')."""
+    return message(b"D", kind.encode() + cstr(name))
 
 
 def password_message(payload: bytes) -> bytes:

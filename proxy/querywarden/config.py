@@ -120,6 +120,20 @@ class LimitSettings(_Section):
     max_connections: int = Field(1000, ge=1)
 
 
+class MaskingSettings(_Section):
+    """Secrets of the masking strategies (the policy says what is masked and how)."""
+
+    #: Key of the ``hash`` strategy (keyed HMAC-SHA256): keep it secret and the same on
+    #: every replica, so hashed values stay comparable. Required when a policy uses hash.
+    hash_key: str | None = None
+    hash_key_file: Path | None = None
+
+    def resolved_hash_key(self) -> bytes | None:
+        """The hash key's bytes, read from ``hashKeyFile`` when that is set."""
+        key = _secret(self.hash_key, self.hash_key_file)
+        return key.encode() if key else None
+
+
 class GatewaySettings(BaseSettings):
     """All process settings of ``querywarden serve``."""
 
@@ -136,6 +150,7 @@ class GatewaySettings(BaseSettings):
     tls: TLSSettings = TLSSettings.model_validate({})
     upstream: UpstreamSettings = UpstreamSettings.model_validate({})
     limits: LimitSettings = LimitSettings.model_validate({})
+    masking: MaskingSettings = MaskingSettings.model_validate({})
     #: The policy document: trusted issuers and rules.
     policy_file: Path | None = None
     #: How often the policy file is checked for changes (a failed reload keeps the last
@@ -168,7 +183,15 @@ def load_settings(path: Path | None) -> GatewaySettings:
     return GatewaySettings(**data)
 
 
-_PATH_KEYS = {"certFile", "keyFile", "passwordFile", "sslrootcert", "clientCaFile", "policyFile"}
+_PATH_KEYS = {
+    "certFile",
+    "keyFile",
+    "passwordFile",
+    "sslrootcert",
+    "clientCaFile",
+    "policyFile",
+    "hashKeyFile",
+}
 
 
 def _anchor_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from querywarden.identity import Principal
 
 if TYPE_CHECKING:
     from querywarden.analysis import StatementSummary
+    from querywarden.masking.plan import MaskPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,8 @@ class Decision:
     detail: str | None = None
     hint: str | None = None
     rule: str | None = None
+    #: For an allowed request of a masked identity: how its results are masked.
+    mask: MaskPlan | None = None
 
     @classmethod
     def refuse(

@@ -32,10 +32,12 @@ from querywarden.errors import (
 from querywarden.hooks import Decision, ResultHook, SessionInfo, StatementGate
 from querywarden.identity import Authenticator, Credentials, Principal
 from querywarden.identity.authenticator import TokenAuthenticator
+from querywarden.masking.catalog import CatalogCache, SensitiveCatalog, load_catalog
+from querywarden.masking.plan import Masker
 from querywarden.policy import PolicyDocument, load_policy
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
-from querywarden.policy.plans import PlanEstimator
+from querywarden.policy.plans import PlanEstimator, side_connection
 from querywarden.session import RowLimit, Session
 from querywarden.startup import (
     CancelRequested,
@@ -82,7 +84,13 @@ class Gateway:
         self.authenticator = authenticator or TokenAuthenticator(policy.identity)
         # The policy's rules decide; without rules nothing is allowed (default deny).
         self.plans = PlanEstimator()
-        self.gate: StatementGate = gate or PolicyGate(self.engine, estimator=self._largest_scan)
+        self.catalogs = CatalogCache(self._load_catalog)
+        self.gate: StatementGate = gate or PolicyGate(
+            self.engine,
+            estimator=self._largest_scan,
+            masker=self._masker(policy),
+            catalogs=self.catalogs,
+        )
         self.result_hook = result_hook
         self.tls_context = _server_tls_context(settings)
         if self.tls_context is None and settings.listen.plaintext == "never":
@@ -142,6 +150,18 @@ class Gateway:
             self.upstream_target, user=role.user, password=role.resolved_password()
         )
 
+    def _masker(self, policy: PolicyDocument) -> Masker | None:
+        if not (policy.masking.columns or policy.masking.detectors):
+            return None
+        return Masker(policy.masking, self.settings.masking.resolved_hash_key())
+
+    async def _load_catalog(self, database: str) -> SensitiveCatalog:
+        conn = await side_connection(self.upstream_target, database, "querywarden-catalog")
+        try:
+            return await load_catalog(conn, self.policy.masking)
+        finally:
+            await conn.close()
+
     async def _largest_scan(self, session: SessionInfo, sql: str) -> int:
         target = self.upstream_target_for(session.principal, session.database)
         return await self.plans.largest_scan(target, session.database, sql)
@@ -159,14 +179,17 @@ class Gateway:
             return False
         try:
             policy = load_policy(path)
+            masker = self._masker(policy)
         except Exception as exc:  # any failure: keep what works (and say why)
             log.error("policy reload from %s failed, keeping the last good policy: %s", path, exc)
             return False
         self.policy = policy
         self.engine = PolicyEngine(policy)
         self.authenticator = TokenAuthenticator(policy.identity)
+        self.catalogs.invalidate()
         if isinstance(self.gate, PolicyGate):
             self.gate.engine = self.engine
+            self.gate.masker = masker
         log.info(
             "policy reloaded from %s: %d issuers, %d rules",
             path,
@@ -466,6 +489,7 @@ class ClientConnection(Endpoint):
             max_server_message=int(settings.max_server_message),
             expires_at=info.principal.expires_at,
             row_limit=row_limit,
+            masked=bool(getattr(gateway.gate, "masks", _never)(info)),
         )
         self.session.transaction_status = upstream.transaction_status
         self.session.set_client_encoding(upstream.parameters.get("client_encoding", "UTF8"))
@@ -643,6 +667,10 @@ class ClientConnection(Endpoint):
             self._deciding.cancel()
         if self._cancelling is not None and not self._cancelling.done():
             self._cancelling.cancel()
+
+
+def _never(session: SessionInfo) -> bool:
+    return False
 
 
 def _send(endpoint: Endpoint | None, chunks: list[bytes]) -> None:

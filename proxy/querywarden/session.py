@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from querywarden import codec
+from querywarden.codec import FieldDescription
 from querywarden.errors import AuthenticationFailed, ProtocolViolation, UpstreamError
 from querywarden.hooks import (
     RESULT_MESSAGE_TYPES,
@@ -48,6 +49,8 @@ from querywarden.hooks import (
     StatementGate,
     StatementRequest,
 )
+from querywarden.masking.plan import MaskPlan
+from querywarden.masking.rows import MaskCounts, RowLayout, scan_copy_row, scrub_fields
 
 Mode = Literal["ready", "copy_in", "copy_out", "copy_both"]
 
@@ -116,6 +119,7 @@ class Session:
         max_server_message: int = 1024 * 1024 * 1024,
         expires_at: float | None = None,
         row_limit: RowLimit | None = None,
+        masked: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.info = info
@@ -158,7 +162,21 @@ class Session:
         self._refusals: dict[str, Decision] = {}
 
         self.row_limit = row_limit
-        self._handlers = _SERVER_HANDLERS if row_limit is None else _LIMITED_SERVER_HANDLERS
+        #: Whether results are masked: the gate attaches a MaskPlan to every decision.
+        self.masked = masked
+        #: What masking did, for the audit record.
+        self.mask_counts = MaskCounts()
+        self._handlers = (
+            _SERVER_HANDLERS if row_limit is None and not masked else _ROW_SERVER_HANDLERS
+        )
+        self._query_plans: deque[MaskPlan | None] = deque()  # one per Query in _expected
+        self._statement_plans: dict[str, MaskPlan | None] = {}
+        self._portal_binds: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._statement_fields: dict[str, list[FieldDescription]] = {}
+        self._portal_fields: dict[str, list[FieldDescription]] = {}
+        self._described: set[tuple[str, str]] = set()  # Describes the client asked for
+        self._layout: RowLayout | None = None
+        self._layout_known = False
         #: Set when the shell should cancel the running statement upstream; the shell
         #: clears it and calls :meth:`cancel_delivered` once the server has the request.
         self.cancel_wanted = False
@@ -166,6 +184,8 @@ class Session:
         self._cancelled = False  # a cancel was sent for the request now running
         self._rows = 0  # rows of the current result so far
         self._cut = False  # the current result passed the limit: drop the rest of it
+        self._cut_error: Callable[[bool], bytes] = _no_cut_error  # what replaces its end
+        self._copy_binary = False
         self._suspended_rows: dict[str, int] = {}  # portal -> rows sent before it suspended
 
     # --- client -> server --------------------------------------------------------------
@@ -199,6 +219,7 @@ class Session:
         self._held = None
         self.awaiting = None
         if decision.allowed:
+            self._note_plan(mtype, parse, decision.mask)
             self.to_server.append(frame)
             self._track(mtype, frame, 0, len(frame), parse)
         else:
@@ -242,6 +263,8 @@ class Session:
                 request, parse = self._request(mtype, frame)
                 outcome = self.gate.decide(self.info, request)
                 if isinstance(outcome, Decision) and outcome.allowed:
+                    if self.masked:
+                        self._note_plan(mtype, parse, outcome.mask)
                     self._track(mtype, data, pos, end, parse)
                 else:
                     # What precedes the request goes first, so the order is kept.
@@ -256,6 +279,13 @@ class Session:
             elif mtype in _FRONTEND_TYPES:
                 if mtype in _REQUESTS:
                     self._check_expiry()
+                if self.masked and mtype == _E:
+                    describe = self._describe_before_execute(data, pos, end)
+                    if describe is not None:
+                        if pos > run_start:
+                            out.append(data[run_start:pos])
+                        out.append(describe)
+                        run_start = pos
                 self._track(mtype, data, pos, end, None)
             else:
                 raise ProtocolViolation(f"invalid frontend message type {mtype!r}")
@@ -295,6 +325,8 @@ class Session:
             # Query and FunctionCall both answer ErrorResponse + ReadyForQuery.
             sentinel = codec.query(token)
             self._expected.append((_Q, "", ""))
+            if self.masked:
+                self._query_plans.append(None)
         self.to_server.append(sentinel)
 
     def _track(
@@ -302,6 +334,8 @@ class Session:
     ) -> None:
         """Note what the server will owe for a message that is being forwarded."""
         expected = self._expected
+        if self.masked:
+            self._track_masking(mtype, data, pos, end, parse)
         if mtype == _B:
             # The unnamed portal and statement are by far the most common: skip decoding.
             if data[pos + 5] == 0 and data[pos + 6] == 0:
@@ -363,7 +397,7 @@ class Session:
             if length < 4:
                 raise UpstreamError(f"upstream sent an invalid message length {length}")
             if end > size:
-                if hook is None and mtype in _STREAMABLE:
+                if hook is None and mtype in _STREAMABLE and not self.masked:
                     # Forward the part that is here; the rest follows as it arrives (or,
                     # past a row limit, is dropped as it arrives).
                     handler = handlers.get(mtype)
@@ -416,6 +450,8 @@ class Session:
         expected = self._expected
         while expected:
             mtype = expected.popleft()[0]
+            if mtype == _Q and self._query_plans:
+                self._query_plans.popleft()
             if mtype in (_S, _Q, _F):
                 break
         if status == b"I" and self.portals:
@@ -428,9 +464,28 @@ class Session:
             self._cut = self._cancelled = False
             if status == b"I":
                 self._suspended_rows.clear()
+        if self.masked:
+            self._layout, self._layout_known = None, False
+            if status == b"I" and self._portal_binds:
+                self._portal_binds.clear()
+                self._portal_fields.clear()
         return None
 
     def _on_error(self, data: bytes, pos: int, end: int) -> bytes | None:
+        plan = self._head_plan() if self.masked else None
+        replaced = self._on_error_response(data, pos, end)
+        if self.masked:
+            self._layout, self._layout_known = None, False
+            if replaced is None:
+                return scrub_fields(data[pos:end], plan, self.encoding, self.mask_counts)
+        return replaced
+
+    def _on_notice(self, data: bytes, pos: int, end: int) -> bytes | None:
+        if not self.masked:
+            return None
+        return scrub_fields(data[pos:end], self._head_plan(), self.encoding, self.mask_counts)
+
+    def _on_error_response(self, data: bytes, pos: int, end: int) -> bytes | None:
         self.mode = "ready"
         if b"VFATAL\0" in data[pos:end] or b"VPANIC\0" in data[pos:end]:
             # The server says why it is closing; the shell need not add its own FATAL.
@@ -444,9 +499,8 @@ class Session:
             self._cut = False
             self._rows = 0
             if self._cancelled and _QUERY_CANCELED in data[pos:end]:
-                # Our own cancel (or the statement timeout, past the limit all the same).
-                assert self.row_limit is not None
-                return self.row_limit.error(completed=False)
+                # Our own cancel (or the statement timeout, past the cut all the same).
+                return self._cut_error(False)
         if not self._refusals:
             return None
         fields = codec.decode_fields(data[pos:end])
@@ -495,25 +549,50 @@ class Session:
         if self.mode != "ready":
             self.mode = "ready"  # CommandComplete ends a COPY
         entry = self._pop_expected(_E)
-        if self.row_limit is None:
-            return None
-        rows, self._rows = self._rows, 0
-        if data[pos] == _PORTAL_SUSPENDED and entry is not None:
-            # The portal goes on at the next Execute: so does its count.
-            self._suspended_rows[entry[1]] = rows
+        if self.masked:
+            self._layout, self._layout_known = None, False
+        if self.row_limit is not None:
+            rows, self._rows = self._rows, 0
+            if data[pos] == _PORTAL_SUSPENDED and entry is not None:
+                # The portal goes on at the next Execute: so does its count.
+                self._suspended_rows[entry[1]] = rows
         if not self._cut:
             return None
         self._cut = False
-        return self.row_limit.error(completed=True)
+        return self._cut_error(True)
 
     # Row limits: only sessions with a RowLimit have these handlers.
 
     def _on_row(self, data: bytes, pos: int, end: int) -> bytes | None:
-        """Count a DataRow (or a COPY TO STDOUT row); past the limit, drop it (b"")."""
-        if self._cut:
-            return b""
+        """A DataRow or COPY TO STDOUT row: counted against the limit, then masked."""
         if data[pos] == _COPY_DATA and self.mode != "copy_out":
             return None
+        if self.row_limit is not None:
+            dropped = self._count_row()
+            if dropped is not None:
+                return dropped
+        if not self.masked:
+            return None
+        if data[pos] == _COPY_DATA:
+            plan = self._head_plan()
+            if plan is None:
+                return None
+            masked = scan_copy_row(data[pos:end], plan, self.encoding, self.mask_counts)
+            if masked is not None and self._copy_binary:
+                # A binary row's fields have lengths: a replacement would corrupt it.
+                self._cut_result(_binary_copy_error)
+                return b""
+            return masked
+        if not self._layout_known:
+            self._layout = self._result_layout(None)
+            self._layout_known = True
+        layout = self._layout
+        return layout.mask_row(data, pos, end) if layout is not None else None
+
+    def _count_row(self) -> bytes | None:
+        """Count a row against the limit; past it, drop the row (b"")."""
+        if self._cut:
+            return b""
         rows = self._rows
         if rows == 0 and self._suspended_rows:
             entry = self._expected[0] if self._expected else None
@@ -521,20 +600,125 @@ class Session:
                 rows = self._suspended_rows.pop(entry[1], 0)
         rows += 1
         self._rows = rows
-        assert self.row_limit is not None
-        if rows <= self.row_limit.rows:
+        limit = self.row_limit
+        assert limit is not None
+        if rows <= limit.rows:
             return None
+        self._cut_result(lambda completed: limit.error(completed=completed))
+        return b""
+
+    def _cut_result(self, error: Callable[[bool], bytes]) -> None:
+        """Withhold the rest of the current result; it ends with ``error`` instead.
+
+        ``error(completed)`` builds the ErrorResponse: ``completed`` says whether the
+        statement finished on the server (else the gateway's cancel stopped it).
+        """
         self._cut = True
+        self._cut_error = error
         if not self._cancelled and self._cancel_is_safe():
             self._cancelled = self.cancel_wanted = self._cancel_in_flight = True
-        return b""
 
     def _on_copy_done(self, data: bytes, pos: int, end: int) -> bytes | None:
         return b"" if self._cut else None
 
     def _on_result_start(self, data: bytes, pos: int, end: int) -> bytes | None:
         self._rows = 0
+        if self.masked:
+            return self._on_description(data, pos, end)
         return self._on_describe_done(data, pos, end)
+
+    # Masking: only sessions with masked=True have these paths.
+
+    def _note_plan(self, mtype: int, parse: codec.Parse | None, plan: MaskPlan | None) -> None:
+        if mtype == _Q:
+            self._query_plans.append(plan)
+        elif mtype == _P and parse is not None:
+            self._statement_plans[parse.statement] = plan
+
+    def _track_masking(
+        self, mtype: int, data: bytes, pos: int, end: int, parse: codec.Parse | None
+    ) -> None:
+        if mtype == _B:
+            frame = data[pos:end]
+            bind = codec.decode_bind_names(frame, self.encoding)
+            self._portal_binds[bind.portal] = (
+                bind.statement,
+                codec.decode_bind_result_formats(frame),
+            )
+            self._portal_fields.pop(bind.portal, None)
+            self._described.discard(("P", bind.portal))
+        elif mtype == _P and parse is not None:
+            self._statement_fields.pop(parse.statement, None)
+            self._described.discard(("S", parse.statement))
+        elif mtype == _D:
+            kind, name = codec.decode_target(data[pos:end], self.encoding)
+            self._described.add((kind, name))
+
+    def _describe_before_execute(self, data: bytes, pos: int, end: int) -> bytes | None:
+        """A Describe of the portal, when nothing else will say what its rows hold."""
+        portal = (
+            "" if data[pos + 5] == 0 else codec.decode_execute_portal(data[pos:end], self.encoding)
+        )
+        bound = self._portal_binds.get(portal)
+        if (
+            ("P", portal) in self._described
+            or portal in self._portal_fields
+            or (
+                bound is not None
+                and (bound[0] in self._statement_fields or ("S", bound[0]) in self._described)
+            )
+        ):
+            return None
+        # The server answers it before the Execute's rows; the session keeps the answer.
+        self._expected.append((_D, portal, "internal"))
+        self._described.add(("P", portal))
+        return codec.describe("P", portal)
+
+    def _on_description(self, data: bytes, pos: int, end: int) -> bytes | None:
+        """RowDescription or NoData: a Describe's answer, or a simple Query's result."""
+        head = self._expected[0] if self._expected else None
+        fields = codec.decode_row_description(data[pos:end]) if data[pos] == ord("T") else []
+        self._layout, self._layout_known = None, False
+        if head is not None and head[0] == _D:
+            self._expected.popleft()
+            if head[2] == "S":
+                self._statement_fields[head[1]] = fields
+                return None
+            self._portal_fields[head[1]] = fields
+            return b"" if head[2] == "internal" else None
+        if head is not None and head[0] == _Q:
+            self._layout = self._result_layout(fields)
+            self._layout_known = True
+        return None
+
+    def _head_plan(self) -> MaskPlan | None:
+        """The plan of the request the server is answering now."""
+        head = self._expected[0] if self._expected else None
+        if head is None:
+            return None
+        if head[0] == _Q:
+            return self._query_plans[0] if self._query_plans else None
+        if head[0] == _E:
+            bound = self._portal_binds.get(head[1])
+            return self._statement_plans.get(bound[0]) if bound is not None else None
+        return None
+
+    def _result_layout(self, fields: list[FieldDescription] | None) -> RowLayout | None:
+        """How the rows of the result now arriving are masked (None: not at all)."""
+        plan = self._head_plan()
+        formats: tuple[int, ...] = ()
+        head = self._expected[0] if self._expected else None
+        if fields is None and head is not None and head[0] == _E:
+            bound = self._portal_binds.get(head[1])
+            fields = self._portal_fields.get(head[1])
+            if fields is None and bound is not None:
+                fields = self._statement_fields.get(bound[0])
+                formats = bound[1]
+        if plan is None or fields is None:
+            # Rows the session cannot attribute: send none of their values.
+            plan, fields = _MASK_ALL, None
+        layout = RowLayout(fields, formats, plan, self.encoding, self.mask_counts)
+        return layout if layout.needed else None
 
     def _cancel_is_safe(self) -> bool:
         """Whether a cancel can only stop what the client would see as one failed unit.
@@ -572,6 +756,7 @@ class Session:
 
     def _on_copy_out(self, data: bytes, pos: int, end: int) -> bytes | None:
         self.mode = "copy_out"
+        self._copy_binary = data[pos + 5] == 1
         return None
 
     def _on_copy_both(self, data: bytes, pos: int, end: int) -> bytes | None:
@@ -587,6 +772,22 @@ class Session:
 
 
 _PORTAL_SUSPENDED = ord("s")
+
+
+def _no_cut_error(completed: bool) -> bytes:
+    raise AssertionError("a result was cut without an error to end it")
+
+
+def _binary_copy_error(completed: bool) -> bytes:
+    return codec.error_response(
+        "42501",
+        "querywarden: a row of this binary COPY holds a value a content detector flags, and "
+        "binary COPY rows cannot be masked in place",
+        detail="the rest of the COPY was withheld"
+        + ("; the statement finished on the server" if completed else ""),
+        hint="use COPY ... TO STDOUT in text or CSV format, or SELECT, whose values are masked",
+    )
+
 
 _SERVER_HANDLERS = {
     ord("S"): Session._on_parameter_status,
@@ -605,10 +806,15 @@ _SERVER_HANDLERS = {
     ord("W"): Session._on_copy_both,
 }
 
-_LIMITED_SERVER_HANDLERS = {
+_ROW_SERVER_HANDLERS = {
     **_SERVER_HANDLERS,
     ord("D"): Session._on_row,
     ord("d"): Session._on_row,
     ord("c"): Session._on_copy_done,
     ord("T"): Session._on_result_start,
+    ord("n"): Session._on_result_start,
+    ord("N"): Session._on_notice,
 }
+
+#: Masks every value: for rows whose statement or layout the session does not know.
+_MASK_ALL = MaskPlan(origins={}, computed=None, scanner=None, scrub_errors=True, mask_all=True)

@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from querywarden.analysis import AnalysisError, Analyzer, StatementSummary
 from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
+from querywarden.masking.catalog import CatalogCache, SensitiveCatalog
+from querywarden.masking.plan import Masker, MaskRefusal
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.model import PolicyDocument
 
@@ -24,11 +26,20 @@ class PolicyGate:
         analyzer: Analyzer | None = None,
         *,
         estimator: ScanEstimator | None = None,
+        masker: Masker | None = None,
+        catalogs: CatalogCache | None = None,
     ) -> None:
         self.engine = policy if isinstance(policy, PolicyEngine) else PolicyEngine(policy)
         self.analyzer = analyzer or Analyzer()
         #: Estimates full-table scans (EXPLAIN upstream) for fullTableScan reviews.
         self.estimator = estimator
+        #: The policy's masking, and where it learns which columns are sensitive.
+        self.masker = masker
+        self.catalogs = catalogs
+
+    def masks(self, session: SessionInfo) -> bool:
+        """Whether this session's results are masked (decisions then carry a plan)."""
+        return self.masker is not None and self.masker.applies_to(session.principal)
 
     def decide(
         self, session: SessionInfo, request: StatementRequest
@@ -86,15 +97,71 @@ class PolicyGate:
             session.search_path[:] = search_path
         if verdict.outcome == "allow":
             _note_prepared(session, summaries)
-            scans = self.engine.scan_review(session.principal, session.database)
-            touching = [s for s in summaries if s.reads or s.writes]
-            if scans is not None and touching:
-                # Deciding needs the upstream's plan: the session holds the request.
-                return self._review_scans(session, touching, *scans)
-            return ALLOW
+            return self._allowed(session, summaries, search_path)
         if verdict.outcome == "review":
             return _needs_review(verdict.reason, hint=verdict.hint, rule=verdict.rule)
         return Decision.refuse(_PREFIX + verdict.reason, hint=verdict.hint, rule=verdict.rule)
+
+    def _allowed(
+        self,
+        session: SessionInfo,
+        summaries: Sequence[StatementSummary],
+        search_path: Sequence[str],
+    ) -> Decision | Awaitable[Decision]:
+        """The policy allows the request: review scans and attach masking as needed."""
+        masked = self.masks(session)
+        if (
+            masked
+            and self.catalogs is not None
+            and any(op.startswith("ddl") for s in summaries for op in s.operations)
+        ):
+            # Views and columns may change: the next decision reads the catalog again.
+            self.catalogs.invalidate(session.database)
+        scans = self.engine.scan_review(session.principal, session.database)
+        touching = [s for s in summaries if s.reads or s.writes] if scans is not None else []
+        if masked:
+            catalog = self.catalogs.current(session.database) if self.catalogs else None
+            if catalog is None or touching:
+                return self._allowed_later(session, summaries, search_path, scans, touching)
+            return self._mask(session, catalog, summaries, search_path)
+        if scans is not None and touching:
+            # Deciding needs the upstream's plan: the session holds the request.
+            return self._review_scans(session, touching, *scans)
+        return ALLOW
+
+    async def _allowed_later(
+        self,
+        session: SessionInfo,
+        summaries: Sequence[StatementSummary],
+        search_path: Sequence[str],
+        scans: tuple[int, str] | None,
+        touching: Sequence[StatementSummary],
+    ) -> Decision:
+        if scans is not None and touching:
+            decision = await self._review_scans(session, touching, *scans)
+            if not decision.allowed:
+                return decision
+        if self.catalogs is None:
+            return _catalog_unavailable("no catalog source is configured")
+        try:
+            catalog = await self.catalogs.get(session.database)
+        except Exception as exc:
+            # Fail closed: without the catalog, sensitive columns cannot be recognized.
+            return _catalog_unavailable(type(exc).__name__)
+        return self._mask(session, catalog, summaries, search_path)
+
+    def _mask(
+        self,
+        session: SessionInfo,
+        catalog: SensitiveCatalog,
+        summaries: Sequence[StatementSummary],
+        search_path: Sequence[str],
+    ) -> Decision:
+        assert self.masker is not None
+        plan = self.masker.plan(session.principal, catalog, summaries, search_path)
+        if isinstance(plan, MaskRefusal):
+            return Decision.refuse(_PREFIX + plan.reason, hint=plan.hint, rule="masking")
+        return Decision(True, mask=plan)
 
     async def _review_scans(
         self,
@@ -133,6 +200,16 @@ class PolicyGate:
                     rule=rule,
                 )
         return ALLOW
+
+
+def _catalog_unavailable(why: str) -> Decision:
+    return Decision.refuse(
+        _PREFIX + f"the gateway could not read the database catalog to know which columns "
+        f"are masked ({why}); the statement was not run",
+        sqlstate="58000",
+        hint="retry shortly; if it persists, tell the gateway's operator",
+        rule="masking",
+    )
 
 
 def _note_prepared(session: SessionInfo, summaries: Sequence[StatementSummary]) -> None:

@@ -267,12 +267,86 @@ class Rule(_Model):
     upstream_role: str | None = None
 
 
+MaskStrategyName = Literal["redact", "null", "partial", "email", "hash", "digits"]
+DetectorName = Literal["ssn", "credit_card", "api_key", "jwt", "private_key", "email"]
+
+
+class MaskStrategy(_Model):
+    """How a masked value is replaced."""
+
+    #: redact (a constant), null, partial (keep the first/last characters), email (keep
+    #: the domain), hash (keyed HMAC: stable, so joins and GROUP BY still match), digits
+    #: (format-preserving: same length and separators, other digits).
+    strategy: MaskStrategyName = "redact"
+    keep_first: int = Field(0, ge=0)
+    keep_last: int = Field(0, ge=0)
+    #: The constant of ``redact``.
+    replacement: str = "****"
+
+
+class MaskOverride(MaskStrategy):
+    """Another strategy for some groups or users (``none``: they see the real value)."""
+
+    strategy: MaskStrategyName | Literal["none"] = "redact"  # type: ignore[assignment]
+    groups: list[str] = []
+    users: list[str] = []
+
+    @model_validator(mode="after")
+    def _names_someone(self) -> MaskOverride:
+        if not self.groups and not self.users:
+            raise ValueError("name at least one group or user")
+        return self
+
+
+class MaskedColumn(MaskStrategy):
+    """A sensitive column: masked wherever its values reach a client."""
+
+    #: ``schema.table`` (an unqualified name means ``public``).
+    table: str = Field(min_length=1)
+    column: str = Field(min_length=1)
+    overrides: list[MaskOverride] = []
+
+    @property
+    def qualified_table(self) -> str:
+        """``schema.table``."""
+        return self.table if "." in self.table else f"public.{self.table}"
+
+
+class Exemption(_Model):
+    """Identities masking does not apply to."""
+
+    groups: list[str] = []
+    users: list[str] = []
+
+
+class MaskingSection(_Model):
+    """Which values are masked, for whom, and what may not be used in predicates."""
+
+    columns: list[MaskedColumn] = []
+    #: Content detectors run on text values of columns that are not marked.
+    detectors: list[DetectorName] = []
+    #: ``deny``: a statement may not use a masked column in WHERE, JOIN, GROUP BY, ORDER
+    #: BY, HAVING or a window, nor store it elsewhere (INSERT ... SELECT, UPDATE SET),
+    #: because such uses reveal or copy values bit by bit.
+    predicates: Literal["deny", "allow"] = "deny"
+    exempt: Exemption = Exemption()
+
+    @property
+    def uses_hash(self) -> bool:
+        """Whether any strategy needs the gateway's hash key."""
+        return any(
+            c.strategy == "hash" or any(o.strategy == "hash" for o in c.overrides)
+            for c in self.columns
+        )
+
+
 class PolicyDocument(_Model):
     """The whole policy document."""
 
     identity: IdentitySection = IdentitySection()
     #: Evaluated for every statement; anything no rule allows is refused.
     rules: list[Rule] = []
+    masking: MaskingSection = MaskingSection()
 
     @model_validator(mode="after")
     def _unique_rules(self) -> PolicyDocument:

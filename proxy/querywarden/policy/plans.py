@@ -70,17 +70,7 @@ class PlanEstimator:
     ) -> asyncpg.Connection:
         conn = self._connections.get(key)
         if conn is None or conn.is_closed():
-            ssl: Any = False if target.sslmode == "disable" else "prefer"
-            conn = await asyncpg.connect(
-                host=target.host,
-                port=target.port,
-                user=target.user,
-                password=target.password,
-                database=database,
-                ssl=ssl,
-                timeout=target.connect_timeout,
-                server_settings={"application_name": "querywarden-plans"},
-            )
+            conn = await side_connection(target, database, "querywarden-plans")
             self._connections[key] = conn
         return conn
 
@@ -110,3 +100,20 @@ class PlanEstimator:
         for conn in list(self._connections.values()):
             await conn.close()
         self._connections.clear()
+
+
+async def side_connection(
+    target: UpstreamTarget, database: str, application_name: str
+) -> asyncpg.Connection:
+    """An asyncpg connection of the gateway's own to the upstream (catalog, EXPLAIN)."""
+    ssl: Any = False if target.sslmode == "disable" else "prefer"
+    return await asyncpg.connect(
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        password=target.password,
+        database=database,
+        ssl=ssl,
+        timeout=target.connect_timeout,
+        server_settings={"application_name": application_name, "search_path": "public"},
+    )

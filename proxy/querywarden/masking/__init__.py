@@ -1,0 +1,1 @@
+"""Inline masking of sensitive values."""

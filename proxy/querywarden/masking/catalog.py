@@ -1,0 +1,243 @@
+"""Where sensitive columns live in one database: names and result-column origins.
+
+A RowDescription names each plain result column by its origin, ``(table OID, attribute
+number)``. The policy names sensitive columns as ``schema.table.column``. The
+:class:`SensitiveCatalog` joins the two, once per database and refreshed on DDL or after
+a TTL, so the result path only does dictionary lookups.
+
+What counts as sensitive, beyond the configured columns:
+
+* the same-named column of every partition and inheritance child of a configured table
+  (a query on a partition reports the partition as the origin);
+* every column of a view or materialized view whose definition references a sensitive
+  column, transitively. PostgreSQL records which columns a view's query uses, not which
+  output column each one feeds, so all of the view's columns are treated as sensitive:
+  a column with the same name as a sensitive column it references takes that column's
+  strategy, the others are redacted. Over-masking, never under-masking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from querywarden.policy.model import MaskedColumn, MaskingSection
+
+#: ``(table OID, attribute number)``, as a RowDescription field names its origin.
+Origin = tuple[int, int]
+#: ``("schema.relation", "column")``.
+ColumnName = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SensitiveCatalog:
+    """The sensitive columns of one database, by origin and by name."""
+
+    #: origin -> the configured column whose values it carries (its strategy applies).
+    by_origin: dict[Origin, MaskedColumn] = field(default_factory=dict)
+    #: (schema.relation, column) -> configured column, for tables, children and views.
+    by_name: dict[ColumnName, MaskedColumn] = field(default_factory=dict)
+    #: schema.relation of every table or view that has a sensitive column (whole-row
+    #: references to these carry sensitive values).
+    relations: frozenset[str] = frozenset()
+    #: Bare column names of ``by_name`` (an unqualified column reference may be any).
+    column_names: frozenset[str] = frozenset()
+    #: Names of pg_catalog's functions: any other function may read sensitive tables.
+    builtin_functions: frozenset[str] = frozenset()
+
+    @classmethod
+    def build(
+        cls,
+        masked: Iterable[MaskedColumn],
+        *,
+        attributes: Iterable[tuple[int, str, str, int, str]],
+        children: Iterable[tuple[int, int]],
+        view_references: Iterable[tuple[int, int, int]],
+        view_columns: Iterable[tuple[int, str, str, int, str]],
+        builtin_functions: Iterable[str] = (),
+    ) -> SensitiveCatalog:
+        """Join the policy's columns with catalog rows (see :func:`load_catalog`).
+
+        ``attributes``: (relation OID, schema, relation, attnum, column) of every column of
+        the configured tables and their children. ``children``: (child OID, parent OID)
+        of inheritance and partitioning. ``view_references``: (view OID, referenced
+        relation OID, referenced attnum). ``view_columns``: the views' columns, as
+        ``attributes``.
+        """
+        configured = {(c.qualified_table, c.column): c for c in masked}
+        rows = list(attributes)
+        parents: dict[int, list[int]] = {}
+        for child, parent in children:
+            parents.setdefault(child, []).append(parent)
+        names_by_oid = {oid: f"{schema}.{rel}" for oid, schema, rel, _, _ in rows}
+        by_origin: dict[Origin, MaskedColumn] = {}
+        by_name: dict[ColumnName, MaskedColumn] = {}
+
+        def ancestors(oid: int) -> list[int]:
+            seen, todo = [], [oid]
+            while todo:
+                current = todo.pop()
+                if current in seen:
+                    continue
+                seen.append(current)
+                todo.extend(parents.get(current, ()))
+            return seen
+
+        for oid, schema, rel, attnum, column in rows:
+            for ancestor in ancestors(oid):
+                spec = configured.get((names_by_oid.get(ancestor, ""), column))
+                if spec is not None:
+                    by_origin[(oid, attnum)] = spec
+                    by_name[(f"{schema}.{rel}", column)] = spec
+                    break
+
+        # Views: iterate to a fixpoint, since a view may be defined over another view.
+        references: dict[int, set[Origin]] = {}
+        for view, referenced, referenced_attnum in view_references:
+            references.setdefault(view, set()).add((referenced, referenced_attnum))
+        columns_of: dict[int, list[tuple[str, str, int, str]]] = {}
+        for view_oid, view_schema, view_name, view_attnum, view_column in view_columns:
+            columns_of.setdefault(view_oid, []).append(
+                (view_schema, view_name, view_attnum, view_column)
+            )
+        changed = True
+        while changed:
+            changed = False
+            for view, used in references.items():
+                hits = [by_origin[o] for o in used if o in by_origin]
+                if not hits:
+                    continue
+                by_column = {spec.column: spec for spec in hits}
+                for schema, rel, attnum, column in columns_of.get(view, ()):
+                    if (view, attnum) in by_origin:
+                        continue
+                    spec = by_column.get(column) or _redacted(schema, rel, column)
+                    by_origin[(view, attnum)] = spec
+                    by_name[(f"{schema}.{rel}", column)] = spec
+                    changed = True
+        return cls(
+            by_origin=by_origin,
+            by_name=by_name,
+            relations=frozenset(name for name, _ in by_name),
+            column_names=frozenset(column for _, column in by_name),
+            builtin_functions=frozenset(builtin_functions),
+        )
+
+
+def _redacted(schema: str, relation: str, column: str) -> MaskedColumn:
+    return MaskedColumn(table=f"{schema}.{relation}", column=column, strategy="redact")
+
+
+_ATTRIBUTES = """
+WITH RECURSIVE configured AS (
+    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN unnest($1::text[], $2::text[]) AS t(nsp, rel) ON n.nspname = t.nsp AND c.relname = t.rel
+), tree AS (
+    SELECT oid FROM configured
+    UNION
+    SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid
+)
+SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname
+FROM tree JOIN pg_class c ON c.oid = tree.oid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+_CHILDREN = "SELECT inhrelid, inhparent FROM pg_inherits"
+
+_BUILTINS = "SELECT DISTINCT proname FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace"
+
+_VIEW_REFERENCES = """
+SELECT r.ev_class, d.refobjid, d.refobjsubid
+FROM pg_depend d JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+WHERE d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0 AND d.refobjid <> r.ev_class
+"""
+
+_VIEW_COLUMNS = """
+SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.oid = ANY($1::oid[])
+"""
+
+
+async def load_catalog(connection: Any, masking: MaskingSection) -> SensitiveCatalog:
+    """Read what :meth:`SensitiveCatalog.build` needs over an asyncpg connection."""
+    if not masking.columns:
+        return SensitiveCatalog()
+    tables = sorted({c.qualified_table for c in masking.columns})
+    schemas = [t.split(".", 1)[0] for t in tables]
+    relations = [t.split(".", 1)[1] for t in tables]
+    attributes = await connection.fetch(_ATTRIBUTES, schemas, relations)
+    children = await connection.fetch(_CHILDREN)
+    references = await connection.fetch(_VIEW_REFERENCES)
+    views = sorted({r[0] for r in references})
+    view_columns = await connection.fetch(_VIEW_COLUMNS, views) if views else []
+    builtins = await connection.fetch(_BUILTINS)
+    return SensitiveCatalog.build(
+        masking.columns,
+        attributes=[tuple(r) for r in attributes],
+        children=[tuple(r) for r in children],
+        view_references=[tuple(r) for r in references],
+        view_columns=[tuple(r) for r in view_columns],
+        builtin_functions=[r[0] for r in builtins],
+    )
+
+
+class CatalogCache:
+    """One :class:`SensitiveCatalog` per database, loaded on demand and refreshed.
+
+    ``loader(database)`` reads a fresh catalog. A snapshot is used for ``ttl`` seconds,
+    or until :meth:`invalidate` (a session ran DDL). Concurrent requests for the same
+    database share one load. A failed load raises: the caller refuses (fail closed).
+    """
+
+    def __init__(
+        self,
+        loader: Callable[[str], Awaitable[SensitiveCatalog]],
+        *,
+        ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._loader = loader
+        self.ttl = ttl
+        self._clock = clock
+        self._snapshots: dict[str, tuple[float, SensitiveCatalog]] = {}
+        self._loading: dict[str, asyncio.Future[SensitiveCatalog]] = {}
+
+    def current(self, database: str) -> SensitiveCatalog | None:
+        """The snapshot if it is still fresh, else None (call :meth:`get`)."""
+        found = self._snapshots.get(database)
+        if found is None or self._clock() - found[0] > self.ttl:
+            return None
+        return found[1]
+
+    async def get(self, database: str) -> SensitiveCatalog:
+        """A fresh snapshot, loading it if needed."""
+        snapshot = self.current(database)
+        if snapshot is not None:
+            return snapshot
+        pending = self._loading.get(database)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(database))
+            self._loading[database] = pending
+        return await asyncio.shield(pending)
+
+    async def _load(self, database: str) -> SensitiveCatalog:
+        try:
+            started = self._clock()
+            snapshot = await self._loader(database)
+            self._snapshots[database] = (started, snapshot)
+            return snapshot
+        finally:
+            self._loading.pop(database, None)
+
+    def invalidate(self, database: str | None = None) -> None:
+        """Forget the snapshot of ``database`` (all when None): DDL may have changed it."""
+        if database is None:
+            self._snapshots.clear()
+        else:
+            self._snapshots.pop(database, None)

@@ -1,0 +1,303 @@
+"""What to mask in one request's results, decided with the statement. Sans-I/O.
+
+Two sources say which result columns carry sensitive values:
+
+* **Origins.** A RowDescription names each plain column by ``(table OID, attnum)``,
+  traced by PostgreSQL through aliases, FROM subqueries and CTEs. Origins in the
+  :class:`~querywarden.masking.catalog.SensitiveCatalog` are masked with their column's
+  strategy, whatever the statement looks like.
+* **The statement.** A column computed from a sensitive one (``upper(ssn)``,
+  ``ssn || ''``, ``row_to_json(c)``, ``string_agg(ssn, ',')``, a UNION branch, a scalar
+  subquery) has no origin. When the analyzer finds a sensitive column in such a place,
+  or anything whose lineage it cannot follow (a user-defined function, dynamic SQL, a
+  cursor FETCH), the request is *tainted*: every result column without an origin is
+  masked whole (redacted, or NULL where the type has no safe constant).
+
+With ``predicates: deny`` a statement may not use a sensitive column where its value
+would steer the result (WHERE, JOIN, GROUP BY, ORDER BY, HAVING, windows, LIMIT) or be
+stored somewhere unmasked (INSERT ... SELECT, UPDATE SET, CREATE TABLE AS); such a
+statement is refused, not masked. ``COPY ... TO STDOUT`` of sensitive data is refused
+too: use SELECT, whose results are masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from querywarden.analysis import QualifiedName, StatementSummary
+from querywarden.identity import Principal
+from querywarden.masking.catalog import Origin, SensitiveCatalog
+from querywarden.masking.detectors import ContentScanner
+from querywarden.masking.strategies import MaskSpec
+from querywarden.policy.model import MaskedColumn, MaskingSection, MaskStrategy
+
+#: Clauses whose column values reach the client as result columns.
+_OUTPUT_CLAUSES = frozenset({"select", "returning"})
+#: What a tainted request's computed columns become.
+_COMPUTED = MaskSpec("redact")
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnMask:
+    """One masked column as applied for one identity."""
+
+    spec: MaskSpec
+    #: ``schema.table.column`` of the configured column (for the audit summary).
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class MaskPlan:
+    """How one request's results are masked (shared by the statements it holds)."""
+
+    origins: dict[Origin, ColumnMask]
+    #: Applied to result columns without an origin; None: they pass (the request does
+    #: not derive anything from a sensitive column).
+    computed: ColumnMask | None
+    scanner: ContentScanner | None
+    #: Error and notice texts may echo sensitive values: scrub them.
+    scrub_errors: bool
+    key: bytes = field(repr=False, default=b"")
+    #: Every value of every column is masked (NULL): rows the session cannot attribute.
+    mask_all: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MaskRefusal:
+    """A statement masking cannot allow, with what the client may do instead."""
+
+    reason: str
+    hint: str
+
+
+def _spec(strategy: MaskStrategy) -> MaskSpec:
+    return MaskSpec(
+        strategy.strategy,
+        keep_first=strategy.keep_first,
+        keep_last=strategy.keep_last,
+        replacement=strategy.replacement,
+    )
+
+
+class Masker:
+    """The masking section of a policy, applied per identity and per request."""
+
+    def __init__(self, section: MaskingSection, key: bytes | None) -> None:
+        if section.uses_hash and not key:
+            raise ValueError(
+                "the policy masks with strategy hash, which needs masking.hashKey (or "
+                "hashKeyFile) in the gateway settings"
+            )
+        self.section = section
+        self.key = key or b""
+        self.scanner = ContentScanner(section.detectors) if section.detectors else None
+        self._resolved: dict[tuple[int, str, frozenset[str]], dict[Origin, ColumnMask]] = {}
+        self._names: dict[tuple[int, str, frozenset[str]], set[tuple[str, str]]] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether the policy masks anything at all."""
+        return bool(self.section.columns or self.section.detectors)
+
+    def applies_to(self, principal: Principal) -> bool:
+        """Whether this identity's results are masked (it is not exempt)."""
+        exempt = self.section.exempt
+        return self.active and not (
+            principal.subject in exempt.users or not principal.groups.isdisjoint(exempt.groups)
+        )
+
+    def _for(self, column: MaskedColumn, principal: Principal) -> MaskSpec | None:
+        for override in column.overrides:
+            if principal.subject in override.users or not principal.groups.isdisjoint(
+                override.groups
+            ):
+                return None if override.strategy == "none" else _spec(override)
+        return _spec(column)
+
+    def _resolve(
+        self, catalog: SensitiveCatalog, principal: Principal
+    ) -> tuple[dict[Origin, ColumnMask], set[tuple[str, str]]]:
+        key = (id(catalog), principal.subject, principal.groups)
+        origins = self._resolved.get(key)
+        names = self._names.get(key)
+        if origins is None or names is None:
+            origins, names = {}, set()
+            for origin, column in catalog.by_origin.items():
+                spec = self._for(column, principal)
+                if spec is not None:
+                    origins[origin] = ColumnMask(spec, f"{column.qualified_table}.{column.column}")
+            for name, column in catalog.by_name.items():
+                if self._for(column, principal) is not None:
+                    names.add(name)
+            if len(self._resolved) > 1000:
+                self._resolved.clear()
+                self._names.clear()
+            self._resolved[key] = origins
+            self._names[key] = names
+        return origins, names
+
+    def plan(
+        self,
+        principal: Principal,
+        catalog: SensitiveCatalog,
+        summaries: Sequence[StatementSummary],
+        search_path: Sequence[str],
+    ) -> MaskPlan | MaskRefusal:
+        """The plan for a request, or why masking cannot let it run."""
+        origins, names = self._resolve(catalog, principal)
+        relations = {table for table, _ in names}
+        tainted = False
+        touches = False
+        for summary in summaries:
+            found = _Findings(summary, names, relations, search_path)
+            touches = touches or found.any_sensitive or found.touches
+            if found.any_sensitive and "copy_out" in summary.operations:
+                return MaskRefusal(
+                    f"COPY ... TO STDOUT would send masked column {found.first} unmasked",
+                    "use SELECT instead: its results are masked",
+                )
+            if self.section.predicates == "deny":
+                refusal = found.predicate_refusal()
+                if refusal is not None:
+                    return refusal
+            tainted = tainted or found.tainted or _opaque_lineage(summary, catalog)
+        computed = ColumnMask(_COMPUTED, "(computed)") if tainted and names else None
+        return MaskPlan(
+            origins=origins,
+            computed=computed,
+            scanner=self.scanner,
+            scrub_errors=touches or tainted,
+            key=self.key,
+        )
+
+
+def _opaque_lineage(summary: StatementSummary, catalog: SensitiveCatalog) -> bool:
+    """Whether results may carry values whose origin the analyzer cannot follow."""
+    if summary.opaque or "fetch" in summary.operations:
+        return True
+    # A user-defined function may read any table; built-ins see only their arguments.
+    # Unqualified names resolve to pg_catalog first, so they are built-ins when
+    # pg_catalog has a function of that name.
+    builtins = catalog.builtin_functions
+    return any(
+        (f.schema is None and f.name not in builtins)
+        or (f.schema is not None and f.schema != "pg_catalog")
+        for f in summary.functions
+    )
+
+
+class _Findings:
+    """Sensitive column references of one statement, by where they appear."""
+
+    def __init__(
+        self,
+        summary: StatementSummary,
+        names: set[tuple[str, str]],
+        relations: set[str],
+        search_path: Sequence[str],
+    ) -> None:
+        self.summary = summary
+        self.any_sensitive = False
+        self.tainted = False
+        self.first = ""
+        self.predicate: tuple[str, str] | None = None
+        self.unresolved_predicate = False
+        aliases: dict[str, list[QualifiedName]] = {}
+        for visible, relation in summary.aliases:
+            aliases.setdefault(visible, []).append(relation)
+        read = list(summary.reads | summary.writes)
+        #: The statement reads or writes a relation with sensitive columns: its errors
+        #: may echo their values (``Failing row contains (...)``).
+        self.touches = any(
+            c in relations for relation in read for c in _candidates(relation, search_path)
+        )
+        for ref in summary.columns:
+            if ref.relation is not None:
+                targets = aliases.get(ref.relation)
+                if targets is None:
+                    targets = [_qualified(ref.relation)] if "." in ref.relation else []
+                    if ref.clause not in _OUTPUT_CLAUSES:
+                        self.unresolved_predicate = True
+            else:
+                targets = read
+                if ref.clause not in _OUTPUT_CLAUSES and summary.derived:
+                    self.unresolved_predicate = True
+            hit = self._hit(ref.column, targets, names, relations, search_path)
+            if hit is None:
+                continue
+            self.any_sensitive = True
+            self.first = self.first or hit
+            if ref.clause in _OUTPUT_CLAUSES:
+                if not ref.direct:
+                    self.tainted = True
+            elif self.predicate is None:
+                self.predicate = (hit, ref.clause)
+        if not self.any_sensitive:
+            # A relation with sensitive columns read by a function, not by a column
+            # reference (table_to_xml('customers'), COPY customers TO STDOUT).
+            whole = "copy_out" in summary.operations or not summary.columns
+            for relation in read:
+                if whole and any(c in relations for c in _candidates(relation, search_path)):
+                    self.any_sensitive = self.tainted = True
+                    self.first = str(relation)
+
+    @staticmethod
+    def _hit(
+        column: str,
+        targets: Iterable[QualifiedName],
+        names: set[tuple[str, str]],
+        relations: set[str],
+        search_path: Sequence[str],
+    ) -> str | None:
+        for target in targets:
+            for candidate in _candidates(target, search_path):
+                if column == "*":
+                    if candidate in relations:
+                        return f"{candidate}.*"
+                elif (candidate, column) in names:
+                    return f"{candidate}.{column}"
+        return None
+
+    def predicate_refusal(self) -> MaskRefusal | None:
+        if self.predicate is not None:
+            column, clause = self.predicate
+            where = _CLAUSE_WORDS.get(clause, clause.upper())
+            return MaskRefusal(
+                f"masked column {column} may not be used in {where}: that would reveal or "
+                "copy its values",
+                "select the column (its values are masked) and filter or join on other "
+                "columns, such as the primary key",
+            )
+        if self.any_sensitive and self.unresolved_predicate:
+            return MaskRefusal(
+                f"masked column {self.first} flows through a subquery, CTE or function "
+                "whose columns are used in a condition, so the gateway cannot tell whether "
+                "the condition uses masked values",
+                "filter on columns of the base tables directly, qualified with their table "
+                "name or alias",
+            )
+        return None
+
+
+_CLAUSE_WORDS = {
+    "where": "WHERE",
+    "join": "JOIN conditions",
+    "group": "GROUP BY, DISTINCT or PARTITION BY",
+    "order": "ORDER BY",
+    "having": "HAVING",
+    "values": "values stored by INSERT, CREATE TABLE AS or a view",
+    "set": "UPDATE SET",
+    "other": "this position (LIMIT, function arguments in FROM, ...)",
+}
+
+
+def _qualified(dotted: str) -> QualifiedName:
+    schema, _, name = dotted.rpartition(".")
+    return QualifiedName(schema or None, name)
+
+
+def _candidates(relation: QualifiedName, search_path: Sequence[str]) -> list[str]:
+    if relation.schema is not None:
+        return [f"{relation.schema}.{relation.name}"]
+    return [f"{schema}.{relation.name}" for schema in ("pg_catalog", *search_path)]

@@ -1,0 +1,276 @@
+"""Inline masking through the real gateway, with real clients and a real PostgreSQL.
+
+The leak corpus runs through psql (text), psycopg (text and binary) and asyncpg (binary,
+prepared); a tap between each client and the gateway records every byte the client
+received, and none of the seeded sensitive values may be in them, in any spelling
+(digits only, upper case, hex, base64).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from byte_tap import ByteTap
+from gateway_harness import DATABASE, POLICY, RunningGateway, token_for
+from masking_corpus import CORPUS, SEED, UPDATES, leak_patterns
+from querywarden.devcluster import EphemeralCluster
+from querywarden.policy import PolicyDocument
+
+HASH_KEY = "test-masking-key-0123456789abcdef"
+
+RULES = [
+    {
+        "name": "agents-read",
+        "subjects": {"groups": ["ai-agents"]},
+        "allow": {
+            "operations": ["select", "explain", "copy_out", "prepare", "execute", "deallocate"],
+            "tables": ["public.*", "pg_catalog.*"],
+        },
+    },
+    {
+        "name": "support-update",
+        "subjects": {"groups": ["support"]},
+        "allow": {"operations": ["select", "update"], "tables": ["public.*", "pg_catalog.*"]},
+    },
+    {
+        "name": "dba-all",
+        "subjects": {"groups": ["dba"]},
+        "allow": {"operations": ["*"], "tables": ["*"]},
+    },
+]
+
+MASKING = {
+    "columns": [
+        {"table": "public.qm_customers", "column": "ssn", "strategy": "partial", "keepLast": 4},
+        {"table": "qm_customers", "column": "card", "strategy": "digits"},
+        {"table": "qm_customers", "column": "email", "strategy": "email"},
+        {"table": "qm_customers", "column": "api_key", "strategy": "hash"},
+        {"table": "qm_people", "column": "ssn", "strategy": "redact"},
+    ],
+    "detectors": ["ssn", "credit_card", "api_key", "jwt", "private_key", "email"],
+    "predicates": "deny",
+    "exempt": {"groups": ["dba"]},
+}
+
+PATTERNS = leak_patterns()
+
+
+def leaks(data: bytes) -> list[str]:
+    """The secrets whose bytes (in any of their spellings) appear in ``data``."""
+    return sorted({secret for pattern, secret in PATTERNS.items() if pattern in data})
+
+
+@pytest.fixture(scope="module")
+def seeded(pg: EphemeralCluster) -> Iterator[None]:
+    pg.psql(SEED)
+    yield
+    pg.psql("DROP TABLE qm_customers, qm_orders, qm_people CASCADE")
+
+
+@pytest.fixture
+def masked(make_gateway: Callable[..., RunningGateway], seeded: None) -> Iterator[RunningGateway]:
+    policy = PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": RULES, "masking": MASKING}
+    )
+    gw = make_gateway(policy=policy, masking={"hashKey": HASH_KEY})
+    tap = ByteTap(gw.host, gw.port)
+    gw.extra["tap"] = tap
+    try:
+        yield gw
+    finally:
+        tap.close()
+
+
+def _tap(gw: RunningGateway) -> ByteTap:
+    tap = gw.extra["tap"]
+    assert isinstance(tap, ByteTap)
+    return tap
+
+
+def _outcome(error: BaseException | None) -> str:
+    if error is None:
+        return "ran"
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def test_leak_corpus_psycopg_text_and_binary(masked: RunningGateway) -> None:
+    tap = _tap(masked)
+    outcomes: dict[str, set[str]] = {}
+    for binary in (False, True):
+        with psycopg.connect(masked.dsn("alice", port=tap.port), autocommit=True) as conn:
+            tap.take()
+            for sql in CORPUS:
+                error: BaseException | None = None
+                try:
+                    with conn.cursor(binary=binary) as cur:
+                        if sql.startswith("COPY"):
+                            with cur.copy(sql) as copy:
+                                for _ in copy:
+                                    pass
+                        else:
+                            cur.execute(sql)
+                            while True:
+                                if cur.description is not None:
+                                    cur.fetchall()
+                                if not cur.nextset():
+                                    break
+                except psycopg.Error as exc:
+                    error = exc
+                received = tap.take()
+                assert leaks(received) == [], (sql, binary, _outcome(error))
+                outcomes.setdefault(sql, set()).add(_outcome(error).split(":")[0])
+    # The corpus exercises both paths: masked results and refusals.
+    assert sum("ran" in o for o in outcomes.values()) >= 30
+    assert sum("InsufficientPrivilege" in o for o in outcomes.values()) >= 10
+
+
+def test_leak_corpus_psql(masked: RunningGateway) -> None:
+    tap = _tap(masked)
+    tap.take()
+    for sql in CORPUS:
+        result = subprocess.run(
+            ["psql", "-X", "-v", "ON_ERROR_STOP=0", "-c", sql, masked.dsn("alice", port=tap.port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        received = tap.take()
+        assert leaks(received) == [], (sql, result.stdout[-300:], result.stderr[-300:])
+        assert leaks((result.stdout + result.stderr).encode()) == [], sql
+
+
+def test_leak_corpus_asyncpg_binary_prepared(masked: RunningGateway) -> None:
+    tap = _tap(masked)
+
+    async def run() -> int:
+        conn = await asyncpg.connect(
+            host=masked.host,
+            port=tap.port,
+            user="alice",
+            password=token_for("alice"),
+            database=DATABASE,
+            ssl=False,
+        )
+        ran = 0
+        try:
+            tap.take()
+            for sql in CORPUS:
+                if ";" in sql or sql.startswith("COPY"):
+                    continue  # asyncpg prepares one statement at a time; no COPY TO here
+                try:
+                    await conn.fetch(sql)
+                    ran += 1
+                except (asyncpg.PostgresError, asyncpg.InterfaceError):
+                    pass
+                received = tap.take()
+                assert leaks(received) == [], sql
+        finally:
+            await conn.close()
+        return ran
+
+    assert asyncio.run(run()) >= 30
+
+
+def test_updates_errors_and_returning_do_not_leak(masked: RunningGateway) -> None:
+    tap = _tap(masked)
+    with psycopg.connect(masked.dsn("carol", port=tap.port), autocommit=True) as conn:
+        tap.take()
+        for sql in UPDATES:
+            try:
+                cur = conn.execute(sql)
+                if cur.description is not None:
+                    cur.fetchall()
+            except psycopg.Error:
+                pass
+            assert leaks(tap.take()) == [], sql
+
+
+def test_masked_values_follow_each_strategy(masked: RunningGateway) -> None:
+    with psycopg.connect(masked.dsn("alice"), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT ssn, card, email, api_key, name FROM qm_customers WHERE id = 1"
+        ).fetchone()
+        assert row is not None
+        ssn, card, email, api_key, name = row
+        assert ssn.endswith("6789") and "123" not in ssn
+        assert len(card) == len("4111 1111 1111 1111") and card.count(" ") == 3
+        assert card != "4111 1111 1111 1111"
+        assert email.endswith("@example.com") and "alice" not in email
+        assert api_key != "qwk_9f8e7d6c5b4a3b2a"
+        assert name == "Ada"  # not sensitive: untouched
+        # Computed from a sensitive column: masked whole.
+        (upper,) = conn.execute("SELECT upper(ssn) FROM qm_customers WHERE id = 1").fetchone() or ()
+        assert upper != "123-45-6789" and "6789" not in upper
+        # A content detector catches an SSN in an unmarked column.
+        (notes,) = conn.execute("SELECT notes FROM qm_customers WHERE id = 2").fetchone() or ()
+        assert "078-05-1120" not in notes and "redacted" in notes
+        # The refusal says why and what to do instead.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+            conn.execute("SELECT id FROM qm_customers WHERE ssn LIKE '1%'")
+        assert "public.qm_customers.ssn" in str(refused.value)
+        assert refused.value.diag.message_hint is not None
+
+
+def test_hash_is_stable_across_sessions_and_joins_still_match(masked: RunningGateway) -> None:
+    values = []
+    for _ in range(2):
+        with psycopg.connect(masked.dsn("alice"), autocommit=True) as conn:
+            values.append(conn.execute("SELECT api_key FROM qm_customers ORDER BY id").fetchall())
+    assert values[0] == values[1]
+    assert values[0][0] != values[0][1]
+    with psycopg.connect(masked.dsn("alice"), autocommit=True) as conn:
+        # A self-join on the masked key: the hashed values on both sides still match.
+        rows = conn.execute(
+            "SELECT a.api_key, b.api_key FROM qm_customers a JOIN qm_customers b USING (id)"
+        ).fetchall()
+        assert all(left == right for left, right in rows)
+
+
+def test_exempt_group_sees_real_values(masked: RunningGateway) -> None:
+    with psycopg.connect(masked.dsn("bob"), autocommit=True) as conn:
+        assert conn.execute("SELECT ssn FROM qm_customers WHERE id = 1").fetchone() == (
+            "123-45-6789",
+        )
+        assert conn.execute("SELECT count(*) FROM qm_customers WHERE ssn LIKE '1%'").fetchone() == (
+            1,
+        )
+
+
+def test_binary_values_decode_as_their_types(masked: RunningGateway) -> None:
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(
+            host=masked.host,
+            port=masked.port,
+            user="alice",
+            password=token_for("alice"),
+            database=DATABASE,
+            ssl=False,
+        )
+        try:
+            row = await conn.fetchrow(
+                "SELECT ssn, length(ssn), ssn::bytea, to_jsonb(c) FROM qm_customers c WHERE id = 1"
+            )
+            assert row is not None
+            return list(row)
+        finally:
+            await conn.close()
+
+    ssn, length, raw, doc = asyncio.run(run())
+    assert ssn.endswith("6789") and "123" not in ssn
+    # Computed columns of a tainted request are masked whole: a type-valid value or NULL.
+    assert length is None or isinstance(length, int)
+    assert raw is None or b"123" not in raw
+    assert doc is None or "123-45" not in str(doc)
+    # A whole row (a record) has no safe constant: NULL, in binary as in text.
+    with psycopg.connect(masked.dsn("alice"), autocommit=True) as conn:
+        for binary in (False, True):
+            cur = conn.cursor(binary=binary)
+            assert cur.execute("SELECT c FROM qm_customers c WHERE id = 1").fetchone() == (None,)

@@ -1,0 +1,135 @@
+"""Masking in the session state machine: which result each row belongs to, bytes in/out."""
+
+from __future__ import annotations
+
+import struct
+
+from querywarden import codec
+from querywarden.hooks import Decision, SessionInfo, StatementRequest
+from querywarden.masking.plan import ColumnMask, MaskPlan
+from querywarden.masking.strategies import MaskSpec
+from querywarden.session import Session
+from unit.test_session import INFO, RFQ_I, SYNC, bind, command_complete, data_row, drain
+from wire_client import execute
+
+TABLE = 16384
+PLAN = MaskPlan(
+    origins={(TABLE, 2): ColumnMask(MaskSpec("redact"), "public.t.ssn")},
+    computed=None,
+    scanner=None,
+    scrub_errors=True,
+    key=b"k" * 32,
+)
+
+
+class MaskingGate:
+    def decide(self, session: SessionInfo, request: StatementRequest) -> Decision:
+        return Decision(True, mask=PLAN)
+
+
+def description(*columns: tuple[str, int, int, int, int]) -> bytes:
+    """RowDescription of (name, table oid, attnum, type oid, format) columns."""
+    body = struct.pack("!h", len(columns))
+    for name, table, attnum, type_oid, fmt in columns:
+        body += codec.cstr(name) + struct.pack("!IhIhih", table, attnum, type_oid, -1, -1, fmt)
+    return codec.message(b"T", body)
+
+
+COLUMNS = (("id", TABLE, 1, 25, 0), ("ssn", TABLE, 2, 25, 0))
+
+
+def frames(out: bytes) -> list[bytes]:
+    found, pos = [], 0
+    while pos < len(out):
+        length = int.from_bytes(out[pos + 1 : pos + 5], "big")
+        found.append(out[pos : pos + 1 + length])
+        pos += 1 + length
+    return found
+
+
+def session() -> Session:
+    return Session(INFO, MaskingGate(), masked=True)
+
+
+def test_simple_query_rows_are_masked_by_origin() -> None:
+    s = session()
+    s.receive_client(codec.query("SELECT id, ssn FROM t"))
+    s.receive_server(
+        description(*COLUMNS)
+        + data_row(b"1", b"123-45-6789")
+        + data_row(b"2", None)
+        + command_complete("SELECT 2")
+        + RFQ_I
+    )
+    out = drain(s.to_client)
+    assert b"123-45-6789" not in out
+    rows = [f for f in frames(out) if f[:1] == b"D"]
+    assert rows[0] == data_row(b"1", b"****")
+    assert rows[1] == data_row(b"2", None)  # NULL stays NULL
+    assert s.mask_counts.values["public.t.ssn"] == 1
+
+
+def test_execute_without_describe_gets_one_from_the_gateway() -> None:
+    s = session()
+    s.receive_client(codec.parse("", "SELECT id, ssn FROM t") + bind() + execute() + SYNC)
+    sent = frames(drain(s.to_server))
+    assert [f[:1] for f in sent] == [b"P", b"B", b"D", b"E", b"S"]
+    assert sent[2] == codec.describe("P", "")
+    s.receive_server(
+        codec.message(b"1")
+        + codec.message(b"2")
+        + description(*COLUMNS)
+        + data_row(b"1", b"123-45-6789")
+        + command_complete("SELECT 1")
+        + RFQ_I
+    )
+    out = frames(drain(s.to_client))
+    # The client never asked for the description: it does not get it.
+    assert [f[:1] for f in out] == [b"1", b"2", b"D", b"C", b"Z"]
+    assert out[2] == data_row(b"1", b"****")
+
+
+def test_statement_description_and_bind_formats_make_the_layout() -> None:
+    s = session()
+    s.receive_client(codec.parse("q", "SELECT id, ssn FROM t") + codec.describe("S", "q") + SYNC)
+    assert b"D" in drain(s.to_server)
+    s.receive_server(
+        codec.message(b"1") + codec.message(b"t", b"\0\0") + description(*COLUMNS) + RFQ_I
+    )
+    assert [f[:1] for f in frames(drain(s.to_client))] == [b"1", b"t", b"T", b"Z"]
+    # Bind asking for binary results; no Describe: the statement's description is enough.
+    binary_bind = codec.message(b"B", b"\0q\0" + b"\0\0" + b"\0\0" + b"\0\x01\0\x01")
+    s.receive_client(binary_bind + execute() + SYNC)
+    assert [f[:1] for f in frames(drain(s.to_server))] == [b"B", b"E", b"S"]
+    s.receive_server(
+        codec.message(b"2") + data_row(b"\0\0\0\1", b"123-45-6789") + command_complete("SELECT 1")
+    )
+    out = drain(s.to_client)
+    assert b"123-45-6789" not in out
+
+
+def test_errors_of_a_request_touching_masked_data_are_scrubbed() -> None:
+    s = session()
+    s.receive_client(codec.query("SELECT ssn::int FROM t"))
+    error = codec.error_response(
+        "22P02",
+        'invalid input syntax for type integer: "123-45-6789"',
+        detail="Key (ssn)=(123-45-6789) already exists.",
+    )
+    s.receive_server(error + RFQ_I)
+    out = drain(s.to_client)
+    assert b"123-45-6789" not in out
+    fields = codec.decode_fields(frames(out)[0])
+    assert fields["C"] == "22P02"
+    assert "invalid input syntax for type integer" in fields["M"]
+
+
+def test_rows_that_cannot_be_attributed_carry_no_values() -> None:
+    s = session()
+    # An Execute of a portal the session never saw bound: nothing says what it holds.
+    s.receive_client(execute("ghost") + SYNC)
+    drain(s.to_server)
+    s.receive_server(data_row(b"123-45-6789") + command_complete("SELECT 1") + RFQ_I)
+    out = drain(s.to_client)
+    assert b"123-45-6789" not in out
+    assert frames(out)[0] == data_row(None)
