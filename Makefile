@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit bench system-deps clean lock
+.PHONY: demo test lint typecheck unit bench system-deps tools clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 system-deps:
 	@bash scripts/ensure-system-deps.sh
+
+# kube-apiserver, etcd, kubectl, helm and an OpenTelemetry Collector, built from their
+# official Go modules into ~/.cache/querywarden/tools (skipped when already built).
+tools:
+	@bash scripts/build-tools.sh
 
 demo: $(STAMP) system-deps
 	$(BIN)/querywarden demo
@@ -29,7 +34,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) system-deps lint typecheck
+test: $(STAMP) system-deps tools lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

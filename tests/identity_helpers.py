@@ -32,6 +32,10 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from lxml import etree
 from signxml.signer import XMLSigner
 
+from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
+from querywarden.identity import Principal
+from querywarden.tlsutil import CA_KEY_USAGE
+
 AUDIENCE = "querywarden"
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -296,20 +300,7 @@ class Pki:
             .public_key(self.ca_key.public_key())
             .serial_number(x509.random_serial_number())
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(CA_KEY_USAGE, critical=True)
         )
         self.ca_cert = builder.sign(self.ca_key, hashes.SHA256())
         self.ca_file.write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
@@ -485,3 +476,20 @@ def find(element: etree._Element, path: str) -> etree._Element:
     found = element.find(path, {"saml": SAML_NS, "samlp": SAMLP_NS, "ds": DS_NS})
     assert found is not None, path
     return found
+
+
+class RecordPrincipals:
+    """A test-only gate: allows everything and records the Principal of each statement."""
+
+    def __init__(self) -> None:
+        self.principals: list[Principal] = []
+
+    def decide(self, session: SessionInfo, request: StatementRequest) -> Decision:
+        """Allow, and remember who asked."""
+        self.principals.append(session.principal)
+        return ALLOW
+
+    def last(self) -> Principal:
+        """The Principal of the latest statement."""
+        assert self.principals, "no statement reached the gate"
+        return self.principals[-1]

@@ -35,6 +35,7 @@ from identity_helpers import (
     DS_NS,
     ClientCertificate,
     Pki,
+    RecordPrincipals,
     SamlIdp,
     assert_no_leak,
     claims_for,
@@ -52,7 +53,6 @@ from identity_helpers import (
 from oidc_provider import OidcProvider
 from querywarden import codec
 from querywarden.devcluster import DATABASE
-from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
 from querywarden.identity import Principal
 from querywarden.identity import jwt_tokens as jwt_tokens_module
 from querywarden.identity.dev import ensure_key, load_public_jwk, mint_token
@@ -63,21 +63,6 @@ from raw_client import READ_TIMEOUT, Message, RawClient, gateway_errors
 
 DEV_ISSUER = {"name": "dev", "kind": "dev", "keyFile": str(DEV_KEY)}
 CONNECT_TIMEOUT = 10
-
-
-class RecordPrincipals:
-    """A test-only gate: allows everything and records the Principal of each statement."""
-
-    def __init__(self) -> None:
-        self.principals: list[Principal] = []
-
-    def decide(self, session: SessionInfo, request: StatementRequest) -> Decision:
-        self.principals.append(session.principal)
-        return ALLOW
-
-    def last(self) -> Principal:
-        assert self.principals, "no statement reached the gate"
-        return self.principals[-1]
 
 
 StartGateway = Callable[..., RunningGateway]

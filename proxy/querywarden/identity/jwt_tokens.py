@@ -143,7 +143,9 @@ class KeyCache:
 def _get_json(url: str, *, context: ssl.SSLContext, timeout: float, token: str | None) -> Any:
     if not url.startswith("https://"):
         raise ValueError(f"{url}: keys are fetched over HTTPS only")
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
+    # kube-apiserver serves its JWKS only as application/jwk-set+json (406 otherwise).
+    accept = "application/json, application/jwk-set+json"
+    request = urllib.request.Request(url, headers={"Accept": accept})  # noqa: S310
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     # Only https URLs get here: the policy model and discovery check both refuse others.
