@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/identity_latency.py
 	$(BIN)/python bench/analysis_bench.py
+	$(BIN)/python bench/masking_bench.py
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:

@@ -212,6 +212,15 @@ def test_masked_values_follow_each_strategy(masked: RunningGateway) -> None:
         # A content detector catches an SSN in an unmarked column.
         (notes,) = conn.execute("SELECT notes FROM qm_customers WHERE id = 2").fetchone() or ()
         assert "078-05-1120" not in notes and "redacted" in notes
+        # In json/jsonb a flagged value is replaced whole, so the document stays valid.
+        for cast in ("json", "jsonb"):
+            (doc,) = (
+                conn.execute(
+                    f'SELECT \'{{"n": 4111111111111111, "ssn": "078-05-1120"}}\'::{cast}'
+                ).fetchone()
+                or ()
+            )
+            assert isinstance(doc, str) and "078-05-1120" not in doc
         # The refusal says why and what to do instead.
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
             conn.execute("SELECT id FROM qm_customers WHERE ssn LIKE '1%'")

@@ -465,7 +465,7 @@ class Session:
             if status == b"I":
                 self._suspended_rows.clear()
         if self.masked:
-            self._layout, self._layout_known = None, False
+            self._drop_layout()
             if status == b"I" and self._portal_binds:
                 self._portal_binds.clear()
                 self._portal_fields.clear()
@@ -475,7 +475,7 @@ class Session:
         plan = self._head_plan() if self.masked else None
         replaced = self._on_error_response(data, pos, end)
         if self.masked:
-            self._layout, self._layout_known = None, False
+            self._drop_layout()
             if replaced is None:
                 return scrub_fields(data[pos:end], plan, self.encoding, self.mask_counts)
         return replaced
@@ -550,7 +550,7 @@ class Session:
             self.mode = "ready"  # CommandComplete ends a COPY
         entry = self._pop_expected(_E)
         if self.masked:
-            self._layout, self._layout_known = None, False
+            self._drop_layout()
         if self.row_limit is not None:
             rows, self._rows = self._rows, 0
             if data[pos] == _PORTAL_SUSPENDED and entry is not None:
@@ -678,7 +678,7 @@ class Session:
         """RowDescription or NoData: a Describe's answer, or a simple Query's result."""
         head = self._expected[0] if self._expected else None
         fields = codec.decode_row_description(data[pos:end]) if data[pos] == ord("T") else []
-        self._layout, self._layout_known = None, False
+        self._drop_layout()
         if head is not None and head[0] == _D:
             self._expected.popleft()
             if head[2] == "S":
@@ -690,6 +690,19 @@ class Session:
             self._layout = self._result_layout(fields)
             self._layout_known = True
         return None
+
+    def _drop_layout(self) -> None:
+        """The current result ended: count what its layout masked, forget the layout."""
+        if self._layout is not None:
+            self._layout.flush()
+            self._layout = None
+        self._layout_known = False
+
+    def mask_summary(self) -> dict[str, int]:
+        """What masking did in this session so far: values masked per column/detector."""
+        if self._layout is not None:
+            self._layout.flush()
+        return self.mask_counts.summary()
 
     def _head_plan(self) -> MaskPlan | None:
         """The plan of the request the server is answering now."""

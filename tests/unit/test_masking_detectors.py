@@ -420,8 +420,10 @@ def test_scan_bytes_in_other_encodings() -> None:
     assert result is not None and result[0].decode("shift_jis") == "\u79c1\u306e [redacted:ssn]"
 
 
-def test_scan_bytes_undecodable_is_left_to_the_caller() -> None:
-    assert ALL.scan_bytes(b"\xff 123-45-6789", "utf-8") is None
+def test_scan_bytes_finds_secrets_among_undecodable_bytes() -> None:
+    # The bytes that do not decode come back unchanged around the redaction.
+    assert ALL.scan_bytes(b"\xff 123-45-6789", "utf-8") == (b"\xff [redacted:ssn]", ("ssn",))
+    assert ALL.scan_bytes(b"\xff clean", "utf-8") is None
 
 
 # --- bounded cost ---------------------------------------------------------------------------
@@ -430,11 +432,11 @@ def test_scan_bytes_undecodable_is_left_to_the_caller() -> None:
 def test_oversize_values_with_a_hint_are_redacted_whole() -> None:
     scanner = ContentScanner(DETECTOR_NAMES, max_scan_bytes=64)
     text = "x" * 100 + " 123-45-6789"
-    assert scanner.scan(text) == (f"[redacted:{OVERSIZE}]", ("ssn", "credit_card"))
-    assert scanner.scan_bytes(text.encode(), "utf-8") == (
-        b"[redacted:oversize]",
-        ("ssn", "credit_card"),
-    )
+    # Nine digits can be an SSN, not a card number (13 or more): only ssn is hinted.
+    assert scanner.scan(text) == (f"[redacted:{OVERSIZE}]", ("ssn",))
+    assert scanner.scan_bytes(text.encode(), "utf-8") == (b"[redacted:oversize]", ("ssn",))
+    card = "x" * 100 + " 4111 1111 1111 1111"
+    assert scanner.scan(card) == (f"[redacted:{OVERSIZE}]", ("ssn", "credit_card"))
     # Even if what the hint points at is not a match: the tail is never passed unscanned.
     assert scanner.scan("y" * 100 + " @ ") == ("[redacted:oversize]", ("email",))
     # Undecodable oversize bytes with a hint are still redacted.

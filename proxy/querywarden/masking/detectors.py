@@ -229,16 +229,27 @@ _DETECTORS: Final = {d.name: d for d in (_SSN, _CREDIT_CARD, _API_KEY, _JWT, _PR
 DETECTOR_NAMES: Final[tuple[str, ...]] = tuple(_DETECTORS)
 
 
-_DIGIT_RUN: Final = re.compile(r"[0-9][0-9][0-9]")
-_DIGIT_RUN_BYTES: Final = re.compile(rb"[0-9][0-9][0-9]")
+# Detectors whose matches are digit runs need at least this many ASCII digits in the value
+# (an SSN has 9, a card number 13 to 19): counting digits is one C-speed translate, and
+# most text (names, notes, "customer 12345") has fewer, so they need not run at all.
+_MIN_DIGITS: Final = {"ssn": 9, "credit_card": 13}
+_NO_DIGITS_TEXT: Final = str.maketrans("", "", "0123456789")
+
+
+def _digits(value: str | bytes) -> int:
+    """How many ASCII digits ``value`` holds."""
+    if isinstance(value, bytes):
+        return len(value) - len(value.translate(None, b"0123456789"))
+    return len(value) - len(value.translate(_NO_DIGITS_TEXT))
+
 
 # Up to this length one regex of all the hints is the quickest way to see a clean value;
 # beyond it, substring searches win (the regex engine tries every hint at every position,
 # while ``in`` skips through the text).
 _SHORT: Final = 48
 
-# (detector, literals one of which its matches contain, whether they contain a digit run)
-_Gate = tuple[_Detector, tuple[AnyStr, ...], bool]
+# (detector, literals one of which its matches contain, digits its matches need (0: none))
+_Gate = tuple[_Detector, tuple[AnyStr, ...], int]
 
 
 class ContentScanner:
@@ -251,6 +262,7 @@ class ContentScanner:
         "_gates_bytes",
         "_hints",
         "_hints_bytes",
+        "_min_digits",
         "max_scan_bytes",
         "names",
     )
@@ -276,11 +288,22 @@ class ContentScanner:
         self._gates, self._gates_bytes = _gates(chosen, screens)
         self._hints, self._hints_bytes = _gates(chosen, [d.literals for d in chosen])
         hints = sorted({re.escape(lit) for d in chosen for lit in d.literals})
-        if any(d.digit_run for d in chosen):
-            hints.append(_DIGIT_RUN.pattern)
         any_hint = "|".join(hints)
+        # The literal hints of every detector in one regex; digit runs are counted apart.
         self._any_hint = re.compile(any_hint) if hints else None
         self._any_hint_bytes = re.compile(any_hint.encode("ascii")) if hints else None
+        needs = [_MIN_DIGITS.get(d.name, 3) for d in chosen if d.digit_run]
+        self._min_digits = min(needs) if needs else None
+
+    def _clean(self, value: AnyStr, any_hint: re.Pattern[AnyStr] | None, digits: int) -> bool:
+        """Whether no detector can match: no literal hint, too few digits for the rest."""
+        if self._min_digits is not None and digits >= self._min_digits:
+            return False
+        if any_hint is None:
+            return True
+        # Short values: one regex of every hint. Longer ones go to the per-detector
+        # substring checks, which skip through the text faster.
+        return len(value) <= _SHORT and any_hint.search(value) is None
 
     def scan(self, text: str) -> tuple[str, tuple[str, ...]] | None:
         """Redact every match in ``text``: (redacted text, detector names), or ``None``.
@@ -288,45 +311,44 @@ class ContentScanner:
         Texts longer than ``max_scan_bytes`` characters are redacted whole if a hint of
         any detector occurs in them (see the module docstring).
         """
-        if self._any_hint is None:
-            return None
-        if len(text) <= _SHORT and self._any_hint.search(text) is None:
+        digits = _digits(text) if self._min_digits is not None else 0
+        if self._clean(text, self._any_hint, digits):
             return None
         if len(text) > self.max_scan_bytes:
-            hinted = _gated(self._hints, text, _DIGIT_RUN)
+            hinted = _gated(self._hints, text, digits)
             return (_OVERSIZE_TEXT, tuple(d.name for d in hinted)) if hinted else None
-        active = _gated(self._gates, text, _DIGIT_RUN)
+        active = _gated(self._gates, text, digits)
         return _redact(text, active) if active else None
 
     def scan_bytes(self, value: bytes, encoding: str) -> tuple[bytes, tuple[str, ...]] | None:
         """As :meth:`scan`, for a wire value in the Python codec ``encoding``.
 
-        Returns ``None`` when nothing matched, and also when the value does not decode in
-        ``encoding``: the scanner cannot read it, and the caller decides what to do with
-        such a value (for masked identities, masking it whole is the fail-closed choice).
-        The length bound counts bytes and is applied before decoding, so an oversize
-        value with a hint is redacted whole even if it would not decode.
+        Returns ``None`` when nothing matched. Bytes that do not decode in ``encoding``
+        are kept as they are (``surrogateescape``), so a secret written in ASCII among
+        them is still found and replaced.
+        The length bound counts bytes and is applied before decoding.
         """
-        if self._any_hint_bytes is None:
-            return None
-        if len(value) <= _SHORT and self._any_hint_bytes.search(value) is None:
+        digits = _digits(value) if self._min_digits is not None else 0
+        if self._clean(value, self._any_hint_bytes, digits):
             return None
         if len(value) > self.max_scan_bytes:
-            hinted = _gated(self._hints_bytes, value, _DIGIT_RUN_BYTES)
+            hinted = _gated(self._hints_bytes, value, digits)
             return (_OVERSIZE_BYTES, tuple(d.name for d in hinted)) if hinted else None
-        active = _gated(self._gates_bytes, value, _DIGIT_RUN_BYTES)
+        active = _gated(self._gates_bytes, value, digits)
         if not active:
             return None
         try:
-            text = value.decode(encoding)
-        except UnicodeDecodeError:
+            # Undecodable bytes survive as surrogates, so ASCII secrets among them are
+            # still found and the bytes around them come back as they were.
+            text = value.decode(encoding, "surrogateescape")
+        except UnicodeDecodeError:  # codecs without surrogateescape support
             return None
         result = _redact(text, active)
         if result is None:
             return None
         redacted, fired = result
         try:
-            return redacted.encode(encoding), fired
+            return redacted.encode(encoding, "surrogateescape"), fired
         except UnicodeEncodeError:  # not expected: the text came from this encoding
             return _OVERSIZE_BYTES, fired
 
@@ -336,22 +358,21 @@ def _gates(
 ) -> tuple[tuple[_Gate[str], ...], tuple[_Gate[bytes], ...]]:
     """Gates for ``chosen`` detectors on the given literals, for text and for bytes."""
     pairs = list(zip(chosen, literals, strict=True))
-    text = tuple((d, lits, d.digit_run) for d, lits in pairs)
-    raw = tuple((d, tuple(lit.encode("ascii") for lit in lits), d.digit_run) for d, lits in pairs)
+    need = [_MIN_DIGITS.get(d.name, 3) if d.digit_run else 0 for d, _ in pairs]
+    text = tuple((d, lits, n) for (d, lits), n in zip(pairs, need, strict=True))
+    raw = tuple(
+        (d, tuple(lit.encode("ascii") for lit in lits), n)
+        for (d, lits), n in zip(pairs, need, strict=True)
+    )
     return text, raw
 
 
-def _gated(
-    gates: tuple[_Gate[AnyStr], ...], value: AnyStr, digit_run: re.Pattern[AnyStr]
-) -> list[_Detector]:
+def _gated(gates: tuple[_Gate[AnyStr], ...], value: AnyStr, digits: int) -> list[_Detector]:
     """The detectors whose hints occur in ``value``: the only ones that can match."""
     active: list[_Detector] = []
-    has_digit_run: bool | None = None
-    for detector, literals, needs_digit_run in gates:
-        if needs_digit_run:
-            if has_digit_run is None:
-                has_digit_run = digit_run.search(value) is not None
-            if has_digit_run:
+    for detector, literals, needs_digits in gates:
+        if needs_digits:
+            if digits >= needs_digits:
                 active.append(detector)
         elif any(literal in value for literal in literals):
             active.append(detector)

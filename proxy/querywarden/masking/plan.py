@@ -29,7 +29,7 @@ from querywarden.analysis import QualifiedName, StatementSummary
 from querywarden.identity import Principal
 from querywarden.masking.catalog import Origin, SensitiveCatalog
 from querywarden.masking.detectors import ContentScanner
-from querywarden.masking.strategies import MaskSpec
+from querywarden.masking.strategies import MIN_KEY_BYTES, MaskSpec
 from querywarden.policy.model import MaskedColumn, MaskingSection, MaskStrategy
 
 #: Clauses whose column values reach the client as result columns.
@@ -84,10 +84,10 @@ class Masker:
     """The masking section of a policy, applied per identity and per request."""
 
     def __init__(self, section: MaskingSection, key: bytes | None) -> None:
-        if section.uses_hash and not key:
+        if section.uses_key and len(key or b"") < MIN_KEY_BYTES:
             raise ValueError(
-                "the policy masks with strategy hash, which needs masking.hashKey (or "
-                "hashKeyFile) in the gateway settings"
+                "the policy masks with strategy hash or digits, which needs masking.hashKey "
+                f"(or hashKeyFile) of at least {MIN_KEY_BYTES} bytes in the gateway settings"
             )
         self.section = section
         self.key = key or b""

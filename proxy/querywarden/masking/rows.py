@@ -18,9 +18,18 @@ from dataclasses import dataclass, field
 from querywarden import codec
 from querywarden.codec import FieldDescription
 from querywarden.masking.plan import ColumnMask, MaskPlan
-from querywarden.masking.strategies import is_text_like, make_masker
+from querywarden.masking.strategies import (
+    JSONBOID,
+    JSONOID,
+    XMLOID,
+    MaskSpec,
+    is_text_like,
+    make_masker,
+)
 
 _LENGTH = struct.Struct("!i")
+_REDACT = MaskSpec("redact")
+_DOCUMENT_TYPES = frozenset({JSONOID, JSONBOID, XMLOID})
 _COUNT = struct.Struct("!h")
 _NULL = b"\xff\xff\xff\xff"
 
@@ -44,13 +53,13 @@ class RowLayout:
     """How the columns of one result are masked."""
 
     __slots__ = (
+        "_actions",
         "_all",
         "_counts",
         "_encoding",
-        "_maskers",
         "_names",
-        "_scanned",
         "_scanner",
+        "_tally",
         "width",
     )
 
@@ -70,9 +79,10 @@ class RowLayout:
         self._counts = counts
         self._encoding = encoding
         self._scanner = plan.scanner
-        self._maskers: dict[int, Masker] = {}
-        self._names: dict[int, str] = {}
-        self._scanned: set[int] = set()
+        #: Per column up to the last one that needs work: None (pass), a masker (mask),
+        #: or (None, document masker or None) to scan with the content detectors.
+        actions: list[_Action] = []
+        self._names: list[str] = []
         for index, f in enumerate(fields):
             binary = _format_of(formats, index, f.format) == 1
             mask: ColumnMask | None = None
@@ -81,18 +91,37 @@ class RowLayout:
             elif plan.computed is not None:
                 # No origin (an expression), or a whole row (attnum 0): masked whole.
                 mask = plan.computed
+            self._names.append(mask.name if mask is not None else "")
             if mask is not None:
-                self._maskers[index] = make_masker(
-                    mask.spec, type_oid=f.type_oid, binary=binary, key=plan.key, encoding=encoding
+                actions.append(
+                    make_masker(
+                        mask.spec,
+                        type_oid=f.type_oid,
+                        binary=binary,
+                        key=plan.key,
+                        encoding=encoding,
+                    )
                 )
-                self._names[index] = mask.name
             elif self._scanner is not None and is_text_like(f.type_oid):
-                self._scanned.add(index)
+                # Structured text (json, jsonb, xml): a replacement inside could break its
+                # syntax, so a value a detector flags is masked whole, type-validly.
+                document = None
+                if f.type_oid in _DOCUMENT_TYPES:
+                    document = make_masker(
+                        _REDACT, type_oid=f.type_oid, binary=binary, key=plan.key, encoding=encoding
+                    )
+                actions.append((None, document))
+            else:
+                actions.append(None)
+        while actions and actions[-1] is None:
+            actions.pop()  # columns after the last interesting one are copied untouched
+        self._actions = tuple(actions)
+        self._tally = [0] * len(actions)
 
     @property
     def needed(self) -> bool:
         """Whether any column is masked or scanned (else rows pass untouched)."""
-        return bool(self._all or self._maskers or self._scanned)
+        return bool(self._all or self._actions)
 
     def mask_row(self, frame: bytes, start: int, end: int) -> bytes | None:
         """The DataRow at ``frame[start:end]`` masked, or None if nothing changed."""
@@ -103,45 +132,61 @@ class RowLayout:
         if count != self.width:
             # A row that does not match its description: send no values at all.
             return _all_null(count)
-        maskers = self._maskers
-        scanned = self._scanned
-        pos = start + 7
+        unpack = _LENGTH.unpack_from
+        pack = _LENGTH.pack
+        tally = self._tally
+        pos = done = start + 7  # frame[done:pos] is copied as it is
         out: list[bytes] | None = None
-        done = start + 7  # frame[done:pos] is copied as it is
-        for index in range(count):
-            (length,) = _LENGTH.unpack_from(frame, pos)
-            value_end = pos + 4 + (length if length > 0 else 0)
-            masker = maskers.get(index)
+        index = -1
+        for action in self._actions:
+            index += 1
+            length = unpack(frame, pos)[0]
+            if length < 0:
+                pos += 4  # NULL stays NULL
+                continue
+            value_end = pos + 4 + length
+            if action is None:
+                pos = value_end
+                continue
+            value = frame[pos + 4 : value_end]
             replacement: bytes | None
-            if masker is not None:
-                value = bytes(frame[pos + 4 : value_end]) if length >= 0 else None
-                if value is None:
+            if type(action) is tuple:
+                if not length:
                     pos = value_end
                     continue
-                replacement = masker(value)
-                self._counts.values[self._names[index]] += 1
-            elif scanned and index in scanned and length > 0:
-                found = self._scan(bytes(frame[pos + 4 : value_end]))
+                found = self._scan(value)
                 if found is None:
                     pos = value_end
                     continue
-                replacement = found
+                document = action[1]
+                replacement = found if document is None else document(value)
             else:
-                pos = value_end
-                continue
+                replacement = action(value)  # type: ignore[operator]
+                tally[index] += 1
             if out is None:
-                out = []
-            out.append(bytes(frame[done:pos]))
-            out.append(_NULL if replacement is None else _LENGTH.pack(len(replacement)))
-            if replacement is not None:
+                out = [frame[done:pos]]
+            else:
+                out.append(frame[done:pos])
+            if replacement is None:
+                out.append(_NULL)
+            else:
+                out.append(pack(len(replacement)))
                 out.append(replacement)
             done = pos = value_end
         if out is None:
             return None
-        out.append(bytes(frame[done:end]))
+        out.append(frame[done:end])
         body = b"".join(out)
         self._counts.rows += 1
-        return b"D" + _LENGTH.pack(len(body) + 6) + _COUNT.pack(count) + body
+        return b"D" + pack(len(body) + 6) + _COUNT.pack(count) + body
+
+    def flush(self) -> None:
+        """Add this layout's counts of masked values to the session's."""
+        values = self._counts.values
+        for index, n in enumerate(self._tally):
+            if n:
+                values[self._names[index]] += n
+                self._tally[index] = 0
 
     def _scan(self, value: bytes) -> bytes | None:
         assert self._scanner is not None
@@ -154,6 +199,9 @@ class RowLayout:
         for name in names:
             self._counts.values[f"detector:{name}"] += 1
         return masked
+
+
+_Action = Masker | tuple[None, Masker | None] | None
 
 
 def _format_of(formats: Sequence[int], index: int, described: int) -> int:

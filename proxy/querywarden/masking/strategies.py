@@ -279,14 +279,13 @@ def _partial(text: str, keep_first: int, keep_last: int, filler: str) -> str:
     return f"{text[:keep_first]}{filler}{text[len(text) - keep_last :]}"
 
 
+# Letters and digits in any script (str.isalnum's notion), with '.' and '-' inside.
+_HOST = re.compile(r"[^\W_](?:[^\W_]|[.-])*(?<=[^\W_])|[^\W_]")
+
+
 def _plain_host(domain: str) -> bool:
     """True if ``domain`` looks like a host name: letters, digits, '.' and '-' only."""
-    return (
-        0 < len(domain) <= 253
-        and domain[0].isalnum()
-        and domain[-1].isalnum()
-        and all(c.isalnum() or c in ".-" for c in domain)
-    )
+    return len(domain) <= 253 and _HOST.fullmatch(domain) is not None
 
 
 def _email(text: str, filler: str) -> str:

@@ -332,10 +332,11 @@ class MaskingSection(_Model):
     exempt: Exemption = Exemption()
 
     @property
-    def uses_hash(self) -> bool:
-        """Whether any strategy needs the gateway's hash key."""
+    def uses_key(self) -> bool:
+        """Whether any strategy needs the gateway's key (``hash`` and ``digits``)."""
+        keyed = ("hash", "digits")
         return any(
-            c.strategy == "hash" or any(o.strategy == "hash" for o in c.overrides)
+            c.strategy in keyed or any(o.strategy in keyed for o in c.overrides)
             for c in self.columns
         )
 
