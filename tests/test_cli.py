@@ -136,6 +136,13 @@ def test_demo_prints_a_working_psql_line_and_stops_cleanly(tmp_path: Path) -> No
         dba = psql(logins["dba"][0], "SELECT count(*) FROM api_keys", logins["dba"][1])
         assert dba.returncode == 0, dba.stderr
         assert int(dba.stdout) == 2
+        # Personal data is masked for the agent, not for the DBA.
+        ssn = "SELECT ssn FROM customers ORDER BY id LIMIT 1"
+        masked = psql(logins["agent"][0], ssn, logins["agent"][1])
+        real = psql(logins["dba"][0], ssn, logins["dba"][1])
+        assert masked.returncode == 0 and real.returncode == 0, masked.stderr + real.stderr
+        assert masked.stdout.strip() != real.stdout.strip()
+        assert masked.stdout.strip()[-4:] == real.stdout.strip()[-4:]
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)

@@ -226,6 +226,8 @@ _SCHEMA_READERS: Final = frozenset(
 _DATABASE_READERS: Final = frozenset(
     {"database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema"}
 )
+#: Functions that read whole relations named by their arguments (no column references).
+RELATION_READERS: Final = _TABLE_READERS | _SCHEMA_READERS | _DATABASE_READERS
 _MAX_DYNAMIC_DEPTH: Final = 4
 # Functions that write the sequence named by their regclass argument (index 0): PostgreSQL
 # itself asks for UPDATE (or USAGE) on the sequence.

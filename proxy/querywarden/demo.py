@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -57,7 +59,8 @@ ALTER TABLE orders OWNER TO qw_scram;
 
 #: Statements to try, shown in the banner.
 TRY_QUERIES = """\
-  SELECT name, email, ssn, card_number FROM customers;
+  SELECT name, email, ssn, card_number FROM customers;   -- masked for the agent
+  SELECT name FROM customers WHERE ssn LIKE '1%';        -- refused: a masked predicate
   SELECT * FROM api_keys;      -- the agent is refused (rule ai-agents-read)
   DELETE FROM orders;          -- needs approval (approvals come in a later release)"""
 
@@ -81,6 +84,17 @@ DEMO_RULES = [
         "review": {"operations": ["ddl:drop", "truncate"], "unboundedWrite": True},
     },
 ]
+
+#: The demo's masking: the agent sees masked personal data; the DBA is exempt.
+DEMO_MASKING = {
+    "columns": [
+        {"table": "public.customers", "column": "ssn", "strategy": "partial", "keepLast": 4},
+        {"table": "public.customers", "column": "card_number", "strategy": "digits"},
+        {"table": "public.customers", "column": "email", "strategy": "email"},
+    ],
+    "detectors": ["ssn", "credit_card", "api_key", "jwt", "private_key", "email"],
+    "exempt": {"groups": ["dba"]},
+}
 
 #: The two demo identities: an AI coding agent and a human DBA.
 DEMO_IDENTITIES = {"agent": ["ai-agents"], "dba": ["dba", "dba-oncall"]}
@@ -106,6 +120,7 @@ def run_demo(port: int, state_dir: Path) -> int:
                     "password": ROLE_PASSWORD,
                     "sslmode": "require",
                 },
+                "masking": {"hashKeyFile": _masking_key(state_dir)},
             }
         )
         key_file = (state_dir / "dev-issuer.pem").resolve()
@@ -113,6 +128,7 @@ def run_demo(port: int, state_dir: Path) -> int:
             {
                 "identity": {"issuers": [{"name": "dev", "kind": "dev", "keyFile": key_file}]},
                 "rules": DEMO_RULES,
+                "masking": DEMO_MASKING,
             }
         )
         run_event_loop(_serve_until_interrupted(settings, policy, key_file, cluster))
@@ -120,6 +136,16 @@ def run_demo(port: int, state_dir: Path) -> int:
         print("\nstopping PostgreSQL ...", flush=True)
         cluster.stop()
     return 0
+
+
+def _masking_key(state_dir: Path) -> Path:
+    """The demo's key for keyed masking (kept, so masked values stay the same)."""
+    path = state_dir / "masking.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
 
 
 async def _serve_until_interrupted(

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from querywarden.analysis import QualifiedName, StatementSummary
+from querywarden.analysis import RELATION_READERS, QualifiedName, StatementSummary
 from querywarden.identity import Principal
 from querywarden.masking.catalog import Origin, SensitiveCatalog
 from querywarden.masking.detectors import ContentScanner
@@ -234,9 +234,9 @@ class _Findings:
             elif self.predicate is None:
                 self.predicate = (hit, ref.clause)
         if not self.any_sensitive:
-            # A relation with sensitive columns read by a function, not by a column
-            # reference (table_to_xml('customers'), COPY customers TO STDOUT).
-            whole = "copy_out" in summary.operations or not summary.columns
+            # A relation with sensitive columns read whole by a function, not through
+            # column references (table_to_xml('customers'), database_to_xml(...)).
+            whole = any(f.name in RELATION_READERS for f in summary.functions)
             for relation in read:
                 if whole and any(c in relations for c in _candidates(relation, search_path)):
                     self.any_sensitive = self.tainted = True
