@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -47,6 +48,9 @@ def _build_parser() -> argparse.ArgumentParser:
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     validate = policy_commands.add_parser("validate", help="check a policy file")
     validate.add_argument("file", type=Path)
+    from querywarden.audit.tools import add_audit_commands
+
+    add_audit_commands(commands)
     demo = commands.add_parser("demo", help="run PostgreSQL and the gateway on this machine")
     demo.add_argument("--port", type=int, default=6432, help="gateway port (default 6432)")
     demo.add_argument(
@@ -91,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         return _check(args)
+    if args.command == "audit":
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
     if args.command == "policy":
         document = _load_policy_or_report(args.file)
         if document is None:

@@ -134,6 +134,31 @@ class MaskingSettings(_Section):
         return key.encode() if key else None
 
 
+class AuditSettings(_Section):
+    """The audit log (off unless ``directory`` is set) and its export over OTLP."""
+
+    #: Where the hash-chained segment files go (created 0700). None: no audit log.
+    directory: Path | None = None
+    #: ``always``: each record is on disk before the statement is forwarded. ``batch``:
+    #: written to the OS before forwarding (it survives a gateway crash) and on disk
+    #: within ``fsyncInterval``.
+    fsync: Literal["always", "batch"] = "batch"
+    fsync_interval: Duration = timedelta(milliseconds=50)
+    max_segment_size: ByteSize = ByteSize(64 * 1024 * 1024)
+    max_segment_age: Duration = timedelta(hours=1)
+    retention: Duration = timedelta(days=30)
+    #: Rows of each result kept in the record, as the client received them (masked).
+    sample_rows: int = Field(5, ge=0)
+    #: When a record cannot be written the statement is refused; true runs it anyway.
+    fail_open: bool = False
+    #: Record Bind parameter values as ``****`` (they are always redacted when they may
+    #: carry masked values).
+    redact_parameters: bool = False
+    #: OTLP/HTTP endpoint of the user's Collector (``http://collector:4318``): spans from
+    #: the log (at least once, resumed from a persisted offset) and live metrics.
+    otlp_endpoint: str | None = None
+
+
 class GatewaySettings(BaseSettings):
     """All process settings of ``querywarden serve``."""
 
@@ -151,6 +176,7 @@ class GatewaySettings(BaseSettings):
     upstream: UpstreamSettings = UpstreamSettings.model_validate({})
     limits: LimitSettings = LimitSettings.model_validate({})
     masking: MaskingSettings = MaskingSettings.model_validate({})
+    audit: AuditSettings = AuditSettings.model_validate({})
     #: The policy document: trusted issuers and rules.
     policy_file: Path | None = None
     #: How often the policy file is checked for changes (a failed reload keeps the last
@@ -191,6 +217,7 @@ _PATH_KEYS = {
     "clientCaFile",
     "policyFile",
     "hashKeyFile",
+    "directory",
 }
 
 

@@ -39,7 +39,7 @@ class SessionInfo:
     prepared: dict[str, StatementSummary] = field(default_factory=dict)
 
 
-RequestKind = Literal["query", "parse", "function_call"]
+RequestKind = Literal["query", "parse", "function_call", "execute"]
 
 
 class StatementRequest:
@@ -50,7 +50,7 @@ class StatementRequest:
     legacy ``function_call`` by OID (``sql`` is then empty).
     """
 
-    __slots__ = ("_statements", "function_oid", "kind", "sql", "statement_name")
+    __slots__ = ("_statements", "function_oid", "kind", "sql", "statement_name", "summaries")
 
     def __init__(
         self, kind: RequestKind, sql: str, *, statement_name: str = "", function_oid: int = 0
@@ -60,6 +60,8 @@ class StatementRequest:
         self.statement_name = statement_name
         self.function_oid = function_oid
         self._statements: tuple[str, ...] | None = None
+        #: What the analyzer made of :attr:`sql`, when a gate analyzed it (for audit).
+        self.summaries: tuple[StatementSummary, ...] | None = None
 
     @property
     def statements(self) -> tuple[str, ...]:

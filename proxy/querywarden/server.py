@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import logging
 import secrets
+import socket
 import ssl
 import weakref
 from collections.abc import Awaitable
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from querywarden import codec
+from querywarden.audit.recorder import Auditor, AuditWriteError, SessionAudit
 from querywarden.config import GatewaySettings
 from querywarden.endpoint import ConnectionClosed, Endpoint
 from querywarden.errors import (
@@ -92,6 +94,12 @@ class Gateway:
             catalogs=self.catalogs,
         )
         self.result_hook = result_hook
+        self.auditor = _auditor(settings)
+        #: Records up to here were written before this gateway started: sessions still
+        #: open among them were cut off by a crash (the exporter closes them as such).
+        self._audit_start_seq = self.auditor.log.last_seq if self.auditor else 0
+        self._exporter: asyncio.Task[None] | None = None
+        self._exporter_stop = asyncio.Event()
         self.tls_context = _server_tls_context(settings)
         if self.tls_context is None and settings.listen.plaintext == "never":
             raise ValueError("listen.plaintext is 'never' but no tls.certFile/tls.keyFile is set")
@@ -123,6 +131,17 @@ class Gateway:
         if self.settings.policy_file is not None:
             self._policy_stamp = _file_stamp(self.settings.policy_file)
             self._watcher = loop.create_task(self._watch_policy())
+        audit = self.settings.audit
+        if self.auditor is not None and audit.otlp_endpoint:
+            from querywarden.audit.export import LogExporter
+
+            exporter = LogExporter(
+                self.auditor.directory,
+                audit.otlp_endpoint,
+                instance_id=socket.gethostname(),
+                interrupted_through=self._audit_start_seq,
+            )
+            self._exporter = loop.create_task(exporter.run(stop=self._exporter_stop))
         sock = self._server.sockets[0].getsockname()
         log.info("querywarden listening on %s:%s", sock[0], sock[1])
         return str(sock[0]), int(sock[1])
@@ -237,6 +256,12 @@ class Gateway:
             await asyncio.sleep(0)  # let the aborts deliver connection_lost
         if self._server is not None:
             await self._server.wait_closed()
+        if self._exporter is not None:
+            self._exporter_stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._exporter, timeout=grace)
+        if self.auditor is not None:
+            self.auditor.close()
 
     # cancel keys -------------------------------------------------------------------
 
@@ -300,6 +325,8 @@ class ClientConnection(Endpoint):
         self._cancel_secret = b""
         self._finished = False
         self._over_limit = False
+        self._startup_params: dict[str, str] = {}
+        self._audit: SessionAudit | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -333,6 +360,7 @@ class ClientConnection(Endpoint):
             self.close()
         except AuthenticationFailed as exc:
             log.info("authentication failed from %s: %s", self.peer_address(), exc.message)
+            self._audit_auth_failure(exc)
             self._send_fatal(exc.sqlstate, exc.message)
             self.close()
         except QuerywardenError as exc:
@@ -350,6 +378,22 @@ class ClientConnection(Endpoint):
                 # Start-up ended without a session. connection_lost normally releases the
                 # slot, but it never comes when a TLS handshake dies: release it here.
                 self._finish()
+
+    def _audit_auth_failure(self, exc: QuerywardenError) -> None:
+        auditor = self.gateway.auditor
+        if auditor is None:
+            return
+        params = self._startup_params
+        try:
+            auditor.auth_failed(
+                client_address=self.peer_address(),
+                user=params.get("user", ""),
+                database=params.get("database", ""),
+                reason=exc.message,
+                sqlstate=exc.sqlstate,
+            )
+        except AuditWriteError:
+            log.error("audit: an authentication failure could not be recorded")
 
     def _transport_closing(self) -> bool:
         return self.transport is None or self.transport.is_closing()
@@ -379,6 +423,7 @@ class ClientConnection(Endpoint):
                 return None
             elif isinstance(event, StartupReceived):
                 startup = event
+                self._startup_params = event.params
                 if self._over_limit:
                     raise QuerywardenError("sorry, too many clients already", sqlstate="53300")
                 self._check_startup(event, tls=machine.tls)
@@ -413,7 +458,6 @@ class ClientConnection(Endpoint):
         # table the policy did not check. (Clients cannot set it at start-up.)
         forwarded["search_path"] = "public"
         target = gateway.upstream_target_for(principal, database)
-        upstream = await connect(target, database, forwarded)
         info = SessionInfo(
             session_id=secrets.token_hex(8),
             principal=principal,
@@ -421,10 +465,32 @@ class ClientConnection(Endpoint):
             client_address=self.peer_address(),
             application_name=startup.params.get("application_name", ""),
         )
+        audit = None
+        if gateway.auditor is not None:
+            try:
+                audit = gateway.auditor.session(
+                    info, upstream_user=target.user, tls=self._tls_details()
+                )
+            except AuditWriteError:
+                # Fail closed: a session that cannot be recorded does not start.
+                raise QuerywardenError(
+                    "the gateway cannot write its audit log (full or unwritable), so it "
+                    "accepts no sessions now; retry later",
+                    sqlstate="58030",
+                ) from None
+        upstream = await connect(target, database, forwarded)
         leftover = machine.leftover()
         if leftover:
             self._buffer[:0] = leftover
+        self._audit = audit
         return startup, info, upstream
+
+    def _tls_details(self) -> dict[str, str] | None:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return {"version": ssl_object.version() or "", "cipher": cipher[0] if cipher else ""}
 
     def _peer_certificate(self) -> bytes | None:
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
@@ -490,6 +556,7 @@ class ClientConnection(Endpoint):
             expires_at=info.principal.expires_at,
             row_limit=row_limit,
             masked=bool(getattr(gateway.gate, "masks", _never)(info)),
+            audit=self._audit,
         )
         self.session.transaction_status = upstream.transaction_status
         self.session.set_client_encoding(upstream.parameters.get("client_encoding", "UTF8"))
@@ -654,6 +721,11 @@ class ClientConnection(Endpoint):
         if self._finished:
             return
         self._finished = True
+        if self.session is not None:
+            try:
+                self.session.close_audit()
+            except Exception:  # never let the record of an ending stop the cleanup
+                log.exception("audit: could not record the end of a session")
         self.gateway.connections.discard(self)
         if self.pid:
             self.gateway.forget_cancel_key(self.pid)
@@ -667,6 +739,29 @@ class ClientConnection(Endpoint):
             self._deciding.cancel()
         if self._cancelling is not None and not self._cancelling.done():
             self._cancelling.cancel()
+
+
+def _auditor(settings: GatewaySettings) -> Auditor | None:
+    audit = settings.audit
+    if audit.directory is None:
+        return None
+    metrics = None
+    if audit.otlp_endpoint:
+        from querywarden.audit.metrics import GatewayMetrics
+
+        metrics = GatewayMetrics(audit.otlp_endpoint, instance_id=socket.gethostname())
+    return Auditor(
+        audit.directory,
+        fsync=audit.fsync,
+        fsync_interval=audit.fsync_interval.total_seconds(),
+        max_segment_bytes=int(audit.max_segment_size),
+        max_segment_age=audit.max_segment_age.total_seconds(),
+        retention=audit.retention.total_seconds(),
+        sample_rows=audit.sample_rows,
+        fail_open=audit.fail_open,
+        redact_parameters=audit.redact_parameters,
+        metrics=metrics,
+    )
 
 
 def _never(session: SessionInfo) -> bool:

@@ -31,6 +31,7 @@ hit a statement the client sends afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections import deque
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from querywarden import codec
+from querywarden.audit.recorder import AuditWriteError, PendingStatement, SessionAudit
 from querywarden.codec import FieldDescription
 from querywarden.errors import AuthenticationFailed, ProtocolViolation, UpstreamError
 from querywarden.hooks import (
@@ -54,6 +56,9 @@ from querywarden.masking.rows import MaskCounts, RowLayout, scan_copy_row, scrub
 
 Mode = Literal["ready", "copy_in", "copy_out", "copy_both"]
 
+#: What the server owes for one forwarded message: (type, name, extra, audit record).
+_Entry = tuple[int, str, str, PendingStatement | None]
+
 # One-byte message types as ints (frame[0] is an int).
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")
 _COPY_DATA, _COPY_DONE, _COPY_FAIL = ord("d"), ord("c"), ord("f")
@@ -62,7 +67,7 @@ _FRONTEND_TYPES: Final = frozenset(b"QPBDECSHFXdcf")
 _REQUESTS: Final = frozenset(b"QPBEF")
 # Messages the decision point sees.
 _GATED: Final = frozenset(b"QPF")
-_SYNC_ENTRY: Final = (_S, "", "")
+_SYNC_ENTRY: Final = (_S, "", "", None)
 
 # Messages whose body may be forwarded in pieces before it has fully arrived, so that a
 # huge row or COPY chunk streams through in bounded memory.
@@ -120,6 +125,7 @@ class Session:
         expires_at: float | None = None,
         row_limit: RowLimit | None = None,
         masked: bool = False,
+        audit: SessionAudit | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.info = info
@@ -156,7 +162,7 @@ class Session:
         self._server_stream_left = 0  # bytes of a streamed DataRow/CopyData still to forward
         self._held: tuple[int, bytes, StatementRequest, codec.Parse | None] | None = None
         # What the server still owes, oldest first: (message type, name, extra).
-        self._expected: deque[tuple[int, str, str]] = deque()
+        self._expected: deque[_Entry] = deque()
         self._nonce = secrets.token_hex(6)
         self._refusal_count = 0
         self._refusals: dict[str, Decision] = {}
@@ -166,9 +172,20 @@ class Session:
         self.masked = masked
         #: What masking did, for the audit record.
         self.mask_counts = MaskCounts()
+        #: The session's audit recorder: every request is written before it is forwarded.
+        self.audit = audit
+        sampling = audit is not None and audit.sample_rows > 0
         self._handlers = (
-            _SERVER_HANDLERS if row_limit is None and not masked else _ROW_SERVER_HANDLERS
+            _SERVER_HANDLERS
+            if row_limit is None and not masked and not sampling
+            else _ROW_SERVER_HANDLERS
         )
+        self._finished: list[PendingStatement] = []  # answered, result not yet recorded
+        self._stream_hash = hashlib.sha256()  # of every byte sent to the client
+        self._stream_bytes = 0
+        # portal -> (statement, parameter values) for EXECUTE records
+        self._audit_binds: dict[str, tuple[str, list[str | None]]] = {}
+        self._audit_texts: dict[str, str] = {}  # statement -> SQL
         self._query_plans: deque[MaskPlan | None] = deque()  # one per Query in _expected
         self._statement_plans: dict[str, MaskPlan | None] = {}
         self._portal_binds: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -218,12 +235,15 @@ class Session:
         mtype, frame, request, parse = self._held
         self._held = None
         self.awaiting = None
+        pending = None
+        if self.audit is not None:
+            decision, pending = self._audit_request(request, decision)
         if decision.allowed:
             self._note_plan(mtype, parse, decision.mask)
             self.to_server.append(frame)
-            self._track(mtype, frame, 0, len(frame), parse)
+            self._track(mtype, frame, 0, len(frame), parse, pending=pending)
         else:
-            self._refuse(mtype, request, decision)
+            self._refuse(mtype, request, decision, pending)
         self._continue_client()
 
     def cancel_delivered(self) -> None:
@@ -262,23 +282,39 @@ class Session:
                 frame = data[pos:end]
                 request, parse = self._request(mtype, frame)
                 outcome = self.gate.decide(self.info, request)
+                pending = None
+                if self.audit is not None and isinstance(outcome, Decision):
+                    outcome, pending = self._audit_request(request, outcome)
                 if isinstance(outcome, Decision) and outcome.allowed:
                     if self.masked:
                         self._note_plan(mtype, parse, outcome.mask)
-                    self._track(mtype, data, pos, end, parse)
+                    self._track(mtype, data, pos, end, parse, pending=pending)
                 else:
                     # What precedes the request goes first, so the order is kept.
                     if pos > run_start:
                         out.append(data[run_start:pos])
                     run_start = end
                     if isinstance(outcome, Decision):
-                        self._refuse(mtype, request, outcome)
+                        self._refuse(mtype, request, outcome, pending)
                     else:
                         self._held = (mtype, frame, request, parse)
                         self.awaiting = outcome
             elif mtype in _FRONTEND_TYPES:
                 if mtype in _REQUESTS:
                     self._check_expiry()
+                pending = None
+                if self.audit is not None and mtype == _E:
+                    pending = self._audit_execute(data, pos, end)
+                    if pending is None:
+                        # No record, no execution: a sentinel Parse before the Execute
+                        # fails, and the server skips the rest up to the Sync.
+                        if pos > run_start:
+                            out.append(data[run_start:pos])
+                        run_start = pos
+                        name = f"{SENTINEL_PREFIX}{self._nonce}_audit"
+                        self._refuse(
+                            _P, StatementRequest("parse", "", statement_name=name), _AUDIT_REFUSAL
+                        )
                 if self.masked and mtype == _E:
                     describe = self._describe_before_execute(data, pos, end)
                     if describe is not None:
@@ -286,7 +322,7 @@ class Session:
                             out.append(data[run_start:pos])
                         out.append(describe)
                         run_start = pos
-                self._track(mtype, data, pos, end, None)
+                self._track(mtype, data, pos, end, None, pending=pending)
             else:
                 raise ProtocolViolation(f"invalid frontend message type {mtype!r}")
             pos = end
@@ -314,54 +350,69 @@ class Session:
         oid = codec.decode_function_call_oid(frame)
         return StatementRequest("function_call", "", function_oid=oid), None
 
-    def _refuse(self, mtype: int, request: StatementRequest, decision: Decision) -> None:
+    def _refuse(
+        self,
+        mtype: int,
+        request: StatementRequest,
+        decision: Decision,
+        pending: PendingStatement | None = None,
+    ) -> None:
         self._refusal_count += 1
         token = f"{SENTINEL_PREFIX}{self._nonce}_{self._refusal_count}"
         self._refusals[token] = decision
         if mtype == _P:
             sentinel = codec.parse(request.statement_name, token)
-            self._expected.append((_P, "\0refused", ""))
+            self._expected.append((_P, "\0refused", "", pending))
         else:
             # Query and FunctionCall both answer ErrorResponse + ReadyForQuery.
             sentinel = codec.query(token)
-            self._expected.append((_Q, "", ""))
+            self._expected.append((_Q, "", "", pending))
             if self.masked:
                 self._query_plans.append(None)
         self.to_server.append(sentinel)
 
     def _track(
-        self, mtype: int, data: bytes, pos: int, end: int, parse: codec.Parse | None
+        self,
+        mtype: int,
+        data: bytes,
+        pos: int,
+        end: int,
+        parse: codec.Parse | None,
+        *,
+        pending: PendingStatement | None = None,
     ) -> None:
         """Note what the server will owe for a message that is being forwarded."""
         expected = self._expected
+        if self.audit is not None:
+            self._audit_track(mtype, data, pos, end, parse)
         if self.masked:
             self._track_masking(mtype, data, pos, end, parse)
         if mtype == _B:
             # The unnamed portal and statement are by far the most common: skip decoding.
             if data[pos + 5] == 0 and data[pos + 6] == 0:
-                expected.append((_B, "", ""))
+                expected.append((_B, "", "", None))
             else:
                 bind = codec.decode_bind_names(data[pos:end], self.encoding)
-                expected.append((_B, bind.portal, bind.statement))
+                expected.append((_B, bind.portal, bind.statement, None))
         elif mtype == _E:
             portal = (
                 ""
                 if data[pos + 5] == 0
                 else codec.decode_execute_portal(data[pos:end], self.encoding)
             )
-            expected.append((_E, portal, ""))
+            expected.append((_E, portal, "", pending))
         elif mtype == _S:
             # During COPY IN the server ignores Sync (and Flush): it owes nothing for it.
             if self.mode != "copy_in":
                 expected.append(_SYNC_ENTRY)
         elif mtype == _P:
             assert parse is not None
-            expected.append((_P, parse.statement, parse.sql))
+            expected.append((_P, parse.statement, parse.sql, pending))
         elif mtype in (_D, _C):
             kind, name = codec.decode_target(data[pos:end], self.encoding)
-            expected.append((mtype, name, kind))
+            expected.append((mtype, name, kind, None))
         elif mtype in (_Q, _F):
-            expected.append((mtype, "", ""))
+            expected.append((mtype, "", "", pending))
         elif mtype == _X:
             self.terminated = True
 
@@ -372,6 +423,20 @@ class Session:
 
         Messages nobody needs to change leave as slices of the bytes received, in runs.
         """
+        if self.audit is None:
+            self._receive_server(data)
+            return
+        start = len(self.to_client)
+        self._receive_server(data)
+        # The response digest covers every byte this session sent its client so far.
+        stream = self._stream_hash
+        for chunk in self.to_client[start:]:
+            stream.update(chunk)
+            self._stream_bytes += len(chunk)
+        if self._finished:
+            self._record_results()
+
+    def _receive_server(self, data: bytes) -> None:
         out = self.to_client
         if self._server_stream_left:
             n = min(self._server_stream_left, len(data))
@@ -449,9 +514,12 @@ class Session:
         self.mode = "ready"
         expected = self._expected
         while expected:
-            mtype = expected.popleft()[0]
+            entry = expected.popleft()
+            mtype = entry[0]
             if mtype == _Q and self._query_plans:
                 self._query_plans.popleft()
+            if entry[3] is not None:
+                self._finished.append(entry[3])
             if mtype in (_S, _Q, _F):
                 break
         if status == b"I" and self.portals:
@@ -473,12 +541,35 @@ class Session:
 
     def _on_error(self, data: bytes, pos: int, end: int) -> bytes | None:
         plan = self._head_plan() if self.masked else None
+        head = self._expected[0][3] if self.audit is not None and self._expected else None
+        skipped = self._skipped_by_error() if self.audit is not None else []
         replaced = self._on_error_response(data, pos, end)
         if self.masked:
             self._drop_layout()
             if replaced is None:
-                return scrub_fields(data[pos:end], plan, self.encoding, self.mask_counts)
+                replaced = scrub_fields(data[pos:end], plan, self.encoding, self.mask_counts)
+        if head is not None:
+            fields = codec.decode_fields(replaced if replaced is not None else data[pos:end])
+            head.sqlstate = fields.get("C")
+            head.error = fields.get("M")
+        for pending in skipped:
+            if pending is not head:
+                pending.error = "not run: an earlier message of the same pipeline failed"
+            self._finished.append(pending)
         return replaced
+
+    def _skipped_by_error(self) -> list[PendingStatement]:
+        """Records of the extended-protocol messages an error ends (up to the Sync)."""
+        expected = self._expected
+        if not expected or expected[0][0] in (_Q, _F):
+            return []
+        found = []
+        for entry in expected:
+            if entry[0] == _S:
+                break
+            if entry[3] is not None:
+                found.append(entry[3])
+        return found
 
     def _on_notice(self, data: bytes, pos: int, end: int) -> bytes | None:
         if not self.masked:
@@ -515,7 +606,7 @@ class Session:
                 )
         return None
 
-    def _pop_expected(self, *types: int) -> tuple[int, str, str] | None:
+    def _pop_expected(self, *types: int) -> _Entry | None:
         expected = self._expected
         if expected and expected[0][0] in types:
             return expected.popleft()
@@ -525,6 +616,9 @@ class Session:
         entry = self._pop_expected(_P)
         if entry is not None:
             self.statements[entry[1]] = entry[2]
+            if entry[3] is not None:
+                entry[3].command = "PARSE"
+                self._finished.append(entry[3])
         return None
 
     def _on_bind_complete(self, data: bytes, pos: int, end: int) -> bytes | None:
@@ -548,7 +642,13 @@ class Session:
     def _on_execute_done(self, data: bytes, pos: int, end: int) -> bytes | None:
         if self.mode != "ready":
             self.mode = "ready"  # CommandComplete ends a COPY
+        if self.audit is not None and self._expected:
+            pending = self._expected[0][3]
+            if pending is not None:
+                _note_completion(pending, data, pos, end)
         entry = self._pop_expected(_E)
+        if entry is not None and entry[3] is not None:
+            self._finished.append(entry[3])
         if self.masked:
             self._drop_layout()
         if self.row_limit is not None:
@@ -572,6 +672,8 @@ class Session:
             if dropped is not None:
                 return dropped
         if not self.masked:
+            if self.audit is not None:
+                self._sample(data[pos:end])
             return None
         if data[pos] == _COPY_DATA:
             plan = self._head_plan()
@@ -587,7 +689,19 @@ class Session:
             self._layout = self._result_layout(None)
             self._layout_known = True
         layout = self._layout
-        return layout.mask_row(data, pos, end) if layout is not None else None
+        masked = layout.mask_row(data, pos, end) if layout is not None else None
+        if self.audit is not None:
+            self._sample(masked if masked is not None else data[pos:end])
+        return masked
+
+    def _sample(self, frame: bytes) -> None:
+        """Keep the first rows of the current request, as the client gets them."""
+        audit = self.audit
+        if audit is None or not self._expected or frame[:1] != b"D":
+            return
+        pending = self._expected[0][3]
+        if pending is not None and len(pending.sample) < audit.sample_rows:
+            pending.sample.append(_row_values(frame))
 
     def _count_row(self) -> bytes | None:
         """Count a row against the limit; past it, drop the row (b"")."""
@@ -670,7 +784,7 @@ class Session:
         ):
             return None
         # The server answers it before the Execute's rows; the session keeps the answer.
-        self._expected.append((_D, portal, "internal"))
+        self._expected.append((_D, portal, "internal", None))
         self._described.add(("P", portal))
         return codec.describe("P", portal)
 
@@ -776,6 +890,78 @@ class Session:
         self.mode = "copy_both"
         return None
 
+    # Audit: only sessions with a SessionAudit use these.
+
+    def _audit_request(
+        self, request: StatementRequest, decision: Decision
+    ) -> tuple[Decision, PendingStatement | None]:
+        """Write the request record first; no record, no statement (fail closed)."""
+        assert self.audit is not None
+        try:
+            pending = self.audit.request(
+                request, decision, masking=self.mask_summary() if self.masked else None
+            )
+        except AuditWriteError:
+            return _AUDIT_REFUSAL, None
+        return decision, pending
+
+    def _audit_track(
+        self, mtype: int, data: bytes, pos: int, end: int, parse: codec.Parse | None
+    ) -> None:
+        """Remember statement texts and the portals bound to them, for EXECUTE records."""
+        if mtype == _P and parse is not None:
+            self._audit_texts[parse.statement] = parse.sql
+        elif mtype == _B:
+            frame = data[pos:end]
+            bind = codec.decode_bind_names(frame, self.encoding)
+            self._audit_binds[bind.portal] = (bind.statement, _bind_values(frame))
+
+    def _audit_execute(self, data: bytes, pos: int, end: int) -> PendingStatement | None:
+        """Write an Execute's request record; None when it cannot be written."""
+        assert self.audit is not None
+        portal = codec.decode_execute_portal(data[pos:end], self.encoding)
+        statement, values = self._audit_binds.get(portal, ("", []))
+        request = StatementRequest(
+            "execute", self._audit_texts.get(statement, ""), statement_name=statement
+        )
+        plan = self._statement_plans.get(statement) if self.masked else None
+        if self.masked and (plan is None or plan.scrub_errors):
+            # The values may be masked ones (WHERE id = $1 is fine, but a value compared
+            # with or stored into a masked column is as sensitive as the column).
+            values = ["****" if v is not None else None for v in values]
+        try:
+            return self.audit.request(
+                request,
+                _EXECUTE_ALLOWED,
+                masking=self.mask_summary() if self.masked else None,
+                parameters=values,
+            )
+        except AuditWriteError:
+            return None
+
+    def _record_results(self) -> None:
+        assert self.audit is not None
+        digest = self._stream_hash.hexdigest()
+        masking = self.mask_summary() if self.masked else None
+        finished, self._finished = self._finished, []
+        for pending in finished:
+            self.audit.finish(
+                pending, masking=masking, stream_digest=digest, stream_bytes=self._stream_bytes
+            )
+
+    def close_audit(self) -> None:
+        """The session ended: record what was still unanswered, then the end."""
+        if self.audit is None:
+            return
+        for entry in self._expected:
+            if entry[3] is not None:
+                entry[3].error = entry[3].error or "the session ended before the answer"
+                self._finished.append(entry[3])
+        self._expected.clear()
+        if self._finished:
+            self._record_results()
+        self.audit.end(self.mask_summary() if self.masked else {})
+
     # --- for the shell ---------------------------------------------------------------
 
     @property
@@ -785,6 +971,64 @@ class Session:
 
 
 _PORTAL_SUSPENDED = ord("s")
+
+
+_AUDIT_REFUSAL = Decision.refuse(
+    "querywarden: the statement was not run because the gateway could not write its audit "
+    "record (the audit log is full or unwritable)",
+    sqlstate="58030",
+    hint="retry later; nothing runs unrecorded, so tell the gateway's operator if it persists",
+    rule="audit",
+)
+_EXECUTE_ALLOWED = Decision(True, rule="prepared")
+
+
+def _note_completion(pending: PendingStatement, data: bytes, pos: int, end: int) -> None:
+    """Add a CommandComplete's rows (or a PortalSuspended / EmptyQuery) to a record."""
+    kind = data[pos]
+    if kind == ord("C"):
+        tag = data[pos + 5 : end - 1].decode("ascii", "replace")
+        pending.command = tag
+        last = tag.rsplit(" ", 1)[-1]
+        if last.isdigit():
+            pending.rows = (pending.rows or 0) + int(last)
+    elif kind == _PORTAL_SUSPENDED:
+        pending.command = "PORTAL SUSPENDED"
+    else:
+        pending.command = pending.command or "EMPTY"
+
+
+def _bind_values(frame: bytes) -> list[str | None]:
+    """A Bind's parameter values for the audit record (text, or backslash-x hex)."""
+    pos = frame.index(b"\0", 5) + 1
+    pos = frame.index(b"\0", pos) + 1
+    (formats,) = codec.INT16.unpack_from(frame, pos)
+    return _values(frame, pos + 2 + 2 * formats)
+
+
+def _row_values(frame: bytes) -> list[str | None]:
+    """A DataRow's values for the audit sample: text, or a backslash-x hex string."""
+    return _values(frame, 5)
+
+
+def _values(frame: bytes, pos: int) -> list[str | None]:
+    """A count of length-prefixed values at ``pos`` (as in Bind and DataRow)."""
+    (count,) = codec.INT16.unpack_from(frame, pos)
+    pos += 2
+    values: list[str | None] = []
+    for _ in range(count):
+        (length,) = codec.INT32.unpack_from(frame, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+            continue
+        raw = frame[pos : pos + length]
+        pos += length
+        try:
+            values.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            values.append("\\x" + raw.hex())
+    return values
 
 
 def _no_cut_error(completed: bool) -> bytes:

@@ -63,6 +63,7 @@ class PolicyGate:
                 "PostgreSQL does",
                 rule="analysis",
             )
+        request.summaries = summaries
         if not summaries:
             return ALLOW  # an empty query: the server answers EmptyQueryResponse
         prepared = session.prepared

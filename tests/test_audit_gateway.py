@@ -1,0 +1,273 @@
+"""The audit log written by the real gateway, for real clients and a real PostgreSQL.
+
+Every request is recorded before it is forwarded and its result after; refusals, masked
+results and the extended protocol included. With the audit directory on a full
+filesystem (a real 256 KiB tmpfs), nothing runs unrecorded: statements are refused, and
+service resumes when space returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from gateway_harness import DATABASE, POLICY, RunningGateway, token_for
+from otlp_receiver import OtlpReceiver
+from querywarden.audit.log import read_records, verify
+from querywarden.audit.tools import replay_command
+from querywarden.devcluster import EphemeralCluster
+from querywarden.policy import PolicyDocument
+
+RULES = [
+    {
+        "name": "agents-rw",
+        "subjects": {"groups": ["ai-agents"]},
+        "allow": {
+            "operations": ["select", "insert", "transaction"],
+            "tables": ["public.*", "pg_catalog.*"],
+        },
+        "deny": {"tables": ["public.qa_secrets"]},
+    }
+]
+MASKING = {
+    "columns": [{"table": "public.qa_people", "column": "ssn", "strategy": "redact"}],
+    "exempt": {"groups": ["dba"]},
+}
+
+
+@pytest.fixture(scope="module")
+def tables(pg: EphemeralCluster) -> Iterator[None]:
+    pg.psql(
+        "CREATE TABLE IF NOT EXISTS qa_people (id int, ssn text);"
+        "CREATE TABLE IF NOT EXISTS qa_secrets (id int);"
+        "CREATE TABLE IF NOT EXISTS qa_log (note text);"
+        "GRANT ALL ON qa_people, qa_secrets, qa_log TO PUBLIC;"
+        "TRUNCATE qa_people; INSERT INTO qa_people VALUES (1, '123-45-6789'), (2, '987-65-4321');"
+    )
+    yield
+    pg.psql("DROP TABLE qa_people, qa_secrets, qa_log")
+
+
+def _policy() -> PolicyDocument:
+    return PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": RULES, "masking": MASKING}
+    )
+
+
+@pytest.fixture
+def audited(
+    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
+) -> RunningGateway:
+    directory = tmp_path / "audit"
+    gw = make_gateway(policy=_policy(), audit={"directory": str(directory), "sampleRows": 3})
+    gw.extra["audit"] = directory
+    return gw
+
+
+def _records(gw: RunningGateway) -> list[dict[str, Any]]:
+    directory = gw.extra["audit"]
+    assert isinstance(directory, Path)
+    return list(read_records(directory))
+
+
+def _wait_for(
+    gw: RunningGateway, predicate: Callable[[list[dict[str, Any]]], bool]
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    while True:
+        records = _records(gw)
+        if predicate(records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
+def test_a_session_is_recorded_request_first_with_decisions_and_masked_samples(
+    audited: RunningGateway,
+) -> None:
+    with psycopg.connect(audited.dsn("alice"), autocommit=True) as conn:
+        assert conn.execute("SELECT id, ssn FROM qa_people ORDER BY id").fetchall() == [
+            (1, "****"),
+            (2, "****"),
+        ]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM qa_secrets")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+    records = _wait_for(audited, lambda rs: any(r["type"] == "session.end" for r in rs))
+    types = [r["type"] for r in records]
+    assert types[0] == "session.connect"
+    assert types[-1] == "session.end"
+    connect = records[0]
+    assert connect["principal"]["subject"] == "alice"
+    assert connect["principal"]["groups"] == ["ai-agents"]
+    requests = {r["statement_id"]: r for r in records if r["type"] == "statement.request"}
+    results = {r["statement_id"]: r for r in records if r["type"] == "statement.result"}
+    assert set(requests) == set(results)
+    # Write-ahead: each request record comes before its result record.
+    for statement_id, result in results.items():
+        assert requests[statement_id]["seq"] < result["seq"]
+    by_text = {r["text"]: r for r in requests.values()}
+    select = by_text["SELECT id, ssn FROM qa_people ORDER BY id"]
+    assert select["decision"]["outcome"] == "allow"
+    assert select["summary"]["reads"] == ["qa_people"]
+    selected = results[select["statement_id"]]
+    assert selected["rows"] == 2
+    assert selected["command"] == "SELECT 2"
+    assert selected["sample"] == [["1", "****"], ["2", "****"]]
+    assert selected["masking"] == {"public.qa_people.ssn": 2}
+    assert len(selected["response"]["stream_digest"]) == 64
+    refused = by_text["SELECT * FROM qa_secrets"]
+    assert refused["decision"]["outcome"] == "refuse"
+    assert refused["decision"]["rule"] == "agents-rw"
+    assert results[refused["statement_id"]]["sqlstate"] == "42501"
+    failed = results[by_text["SELECT 1/0"]["statement_id"]]
+    assert failed["sqlstate"] == "22012"
+    # The log verifies, and the replay shows what the client saw: masked values only.
+    directory = audited.extra["audit"]
+    assert isinstance(directory, Path)
+    _assert_verifies(directory)
+    out = io.StringIO()
+    assert replay_command(directory, connect["session_id"], out) == 0
+    assert "****" in out.getvalue()
+    assert "123-45-6789" not in out.getvalue()
+
+
+def test_extended_protocol_records_parse_and_each_execute(audited: RunningGateway) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(
+            host=audited.host,
+            port=audited.port,
+            user="alice",
+            password=token_for("alice"),
+            database=DATABASE,
+            ssl=False,
+        )
+        try:
+            statement = await conn.prepare("SELECT id FROM qa_people WHERE id = $1")
+            for key in (1, 2, 3):
+                await statement.fetch(key)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    records = _wait_for(audited, lambda rs: any(r["type"] == "session.end" for r in rs))
+    executes = [
+        r
+        for r in records
+        if r["type"] == "statement.request"
+        and r["kind"] == "execute"
+        and r["text"] == "SELECT id FROM qa_people WHERE id = $1"
+    ]
+    assert len(executes) == 3
+    # Values bound to a statement over a table with masked columns are redacted.
+    assert [e["parameters"] for e in executes] == [["****"]] * 3
+    results = {r["statement_id"]: r for r in records if r["type"] == "statement.result"}
+    assert [results[e["statement_id"]]["rows"] for e in executes] == [1, 1, 0]
+
+
+def _assert_verifies(directory: Path) -> None:
+    """The chain checks out once the batch fsync has confirmed the tail (HEAD)."""
+    deadline = time.monotonic() + 10
+    report = verify(directory)
+    while not report.ok and time.monotonic() < deadline:
+        time.sleep(0.05)
+        report = verify(directory)
+    assert report.ok, report.problem
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_nothing_runs_unrecorded_when_the_audit_disk_is_full(
+    make_gateway: Callable[..., RunningGateway],
+    tables: None,
+    full_disk: Path,
+    pg: EphemeralCluster,
+) -> None:
+    directory = full_disk / "audit"
+    gw = make_gateway(policy=_policy(), audit={"directory": str(directory), "fsync": "always"})
+    marker = f"full-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        filler = full_disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            chunk = b"\0" * 4096
+            while True:
+                os.write(fd, chunk)
+        except OSError:
+            pass  # the filesystem is full now
+        finally:
+            os.close(fd)
+        # The log's last page may still have room for a few records: go on until the
+        # filesystem refuses one.
+        refused: psycopg.errors.IoError | None = None
+        for attempt in range(200):
+            try:
+                conn.execute("INSERT INTO qa_log VALUES (%s)", (f"{marker}-{attempt}",))
+            except psycopg.errors.IoError as exc:
+                refused = exc
+                break
+        assert refused is not None, "the audit log never filled up"
+        assert "audit" in str(refused)
+        # The refused statement never reached PostgreSQL; the earlier ones all did.
+        assert (
+            pg.psql(f"SELECT count(*) FROM qa_log WHERE note = '{marker}-{attempt}'").strip() == "0"
+        )
+        ran = pg.psql(f"SELECT count(*) FROM qa_log WHERE note LIKE '{marker}-%'").strip()
+        assert int(ran) == attempt
+        filler.unlink()
+        conn.execute("INSERT INTO qa_log VALUES (%s)", (marker,))
+    assert pg.psql(f"SELECT count(*) FROM qa_log WHERE note = '{marker}'").strip() == "1"
+    _assert_verifies(directory)
+
+
+def test_the_gateway_exports_spans_from_its_log(
+    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
+) -> None:
+    with OtlpReceiver() as receiver:
+        gw = make_gateway(
+            policy=_policy(),
+            audit={"directory": str(tmp_path / "audit"), "otlpEndpoint": receiver.endpoint},
+        )
+        with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+            conn.execute("SELECT id FROM qa_people").fetchall()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM qa_secrets")
+        spans = receiver.wait_for(
+            lambda got: (
+                any(s.name == "querywarden.session" for s in got)
+                and sum(s.parent_span_id != "" for s in got) >= 2
+            )
+        )
+    session = next(s for s in spans if s.name == "querywarden.session")
+    assert session.attributes["querywarden.principal.subject"] == "alice"
+    statements = [s for s in spans if s.parent_span_id == session.span_id]
+    by_text = {s.attributes["db.query.text"]: s for s in statements}
+    select = by_text["SELECT id FROM qa_people"]
+    assert select.trace_id == session.trace_id
+    assert select.attributes["db.system.name"] == "postgresql"
+    assert select.attributes["db.response.returned_rows"] == 2
+    assert select.attributes["querywarden.decision"] == "allow"
+    refused = by_text["SELECT * FROM qa_secrets"]
+    assert refused.attributes["querywarden.decision"] == "refuse"
+    assert refused.attributes["querywarden.rule"] == "agents-rw"
