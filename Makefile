@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/identity_latency.py
 	$(BIN)/python bench/analysis_bench.py
 	$(BIN)/python bench/masking_bench.py
+	$(BIN)/python bench/audit_bench.py
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:
