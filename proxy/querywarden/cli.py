@@ -48,9 +48,12 @@ def _build_parser() -> argparse.ArgumentParser:
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     validate = policy_commands.add_parser("validate", help="check a policy file")
     validate.add_argument("file", type=Path)
+    from querywarden.approvals.tools import add_review_commands
     from querywarden.audit.tools import add_audit_commands
 
     add_audit_commands(commands)
+    add_review_commands(commands)
+    commands.add_parser("operator", help="run the Kubernetes operator and its admission webhook")
     demo = commands.add_parser("demo", help="run PostgreSQL and the gateway on this machine")
     demo.add_argument("--port", type=int, default=6432, help="gateway port (default 6432)")
     demo.add_argument(
@@ -95,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         return _check(args)
-    if args.command == "audit":
+    if args.command == "operator":
+        from querywarden_operator import run_operator
+
+        return run_operator()
+    if args.command in ("audit", "reviews"):
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
     if args.command == "policy":

@@ -159,6 +159,17 @@ class AuditSettings(_Section):
     otlp_endpoint: str | None = None
 
 
+class AdminSettings(_Section):
+    """The admin HTTP API (reviews: list, show, approve, deny); off without a port."""
+
+    host: str = "127.0.0.1"
+    #: Port of the admin API; None: no admin API (approvals then come from the store).
+    port: int | None = None
+    #: Serve HTTPS with this certificate and key.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
 class GatewaySettings(BaseSettings):
     """All process settings of ``querywarden serve``."""
 
@@ -177,6 +188,9 @@ class GatewaySettings(BaseSettings):
     limits: LimitSettings = LimitSettings.model_validate({})
     masking: MaskingSettings = MaskingSettings.model_validate({})
     audit: AuditSettings = AuditSettings.model_validate({})
+    admin: AdminSettings = AdminSettings.model_validate({})
+    #: Where the gateway keeps its state: the reviews of held statements (SQLite).
+    state_directory: Path = Path(".querywarden")
     #: The policy document: trusted issuers and rules.
     policy_file: Path | None = None
     #: How often the policy file is checked for changes (a failed reload keeps the last
@@ -218,6 +232,7 @@ _PATH_KEYS = {
     "policyFile",
     "hashKeyFile",
     "directory",
+    "stateDirectory",
 }
 
 

@@ -105,6 +105,8 @@ class Decision:
     rule: str | None = None
     #: For an allowed request of a masked identity: how its results are masked.
     mask: MaskPlan | None = None
+    #: For a statement an approver allowed: the review (for the audit record).
+    approval: dict[str, object] | None = None
 
     @classmethod
     def refuse(

@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from querywarden import codec
+from querywarden.approvals.api import AdminApi, bearer_authenticate
+from querywarden.approvals.model import Review
+from querywarden.approvals.service import ApprovalService
+from querywarden.approvals.store import SqliteReviewStore
 from querywarden.audit.recorder import Auditor, AuditWriteError, SessionAudit
 from querywarden.config import GatewaySettings
 from querywarden.endpoint import ConnectionClosed, Endpoint
@@ -63,6 +67,8 @@ class _CancelKey:
     secret: bytes
     upstream_pid: int
     upstream_secret: bytes
+    #: The client connection, so a CancelRequest can end a statement held for approval.
+    connection: ClientConnection | None = None
 
 
 class Gateway:
@@ -87,14 +93,20 @@ class Gateway:
         # The policy's rules decide; without rules nothing is allowed (default deny).
         self.plans = PlanEstimator()
         self.catalogs = CatalogCache(self._load_catalog)
+        self.auditor = _auditor(settings)
+        self.approvals = self._approval_service(policy)
+        self._admin: AdminApi | None = None
+        #: Where the admin API listens, once started (None: no admin API).
+        self.admin_address: tuple[str, int] | None = None
         self.gate: StatementGate = gate or PolicyGate(
             self.engine,
             estimator=self._largest_scan,
             masker=self._masker(policy),
             catalogs=self.catalogs,
+            approvals=self.approvals,
+            notify=self._notify,
         )
         self.result_hook = result_hook
-        self.auditor = _auditor(settings)
         #: Records up to here were written before this gateway started: sessions still
         #: open among them were cut off by a crash (the exporter closes them as such).
         self._audit_start_seq = self.auditor.log.last_seq if self.auditor else 0
@@ -114,6 +126,8 @@ class Gateway:
             connect_timeout=up.connect_timeout.total_seconds(),
         )
         self.connections: set[ClientConnection] = set()
+        #: Open sessions by id (for messages a hook sends a client outside a response).
+        self.sessions: dict[str, ClientConnection] = {}
         #: Every client and upstream socket still alive, for close() to wait on.
         self.endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()
         self._cancel_keys: dict[int, _CancelKey] = {}
@@ -131,6 +145,20 @@ class Gateway:
         if self.settings.policy_file is not None:
             self._policy_stamp = _file_stamp(self.settings.policy_file)
             self._watcher = loop.create_task(self._watch_policy())
+        admin = self.settings.admin
+        if self.approvals is not None and admin.port is not None:
+            context = None
+            if admin.cert_file and admin.key_file:
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(admin.cert_file, admin.key_file)
+            self._admin = AdminApi(
+                self.approvals,
+                bearer_authenticate(self.authenticator),
+                host=admin.host,
+                port=admin.port,
+                ssl_context=context,
+            )
+            self.admin_address = await self._admin.start()
         audit = self.settings.audit
         if self.auditor is not None and audit.otlp_endpoint:
             from querywarden.audit.export import LogExporter
@@ -169,6 +197,43 @@ class Gateway:
             self.upstream_target, user=role.user, password=role.resolved_password()
         )
 
+    def _approval_service(self, policy: PolicyDocument) -> ApprovalService | None:
+        """Reviews of held statements, when the policy names approvers."""
+        approvers = policy.approvals.approvers
+        if not (approvers.groups or approvers.users):
+            return None  # statements that need review are refused, saying so
+        directory = self.settings.state_directory
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        store = SqliteReviewStore(directory / "reviews.sqlite3")
+        return ApprovalService(store, policy.approvals, on_event=self._review_event)
+
+    def _review_event(self, kind: str, review: Review) -> None:
+        """Every review event goes to the audit log."""
+        if self.auditor is None:
+            return
+        try:
+            self.auditor.write(
+                f"review.{kind}",
+                review_id=review.id,
+                requester=review.requester.subject,
+                database=review.database,
+                statement=review.statement,
+                rule=review.rule,
+                reason=review.reason,
+                decision=str(review.decision.value),
+                approver=review.approver.subject if review.approver else None,
+                comment=review.comment,
+                grant_expires=review.grant_expires.isoformat() if review.grant_expires else None,
+            )
+        except AuditWriteError:
+            log.error("audit: review event %s of %s could not be recorded", kind, review.id)
+
+    def _notify(self, session: SessionInfo, message: bytes) -> None:
+        """Send a message (a NoticeResponse) to a session's client now."""
+        connection = self.sessions.get(session.session_id)
+        if connection is not None and not connection.closed:
+            connection.write(message)
+
     def _masker(self, policy: PolicyDocument) -> Masker | None:
         if not (policy.masking.columns or policy.masking.detectors):
             return None
@@ -206,6 +271,8 @@ class Gateway:
         self.engine = PolicyEngine(policy)
         self.authenticator = TokenAuthenticator(policy.identity)
         self.catalogs.invalidate()
+        if self.approvals is not None:
+            self.approvals.settings = policy.approvals
         if isinstance(self.gate, PolicyGate):
             self.gate.engine = self.engine
             self.gate.masker = masker
@@ -256,6 +323,9 @@ class Gateway:
             await asyncio.sleep(0)  # let the aborts deliver connection_lost
         if self._server is not None:
             await self._server.wait_closed()
+        if self._admin is not None:
+            with contextlib.suppress(Exception):
+                await self._admin.close()
         if self._exporter is not None:
             self._exporter_stop.set()
             with contextlib.suppress(Exception):
@@ -265,14 +335,18 @@ class Gateway:
 
     # cancel keys -------------------------------------------------------------------
 
-    def register_cancel_key(self, upstream: UpstreamConnection) -> tuple[int, bytes]:
+    def register_cancel_key(
+        self, upstream: UpstreamConnection, connection: ClientConnection | None = None
+    ) -> tuple[int, bytes]:
         """Hand out a gateway key for the client and remember the upstream key behind it."""
         while True:
             pid = secrets.randbelow(2**31 - 1) + 1
             if pid not in self._cancel_keys:
                 break
         secret = secrets.token_bytes(4)
-        self._cancel_keys[pid] = _CancelKey(secret, upstream.backend_pid, upstream.backend_secret)
+        self._cancel_keys[pid] = _CancelKey(
+            secret, upstream.backend_pid, upstream.backend_secret, connection
+        )
         return pid, secret
 
     def forget_cancel_key(self, pid: int) -> None:
@@ -284,6 +358,11 @@ class Gateway:
         key = self._cancel_keys.get(pid)
         if key is None or not hmac.compare_digest(key.secret, secret):
             log.info("ignored a CancelRequest with an unknown key")
+            return
+        held = key.connection._decision if key.connection is not None else None
+        if held is not None and not held.done():
+            # The statement is in the gateway (held for approval), not upstream.
+            held.cancel()
             return
         await send_cancel(self.upstream_target, key.upstream_pid, key.upstream_secret)
 
@@ -322,6 +401,7 @@ class ClientConnection(Endpoint):
         self._task: asyncio.Task[None] | None = None
         self._deciding: asyncio.Task[None] | None = None
         self._cancelling: asyncio.Task[None] | None = None
+        self._decision: asyncio.Future[Decision] | None = None
         self._cancel_secret = b""
         self._finished = False
         self._over_limit = False
@@ -564,7 +644,8 @@ class ClientConnection(Endpoint):
         gateway.endpoints.add(up)
         assert up.transport is not None
         up.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        self.pid, secret = gateway.register_cancel_key(upstream)
+        self.pid, secret = gateway.register_cancel_key(upstream, self)
+        gateway.sessions[info.session_id] = self
         self._cancel_secret = secret
         self.writelines(
             [
@@ -613,8 +694,13 @@ class ClientConnection(Endpoint):
             _send(self.upstream, chunks)
         if session.terminated:
             self._flush()
-        elif session.awaiting is not None and self._deciding is None:
-            self._deciding = asyncio.get_running_loop().create_task(self._await_decisions())
+        elif session.awaiting is not None:
+            if self._deciding is None:
+                self._deciding = asyncio.get_running_loop().create_task(self._await_decisions())
+            elif session.buffered_client_bytes > _HELD_INPUT_LIMIT and self.transport:
+                # What the client sends behind a held request waits in the session; past
+                # this much, stop reading (TCP pushes back) until the decision is made.
+                self.transport.pause_reading()
 
     def _on_server_data(self, data: bytes) -> None:
         session = self.session
@@ -663,10 +749,17 @@ class ClientConnection(Endpoint):
         """Hold the client's input while a decision needs I/O, then carry on."""
         session = self.session
         assert session is not None and self.transport is not None
-        self.transport.pause_reading()
+        # Reading goes on while a decision is awaited (a statement may be held for an
+        # approver for minutes): that is how a disconnect is noticed, which withdraws
+        # the review. Input behind the held request is buffered up to a bound.
         try:
             while session.awaiting is not None and not self.closed:
-                decision = await _settle(session.awaiting)
+                # A task, so that a CancelRequest can end a statement held for approval.
+                self._decision = asyncio.ensure_future(session.awaiting)
+                try:
+                    decision = await _settle(self._decision)
+                finally:
+                    self._decision = None
                 try:
                     session.resume(decision)
                 except QuerywardenError as exc:
@@ -727,6 +820,8 @@ class ClientConnection(Endpoint):
             except Exception:  # never let the record of an ending stop the cleanup
                 log.exception("audit: could not record the end of a session")
         self.gateway.connections.discard(self)
+        if self.session is not None:
+            self.gateway.sessions.pop(self.session.info.session_id, None)
         if self.pid:
             self.gateway.forget_cancel_key(self.pid)
         if self.upstream is not None and not self.upstream.closed:
@@ -779,6 +874,9 @@ def _send(endpoint: Endpoint | None, chunks: list[bytes]) -> None:
         transport.writelines(chunks)
 
 
+#: Client input buffered behind a held request before the gateway stops reading.
+_HELD_INPUT_LIMIT = 1024 * 1024
+
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "min": 60000.0, "h": 3600000.0, "d": 86400000.0}
 
 
@@ -809,7 +907,14 @@ async def _settle(awaitable: Awaitable[Decision]) -> Decision:
     try:
         return await awaitable
     except asyncio.CancelledError:
-        raise
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the session itself is ending
+        # The decision alone was cancelled: the client's CancelRequest.
+        return Decision.refuse(
+            "canceling statement due to user request (it was not run)",
+            sqlstate="57014",
+        )
     except Exception as exc:
         log.exception("decision hook failed")
         return Decision.refuse(

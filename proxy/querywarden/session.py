@@ -965,6 +965,11 @@ class Session:
     # --- for the shell ---------------------------------------------------------------
 
     @property
+    def buffered_client_bytes(self) -> int:
+        """Client input held in the session (behind a decision or a cancel)."""
+        return len(self._client_buf)
+
+    @property
     def expected_responses(self) -> int:
         """How many requests still await a response from the server."""
         return len(self._expected)

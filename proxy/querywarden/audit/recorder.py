@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from querywarden.analysis import StatementSummary
+from querywarden.approvals.model import ReviewSummary
 from querywarden.audit.log import AuditLog, AuditWriteError
 from querywarden.hooks import Decision, SessionInfo, StatementRequest
 
@@ -183,7 +184,7 @@ class SessionAudit:
                 "reason": None if decision.allowed else decision.message,
                 "sqlstate": None if decision.allowed else decision.sqlstate,
             },
-            approval=None,
+            approval=decision.approval,
             parameters=(
                 None
                 if parameters is None
@@ -251,18 +252,10 @@ class SessionAudit:
 
 
 def _summary(summaries: Sequence[StatementSummary]) -> dict[str, list[str]]:
-    operations: set[str] = set()
-    reads: set[str] = set()
-    writes: set[str] = set()
-    functions: set[str] = set()
-    for s in summaries:
-        operations |= s.operations
-        reads |= {str(r) for r in s.reads}
-        writes |= {str(w) for w in s.writes}
-        functions |= {str(f) for f in s.functions}
+    merged = ReviewSummary.from_analysis(summaries)
     return {
-        "operations": sorted(operations),
-        "reads": sorted(reads),
-        "writes": sorted(writes),
-        "functions": sorted(functions),
+        "operations": list(merged.operations),
+        "reads": list(merged.reads),
+        "writes": list(merged.writes),
+        "functions": list(merged.functions),
     }

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from querywarden import codec
 from querywarden.analysis import AnalysisError, Analyzer, StatementSummary
+from querywarden.approvals.service import ApprovalService
 from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
 from querywarden.masking.catalog import CatalogCache, SensitiveCatalog
 from querywarden.masking.plan import Masker, MaskRefusal
@@ -12,6 +19,7 @@ from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.model import PolicyDocument
 
 _PREFIX = "querywarden: "
+_PARAMETER = re.compile(r"\$[0-9]")
 
 #: ``(session, statement text) -> rows of its largest sequential scan``.
 ScanEstimator = Callable[[SessionInfo, str], Awaitable[int]]
@@ -28,6 +36,8 @@ class PolicyGate:
         estimator: ScanEstimator | None = None,
         masker: Masker | None = None,
         catalogs: CatalogCache | None = None,
+        approvals: ApprovalService | None = None,
+        notify: Callable[[SessionInfo, bytes], None] | None = None,
     ) -> None:
         self.engine = policy if isinstance(policy, PolicyEngine) else PolicyEngine(policy)
         self.analyzer = analyzer or Analyzer()
@@ -36,6 +46,10 @@ class PolicyGate:
         #: The policy's masking, and where it learns which columns are sensitive.
         self.masker = masker
         self.catalogs = catalogs
+        #: Holds statements that need review until an approver decides (None: refuse).
+        self.approvals = approvals
+        #: Sends a message to a session's client at once (the "held" notice).
+        self.notify = notify
 
     def masks(self, session: SessionInfo) -> bool:
         """Whether this session's results are masked (decisions then carry a plan)."""
@@ -100,14 +114,128 @@ class PolicyGate:
             _note_prepared(session, summaries)
             return self._allowed(session, summaries, search_path)
         if verdict.outcome == "review":
-            return _needs_review(verdict.reason, hint=verdict.hint, rule=verdict.rule)
+            held = _Review(request.sql, summaries, verdict.reason, verdict.hint, verdict.rule)
+            return self._review(session, held, search_path)
         return Decision.refuse(_PREFIX + verdict.reason, hint=verdict.hint, rule=verdict.rule)
+
+    def _review(
+        self, session: SessionInfo, review: _Review, search_path: Sequence[str]
+    ) -> Decision | Awaitable[Decision]:
+        """A statement that needs an approver: held on the wire, or refused without one."""
+        if self.approvals is None:
+            return _needs_review(review.reason, hint=review.hint, rule=review.rule)
+        if _PARAMETER.search(review.text):
+            # Its values arrive later (Bind): an approval of the text alone would cover
+            # every value, so approving "id = $1" would approve id = 6 as well as id = 5.
+            return Decision.refuse(
+                _PREFIX + f"{review.reason}; a statement that needs approval must carry its "
+                "values as literals, so the approver sees exactly what will run",
+                hint="send it without parameters ($1, ...), e.g. with the simple query "
+                "protocol, and it will be held for an approver",
+                rule=review.rule,
+            )
+        return self._held_then_allowed(session, review, search_path)
+
+    async def _held_then_allowed(
+        self, session: SessionInfo, review: _Review, search_path: Sequence[str]
+    ) -> Decision:
+        held = await self._hold(session, review)
+        if not held.allowed:
+            return held
+        # Approved: the statement still gets what any allowed statement gets (masking).
+        allowed = self._allowed(session, review.summaries, search_path, reviewed=True)
+        decision = allowed if isinstance(allowed, Decision) else await allowed
+        if decision.allowed:
+            return Decision(True, rule=held.rule, mask=decision.mask, approval=held.approval)
+        return decision
+
+    async def _hold(self, session: SessionInfo, held: _Review) -> Decision:
+        """Wait for an approver's decision on this exact statement (or use a grant)."""
+        from querywarden.approvals.model import ReviewSummary
+
+        text, summaries, reason, hint, rule = (
+            held.text,
+            held.summaries,
+            held.reason,
+            held.hint,
+            held.rule,
+        )
+        approvals = self.approvals
+        assert approvals is not None
+        principal, database = session.principal, session.database
+        grant = await approvals.claim_grant(principal, database, text)
+        if grant is not None:
+            return Decision(True, rule=rule, approval=_approval(grant, "grant used"))
+        review = await approvals.request(
+            principal,
+            database,
+            text,
+            summary=ReviewSummary.from_analysis(summaries),
+            rule=rule or "",
+            reason=reason,
+            estimate=held.estimate,
+        )
+        hold = approvals.settings.hold.total_seconds()
+        if self.notify is not None:
+            self.notify(
+                session,
+                codec.notice_response(
+                    _PREFIX + f"{reason}: held for approval as review {review.id}; waiting up "
+                    f"to {hold:g}s for an approver",
+                    hint=f"an approver runs: querywarden reviews approve {review.id} --comment ...",
+                ),
+            )
+        try:
+            review = await approvals.wait(review.id, hold)
+        except asyncio.CancelledError:
+            # A CancelRequest or a disconnect: nobody waits for this review any more.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(approvals.withdraw(review.id, "the client cancelled"))
+            raise
+        decision = str(review.decision.value)
+        if decision == "approved":
+            try:
+                used = await approvals.use(review.id)
+            except Exception:
+                used = None
+            if used is not None:
+                return Decision(True, rule=rule, approval=_approval(used, "approved"))
+            return Decision.refuse(
+                _PREFIX + f"review {review.id} was approved but its grant is used up or "
+                "expired; the statement was not run",
+                hint="ask the approver for a new approval",
+                rule=rule,
+            )
+        if decision == "denied":
+            approver = review.approver.subject if review.approver else "an approver"
+            return Decision.refuse(
+                _PREFIX + f"review {review.id} was denied by {approver}: "
+                f"{review.comment or 'no reason given'}; the statement was not run",
+                hint=hint,
+                rule=rule,
+            )
+        if decision == "pending":
+            return Decision.refuse(
+                _PREFIX + f"review {review.id} is still pending after {hold:g}s; the "
+                "statement was not run. Re-run the same statement after an approver has "
+                "approved it and it will run",
+                hint=hint,
+                rule=rule,
+            )
+        return Decision.refuse(
+            _PREFIX + f"review {review.id} was {decision}: {review.comment}; the statement "
+            "was not run",
+            hint=hint,
+            rule=rule,
+        )
 
     def _allowed(
         self,
         session: SessionInfo,
         summaries: Sequence[StatementSummary],
         search_path: Sequence[str],
+        *,
+        reviewed: bool = False,
     ) -> Decision | Awaitable[Decision]:
         """The policy allows the request: review scans and attach masking as needed."""
         masked = self.masks(session)
@@ -118,7 +246,7 @@ class PolicyGate:
         ):
             # Views and columns may change: the next decision reads the catalog again.
             self.catalogs.invalidate(session.database)
-        scans = self.engine.scan_review(session.principal, session.database)
+        scans = None if reviewed else self.engine.scan_review(session.principal, session.database)
         touching = [s for s in summaries if s.reads or s.writes] if scans is not None else []
         if masked:
             catalog = self.catalogs.current(session.database) if self.catalogs else None
@@ -193,12 +321,18 @@ class PolicyGate:
                     rule=rule,
                 )
             if rows > min_rows:
-                return _needs_review(
+                reason = (
                     f"this statement scans a table of about {rows} rows sequentially, more "
-                    f"than the {min_rows} that rule {rule} allows without approval",
-                    hint="filter on an indexed column (e.g. the primary key) so PostgreSQL "
-                    "does not read the whole table",
-                    rule=rule,
+                    f"than the {min_rows} that rule {rule} allows without approval"
+                )
+                hint = (
+                    "filter on an indexed column (e.g. the primary key) so PostgreSQL "
+                    "does not read the whole table"
+                )
+                if self.approvals is None:
+                    return _needs_review(reason, hint=hint, rule=rule)
+                return await self._hold(
+                    session, _Review(summary.text, summaries, reason, hint, rule, rows)
                 )
         return ALLOW
 
@@ -227,6 +361,30 @@ def _note_prepared(session: SessionInfo, summaries: Sequence[StatementSummary]) 
                 prepared.pop(summary.prepared_name, None)
         elif command == "discard" and "all" in summary.set_parameters:
             prepared.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _Review:
+    """A statement that needs an approver, and why."""
+
+    text: str
+    summaries: Sequence[StatementSummary]
+    reason: str
+    hint: str | None
+    rule: str | None
+    estimate: int | None = None
+
+
+def _approval(review: Any, how: str) -> dict[str, object]:
+    """What the audit record keeps of the review that let a statement run."""
+    return {
+        "review_id": review.id,
+        "how": how,
+        "approver": review.approver.subject if review.approver else None,
+        "comment": review.comment,
+        "decided": review.decided.isoformat() if review.decided else None,
+        "grant_expires": review.grant_expires.isoformat() if review.grant_expires else None,
+    }
 
 
 def _needs_review(reason: str, *, hint: str | None, rule: str | None) -> Decision:

@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from querywarden.approvals.model import ApprovalSettings
 from querywarden.config import Duration, parse_duration
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -348,6 +349,8 @@ class PolicyDocument(_Model):
     #: Evaluated for every statement; anything no rule allows is refused.
     rules: list[Rule] = []
     masking: MaskingSection = MaskingSection()
+    #: Who approves held statements, and how long statements and grants wait.
+    approvals: ApprovalSettings = ApprovalSettings()
 
     @model_validator(mode="after")
     def _unique_rules(self) -> PolicyDocument:

@@ -1,0 +1,144 @@
+"""The kopf handlers: thin wrappers that call :mod:`reconcile` and :mod:`admission`.
+
+They are registered on a registry of their own (:func:`build_registry`), not kopf's
+global one, so that importing this package registers nothing and several operators can
+run in one process (the tests do).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from querywarden_operator.admission import WEBHOOK_ID, admit_pod
+from querywarden_operator.reconcile import Context, reconcile_policy, refresh_pods, sync_webhooks
+from querywarden_operator.spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+#: Seconds before a failed (not permanently) handler is retried.
+RETRY_BACKOFF = 10.0
+
+
+def connection_info(configuration: Any) -> kopf.ConnectionInfo:
+    """Kopf's credentials from the client library's configuration.
+
+    As kopf's own ``login_via_client`` does, but for this configuration rather than the
+    library's global one.
+    """
+    hook = getattr(configuration, "refresh_api_key_hook", None)
+    if hook is not None:
+        # In a pod the service-account token rotates: read it again.
+        hook(configuration)
+    header: str | None = configuration.get_api_key_with_prefix(
+        "BearerToken"
+    ) or configuration.get_api_key_with_prefix("authorization")
+    scheme: str | None = None
+    token: str | None = None
+    if header:
+        parts = header.split(" ", 1)
+        scheme, token = (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
+
+
+def build_registry(ctx: Context) -> kopf.OperatorRegistry:
+    """Register the operator's handlers, bound to ``ctx``, on a new registry."""
+    registry = kopf.OperatorRegistry()
+    resource = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.login(registry=registry, id="login")
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return connection_info(ctx.kube.configuration)
+
+    @kopf.on.startup(registry=registry, id="prune-webhooks")
+    def prune_webhooks(**_: Any) -> None:
+        # Entries of policies deleted while no operator ran go now.
+        sync_webhooks(ctx)
+
+    @kopf.on.resume(*resource, registry=registry, id="reconcile", backoff=RETRY_BACKOFF)
+    @kopf.on.create(*resource, registry=registry, id="reconcile", backoff=RETRY_BACKOFF)
+    @kopf.on.update(*resource, registry=registry, id="reconcile", backoff=RETRY_BACKOFF)
+    def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        outcome = reconcile_policy(ctx, body)
+        patch.status.update(outcome.status.manifest())
+        if outcome.error is not None:
+            raise kopf.PermanentError(outcome.error)
+
+    @kopf.on.delete(*resource, registry=registry, id="forget", optional=True)
+    def forget(**_: Any) -> None:
+        # The ConfigMap and NetworkPolicy are owned by the policy (garbage-collected);
+        # only its webhook entry is the operator's to remove. Optional: no finalizer,
+        # so a policy never waits for the operator to be deleted.
+        sync_webhooks(ctx)
+
+    @kopf.timer(
+        *resource,
+        registry=registry,
+        id="recount",
+        interval=ctx.config.resync_interval,
+        initial_delay=ctx.config.resync_interval,
+        backoff=RETRY_BACKOFF,
+    )
+    def recount(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        status = refresh_pods(ctx, body)
+        if status is None:
+            return
+        wanted = status.manifest()
+        current = dict(body.get("status") or {})
+        if any(current.get(key) != value for key, value in wanted.items()):
+            patch.status.update(wanted)
+
+    @kopf.on.mutate("v1", "pods", id=WEBHOOK_ID, operations=["CREATE"], registry=registry)
+    def inject(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        namespace = str(body.get("metadata", {}).get("namespace") or "")
+        admission = admit_pod(ctx, body, namespace)
+        if admission.refusal is not None:
+            raise kopf.AdmissionError(admission.refusal, code=403)
+        if admission.patch is not None:
+            patch.update(admission.patch)
+
+    return registry
+
+
+def build_settings(ctx: Context) -> kopf.OperatorSettings:
+    """Kopf settings: where its bookkeeping goes, the webhook server, peering."""
+    config = ctx.config
+    settings = kopf.OperatorSettings()
+    # Bookkeeping in annotations under our own prefix; the status holds only what the
+    # CRD's schema declares.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # Only warnings and errors become Events: the resync timer would flood them.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 8
+    settings.admission.server = kopf.WebhookServer(
+        addr=config.webhook_host,
+        port=config.webhook_port,
+        certfile=str(config.webhook_cert_file) if config.webhook_cert_file else None,
+        pkeyfile=str(config.webhook_key_file) if config.webhook_key_file else None,
+    )
+    # The chart ships the webhook configuration (namespaceSelector, reinvocation and
+    # failure policy are ours to choose, not kopf's); the operator adds policy entries.
+    settings.admission.managed = None
+    settings.peering.clusterwide = True
+    if config.peering_name is None:
+        settings.peering.standalone = True
+    else:
+        settings.peering.name = config.peering_name
+        settings.peering.mandatory = True
+    return settings

@@ -1,0 +1,403 @@
+"""Reconciliation: read the cluster, apply what :mod:`render` says, report in the status.
+
+Every function here is idempotent: it computes the desired objects from the policy and
+server-side-applies them, whatever exists already, so a retry, a resumed operator or a
+second event for the same change all converge on the same state.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from querywarden_operator.config import OperatorConfig
+from querywarden_operator.kube import KubeApiError, KubeClient, object_path
+from querywarden_operator.render import (
+    EffectiveSidecar,
+    PolicyRef,
+    config_hash,
+    configmap_name,
+    effective_sidecar,
+    network_policy_name,
+    render_configmap,
+    render_network_policy,
+    webhook_configuration,
+    webhook_entry,
+)
+from querywarden_operator.spec import (
+    ANNOTATION_RESTART,
+    ANNOTATION_RESTARTED_FOR,
+    API_VERSION,
+    GROUP,
+    PLURAL,
+    DatabaseAccessPolicySpec,
+    Target,
+)
+from querywarden_operator.status import (
+    INJECTED_CONDITION,
+    READY,
+    RENDERED,
+    Condition,
+    PodCensus,
+    PolicyStatus,
+    census,
+    condition,
+    injected_condition,
+    now,
+    parse_conditions,
+    ready_condition,
+    set_condition,
+)
+
+log = logging.getLogger(__name__)
+
+#: Server versions from which ``restartPolicy: Always`` init containers run as sidecars
+#: (beta and on by default in 1.29, GA in 1.33).
+NATIVE_SIDECARS_SINCE = (1, 29)
+WEBHOOK_SUFFIX = f".policies.{GROUP}"
+
+
+class InvalidPolicy(ValueError):
+    """The policy's spec cannot be rendered; the message says why, for the condition."""
+
+
+@dataclass
+class Context:
+    """What every handler needs: the API client, the settings, what the cluster can do."""
+
+    kube: KubeClient
+    config: OperatorConfig
+    native_supported: bool
+    webhook_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def connect(cls, kube: KubeClient, config: OperatorConfig) -> Context:
+        """Ask the API server what it supports."""
+        return cls(
+            kube=kube,
+            config=config,
+            native_supported=kube.server_version() >= NATIVE_SIDECARS_SINCE,
+        )
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A pydantic error as one line per problem, with the field path in camelCase."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"])
+        lines.append(f"{where}: {error['msg']}" if where else str(error["msg"]))
+    return "; ".join(lines)
+
+
+def parse_spec(raw_spec: Mapping[str, Any] | None) -> DatabaseAccessPolicySpec:
+    """The spec, validated with the gateway's own models; InvalidPolicy says what is wrong."""
+    try:
+        return DatabaseAccessPolicySpec.model_validate(dict(raw_spec or {}))
+    except ValidationError as exc:
+        raise InvalidPolicy(f"spec is invalid: {validation_message(exc)}") from None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The status to write, and the reason the policy is refused (None: it is not)."""
+
+    status: PolicyStatus
+    error: str | None = None
+
+
+def _status_of(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    return body.get("status") or {}
+
+
+def _sidecar_for(ctx: Context, spec: DatabaseAccessPolicySpec) -> EffectiveSidecar:
+    return effective_sidecar(spec.sidecar, ctx.config, native_supported=ctx.native_supported)
+
+
+def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
+    """Validate, render the ConfigMap and NetworkPolicy, register the webhook, count pods."""
+    policy = PolicyRef.from_body(body)
+    at = now()
+    conditions = parse_conditions(_status_of(body).get("conditions"))
+    generation = policy.generation
+
+    def refused(reason: str, message: str) -> Outcome:
+        updated = set_condition(
+            conditions, condition(RENDERED, False, reason, message, generation=generation, at=at)
+        )
+        updated = set_condition(updated, ready_condition(updated, generation=generation, at=at))
+        status = PolicyStatus(observed_generation=generation, conditions=updated)
+        return Outcome(status=status, error=message)
+
+    if policy.namespace in ctx.config.never_injected():
+        return refused(
+            "ExcludedNamespace",
+            f"namespace {policy.namespace} is never injected (the operator's own, or "
+            "excluded in its settings): create the policy next to the database",
+        )
+    try:
+        spec = parse_spec(body.get("spec"))
+    except InvalidPolicy as exc:
+        # The ConfigMap keeps the last good rendering: running sidecars keep their policy.
+        sync_webhooks(ctx)
+        return refused("InvalidPolicy", str(exc))
+
+    sidecar = _sidecar_for(ctx, spec)
+    raw_policy = (body.get("spec") or {}).get("policy") or {}
+    configmap = render_configmap(policy, spec, raw_policy, sidecar)
+    ctx.kube.apply(
+        object_path("v1", "configmaps", policy.namespace, configmap_name(policy.name)), configmap
+    )
+    ctx.kube.apply(
+        object_path(
+            "networking.k8s.io/v1", "networkpolicies", policy.namespace,
+            network_policy_name(policy.name),
+        ),
+        render_network_policy(policy, spec, sidecar),
+    )  # fmt: skip
+    conditions = set_condition(
+        conditions,
+        condition(
+            RENDERED,
+            True,
+            "Rendered",
+            f"ConfigMap {configmap_name(policy.name)} and NetworkPolicy "
+            f"{network_policy_name(policy.name)} are up to date",
+            generation=generation,
+            at=at,
+        ),
+    )
+    sync_webhooks(ctx)
+    return Outcome(
+        status=_with_pods(ctx, body, spec=spec, sidecar=sidecar, conditions=conditions, at=at)
+    )
+
+
+def refresh_pods(ctx: Context, body: Mapping[str, Any]) -> PolicyStatus | None:
+    """Count the policy's pods again (and restart workloads if asked).
+
+    None if the spec cannot be rendered (the create/update handler reported that).
+    """
+    status = _status_of(body)
+    conditions = parse_conditions(status.get("conditions"))
+    rendered = next((c for c in conditions if c.type == RENDERED), None)
+    if rendered is None or rendered.status != "True":
+        return None
+    try:
+        spec = parse_spec(body.get("spec"))
+    except InvalidPolicy:
+        return None
+    return _with_pods(
+        ctx, body, spec=spec, sidecar=_sidecar_for(ctx, spec), conditions=conditions, at=now()
+    )
+
+
+def _with_pods(
+    ctx: Context,
+    body: Mapping[str, Any],
+    *,
+    spec: DatabaseAccessPolicySpec,
+    sidecar: EffectiveSidecar,
+    conditions: list[Condition],
+    at: datetime.datetime,
+) -> PolicyStatus:
+    policy = PolicyRef.from_body(body)
+    current_hash = config_hash(spec, sidecar)
+    pods = ctx.kube.list(
+        object_path("v1", "pods", policy.namespace),
+        label_selector=spec.target.pod_selector.as_query(),
+    )
+    # The API server applied the selector; applying it here too keeps a selector the
+    # query syntax cannot say exactly from counting the wrong pods.
+    selected = [
+        p
+        for p in pods
+        if spec.target.pod_selector.matches((p.get("metadata") or {}).get("labels") or {})
+    ]
+    found = census(selected, policy.name, current_hash)
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    restart = annotations.get(ANNOTATION_RESTART) == "true"
+    if restart and (found.missing or found.outdated):
+        restart_workloads(ctx, policy, selected, found, key=f"{policy.name}/{current_hash}")
+    conditions = set_condition(
+        conditions,
+        injected_condition(found, restart_enabled=restart, generation=policy.generation, at=at),
+    )
+    conditions = set_condition(
+        conditions, ready_condition(conditions, generation=policy.generation, at=at)
+    )
+    return PolicyStatus(
+        observed_generation=policy.generation,
+        targets=found.targets,
+        injected=found.injected,
+        config_map=configmap_name(policy.name),
+        conditions=conditions,
+    )
+
+
+# --- rolling workloads ----------------------------------------------------------------
+
+
+def _controller(meta: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller"):
+            return dict(ref)
+    return None
+
+
+def owning_workload(
+    kube: KubeClient, namespace: str, pod: Mapping[str, Any]
+) -> tuple[str, str, str] | None:
+    """(api version, plural, name) of the Deployment, StatefulSet or DaemonSet of a pod."""
+    owner = _controller(pod.get("metadata") or {})
+    if owner is None:
+        return None
+    kind, name = owner.get("kind"), str(owner.get("name"))
+    if kind == "StatefulSet":
+        return ("apps/v1", "statefulsets", name)
+    if kind == "DaemonSet":
+        return ("apps/v1", "daemonsets", name)
+    if kind == "ReplicaSet":
+        replicaset = kube.get(object_path("apps/v1", "replicasets", namespace, name))
+        if replicaset is None:
+            return None
+        parent = _controller(replicaset.get("metadata") or {})
+        if parent is not None and parent.get("kind") == "Deployment":
+            return ("apps/v1", "deployments", str(parent.get("name")))
+    return None
+
+
+def restart_workloads(
+    ctx: Context,
+    policy: PolicyRef,
+    pods: Iterable[Mapping[str, Any]],
+    found: PodCensus,
+    *,
+    key: str,
+) -> list[str]:
+    """Roll the workloads of pods without the current gateway, once per ``key``.
+
+    As ``kubectl rollout restart`` does: a pod template annotation changes, and the
+    workload's controller replaces its pods, which the webhook injects. The annotation's
+    value is the policy and its settings hash, so a workload is rolled once per change,
+    however often this runs.
+    """
+    wanted = set(found.missing) | set(found.outdated)
+    rolled: list[str] = []
+    seen: set[tuple[str, str, str]] = set()
+    for pod in pods:
+        if (pod.get("metadata") or {}).get("name") not in wanted:
+            continue
+        workload = owning_workload(ctx.kube, policy.namespace, pod)
+        if workload is None or workload in seen:
+            continue
+        seen.add(workload)
+        api_version, plural, name = workload
+        path = object_path(api_version, plural, policy.namespace, name)
+        current = ctx.kube.get(path)
+        if current is None:
+            continue
+        template_annotations = (
+            ((current.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        ).get("annotations") or {}
+        if template_annotations.get(ANNOTATION_RESTARTED_FOR) == key:
+            continue
+        ctx.kube.merge_patch(
+            path,
+            {"spec": {"template": {"metadata": {"annotations": {ANNOTATION_RESTARTED_FOR: key}}}}},
+        )
+        log.info("restarted %s/%s for policy %s", plural, name, policy.name)
+        rolled.append(f"{plural}/{name}")
+    return rolled
+
+
+# --- the webhook configuration --------------------------------------------------------
+
+
+def sync_webhooks(ctx: Context) -> list[str]:
+    """Make the MutatingWebhookConfiguration hold one entry per policy; return their names.
+
+    The client configuration (service or URL, and CA bundle) is copied from the chart's
+    own entry, so certificates stay the chart's business (cert-manager or Helm).
+    """
+    config = ctx.config
+    path = object_path(
+        "admissionregistration.k8s.io/v1", "mutatingwebhookconfigurations", None,
+        config.webhook_configuration,
+    )  # fmt: skip
+    with ctx.webhook_lock:
+        current = ctx.kube.get(path)
+        if current is None:
+            log.warning(
+                "MutatingWebhookConfiguration %s not found: pods cannot be injected",
+                config.webhook_configuration,
+            )
+            return []
+        template = next(
+            (w for w in current.get("webhooks") or [] if not w["name"].endswith(WEBHOOK_SUFFIX)),
+            None,
+        )
+        if template is None:
+            log.warning(
+                "MutatingWebhookConfiguration %s has no entry of the chart's to copy the "
+                "client configuration from",
+                config.webhook_configuration,
+            )
+            return []
+        entries = []
+        excluded = config.never_injected()
+        for item in ctx.kube.list(object_path(API_VERSION, PLURAL, None)):
+            meta = item.get("metadata") or {}
+            if meta.get("deletionTimestamp") or meta.get("namespace") in excluded:
+                continue
+            try:
+                spec = parse_spec(item.get("spec"))
+            except InvalidPolicy:
+                # Keep a policy's entry while its document is invalid: its pods must
+                # still get the gateway (with the last good ConfigMap). Only a target
+                # that cannot be read has no entry.
+                entry = _entry_from_target(item, template["clientConfig"])
+                if entry is not None:
+                    entries.append(entry)
+                continue
+            entries.append(webhook_entry(PolicyRef.from_body(item), spec, template["clientConfig"]))
+        entries.sort(key=lambda e: str(e["name"]))
+        try:
+            ctx.kube.apply(path, webhook_configuration(config.webhook_configuration, entries))
+        except KubeApiError as exc:
+            log.error("could not update the webhook configuration: %s", exc)
+            raise
+        return [str(e["name"]) for e in entries]
+
+
+def _entry_from_target(
+    item: Mapping[str, Any], client_config: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    raw = dict(item.get("spec") or {})
+    try:
+        target = Target.model_validate(raw.get("target") or {})
+    except ValidationError:
+        return None
+    # Only the target matters for the entry: a stand-in spec with an empty policy.
+    stand_in = DatabaseAccessPolicySpec.model_construct(target=target)
+    return webhook_entry(PolicyRef.from_body(item), stand_in, client_config)
+
+
+__all__ = [
+    "INJECTED_CONDITION",
+    "READY",
+    "RENDERED",
+    "Context",
+    "InvalidPolicy",
+    "Outcome",
+    "parse_spec",
+    "reconcile_policy",
+    "refresh_pods",
+    "restart_workloads",
+    "sync_webhooks",
+]

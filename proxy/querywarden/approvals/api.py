@@ -1,0 +1,368 @@
+"""The admin HTTP API: list, show, approve and deny reviews, on its own port.
+
+::
+
+    GET  /reviews[?state=pending|approved|denied|expired|withdrawn]   {"reviews": [Review]}
+    GET  /reviews/{id}                                                Review
+    POST /reviews/{id}/approve  {"comment": str, "uses"?: int, "ttl"?: "30m"}   Review
+    POST /reviews/{id}/deny     {"comment": str}                                Review
+    GET  /healthz               (no token)                            {"ok": true}
+
+Every other request carries ``Authorization: Bearer <token>``, a token of an issuer the
+policy trusts (approvers authenticate exactly as clients do). Errors are JSON
+``{"error": message}`` with 400 (bad request), 401 (no or invalid token), 403 (not an
+approver, self-approval, someone else's review), 404, 409 (no longer pending) or 503
+(the issuer's keys cannot be fetched: retry).
+
+The server is a small HTTP/1.1 implementation on asyncio streams (one request per
+connection, bodies by Content-Length only), because the gateway has no HTTP framework
+dependency and these four endpoints need none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydantic import TypeAdapter, ValidationError
+
+from querywarden.approvals.model import (
+    ApprovalError,
+    NotAnApprover,
+    ReviewConflict,
+    ReviewDecision,
+    ReviewNotFound,
+)
+from querywarden.approvals.service import ApprovalService
+from querywarden.config import Duration
+from querywarden.errors import AuthenticationFailed
+from querywarden.identity.principal import Authenticator, Credentials, Principal
+
+__all__ = ["AdminApi", "BearerAuthenticate", "bearer_authenticate"]
+
+log = logging.getLogger(__name__)
+
+#: ``authenticate(token) -> Principal``; raises AuthenticationFailed for a refused token.
+BearerAuthenticate = Callable[[str], Awaitable[Principal]]
+
+_MAX_HEAD = 16 * 1024
+_MAX_BODY = 64 * 1024
+_MAX_COMMENT = 4000
+#: Time a client has to send its whole request (a slow client cannot hold a connection).
+_REQUEST_TIMEOUT = 10.0
+#: Time requests in flight get to finish when the API closes.
+_CLOSE_GRACE = 2.0
+_DURATION: TypeAdapter[timedelta] = TypeAdapter(Duration)
+
+
+def bearer_authenticate(
+    authenticator: Authenticator, *, client_address: str = "admin-api"
+) -> BearerAuthenticate:
+    """Adapt the gateway's Authenticator (e.g. TokenAuthenticator) to the API's callable.
+
+    The API sees no client certificate, so a token bound to one (``cnf``) is refused.
+    """
+
+    async def authenticate(token: str) -> Principal:
+        credentials = Credentials(
+            user="", secret=token.encode("utf-8", "replace"), client_address=client_address
+        )
+        return await authenticator.authenticate(credentials)
+
+    return authenticate
+
+
+class _HttpError(Exception):
+    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class _Request:
+    __slots__ = ("body", "headers", "method", "path", "query")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: dict[str, str],
+        body: bytes,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+
+
+class AdminApi:
+    """The admin HTTP(S) server over an :class:`ApprovalService`.
+
+    ``authenticate`` turns a bearer token into a Principal (see :func:`bearer_authenticate`);
+    ``ssl_context``, when given, serves HTTPS.
+    """
+
+    def __init__(
+        self,
+        service: ApprovalService,
+        authenticate: BearerAuthenticate,
+        *,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._service = service
+        self._authenticate = authenticate
+        self._host = host
+        self._port = port
+        self._ssl = ssl_context
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; returns the bound address (port 0 picks a free one)."""
+        self._server = await asyncio.start_server(
+            self._serve, self._host, self._port, ssl=self._ssl, limit=_MAX_HEAD
+        )
+        host, port = self._server.sockets[0].getsockname()[:2]
+        log.info("admin API listening on %s:%s%s", host, port, " (TLS)" if self._ssl else "")
+        return str(host), int(port)
+
+    async def close(self) -> None:
+        """Stop listening, let requests in flight finish (briefly), drop the rest."""
+        if self._server is None:
+            return
+        self._server.close()
+        if self._connections:
+            # A decision being stored should finish and report its event; only a client
+            # that is slow to send its request is cut off.
+            await asyncio.wait(set(self._connections), timeout=_CLOSE_GRACE)
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    # --- one connection ------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            try:
+                request = await asyncio.wait_for(_read_request(reader), _REQUEST_TIMEOUT)
+            except _HttpError as exc:
+                await _respond(writer, exc.status, {"error": exc.message}, exc.headers)
+                return
+            except TimeoutError:
+                await _respond(writer, HTTPStatus.REQUEST_TIMEOUT, {"error": "request timed out"})
+                return
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                return
+            try:
+                status, body = await self._dispatch(request)
+                await _respond(writer, status, body)
+            except _HttpError as exc:
+                await _respond(writer, exc.status, {"error": exc.message}, exc.headers)
+        except (ConnectionError, ssl.SSLError):
+            pass
+        except Exception:
+            log.exception("admin API: unexpected error")
+            with contextlib.suppress(Exception):
+                await _respond(
+                    writer, HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+                )
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _dispatch(self, request: _Request) -> tuple[HTTPStatus, dict[str, Any]]:
+        parts = (
+            [unquote(p) for p in request.path.strip("/").split("/")] if request.path != "/" else []
+        )
+        if parts == ["healthz"]:
+            _allow(request, "GET")
+            return HTTPStatus.OK, {"ok": True}
+        if not parts or parts[0] != "reviews" or len(parts) > 3:
+            raise _HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {request.path}")
+        if len(parts) == 3 and parts[2] not in ("approve", "deny"):
+            raise _HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {request.path}")
+        _allow(request, "POST" if len(parts) == 3 else "GET")
+        # Authenticate before looking anything up: nothing about reviews leaks to a
+        # caller without a valid token, not even whether an id exists.
+        principal = await self._principal(request)
+        try:
+            if len(parts) == 1:
+                return HTTPStatus.OK, await self._list(principal, request)
+            review_id = parts[1]
+            if len(parts) == 2:
+                review = await self._service.get(review_id)
+                if not self._service.may_see(principal, review):
+                    raise NotAnApprover(
+                        f"{principal.subject} is not an approver and review {review_id} "
+                        "is someone else's"
+                    )
+                return HTTPStatus.OK, review.to_json()
+            return HTTPStatus.OK, await self._decide(principal, review_id, parts[2], request)
+        except ReviewNotFound as exc:
+            raise _HttpError(HTTPStatus.NOT_FOUND, str(exc)) from exc
+        except NotAnApprover as exc:
+            raise _HttpError(HTTPStatus.FORBIDDEN, str(exc)) from exc
+        except ReviewConflict as exc:
+            raise _HttpError(HTTPStatus.CONFLICT, str(exc)) from exc
+        except (ApprovalError, ValueError) as exc:
+            raise _HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
+
+    async def _principal(self, request: _Request) -> Principal:
+        challenge = {"WWW-Authenticate": 'Bearer realm="querywarden"'}
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _HttpError(
+                HTTPStatus.UNAUTHORIZED, "send Authorization: Bearer <token>", challenge
+            )
+        try:
+            return await self._authenticate(token.strip())
+        except AuthenticationFailed as exc:
+            if exc.sqlstate == "08004":
+                # The issuer's keys could not be fetched: the token may be fine, retry.
+                raise _HttpError(HTTPStatus.SERVICE_UNAVAILABLE, exc.message) from exc
+            challenge = {"WWW-Authenticate": 'Bearer realm="querywarden", error="invalid_token"'}
+            raise _HttpError(
+                HTTPStatus.UNAUTHORIZED, f"token refused: {exc.message}", challenge
+            ) from exc
+
+    async def _list(self, principal: Principal, request: _Request) -> dict[str, Any]:
+        states = request.query.get("state", [])
+        state = states[-1] if states else None
+        if state is not None and state not in {d.value for d in ReviewDecision}:
+            raise _HttpError(
+                HTTPStatus.BAD_REQUEST,
+                "state must be one of " + ", ".join(d.value for d in ReviewDecision),
+            )
+        reviews = await self._service.list(pending_only=state == ReviewDecision.PENDING)
+        visible = [
+            r.to_json()
+            for r in reviews
+            if (state is None or r.decision == state) and self._service.may_see(principal, r)
+        ]
+        return {"reviews": visible}
+
+    async def _decide(
+        self, principal: Principal, review_id: str, action: str, request: _Request
+    ) -> dict[str, Any]:
+        # Who is asking comes before what they sent: a non-approver learns nothing more.
+        self._service.require_approver(principal)
+        body = _json_body(request)
+        allowed = {"comment", "uses", "ttl"} if action == "approve" else {"comment"}
+        unknown = set(body) - allowed
+        if unknown:
+            raise ValueError(f"unknown fields for {action}: {', '.join(sorted(unknown))}")
+        comment = body.get("comment")
+        if not isinstance(comment, str) or not comment.strip():
+            raise ValueError("comment is required: say why (the requester sees it)")
+        if len(comment) > _MAX_COMMENT:
+            raise ValueError(f"comment is longer than {_MAX_COMMENT} characters")
+        uses = body.get("uses", 1)
+        if not isinstance(uses, int) or isinstance(uses, bool):
+            raise ValueError("uses must be an integer (-1: unlimited until the grant expires)")
+        ttl: timedelta | None = None
+        if body.get("ttl") is not None:
+            try:
+                ttl = _DURATION.validate_python(body["ttl"])
+            except ValidationError as exc:
+                raise ValueError(f"ttl: {exc.errors()[0]['msg']}") from exc
+        review = await self._service.decide(
+            review_id, principal, action == "approve", comment.strip(), uses=uses, ttl=ttl
+        )
+        log.info(
+            "review %s %s by %s (%s)", review_id, review.decision.value, principal.subject, comment
+        )
+        return review.to_json()
+
+
+# --- HTTP/1.1 framing ---------------------------------------------------------------------
+
+
+async def _read_request(reader: asyncio.StreamReader) -> _Request:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError as exc:
+        raise _HttpError(
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"
+        ) from exc
+    lines = head[:-4].decode("latin-1").split("\r\n")
+    try:
+        method, target, version = lines[0].split(" ")
+    except ValueError as exc:
+        raise _HttpError(HTTPStatus.BAD_REQUEST, "malformed request line") from exc
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _HttpError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/1.1 only")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise _HttpError(HTTPStatus.BAD_REQUEST, "malformed header line")
+        headers[name.lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        # Refused rather than half-supported: a body framing disagreement is how requests
+        # get smuggled past proxies in front of us.
+        raise _HttpError(HTTPStatus.NOT_IMPLEMENTED, "send the body with Content-Length")
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit():
+        raise _HttpError(HTTPStatus.BAD_REQUEST, "malformed Content-Length")
+    length = int(length_text)
+    if length > _MAX_BODY:
+        raise _HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {_MAX_BODY} bytes")
+    body = await reader.readexactly(length) if length else b""
+    url = urlsplit(target)
+    return _Request(method, url.path or "/", parse_qs(url.query), headers, body)
+
+
+def _allow(request: _Request, method: str) -> None:
+    if request.method != method:
+        raise _HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {method} here", {"Allow": method})
+
+
+def _json_body(request: _Request) -> dict[str, Any]:
+    if not request.body:
+        return {}
+    try:
+        body = json.loads(request.body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+async def _respond(
+    writer: asyncio.StreamWriter,
+    status: HTTPStatus,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> None:
+    payload = json.dumps(body, ensure_ascii=False).encode()
+    head = [
+        f"HTTP/1.1 {status.value} {status.phrase}",
+        "Content-Type: application/json; charset=utf-8",
+        f"Content-Length: {len(payload)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+    await writer.drain()

@@ -1,0 +1,255 @@
+"""The chart: helm lint, helm template (offline), and install/upgrade into the API server."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+
+from k8sharness.cluster import Cluster
+from k8sharness.helm import Helm
+from k8sharness.qwoperator import CHART, create_namespace
+from querywarden_operator.config import OperatorConfig
+from querywarden_operator.spec import CRD_NAME
+
+NAMESPACE = "qw-system"
+
+
+def template(helm: Helm, *args: str) -> list[dict[str, Any]]:
+    result = helm("template", "qw", str(CHART), "--namespace", NAMESPACE, *args)
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def by_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in documents if d["kind"] == kind]
+
+
+def one(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(documents, kind)
+    assert len(found) == 1, f"{len(found)} {kind}s"
+    return found[0]
+
+
+def test_helm_lint(helm: Helm) -> None:
+    result = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_helm_template_renders_the_operator(helm: Helm) -> None:
+    documents = template(helm, "--include-crds")
+    kinds = sorted(d["kind"] for d in documents)
+    assert kinds == sorted(
+        [
+            "ClusterKopfPeering",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "Deployment",
+            "MutatingWebhookConfiguration",
+            "PodDisruptionBudget",
+            "Secret",
+            "Service",
+            "ServiceAccount",
+        ]
+    )
+    crds = {d["metadata"]["name"] for d in by_kind(documents, "CustomResourceDefinition")}
+    assert crds == {CRD_NAME, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+
+    deployment = one(documents, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["command"] == ["querywarden"]
+    assert container["args"] == ["--log-level", "INFO", "operator"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["image"] == "ghcr.io/querywarden/querywarden:0.1.0"
+
+
+def test_deployment_environment_is_a_valid_operator_config(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    documents = template(
+        helm,
+        "--set", "sidecar.otlpEndpoint=http://collector.observability:4318",
+        "--set", "sidecar.nativeSidecars=false",
+        "--set", "image.digest=sha256:" + "0" * 64,
+    )  # fmt: skip
+    container = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for item in container["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+        elif item["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}:
+            monkeypatch.setenv(item["name"], NAMESPACE)
+    config = OperatorConfig()
+    assert config.namespace == NAMESPACE
+    assert config.never_injected() == {NAMESPACE, "kube-system"}
+    assert config.otlp_endpoint == "http://collector.observability:4318"
+    assert config.native_sidecars is False
+    assert config.sidecar_image == "ghcr.io/querywarden/querywarden:0.1.0@sha256:" + "0" * 64
+    assert config.sidecar_resources.requests == {"cpu": "50m", "memory": "64Mi"}
+    assert config.webhook_configuration == f"qw-querywarden-{NAMESPACE}"
+    assert config.peering_name == f"qw-querywarden-{NAMESPACE}"
+    assert str(config.webhook_cert_file) == "/etc/querywarden-operator/tls/tls.crt"
+    assert config.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+    # The image the operator injects is the one the chart runs.
+    assert container["image"] == config.sidecar_image
+
+
+def test_webhook_configuration_fails_closed_outside_excluded_namespaces(helm: Helm) -> None:
+    documents = template(helm)
+    configuration = one(documents, "MutatingWebhookConfiguration")
+    (webhook,) = configuration["webhooks"]
+    assert webhook["failurePolicy"] == "Fail"
+    assert webhook["reinvocationPolicy"] == "IfNeeded"
+    assert webhook["sideEffects"] == "None"
+    assert webhook["rules"] == [
+        {
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["CREATE"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    assert webhook["namespaceSelector"] == {
+        "matchExpressions": [
+            {
+                "key": "kubernetes.io/metadata.name",
+                "operator": "NotIn",
+                "values": [NAMESPACE, "kube-system"],
+            }
+        ]
+    }
+    assert webhook["objectSelector"] == {"matchLabels": {"querywarden.io/inject": "true"}}
+    assert webhook["clientConfig"]["service"] == {
+        "name": "qw-querywarden-webhook",
+        "namespace": NAMESPACE,
+        "path": "/inject",
+        "port": 443,
+    }
+
+
+def test_helm_generated_certificate_matches_the_ca_bundle(helm: Helm) -> None:
+    documents = template(helm)
+    secret = one(documents, "Secret")
+    assert secret["type"] == "kubernetes.io/tls"
+    webhook = one(documents, "MutatingWebhookConfiguration")["webhooks"][0]
+    ca_pem = base64.b64decode(webhook["clientConfig"]["caBundle"])
+    assert base64.b64decode(secret["data"]["ca.crt"]) == ca_pem
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    served = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    served.verify_directly_issued_by(ca)
+    names = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert f"qw-querywarden-webhook.{NAMESPACE}.svc" in names.get_values_for_type(x509.DNSName)
+
+
+def test_cert_manager_when_its_api_is_there(helm: Helm) -> None:
+    documents = template(helm, "--api-versions", "cert-manager.io/v1")
+    assert not by_kind(documents, "Secret")  # cert-manager writes it
+    certificate = one(documents, "Certificate")
+    assert certificate["spec"]["secretName"] == "qw-querywarden-webhook-tls"
+    assert certificate["spec"]["issuerRef"]["name"] == "qw-querywarden-selfsigned"
+    assert one(documents, "Issuer")["spec"] == {"selfSigned": {}}
+    configuration = one(documents, "MutatingWebhookConfiguration")
+    assert configuration["metadata"]["annotations"] == {
+        "cert-manager.io/inject-ca-from": f"{NAMESPACE}/qw-querywarden-webhook"
+    }
+    assert "caBundle" not in configuration["webhooks"][0]["clientConfig"]
+    # An issuer of the cluster's instead of the chart's own.
+    documents = template(
+        helm,
+        "--set", "webhook.certificates=certManager",
+        "--set", "webhook.certManagerIssuer.name=corp-ca",
+        "--set", "webhook.certManagerIssuer.kind=ClusterIssuer",
+    )  # fmt: skip
+    assert not by_kind(documents, "Issuer")
+    issuer_ref = one(documents, "Certificate")["spec"]["issuerRef"]
+    assert (issuer_ref["name"], issuer_ref["kind"]) == ("corp-ca", "ClusterIssuer")
+
+
+def test_rbac_is_least_privilege(helm: Helm) -> None:
+    role = one(template(helm), "ClusterRole")
+    grants = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert not any(resource == "secrets" for _, resource, _ in grants)
+    assert not any(
+        verb in {"*", "delete", "deletecollection", "escalate", "bind"} for *_, verb in grants
+    )
+    assert not any(resource == "*" or group == "*" for group, resource, _ in grants)
+    webhook_rules = [r for r in role["rules"] if "mutatingwebhookconfigurations" in r["resources"]]
+    assert webhook_rules == [
+        {
+            "apiGroups": ["admissionregistration.k8s.io"],
+            "resources": ["mutatingwebhookconfigurations"],
+            "resourceNames": [f"qw-querywarden-{NAMESPACE}"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    # Without workload restarts, no access to workloads at all.
+    role = one(template(helm, "--set", "rbac.rolloutRestart=false"), "ClusterRole")
+    assert not [r for r in role["rules"] if "apps" in r["apiGroups"]]
+
+
+def test_values_switch_parts_off(helm: Helm) -> None:
+    documents = template(helm, "--set", "operator.replicas=1", "--set", "peering.enabled=false")
+    assert not by_kind(documents, "PodDisruptionBudget")
+    assert not by_kind(documents, "ClusterKopfPeering")
+    env = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "QUERYWARDEN_OPERATOR_PEERING_NAME" not in {e["name"] for e in env}
+    notes = helm("install", "qw", str(CHART), "--dry-run=client", "--namespace", NAMESPACE)
+    assert "kubectl -n DB_NAMESPACE apply -f databaseaccesspolicy.yaml" in notes.stdout
+
+
+@pytest.fixture
+def release_namespace(k8s: Cluster) -> Iterator[str]:
+    namespace = create_namespace(k8s, "qw-helm")
+    try:
+        yield namespace
+    finally:
+        k8s.delete(f"/api/v1/namespaces/{namespace}")
+
+
+def test_install_and_upgrade_keep_the_certificate(
+    helm: Helm, k8s: Cluster, release_namespace: str
+) -> None:
+    namespace = release_namespace
+    helm("install", "qw", str(CHART), "--namespace", namespace, "--wait=false")
+    try:
+        name = f"qw-querywarden-{namespace}"
+        configuration_path = (
+            f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}"
+        )
+        secret_path = f"/api/v1/namespaces/{namespace}/secrets/qw-querywarden-webhook-tls"
+        bundle = k8s.get(configuration_path)["webhooks"][0]["clientConfig"]["caBundle"]
+        secret = k8s.get(secret_path)["data"]
+        assert secret["ca.crt"] == bundle
+        # The chart's objects are in the API server, the CRDs among them.
+        assert k8s.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
+        assert k8s.get(f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}")
+        assert k8s.get(f"/apis/apps/v1/namespaces/{namespace}/deployments/qw-querywarden")
+        assert k8s.get(f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{name}")
+
+        # An upgrade finds the Secret (helm lookup) and keeps the CA and certificate.
+        helm("upgrade", "qw", str(CHART), "--namespace", namespace, "--wait=false",
+             "--set", "operator.logLevel=DEBUG")  # fmt: skip
+        assert k8s.get(configuration_path)["webhooks"][0]["clientConfig"]["caBundle"] == bundle
+        assert k8s.get(secret_path)["data"] == secret
+        deployment = k8s.get(f"/apis/apps/v1/namespaces/{namespace}/deployments/qw-querywarden")
+        assert deployment["spec"]["template"]["spec"]["containers"][0]["args"][1] == "DEBUG"
+        releases = json.loads(helm("list", "--namespace", namespace, "--output", "json").stdout)
+        assert [(r["name"], r["revision"]) for r in releases] == [("qw", "2")]
+    finally:
+        helm("uninstall", "qw", "--namespace", namespace, check=False)
