@@ -112,6 +112,9 @@ def test_demo_prints_a_working_psql_line_and_stops_cleanly(tmp_path: Path) -> No
             if "Press Ctrl-C" in line:
                 break
         banner = "".join(lines)
+        # The banner says how the DBA approves held statements, through the admin API.
+        admin = re.search(r"reviews list --url (http://\S+)", banner)
+        assert admin, banner
         logins = {}
         for who in ("agent", "dba"):
             match = re.search(
@@ -143,6 +146,20 @@ def test_demo_prints_a_working_psql_line_and_stops_cleanly(tmp_path: Path) -> No
         assert masked.returncode == 0 and real.returncode == 0, masked.stderr + real.stderr
         assert masked.stdout.strip() != real.stdout.strip()
         assert masked.stdout.strip()[-4:] == real.stdout.strip()[-4:]
+        # The admin API answers the DBA (no reviews yet).
+        token = subprocess.run(
+            [*QUERYWARDEN, "token", "--key-file", ".querywarden/dev-issuer.pem", "--sub", "dba",
+             "--groups", "dba,dba-oncall"],
+            capture_output=True, text=True, check=True, cwd=tmp_path,
+        ).stdout.strip()  # fmt: skip
+        listed = subprocess.run(
+            [*QUERYWARDEN, "reviews", "list", "--url", admin[1], "--token", token, "--json"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)

@@ -62,7 +62,7 @@ TRY_QUERIES = """\
   SELECT name, email, ssn, card_number FROM customers;   -- masked for the agent
   SELECT name FROM customers WHERE ssn LIKE '1%';        -- refused: a masked predicate
   SELECT * FROM api_keys;      -- the agent is refused (rule ai-agents-read)
-  DELETE FROM orders;          -- needs approval (approvals come in a later release)"""
+  DELETE FROM orders;          -- held for the DBA's approval (querywarden reviews ...)"""
 
 #: The demo's rules: the agent reads (not the API keys), the DBA does anything, and
 #: destructive statements need an approver.
@@ -121,6 +121,8 @@ def run_demo(port: int, state_dir: Path) -> int:
                     "sslmode": "require",
                 },
                 "masking": {"hashKeyFile": _masking_key(state_dir)},
+                "admin": {"host": "127.0.0.1", "port": port + 1},
+                "stateDirectory": str(state_dir),
             }
         )
         key_file = (state_dir / "dev-issuer.pem").resolve()
@@ -129,6 +131,7 @@ def run_demo(port: int, state_dir: Path) -> int:
                 "identity": {"issuers": [{"name": "dev", "kind": "dev", "keyFile": key_file}]},
                 "rules": DEMO_RULES,
                 "masking": DEMO_MASKING,
+                "approvals": {"approvers": {"groups": ["dba-oncall"]}, "hold": "120s"},
             }
         )
         run_event_loop(_serve_until_interrupted(settings, policy, key_file, cluster))
@@ -167,6 +170,14 @@ async def _serve_until_interrupted(
             f'    psql "host={host} port={port} dbname={DATABASE} user={who} sslmode=require"'
         )
     connect = "\n\n".join(lines)
+    dba_token = f"{cli} token --key-file {key_file} --sub dba --groups dba,dba-oncall"
+    admin = gateway.admin_address
+    reviews = (
+        f"  QUERYWARDEN_TOKEN=$({dba_token}) \\\n"
+        f"    {cli} reviews list --url http://{admin[0]}:{admin[1]}"
+        if admin
+        else "  (no admin API)"
+    )
     print(
         f"""
 querywarden demo is running.
@@ -180,6 +191,10 @@ Every connection presents a short-lived token from the local development issuer
 
 then try, as each of them:
 {TRY_QUERIES}
+
+A held statement waits for the DBA: list the reviews, then approve or deny one
+(reviews approve ID --comment ...):
+{reviews}
 
 Press Ctrl-C to stop.""",
         flush=True,
