@@ -642,6 +642,7 @@ class Session:
     def _on_execute_done(self, data: bytes, pos: int, end: int) -> bytes | None:
         if self.mode != "ready":
             self.mode = "ready"  # CommandComplete ends a COPY
+        pending = None
         if self.audit is not None and self._expected:
             pending = self._expected[0][3]
             if pending is not None:
@@ -659,7 +660,12 @@ class Session:
         if not self._cut:
             return None
         self._cut = False
-        return self._cut_error(True)
+        error = self._cut_error(True)
+        if pending is not None:
+            # The client got an error, not this CommandComplete: so does the record.
+            fields = codec.decode_fields(error)
+            pending.sqlstate, pending.error = fields.get("C"), fields.get("M")
+        return error
 
     # Row limits: only sessions with a RowLimit have these handlers.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from querywarden import codec
@@ -167,3 +169,19 @@ def test_a_streamed_row_past_the_limit_is_dropped_whole() -> None:
     out = drain(session.to_client)
     assert types(out) == "TDDEZ"
     assert errors_in(out)[0]["C"] == "54000"
+
+
+def test_the_audit_record_of_a_cut_result_carries_the_error(tmp_path: Path) -> None:
+    from querywarden.audit.log import read_records
+    from querywarden.audit.recorder import Auditor
+
+    auditor = Auditor(tmp_path / "audit", sample_rows=1)
+    session = Session(INFO, AllowAll(), row_limit=LIMIT, audit=auditor.session(
+        INFO, upstream_user="u", tls=None
+    ))  # fmt: skip
+    session.receive_client(codec.query("SELECT big") + codec.query("SELECT 1"))
+    session.receive_server(row_description("x") + rows(3) + command_complete("SELECT 3") + RFQ_I)
+    auditor.close()
+    [result] = [r for r in read_records(tmp_path / "audit") if r["type"] == "statement.result"]
+    assert result["sqlstate"] == "54000"
+    assert result["sample"] == [["0"]]
