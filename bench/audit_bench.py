@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from querywarden import devcluster
 from querywarden.identity.dev import mint_token
 from run import (
-    DATABASE,
     UPSTREAM_USER,
     Target,
     background_load,
     log,
     parse_pgbench,
+    spawn_gateway,
     stop_process,
     terminate_on_sigterm,
     wait_ready,
@@ -93,32 +93,10 @@ def start_gateway(
         ],
     }
     (workdir / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
-    port = devcluster.free_port()
-    config: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": port, "plaintext": "loopback"},
-        "upstream": {
-            "host": "127.0.0.1",
-            "port": cluster.port,
-            "database": DATABASE,
-            "user": UPSTREAM_USER,
-            "password": devcluster.ROLE_PASSWORD,
-            "sslmode": "disable",
-        },
-        "policyFile": str(workdir / "policy.yaml"),
-    }
+    extra: dict[str, Any] = {"policyFile": str(workdir / "policy.yaml")}
     if audit is not None:
-        config["audit"] = audit
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    script = Path(sys.executable).parent / "querywarden"
-    logfile = (workdir / f"{name}.log").open("wb")
-    proc = subprocess.Popen(
-        [str(script), "--log-level", "WARNING", "serve", "--config", str(path)],
-        stdout=logfile,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    logfile.close()
+        extra["audit"] = audit
+    proc, port = spawn_gateway(workdir, cluster, name, extra)
     return proc, port, token
 
 

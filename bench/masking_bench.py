@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from querywarden import devcluster
 from querywarden.identity.dev import mint_token
 from run import (
-    DATABASE,
     RSS_TARGET_MB,
     UPSTREAM_USER,
     RssSampler,
@@ -39,6 +38,7 @@ from run import (
     log,
     proc_status_kb,
     reset_peak_rss,
+    spawn_gateway,
     stop_process,
     terminate_on_sigterm,
     wait_ready,
@@ -76,28 +76,9 @@ def start_masking_gateway(
         },
     }
     (workdir / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
-    port = devcluster.free_port()
-    config = {
-        "listen": {"host": "127.0.0.1", "port": port, "plaintext": "loopback"},
-        "upstream": {
-            "host": "127.0.0.1",
-            "port": cluster.port,
-            "database": DATABASE,
-            "user": UPSTREAM_USER,
-            "password": devcluster.ROLE_PASSWORD,
-            "sslmode": "disable",
-        },
-        "policyFile": str(workdir / "policy.yaml"),
-    }
-    path = workdir / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    script = Path(sys.executable).parent / "querywarden"
-    command = [str(script), "--log-level", "WARNING", "serve", "--config", str(path)]
-    logfile = (workdir / "gateway.log").open("wb")
-    proc = subprocess.Popen(
-        command, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
+    proc, port = spawn_gateway(
+        workdir, cluster, "gateway", {"policyFile": str(workdir / "policy.yaml")}
     )
-    logfile.close()
     return proc, port, tokens
 
 

@@ -211,8 +211,19 @@ def start_gateway(
     workdir: Path, cluster: devcluster.EphemeralCluster
 ) -> tuple[subprocess.Popen[bytes], int, str]:
     """Start ``querywarden serve``; return the process, its port and the client password."""
-    port = devcluster.free_port()
     auth, password = gateway_credentials(workdir)
+    proc, port = spawn_gateway(workdir, cluster, "gateway", auth)
+    return proc, port, password
+
+
+def spawn_gateway(
+    workdir: Path, cluster: devcluster.EphemeralCluster, name: str, extra: dict[str, Any]
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``querywarden serve`` on a free port in front of ``cluster``, with ``extra`` settings.
+
+    The settings go to ``workdir/NAME.yaml`` and the output to ``workdir/NAME.log``.
+    """
+    port = devcluster.free_port()
     config = {
         "listen": {"host": "127.0.0.1", "port": port, "plaintext": "loopback"},
         "upstream": {
@@ -223,9 +234,9 @@ def start_gateway(
             "password": devcluster.ROLE_PASSWORD,
             "sslmode": "disable",
         },
-        **auth,
+        **extra,
     }
-    path = workdir / "gateway.yaml"
+    path = workdir / f"{name}.yaml"
     path.touch(mode=0o600)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     script = Path(sys.executable).parent / "querywarden"
@@ -233,12 +244,12 @@ def start_gateway(
     command += ["--log-level", "WARNING", "serve", "--config", str(path)]
     # Settings come from the file alone: no QUERYWARDEN_* override from our environment.
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUERYWARDEN_")}
-    logfile = (workdir / "gateway.log").open("wb")
+    logfile = (workdir / f"{name}.log").open("wb")
     proc = subprocess.Popen(
         command, stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     logfile.close()
-    return proc, port, password
+    return proc, port
 
 
 def start_pgbouncer(
