@@ -271,3 +271,30 @@ def test_the_gateway_exports_spans_from_its_log(
     refused = by_text["SELECT * FROM qa_secrets"]
     assert refused.attributes["querywarden.decision"] == "refuse"
     assert refused.attributes["querywarden.rule"] == "agents-rw"
+
+
+def test_the_exporter_can_run_as_a_child_process(
+    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
+) -> None:
+    with OtlpReceiver() as receiver:
+        gw = make_gateway(
+            policy=_policy(),
+            audit={
+                "directory": str(tmp_path / "audit"),
+                "otlpEndpoint": receiver.endpoint,
+                "exporter": "process",
+            },
+        )
+        with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+            conn.execute("SELECT count(*) FROM qa_people").fetchall()
+        spans = receiver.wait_for(lambda got: any(s.name == "querywarden.session" for s in got))
+        gw.call(gw.gateway.close(), timeout=20)  # the fixture's stop closes it once more
+    texts = {s.attributes.get("db.query.text") for s in spans}
+    assert "SELECT count(*) FROM qa_people" in texts
+    # The child process is gone with the gateway.
+    assert (
+        subprocess.run(
+            ["pgrep", "-f", f"querywarden.audit.export {tmp_path / 'audit'}"], check=False
+        ).returncode
+        == 1
+    )

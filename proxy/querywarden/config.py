@@ -157,6 +157,9 @@ class AuditSettings(_Section):
     #: OTLP/HTTP endpoint of the user's Collector (``http://collector:4318``): spans from
     #: the log (at least once, resumed from a persisted offset) and live metrics.
     otlp_endpoint: str | None = None
+    #: Where the export runs: ``thread`` (inside the gateway process) or ``process`` (a
+    #: child process, off the relay's interpreter lock; restarted if it dies).
+    exporter: Literal["thread", "process"] = "thread"
 
 
 class AdminSettings(_Section):

@@ -16,6 +16,7 @@ import logging
 import secrets
 import socket
 import ssl
+import sys
 import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -161,18 +162,59 @@ class Gateway:
             self.admin_address = await self._admin.start()
         audit = self.settings.audit
         if self.auditor is not None and audit.otlp_endpoint:
-            from querywarden.audit.export import LogExporter
+            if audit.exporter == "process":
+                self._exporter = loop.create_task(
+                    self._run_export_process(self.auditor.directory, audit.otlp_endpoint)
+                )
+            else:
+                from querywarden.audit.export import LogExporter
 
-            exporter = LogExporter(
-                self.auditor.directory,
-                audit.otlp_endpoint,
-                instance_id=socket.gethostname(),
-                interrupted_through=self._audit_start_seq,
-            )
-            self._exporter = loop.create_task(exporter.run(stop=self._exporter_stop))
+                exporter = LogExporter(
+                    self.auditor.directory,
+                    audit.otlp_endpoint,
+                    instance_id=socket.gethostname(),
+                    interrupted_through=self._audit_start_seq,
+                )
+                self._exporter = loop.create_task(exporter.run(stop=self._exporter_stop))
         sock = self._server.sockets[0].getsockname()
         log.info("querywarden listening on %s:%s", sock[0], sock[1])
         return str(sock[0]), int(sock[1])
+
+    async def _run_export_process(self, directory: Path, endpoint: str) -> None:
+        """The OTLP exporter as a child process, restarted if it dies, stopped at close.
+
+        Turning records into spans costs CPU per statement; in its own process it does
+        not hold the interpreter lock the relay's event loop needs.
+        """
+        command = [
+            sys.executable,
+            "-m",
+            "querywarden.audit.export",
+            str(directory),
+            "--endpoint",
+            endpoint,
+            "--instance-id",
+            socket.gethostname(),
+            "--interrupted-through",
+            str(self._audit_start_seq),
+        ]
+        while not self._exporter_stop.is_set():
+            process = await asyncio.create_subprocess_exec(*command)
+            stopping = asyncio.ensure_future(self._exporter_stop.wait())
+            exited = asyncio.ensure_future(process.wait())
+            await asyncio.wait({stopping, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if exited.done():
+                stopping.cancel()
+                log.warning("the audit exporter exited (%s); restarting it", process.returncode)
+                await asyncio.sleep(1.0)
+                continue
+            # Stopping: let it finish its batch and make a last pass.
+            process.terminate()
+            try:
+                await asyncio.wait_for(exited, timeout=10)
+            except TimeoutError:
+                process.kill()
+                await exited
 
     def upstream_target_for(self, principal: Principal, database: str) -> UpstreamTarget:
         """The upstream credentials for this identity: its rules' ``upstreamRole``, if any."""
