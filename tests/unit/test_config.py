@@ -23,12 +23,18 @@ def test_example_settings_load() -> None:
     # Relative paths are anchored at the settings file.
     assert settings.tls.cert_file == EXAMPLE.parent / "tls" / "gateway.crt"
     assert settings.policy_file == EXAMPLE.parent / "policy.yaml"
+    assert settings.masking.hash_key_file == EXAMPLE.parent / "secrets" / "masking-key"
+    assert settings.audit.fsync == "batch"
+    assert settings.admin.port == 6433
 
 
 def test_example_policy_loads() -> None:
     policy = load_policy(EXAMPLE.parent / "policy.yaml")
     kinds = {issuer.name: issuer.kind for issuer in policy.identity.issuers}
     assert kinds == {"corp": "oidc", "cluster": "kubernetes", "corp-saml": "saml", "dev": "dev"}
+    assert {c.column for c in policy.masking.columns} == {"ssn", "card_number", "email", "secret"}
+    assert policy.masking.uses_key
+    assert policy.approvals.approvers.groups == ["dba-oncall"]
 
 
 def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
