@@ -8,13 +8,26 @@ run in one process (the tests do).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from querywarden_operator.admission import WEBHOOK_ID, admit_pod
+from querywarden_operator.kube import object_path
 from querywarden_operator.reconcile import Context, reconcile_policy, refresh_pods, sync_webhooks
-from querywarden_operator.spec import GROUP, PLURAL, VERSION
+from querywarden_operator.review import (
+    CHECK_WEBHOOK_ID,
+    LABEL_REVIEW_POLICY,
+    REVIEW_PLURAL,
+    STAMP_WEBHOOK_ID,
+    ReviewRefused,
+    approval_settings,
+    check,
+    stamp,
+)
+from querywarden_operator.spec import API_VERSION, GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +122,52 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
         if admission.patch is not None:
             patch.update(admission.patch)
 
+    review = (GROUP, VERSION, REVIEW_PLURAL)
+
+    @kopf.on.mutate(
+        *review, id=STAMP_WEBHOOK_ID, operations=["CREATE", "UPDATE"], registry=registry
+    )
+    def stamp_review(
+        body: kopf.Body, userinfo: kopf.UserInfo, patch: kopf.Patch, **kwargs: Any
+    ) -> None:
+        # kopf passes the old object of an UPDATE as ``old`` (None on CREATE).
+        old = kwargs.get("old")
+        previous = dict(old) if old else None
+        try:
+            # The policy as the stored review names it (the label is immutable too).
+            settings = approval_settings(_review_policy(ctx, previous)) if previous else None
+            changes = stamp(previous, body, userinfo, settings, now=datetime.now(UTC))
+        except (ReviewRefused, ValueError) as exc:
+            raise kopf.AdmissionError(str(exc), code=403) from exc
+        patch.update(changes)
+
+    @kopf.on.validate(
+        *review, id=CHECK_WEBHOOK_ID, operations=["CREATE", "UPDATE"], registry=registry
+    )
+    def check_review(body: kopf.Body, userinfo: kopf.UserInfo, **kwargs: Any) -> None:
+        old = kwargs.get("old")
+        previous = dict(old) if old else None
+        try:
+            # The policy as the stored review names it (the label is immutable too).
+            settings = approval_settings(_review_policy(ctx, previous)) if previous else None
+            check(previous, body, userinfo, settings)
+        except ReviewRefused as exc:
+            raise kopf.AdmissionError(str(exc), code=403) from exc
+
     return registry
+
+
+def _review_policy(ctx: Context, review: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The DatabaseAccessPolicy a QueryReview's label names (None: none, or gone)."""
+    meta = review.get("metadata") or {}
+    name = (meta.get("labels") or {}).get(LABEL_REVIEW_POLICY)
+    namespace = meta.get("namespace")
+    if not name or not namespace:
+        return None
+    found: Mapping[str, Any] | None = ctx.kube.get(
+        object_path(API_VERSION, PLURAL, str(namespace), str(name))
+    )
+    return found
 
 
 def build_settings(ctx: Context) -> kopf.OperatorSettings:

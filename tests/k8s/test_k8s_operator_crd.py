@@ -104,6 +104,8 @@ def valid_spec() -> dict[str, Any]:
     document = yaml.safe_load((REPO / "examples" / "policy.yaml").read_text())
     spec = minimal_spec()
     spec["target"]["roles"] = [{"name": "ai_readonly", "secretName": "db-readonly"}]
+    # The example masks with hash and digits, which need the masking key.
+    spec["target"]["maskingKey"] = {"secretName": "querywarden-masking", "key": "key"}
     spec["policy"] = document
     return spec
 
@@ -137,6 +139,16 @@ def test_the_charts_example_policy_is_valid(k8s: Cluster, crd: None, namespace: 
     k8s.request("POST", policies(namespace), example, query={"dryRun": "All"})
 
 
+def _without_key(mutate: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """``mutate``, on a spec that gives no masking key."""
+
+    def both(spec: dict[str, Any]) -> None:
+        spec["target"].pop("maskingKey", None)
+        mutate(spec)
+
+    return both
+
+
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def mutate(spec: dict[str, Any]) -> None:
         node = spec
@@ -161,7 +173,9 @@ REFUSED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("unknown role", _set("policy.rules.0.upstreamRole", "nobody"), "upstreamRole must name"),
     (
         "hash without key",
-        _set("policy.masking", {"columns": [{"table": "t", "column": "c", "strategy": "hash"}]}),
+        _without_key(
+            _set("policy.masking", {"columns": [{"table": "t", "column": "c", "strategy": "hash"}]})
+        ),
         "need target.maskingKey",
     ),
     ("http issuer", _set("policy.identity.issuers.0.issuer", "http://idp"), "HTTPS only"),

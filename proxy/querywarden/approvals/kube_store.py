@@ -1,0 +1,440 @@
+"""Reviews as ``QueryReview`` custom resources: the Kubernetes :class:`ReviewStore`.
+
+One ``QueryReview`` per review, named by the review's id, in the sidecar's namespace,
+labelled with the DatabaseAccessPolicy whose gateway held the statement (its approvers
+decide; the review is also owned by it, so it goes when the policy goes) and with a hash
+of requester, database, normalized text and parameters (a label selector finds a pending
+twin or a grant without reading every review).
+
+Approvers decide by changing ``spec.decision`` (``kubectl querywarden approve``); the
+operator's admission webhooks check them and stamp ``status`` (approver, decided time,
+grant expiry and uses). Every change the sidecar makes (a use, a withdrawal, an expiry,
+a decision on behalf of an approver the gateway verified) is a merge patch carrying the
+``resourceVersion`` it read: the API server refuses it with 409 Conflict when the review
+changed in between, and the store reads again and re-checks. So of two sidecars using a
+single-use grant at once exactly one succeeds.
+
+Times set by the webhook (``decided``, ``grantExpires``) come from the operator's clock,
+not the ``now`` the caller passes. Two sidecars creating the same review at the same
+moment may create two pending reviews (the twin lookup is not atomic with the create);
+either approval grants the statement.
+
+The official client is synchronous: its calls run on a small private thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import kubernetes.client
+import kubernetes.config
+from kubernetes.client.exceptions import ApiException
+
+from querywarden.approvals.model import (
+    UNLIMITED_USES,
+    NotAnApprover,
+    Party,
+    Review,
+    ReviewConflict,
+    ReviewDecision,
+    ReviewNotFound,
+    ReviewSummary,
+    SelfApproval,
+)
+from querywarden.approvals.store import _unusable
+
+__all__ = ["KubernetesReviewStore", "review_key"]
+
+T = TypeVar("T")
+
+GROUP = "querywarden.io"
+VERSION = "v1alpha1"
+PLURAL = "queryreviews"
+KIND = "QueryReview"
+POLICY_PLURAL = "databaseaccesspolicies"
+POLICY_KIND = "DatabaseAccessPolicy"
+LABEL_POLICY = f"{GROUP}/policy"
+LABEL_KEY = f"{GROUP}/review-key"
+ANNOTATION_APPROVER = f"{GROUP}/approver"
+ANNOTATION_CREATED = f"{GROUP}/created"
+
+#: How often a change is tried again after a 409 Conflict before giving up.
+_ATTEMPTS = 20
+_MERGE_PATCH = "application/merge-patch+json"
+
+
+def review_key(
+    requester: Party, database: str, normalized: str, parameters: tuple[str | None, ...]
+) -> str:
+    """The label value that identifies "the same statement from the same requester"."""
+    text = json.dumps(
+        [requester.subject, requester.issuer, database, normalized, list(parameters)],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def _time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _party(raw: Mapping[str, Any]) -> Party:
+    return Party(
+        subject=str(raw.get("subject") or ""),
+        issuer=str(raw.get("issuer") or ""),
+        groups=tuple(raw.get("groups") or ()),
+    )
+
+
+def _party_json(party: Party) -> dict[str, Any]:
+    return {"subject": party.subject, "issuer": party.issuer, "groups": list(party.groups)}
+
+
+def to_review(obj: Mapping[str, Any]) -> Review:
+    """The :class:`Review` a QueryReview object holds."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    closed = status.get("closed")
+    annotations = meta.get("annotations") or {}
+    created = _parse_time(annotations.get(ANNOTATION_CREATED)) or _parse_time(
+        meta.get("creationTimestamp")
+    )
+    approver = status.get("approver")
+    return Review(
+        id=str(meta["name"]),
+        requester=_party(spec.get("requester") or {}),
+        database=str(spec.get("database") or ""),
+        statement=str(spec.get("statement") or ""),
+        normalized=str(spec.get("normalized") or ""),
+        parameters=tuple(spec.get("parameters") or ()),
+        summary=ReviewSummary.model_validate(spec.get("summary") or {}),
+        rule=str(spec.get("rule") or ""),
+        reason=str(spec.get("reason") or ""),
+        estimate=spec.get("estimate"),
+        created=created or datetime.now(UTC),
+        decided=_parse_time(status.get("decided")),
+        approver=_party(approver) if approver else None,
+        decision=ReviewDecision(closed or spec.get("decision") or "pending"),
+        comment=str((status.get("closedReason") if closed else spec.get("comment")) or ""),
+        grant_expires=_parse_time(status.get("grantExpires")),
+        uses_left=int(status.get("usesLeft") or 0),
+        used_at=tuple(t for t in map(_parse_time, status.get("usedAt") or ()) if t is not None),
+    )
+
+
+def _same_statement(review: Review, other: Review) -> bool:
+    return (
+        review.requester.same_identity(other.requester)
+        and review.database == other.database
+        and review.normalized == other.normalized
+        and review.parameters == other.parameters
+    )
+
+
+def _ttl(ttl: timedelta) -> str:
+    return f"{max(1, int(ttl.total_seconds()))}s"
+
+
+class KubernetesReviewStore:
+    """Reviews as QueryReviews in ``namespace``, for the gateway of policy ``policy``.
+
+    ``api_client``: a configured client (tests); default: the pod's ServiceAccount, else
+    ``$KUBECONFIG``. The sidecar's ServiceAccount needs create/get/list/watch/patch on
+    queryreviews in its namespace, and get on its databaseaccesspolicy (for the owner
+    reference; without it the review carries only the label). The chart's
+    ``<release>-querywarden-<namespace>-sidecar`` ClusterRole grants that.
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        policy: str,
+        *,
+        api_client: kubernetes.client.ApiClient | None = None,
+    ) -> None:
+        self._namespace = namespace
+        self._policy = policy
+        self._api_client = api_client if api_client is not None else _default_client()
+        # Typed as returning ``object``: the answers are plain JSON dicts.
+        self._api: Any = kubernetes.client.CustomObjectsApi(self._api_client)
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qw-kube-reviews")
+        self._owner: dict[str, Any] | None = None
+        self._owner_read = False
+
+    @property
+    def namespace(self) -> str:
+        """Where the reviews live."""
+        return self._namespace
+
+    # -- plumbing (on the store's threads) -----------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def _read(self, name: str) -> dict[str, Any]:
+        try:
+            obj: dict[str, Any] = self._api.get_namespaced_custom_object(
+                GROUP, VERSION, self._namespace, PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                raise ReviewNotFound(f"no review {name!r}") from exc
+            raise
+        return obj
+
+    def _items(self, selector: str) -> builtins.list[dict[str, Any]]:
+        answer = self._api.list_namespaced_custom_object(
+            GROUP, VERSION, self._namespace, PLURAL, label_selector=selector
+        )
+        items: builtins.list[dict[str, Any]] = answer.get("items") or []
+        return items
+
+    def _patch(self, obj: Mapping[str, Any], changes: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch ``changes`` if ``obj`` is unchanged; None on a conflict."""
+        meta = obj["metadata"]
+        body = dict(changes)
+        body["metadata"] = {
+            **(changes.get("metadata") or {}),
+            "resourceVersion": meta["resourceVersion"],
+        }
+        try:
+            patched: dict[str, Any] = self._api.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self._namespace,
+                PLURAL,
+                meta["name"],
+                body,
+                _content_type=_MERGE_PATCH,
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            if exc.status == 404:
+                raise ReviewNotFound(f"no review {meta['name']!r}") from exc
+            if exc.status == 403:
+                message = _message(exc)
+                if "requireDistinctApprover" in message:
+                    raise SelfApproval(message) from exc
+                raise NotAnApprover(message) from exc
+            raise
+        return patched
+
+    def _owner_reference(self) -> dict[str, Any] | None:
+        if not self._owner_read:
+            self._owner_read = True
+            try:
+                policy = self._api.get_namespaced_custom_object(
+                    GROUP, VERSION, self._namespace, POLICY_PLURAL, self._policy
+                )
+            except ApiException:
+                return None
+            self._owner = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": POLICY_KIND,
+                "name": self._policy,
+                "uid": policy["metadata"]["uid"],
+            }
+        return self._owner
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    async def create(self, review: Review) -> Review:
+        """See :meth:`ReviewStore.create`."""
+        return await self._run(self._create, review)
+
+    def _create(self, review: Review) -> Review:
+        key = review_key(review.requester, review.database, review.normalized, review.parameters)
+        twins = [
+            r
+            for r in map(to_review, self._items(f"{LABEL_KEY}={key}"))
+            if r.pending and _same_statement(r, review)
+        ]
+        if twins:
+            return min(twins, key=lambda r: (r.created, r.id))
+        metadata: dict[str, Any] = {
+            "name": review.id,
+            "namespace": self._namespace,
+            "labels": {LABEL_POLICY: self._policy, LABEL_KEY: key},
+            "annotations": {ANNOTATION_CREATED: _time(review.created)},
+        }
+        owner = self._owner_reference()
+        if owner is not None:
+            metadata["ownerReferences"] = [owner]
+        spec: dict[str, Any] = {
+            "requester": _party_json(review.requester),
+            "database": review.database,
+            "statement": review.statement,
+            "normalized": review.normalized,
+            "parameters": list(review.parameters),
+            "summary": review.summary.model_dump(mode="json"),
+            "rule": review.rule,
+            "reason": review.reason,
+        }
+        if review.estimate is not None:
+            spec["estimate"] = review.estimate
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": metadata}
+        body["spec"] = spec
+        try:
+            created = self._api.create_namespaced_custom_object(
+                GROUP, VERSION, self._namespace, PLURAL, body
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                raise ReviewConflict(f"a review {review.id!r} exists already") from exc
+            raise
+        return to_review(created)
+
+    async def get(self, review_id: str) -> Review:
+        """See :meth:`ReviewStore.get`."""
+        return await self._run(lambda: to_review(self._read(review_id)))
+
+    async def list(self, *, pending_only: bool = False) -> builtins.list[Review]:
+        """See :meth:`ReviewStore.list` (this policy's reviews)."""
+        return await self._run(self._list, pending_only)
+
+    def _list(self, pending_only: bool) -> builtins.list[Review]:
+        reviews = [to_review(o) for o in self._items(f"{LABEL_POLICY}={self._policy}")]
+        if pending_only:
+            reviews = [r for r in reviews if r.pending]
+        return sorted(reviews, key=lambda r: (r.created, r.id))
+
+    async def decide(
+        self,
+        review_id: str,
+        approver: Party,
+        approve: bool,
+        comment: str,
+        *,
+        uses: int,
+        ttl: timedelta,
+        now: datetime,
+    ) -> Review:
+        """See :meth:`ReviewStore.decide`.
+
+        The gateway decides for an approver it verified: the approver goes into the
+        ``querywarden.io/approver`` annotation, and the webhook checks and stamps it.
+        """
+        changes: dict[str, Any] = {
+            "metadata": {"annotations": {ANNOTATION_APPROVER: json.dumps(_party_json(approver))}},
+            "spec": {
+                "decision": "approved" if approve else "denied",
+                "comment": comment,
+                "uses": uses,
+                "ttl": _ttl(ttl),
+            },
+        }
+        return await self._run(self._end_pending, review_id, changes)
+
+    async def withdraw(self, review_id: str, why: str, *, now: datetime) -> Review:
+        """See :meth:`ReviewStore.withdraw`."""
+        status = {"closed": "withdrawn", "closedReason": why, "decided": _time(now)}
+        return await self._run(self._end_pending, review_id, {"status": status})
+
+    async def expire(self, review_id: str, *, now: datetime) -> Review:
+        """See :meth:`ReviewStore.expire`."""
+        status = {
+            "closed": "expired",
+            "closedReason": "nobody decided in time",
+            "decided": _time(now),
+        }
+        return await self._run(self._end_pending, review_id, {"status": status})
+
+    def _end_pending(self, review_id: str, changes: dict[str, Any]) -> Review:
+        for _ in range(_ATTEMPTS):
+            obj = self._read(review_id)
+            review = to_review(obj)
+            if not review.pending:
+                raise ReviewConflict(f"review {review_id} is already {review.decision.value}")
+            patched = self._patch(obj, changes)
+            if patched is not None:
+                return to_review(patched)
+        raise ReviewConflict(f"review {review_id} keeps changing; try again")
+
+    async def find_grant(
+        self,
+        requester: Party,
+        database: str,
+        normalized: str,
+        *,
+        parameters: tuple[str | None, ...] = (),
+        now: datetime,
+    ) -> Review | None:
+        """See :meth:`ReviewStore.find_grant`."""
+        key = review_key(requester, database, normalized, parameters)
+        items = await self._run(self._items, f"{LABEL_KEY}={key}")
+        grants = [
+            r
+            for r in map(to_review, items)
+            if r.requester.same_identity(requester)
+            and r.database == database
+            and r.normalized == normalized
+            and r.parameters == parameters
+            and r.grant_usable(now)
+        ]
+        if not grants:
+            return None
+        return min(grants, key=lambda r: (r.grant_expires or now, r.id))
+
+    async def use(self, review_id: str, *, now: datetime) -> Review:
+        """See :meth:`ReviewStore.use`."""
+        return await self._run(self._use, review_id, now)
+
+    def _use(self, review_id: str, now: datetime) -> Review:
+        for _ in range(_ATTEMPTS):
+            obj = self._read(review_id)
+            review = to_review(obj)
+            if not review.grant_usable(now):
+                raise ReviewConflict(_unusable(review, now))
+            left = review.uses_left if review.uses_left == UNLIMITED_USES else review.uses_left - 1
+            used = [*((obj.get("status") or {}).get("usedAt") or []), _time(now)]
+            patched = self._patch(obj, {"status": {"usesLeft": left, "usedAt": used}})
+            if patched is not None:
+                return to_review(patched)
+        raise ReviewConflict(f"the grant of review {review_id} is contended; try again")
+
+    async def close(self) -> None:
+        """Close the client's connections and stop the store's threads."""
+        await self._run(self._api_client.close)
+        self._executor.shutdown(wait=True)
+
+
+def _message(exc: ApiException) -> str:
+    try:
+        decoded = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        return str(exc.reason or exc)
+    if isinstance(decoded, dict):
+        return str(decoded.get("message") or exc.reason)
+    return str(exc.reason or exc)
+
+
+def _default_client() -> kubernetes.client.ApiClient:
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration
+        )
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration
+        )
+    return kubernetes.client.ApiClient(configuration)
