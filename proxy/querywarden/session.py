@@ -37,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 from querywarden import codec
 from querywarden.audit.recorder import AuditWriteError, PendingStatement, SessionAudit
@@ -183,12 +183,11 @@ class Session:
         self._finished: list[PendingStatement] = []  # answered, result not yet recorded
         self._stream_hash = hashlib.sha256()  # of every byte sent to the client
         self._stream_bytes = 0
-        # portal -> (statement, parameter values) for EXECUTE records
-        self._audit_binds: dict[str, tuple[str, list[str | None]]] = {}
         self._audit_texts: dict[str, str] = {}  # statement -> SQL
         self._query_plans: deque[MaskPlan | None] = deque()  # one per Query in _expected
         self._statement_plans: dict[str, MaskPlan | None] = {}
-        self._portal_binds: dict[str, tuple[str, tuple[int, ...]]] = {}
+        #: Portals bound in this transaction (kept for masking and audit sessions only).
+        self._binds: dict[str, _Bound] = {}
         self._statement_fields: dict[str, list[FieldDescription]] = {}
         self._portal_fields: dict[str, list[FieldDescription]] = {}
         self._described: set[tuple[str, str]] = set()  # Describes the client asked for
@@ -303,8 +302,11 @@ class Session:
                 if mtype in _REQUESTS:
                     self._check_expiry()
                 pending = None
+                portal = ""
+                if mtype == _E and (self.masked or self.audit is not None):
+                    portal = codec.decode_execute_portal(data[pos:end], self.encoding)
                 if self.audit is not None and mtype == _E:
-                    pending = self._audit_execute(data, pos, end)
+                    pending = self._audit_execute(portal)
                     if pending is None:
                         # No record, no execution: a sentinel Parse before the Execute
                         # fails, and the server skips the rest up to the Sync.
@@ -316,7 +318,7 @@ class Session:
                             _P, StatementRequest("parse", "", statement_name=name), _AUDIT_REFUSAL
                         )
                 if self.masked and mtype == _E:
-                    describe = self._describe_before_execute(data, pos, end)
+                    describe = self._describe_before_execute(portal)
                     if describe is not None:
                         if pos > run_start:
                             out.append(data[run_start:pos])
@@ -383,8 +385,10 @@ class Session:
     ) -> None:
         """Note what the server will owe for a message that is being forwarded."""
         expected = self._expected
-        if self.audit is not None:
-            self._audit_track(mtype, data, pos, end, parse)
+        if mtype == _B and (self.masked or self.audit is not None):
+            self._track_bind(data[pos:end])
+        if self.audit is not None and mtype == _P and parse is not None:
+            self._audit_texts[parse.statement] = parse.sql
         if self.masked:
             self._track_masking(mtype, data, pos, end, parse)
         if mtype == _B:
@@ -534,9 +538,10 @@ class Session:
                 self._suspended_rows.clear()
         if self.masked:
             self._drop_layout()
-            if status == b"I" and self._portal_binds:
-                self._portal_binds.clear()
-                self._portal_fields.clear()
+        if status == b"I" and self._binds:
+            # Portals live no longer than their transaction.
+            self._binds.clear()
+            self._portal_fields.clear()
         return None
 
     def _on_error(self, data: bytes, pos: int, end: int) -> bytes | None:
@@ -758,34 +763,35 @@ class Session:
     def _track_masking(
         self, mtype: int, data: bytes, pos: int, end: int, parse: codec.Parse | None
     ) -> None:
-        if mtype == _B:
-            frame = data[pos:end]
-            bind = codec.decode_bind_names(frame, self.encoding)
-            self._portal_binds[bind.portal] = (
-                bind.statement,
-                codec.decode_bind_result_formats(frame),
-            )
-            self._portal_fields.pop(bind.portal, None)
-            self._described.discard(("P", bind.portal))
-        elif mtype == _P and parse is not None:
+        if mtype == _P and parse is not None:
             self._statement_fields.pop(parse.statement, None)
             self._described.discard(("S", parse.statement))
         elif mtype == _D:
             kind, name = codec.decode_target(data[pos:end], self.encoding)
             self._described.add((kind, name))
 
-    def _describe_before_execute(self, data: bytes, pos: int, end: int) -> bytes | None:
+    def _track_bind(self, frame: bytes) -> None:
+        """Remember what a forwarded Bind bound: its statement, result formats and values."""
+        bind = codec.decode_bind_names(frame, self.encoding)
+        formats = codec.decode_bind_result_formats(frame) if self.masked else ()
+        values = _bind_values(frame) if self.audit is not None else []
+        self._binds[bind.portal] = _Bound(bind.statement, formats, values)
+        if self.masked:
+            self._portal_fields.pop(bind.portal, None)
+            self._described.discard(("P", bind.portal))
+
+    def _describe_before_execute(self, portal: str) -> bytes | None:
         """A Describe of the portal, when nothing else will say what its rows hold."""
-        portal = (
-            "" if data[pos + 5] == 0 else codec.decode_execute_portal(data[pos:end], self.encoding)
-        )
-        bound = self._portal_binds.get(portal)
+        bound = self._binds.get(portal)
         if (
             ("P", portal) in self._described
             or portal in self._portal_fields
             or (
                 bound is not None
-                and (bound[0] in self._statement_fields or ("S", bound[0]) in self._described)
+                and (
+                    bound.statement in self._statement_fields
+                    or ("S", bound.statement) in self._described
+                )
             )
         ):
             return None
@@ -832,8 +838,8 @@ class Session:
         if head[0] == _Q:
             return self._query_plans[0] if self._query_plans else None
         if head[0] == _E:
-            bound = self._portal_binds.get(head[1])
-            return self._statement_plans.get(bound[0]) if bound is not None else None
+            bound = self._binds.get(head[1])
+            return self._statement_plans.get(bound.statement) if bound is not None else None
         return None
 
     def _result_layout(self, fields: list[FieldDescription] | None) -> RowLayout | None:
@@ -842,11 +848,11 @@ class Session:
         formats: tuple[int, ...] = ()
         head = self._expected[0] if self._expected else None
         if fields is None and head is not None and head[0] == _E:
-            bound = self._portal_binds.get(head[1])
+            bound = self._binds.get(head[1])
             fields = self._portal_fields.get(head[1])
             if fields is None and bound is not None:
-                fields = self._statement_fields.get(bound[0])
-                formats = bound[1]
+                fields = self._statement_fields.get(bound.statement)
+                formats = bound.formats
         if plan is None or fields is None:
             # Rows the session cannot attribute: send none of their values.
             plan, fields = _MASK_ALL, None
@@ -911,22 +917,11 @@ class Session:
             return _AUDIT_REFUSAL, None
         return decision, pending
 
-    def _audit_track(
-        self, mtype: int, data: bytes, pos: int, end: int, parse: codec.Parse | None
-    ) -> None:
-        """Remember statement texts and the portals bound to them, for EXECUTE records."""
-        if mtype == _P and parse is not None:
-            self._audit_texts[parse.statement] = parse.sql
-        elif mtype == _B:
-            frame = data[pos:end]
-            bind = codec.decode_bind_names(frame, self.encoding)
-            self._audit_binds[bind.portal] = (bind.statement, _bind_values(frame))
-
-    def _audit_execute(self, data: bytes, pos: int, end: int) -> PendingStatement | None:
+    def _audit_execute(self, portal: str) -> PendingStatement | None:
         """Write an Execute's request record; None when it cannot be written."""
         assert self.audit is not None
-        portal = codec.decode_execute_portal(data[pos:end], self.encoding)
-        statement, values = self._audit_binds.get(portal, ("", []))
+        bound = self._binds.get(portal)
+        statement, values = (bound.statement, bound.values) if bound else ("", [])
         request = StatementRequest(
             "execute", self._audit_texts.get(statement, ""), statement_name=statement
         )
@@ -982,6 +977,14 @@ class Session:
 
 
 _PORTAL_SUSPENDED = ord("s")
+
+
+class _Bound(NamedTuple):
+    """What a Bind bound to a portal (formats kept when masking, values when auditing)."""
+
+    statement: str
+    formats: tuple[int, ...]
+    values: list[str | None]
 
 
 _AUDIT_REFUSAL = Decision.refuse(
