@@ -540,7 +540,12 @@ class ClientConnection(Endpoint):
             elif isinstance(event, GSSENCRequested):
                 self.write(b"N")
             elif isinstance(event, CancelRequested):
-                await gateway.cancel(event.pid, event.secret)
+                try:
+                    await gateway.cancel(event.pid, event.secret)
+                except Exception as exc:  # a cancel is best effort, as in PostgreSQL
+                    log.warning("could not deliver a CancelRequest upstream: %s", exc)
+                # PostgreSQL never answers a CancelRequest; neither does the gateway (libpq
+                # takes any reply on that connection for a failed cancel).
                 self.close()
                 return None
             elif isinstance(event, StartupReceived):
