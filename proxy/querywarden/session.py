@@ -180,6 +180,8 @@ class Session:
             if row_limit is None and not masked and not sampling
             else _ROW_SERVER_HANDLERS
         )
+        #: Masking or audit keep track of binds, texts and Executes; a plain relay does not.
+        self._observed = masked or audit is not None
         self._finished: list[PendingStatement] = []  # answered, result not yet recorded
         self._stream_hash = hashlib.sha256()  # of every byte sent to the client
         self._stream_bytes = 0
@@ -302,27 +304,15 @@ class Session:
                 if mtype in _REQUESTS:
                     self._check_expiry()
                 pending = None
-                portal = ""
-                if mtype == _E and (self.masked or self.audit is not None):
-                    portal = codec.decode_execute_portal(data[pos:end], self.encoding)
-                if self.audit is not None and mtype == _E:
-                    pending = self._audit_execute(portal)
-                    if pending is None:
-                        # No record, no execution: a sentinel Parse before the Execute
-                        # fails, and the server skips the rest up to the Sync.
+                if mtype == _E and self._observed:
+                    # What goes upstream before the Execute (an audit sentinel, a
+                    # Describe the masking needs) leaves first, in order.
+                    frame = data[pos:end]
+                    pending, before = self._before_execute(frame)
+                    if before:
                         if pos > run_start:
                             out.append(data[run_start:pos])
-                        run_start = pos
-                        name = f"{SENTINEL_PREFIX}{self._nonce}_audit"
-                        self._refuse(
-                            _P, StatementRequest("parse", "", statement_name=name), _AUDIT_REFUSAL
-                        )
-                if self.masked and mtype == _E:
-                    describe = self._describe_before_execute(portal)
-                    if describe is not None:
-                        if pos > run_start:
-                            out.append(data[run_start:pos])
-                        out.append(describe)
+                        out.extend(before)
                         run_start = pos
                 self._track(mtype, data, pos, end, None, pending=pending)
             else:
@@ -332,6 +322,27 @@ class Session:
             out.append(data[run_start:pos])
         if pos < size:
             self._client_buf += data[pos:]
+
+    def _before_execute(self, frame: bytes) -> tuple[PendingStatement | None, list[bytes]]:
+        """An Execute in a masked or audited session: its record, and messages to go first.
+
+        No record, no execution: when the request record cannot be written, a sentinel
+        Parse goes first, fails, and the server skips the rest up to the Sync.
+        """
+        portal = codec.decode_execute_portal(frame, self.encoding)
+        pending = None
+        before: list[bytes] = []
+        if self.audit is not None:
+            pending = self._audit_execute(portal)
+            if pending is None:
+                name = f"{SENTINEL_PREFIX}{self._nonce}_audit"
+                request = StatementRequest("parse", "", statement_name=name)
+                before.append(self._sentinel(_P, request, _AUDIT_REFUSAL))
+        if self.masked:
+            describe = self._describe_before_execute(portal)
+            if describe is not None:
+                before.append(describe)
+        return pending, before
 
     def _check_expiry(self) -> None:
         if self.expires_at is not None and self._clock() >= self.expires_at:
@@ -359,6 +370,16 @@ class Session:
         decision: Decision,
         pending: PendingStatement | None = None,
     ) -> None:
+        self.to_server.append(self._sentinel(mtype, request, decision, pending))
+
+    def _sentinel(
+        self,
+        mtype: int,
+        request: StatementRequest,
+        decision: Decision,
+        pending: PendingStatement | None = None,
+    ) -> bytes:
+        """The message that makes the server fail in place of a refused request."""
         self._refusal_count += 1
         token = f"{SENTINEL_PREFIX}{self._nonce}_{self._refusal_count}"
         self._refusals[token] = decision
@@ -371,7 +392,7 @@ class Session:
             self._expected.append((_Q, "", "", pending))
             if self.masked:
                 self._query_plans.append(None)
-        self.to_server.append(sentinel)
+        return sentinel
 
     def _track(
         self,
@@ -385,12 +406,8 @@ class Session:
     ) -> None:
         """Note what the server will owe for a message that is being forwarded."""
         expected = self._expected
-        if mtype == _B and (self.masked or self.audit is not None):
-            self._track_bind(data[pos:end])
-        if self.audit is not None and mtype == _P and parse is not None:
-            self._audit_texts[parse.statement] = parse.sql
-        if self.masked:
-            self._track_masking(mtype, data, pos, end, parse)
+        if self._observed:
+            self._observe(mtype, data, pos, end, parse)
         if mtype == _B:
             # The unnamed portal and statement are by far the most common: skip decoding.
             if data[pos + 5] == 0 and data[pos + 6] == 0:
@@ -760,9 +777,17 @@ class Session:
         elif mtype == _P and parse is not None:
             self._statement_plans[parse.statement] = plan
 
-    def _track_masking(
+    def _observe(
         self, mtype: int, data: bytes, pos: int, end: int, parse: codec.Parse | None
     ) -> None:
+        """What masking and audit keep of a forwarded message (binds, texts, describes)."""
+        if mtype == _B:
+            self._track_bind(data[pos:end])
+            return
+        if self.audit is not None and mtype == _P and parse is not None:
+            self._audit_texts[parse.statement] = parse.sql
+        if not self.masked:
+            return
         if mtype == _P and parse is not None:
             self._statement_fields.pop(parse.statement, None)
             self._described.discard(("S", parse.statement))
