@@ -94,7 +94,16 @@ def test_serve_refuses_invalid_settings(tmp_path: Path) -> None:
 def test_demo_prints_a_working_psql_line_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [*QUERYWARDEN, "--log-level", "WARNING", "demo", "--port", str(port)],
+        [
+            *QUERYWARDEN,
+            "--log-level",
+            "WARNING",
+            "demo",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(free_port()),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

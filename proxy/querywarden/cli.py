@@ -57,6 +57,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run PostgreSQL and the gateway on this machine")
     demo.add_argument("--port", type=int, default=6432, help="gateway port (default 6432)")
     demo.add_argument(
+        "--admin-port", type=int, default=None, help="reviews API port (default: --port + 1)"
+    )
+    demo.add_argument(
         "--state-dir", type=Path, default=Path(".querywarden"), help="where demo keys live"
     )
     return parser
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from querywarden.demo import run_demo
 
-        return run_demo(args.port, args.state_dir)
+        return run_demo(args.port, args.state_dir, args.admin_port)
     return 2
 
 

@@ -100,8 +100,8 @@ DEMO_MASKING = {
 DEMO_IDENTITIES = {"agent": ["ai-agents"], "dba": ["dba", "dba-oncall"]}
 
 
-def run_demo(port: int, state_dir: Path) -> int:
-    """Run the demo until interrupted."""
+def run_demo(port: int, state_dir: Path, admin_port: int | None = None) -> int:
+    """Run the demo until interrupted (the reviews API on ``admin_port``, else port + 1)."""
     cluster = EphemeralCluster.create()
     print("starting an ephemeral PostgreSQL ...", flush=True)
     try:
@@ -121,7 +121,10 @@ def run_demo(port: int, state_dir: Path) -> int:
                     "sslmode": "require",
                 },
                 "masking": {"hashKeyFile": _masking_key(state_dir)},
-                "admin": {"host": "127.0.0.1", "port": port + 1},
+                "admin": {
+                    "host": "127.0.0.1",
+                    "port": port + 1 if admin_port is None else admin_port,
+                },
                 "stateDirectory": str(state_dir),
             }
         )
