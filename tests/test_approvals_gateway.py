@@ -234,3 +234,22 @@ def test_cancel_request_or_disconnect_during_a_hold_withdraws_the_review(
     gone, gone_id = _wire_held(gw, "DELETE FROM qh_items WHERE id = 98")
     gone.sock.close()
     _wait_withdrawn(gw, gone_id)
+
+
+def test_a_review_store_that_fails_refuses_the_statement_and_the_session_goes_on(
+    make_gateway: Callable[..., RunningGateway], items: None, pg: EphemeralCluster, tmp_path: Path
+) -> None:
+    pg.psql("TRUNCATE qh_items; INSERT INTO qh_items VALUES (1)")
+    gw = _start(make_gateway, tmp_path, "20s")
+    # The store opens its file at first use: a directory in its place makes it fail.
+    (tmp_path / "state" / "reviews.sqlite3").mkdir(parents=True)
+    with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.IoError) as refused:
+            conn.execute("DELETE FROM qh_items WHERE id = 1")
+        diag = refused.value.diag
+        assert diag.sqlstate == "58030"
+        assert "could not open a review" in (diag.message_primary or "")
+        assert "agents-write-reviewed" in (diag.message_primary or "")
+        assert "review store" in (diag.message_hint or "")
+        # Nothing ran, and the session serves what needs no approver.
+        assert conn.execute("SELECT count(*) FROM qh_items").fetchone() == (1,)

@@ -105,7 +105,9 @@ def decide(
             policy=name,
         )
     spec = DatabaseAccessPolicySpec.model_construct(target=target, sidecar=sidecar_spec)
-    sidecar = effective_sidecar(sidecar_spec, config, native_supported=native_supported)
+    sidecar = effective_sidecar(
+        sidecar_spec, config, native_supported=native_supported, policy_name=name
+    )
     try:
         patch = pod_patch(pod, name, spec, sidecar)
     except InjectionError as exc:

@@ -41,6 +41,10 @@ class OperatorConfig(BaseSettings):
     )
     #: Force native sidecars on or off; unset: on when the API server is 1.29 or later.
     native_sidecars: bool | None = None
+    #: The chart's ``reviews.enabled``: sidecars keep the reviews of held statements as
+    #: QueryReview resources of their policy (decided with kubectl) instead of in their
+    #: own SQLite file. Needs the QueryReview CRD, its webhooks and the sidecar RBAC.
+    reviews: bool = False
 
     # The admission webhook (served by every replica).
     #: The chart's MutatingWebhookConfiguration: the operator adds one webhook per

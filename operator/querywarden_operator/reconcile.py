@@ -115,8 +115,10 @@ def _status_of(body: Mapping[str, Any]) -> Mapping[str, Any]:
     return body.get("status") or {}
 
 
-def _sidecar_for(ctx: Context, spec: DatabaseAccessPolicySpec) -> EffectiveSidecar:
-    return effective_sidecar(spec.sidecar, ctx.config, native_supported=ctx.native_supported)
+def _sidecar_for(ctx: Context, name: str, spec: DatabaseAccessPolicySpec) -> EffectiveSidecar:
+    return effective_sidecar(
+        spec.sidecar, ctx.config, native_supported=ctx.native_supported, policy_name=name
+    )
 
 
 def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
@@ -147,7 +149,7 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
         sync_webhooks(ctx)
         return refused("InvalidPolicy", str(exc))
 
-    sidecar = _sidecar_for(ctx, spec)
+    sidecar = _sidecar_for(ctx, policy.name, spec)
     raw_policy = (body.get("spec") or {}).get("policy") or {}
     configmap = render_configmap(policy, spec, raw_policy, sidecar)
     ctx.kube.apply(
@@ -193,7 +195,12 @@ def refresh_pods(ctx: Context, body: Mapping[str, Any]) -> PolicyStatus | None:
     except InvalidPolicy:
         return None
     return _with_pods(
-        ctx, body, spec=spec, sidecar=_sidecar_for(ctx, spec), conditions=conditions, at=now()
+        ctx,
+        body,
+        spec=spec,
+        sidecar=_sidecar_for(ctx, PolicyRef.from_body(body).name, spec),
+        conditions=conditions,
+        at=now(),
     )
 
 

@@ -112,12 +112,23 @@ class EffectiveSidecar:
     resources: Resources
     audit_volume_size: str | int
     files: tuple[MountedFiles, ...] = ()
+    #: The DatabaseAccessPolicy whose QueryReviews hold the sidecar's reviews; None: the
+    #: sidecar keeps them in its own SQLite store.
+    review_policy: str | None = None
 
 
 def effective_sidecar(
-    sidecar: Sidecar, config: OperatorConfig, *, native_supported: bool
+    sidecar: Sidecar,
+    config: OperatorConfig,
+    *,
+    native_supported: bool,
+    policy_name: str | None = None,
 ) -> EffectiveSidecar:
-    """Resolve ``spec.sidecar`` against the operator's defaults and the cluster's abilities."""
+    """Resolve ``spec.sidecar`` against the operator's defaults and the cluster's abilities.
+
+    ``policy_name``: the DatabaseAccessPolicy's name, which the sidecar labels its
+    QueryReviews with when the operator runs with reviews on.
+    """
     if config.native_sidecars is not None:
         native_supported = native_supported and config.native_sidecars
     native = native_supported if sidecar.native_sidecar is None else sidecar.native_sidecar
@@ -133,6 +144,7 @@ def effective_sidecar(
         resources=sidecar.resources or config.sidecar_resources,
         audit_volume_size=sidecar.audit_volume_size,
         files=tuple(sidecar.files),
+        review_policy=policy_name if config.reviews else None,
     )
 
 
@@ -213,6 +225,9 @@ def gateway_settings(spec: DatabaseAccessPolicySpec, sidecar: EffectiveSidecar) 
     if sidecar.otlp_endpoint:
         audit["otlpEndpoint"] = sidecar.otlp_endpoint
     settings["audit"] = audit
+    if sidecar.review_policy is not None:
+        # The namespace comes from $POD_NAMESPACE (the downward API, see _env).
+        settings["approvals"] = {"store": "kubernetes", "policy": sidecar.review_policy}
     settings["policyFile"] = POLICY_FILE
     settings["policyReloadInterval"] = POLICY_RELOAD_INTERVAL
     return settings

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ByteSize, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -173,6 +181,35 @@ class AdminSettings(_Section):
     key_file: Path | None = None
 
 
+class ApprovalStoreSettings(_Section):
+    """Where the reviews of held statements live (docs/approvals.md).
+
+    ``sqlite``: a file in ``stateDirectory`` (one gateway, or several sharing a volume).
+    ``kubernetes``: ``QueryReview`` resources in ``namespace``, labelled with and owned by
+    the DatabaseAccessPolicy ``policy``; approvers decide with ``kubectl querywarden
+    approve`` and the gateway watches the reviews. The operator renders this for its
+    sidecars when the chart's ``reviews.enabled`` is on.
+    """
+
+    store: Literal["sqlite", "kubernetes"] = "sqlite"
+    #: kubernetes: the reviews' namespace; unset: ``$POD_NAMESPACE``, else the pod's
+    #: ServiceAccount namespace.
+    namespace: str | None = None
+    #: kubernetes: the DatabaseAccessPolicy whose approvers decide (required).
+    policy: str | None = None
+    #: kubernetes: a kubeconfig file; unset: the pod's ServiceAccount, else ``$KUBECONFIG``.
+    kubeconfig: Path | None = None
+
+    @model_validator(mode="after")
+    def _kubernetes_needs_policy(self) -> ApprovalStoreSettings:
+        if self.store == "kubernetes" and not self.policy:
+            raise ValueError(
+                "approvals.store is 'kubernetes' but approvals.policy (the "
+                "DatabaseAccessPolicy name) is not set"
+            )
+        return self
+
+
 class GatewaySettings(BaseSettings):
     """All process settings of ``querywarden serve``."""
 
@@ -192,6 +229,7 @@ class GatewaySettings(BaseSettings):
     masking: MaskingSettings = MaskingSettings.model_validate({})
     audit: AuditSettings = AuditSettings.model_validate({})
     admin: AdminSettings = AdminSettings.model_validate({})
+    approvals: ApprovalStoreSettings = ApprovalStoreSettings.model_validate({})
     #: Where the gateway keeps its state: the reviews of held statements (SQLite).
     state_directory: Path = Path(".querywarden")
     #: The policy document: trusted issuers and rules.
@@ -236,6 +274,7 @@ _PATH_KEYS = {
     "hashKeyFile",
     "directory",
     "stateDirectory",
+    "kubeconfig",
 }
 
 

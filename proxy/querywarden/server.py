@@ -146,6 +146,8 @@ class Gateway:
         if self.settings.policy_file is not None:
             self._policy_stamp = _file_stamp(self.settings.policy_file)
             self._watcher = loop.create_task(self._watch_policy())
+        if self.approvals is not None:
+            self.approvals.start()
         admin = self.settings.admin
         if self.approvals is not None and admin.port is not None:
             context = None
@@ -244,6 +246,22 @@ class Gateway:
         approvers = policy.approvals.approvers
         if not (approvers.groups or approvers.users):
             return None  # statements that need review are refused, saying so
+        chosen = self.settings.approvals
+        if chosen.store == "kubernetes":
+            from querywarden.approvals.kube_store import KubernetesReviewStore, default_namespace
+
+            namespace = chosen.namespace or default_namespace()
+            if namespace is None:
+                raise ValueError(
+                    "approvals.store is 'kubernetes' but no namespace is known: set "
+                    "approvals.namespace (or POD_NAMESPACE)"
+                )
+            assert chosen.policy is not None  # the settings validator requires it
+            kube = KubernetesReviewStore(namespace, chosen.policy, kubeconfig=chosen.kubeconfig)
+            # The watch wakes held statements; the poll is only a safety net.
+            return ApprovalService(
+                kube, policy.approvals, on_event=self._review_event, poll_interval=5.0
+            )
         directory = self.settings.state_directory
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = SqliteReviewStore(directory / "reviews.sqlite3")
@@ -372,6 +390,9 @@ class Gateway:
             self._exporter_stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._exporter, timeout=grace)
+        if self.approvals is not None:
+            with contextlib.suppress(Exception):
+                await self.approvals.store.close()
         if self.auditor is not None:
             self.auditor.close()
 

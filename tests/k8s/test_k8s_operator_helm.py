@@ -83,12 +83,7 @@ def test_deployment_environment_is_a_valid_operator_config(
         "--set", "image.digest=sha256:" + "0" * 64,
     )  # fmt: skip
     container = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    for item in container["env"]:
-        if "value" in item:
-            monkeypatch.setenv(item["name"], item["value"])
-        elif item["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}:
-            monkeypatch.setenv(item["name"], NAMESPACE)
-    config = OperatorConfig()
+    config = operator_config(container, monkeypatch)
     assert config.namespace == NAMESPACE
     assert config.never_injected() == {NAMESPACE, "kube-system"}
     assert config.otlp_endpoint == "http://collector.observability:4318"
@@ -101,6 +96,26 @@ def test_deployment_environment_is_a_valid_operator_config(
     assert config.liveness_endpoint == "http://0.0.0.0:8080/healthz"
     # The image the operator injects is the one the chart runs.
     assert container["image"] == config.sidecar_image
+    # Reviews are off by default: sidecars keep them in their own SQLite store.
+    assert config.reviews is False
+
+
+def operator_config(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> OperatorConfig:
+    """The OperatorConfig the operator container reads from its environment."""
+    for item in container["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+        elif item["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}:
+            monkeypatch.setenv(item["name"], NAMESPACE)
+    return OperatorConfig()
+
+
+def test_reviews_enabled_makes_the_operator_render_the_kubernetes_review_store(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    documents = template(helm, "--set", "reviews.enabled=true")
+    container = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert operator_config(container, monkeypatch).reviews is True
 
 
 def test_webhook_configuration_fails_closed_outside_excluded_namespaces(helm: Helm) -> None:

@@ -239,6 +239,32 @@ def test_gateway_settings_are_valid_gateway_settings(
     assert settings.audit.otlp_endpoint == "http://collector.observability:4318"
     assert str(settings.policy_file) == POLICY_FILE
     assert settings.policy_reload_interval == datetime.timedelta(seconds=2)
+    # Reviews off (the default): the sidecar's own SQLite store.
+    assert settings.approvals.store == "sqlite"
+
+
+def test_with_reviews_on_the_sidecar_keeps_reviews_as_queryreviews_of_its_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed = spec()
+    on = effective_sidecar(
+        parsed.sidecar, OperatorConfig(reviews=True), native_supported=True, policy_name="orders"
+    )
+    for item in sidecar_container(parsed, on)["env"]:
+        if "secretKeyRef" in item.get("valueFrom", {}):
+            monkeypatch.setenv(item["name"], "someone")
+    rendered = gateway_settings(parsed, on)
+    assert rendered["approvals"] == {"store": "kubernetes", "policy": "orders"}
+    settings_file = tmp_path / "gateway.yaml"
+    settings_file.write_text(yaml.safe_dump(rendered))
+    loaded = load_settings(settings_file).approvals
+    assert (loaded.store, loaded.policy, loaded.namespace) == ("kubernetes", "orders", None)
+    # The namespace comes from the downward API.
+    env = {e["name"]: e for e in sidecar_container(parsed, on)["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # Turning reviews on changes what a running sidecar needs a restart for.
+    off = effective_sidecar(parsed.sidecar, OperatorConfig(), native_supported=True)
+    assert config_hash(parsed, on) != config_hash(parsed, off)
 
 
 def test_operator_defaults_fill_what_the_policy_leaves_out() -> None:

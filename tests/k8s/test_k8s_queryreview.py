@@ -481,3 +481,41 @@ def test_chart_rbac_for_reviews(setup: Setup) -> None:
     assert "kubectl querywarden approve" in docs and "kubectl patch queryreview" in docs
     assert yaml.safe_load(REVIEW_CRD_FILE.read_text())["spec"]["scope"] == "Namespaced"
     wait_until(lambda: setup.operator.operator.alive, what="the operator still running")
+
+
+def test_the_store_watch_reports_a_decision_made_with_kubectl(setup: Setup) -> None:
+    async def body() -> tuple[list[Review], Review]:
+        store = setup.store()
+        seen: list[Review] = []
+        changed = asyncio.Event()
+
+        def on_change(review: Review) -> None:
+            seen.append(review)
+            changed.set()
+
+        try:
+            created = await store.create(new_review("DELETE FROM orders WHERE id = 400"))
+            store.watch(on_change)
+            # The watch starts with a list: the new review is reported as it stands.
+            while not any(r.id == created.id for r in seen):
+                changed.clear()
+                await asyncio.wait_for(changed.wait(), 30)
+            await asyncio.to_thread(
+                setup.k8s.kubectl, "patch", "queryreview", created.id, "-n", setup.namespace,
+                "--type", "merge", "-p", '{"spec":{"decision":"approved","comment":"ok"}}',
+                "--as", "alice", "--as-group", "dba",
+            )  # fmt: skip
+            while not any(r.id == created.id and not r.pending for r in seen):
+                changed.clear()
+                await asyncio.wait_for(changed.wait(), 30)
+            with pytest.raises(RuntimeError, match="watched already"):
+                store.watch(on_change)
+            return seen, created
+        finally:
+            await store.close()
+
+    seen, created = run(body())
+    decided = [r for r in seen if r.id == created.id and not r.pending]
+    assert decided[-1].decision is ReviewDecision.APPROVED
+    assert decided[-1].approver is not None and decided[-1].approver.subject == "alice"
+    assert decided[-1].comment == "ok"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -78,3 +79,36 @@ def test_settings_file_must_be_a_mapping(tmp_path: Path) -> None:
     path.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
         load_settings(path)
+
+
+def test_the_kubernetes_review_store_needs_its_policy(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("approvals:\n  store: kubernetes\n")
+    with pytest.raises(ValidationError, match=r"approvals\.policy"):
+        load_settings(path)
+    path.write_text("approvals:\n  store: kubernetes\n  policy: orders\n  kubeconfig: kc.yaml\n")
+    approvals = load_settings(path).approvals
+    assert approvals.policy == "orders"
+    assert approvals.kubeconfig == tmp_path / "kc.yaml"  # relative to the settings file
+    assert load_settings(None).approvals.store == "sqlite"
+
+
+def test_the_kubernetes_review_store_needs_a_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from querywarden.approvals import kube_store
+    from querywarden.server import Gateway
+
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    monkeypatch.setattr(kube_store, "_SA_NAMESPACE", tmp_path / "no-such-file")
+    path = tmp_path / "gateway.yaml"
+    path.write_text("approvals:\n  store: kubernetes\n  policy: orders\n")
+    policy = load_policy_text(tmp_path, "approvals:\n  approvers:\n    groups: [dba]\n")
+    with pytest.raises(ValueError, match="no namespace is known"):
+        Gateway(load_settings(path), policy=policy)
+
+
+def load_policy_text(directory: Path, text: str) -> Any:
+    path = directory / "policy.yaml"
+    path.write_text(text)
+    return load_policy(path)

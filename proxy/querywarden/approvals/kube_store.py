@@ -19,7 +19,12 @@ not the ``now`` the caller passes. Two sidecars creating the same review at the 
 moment may create two pending reviews (the twin lookup is not atomic with the create);
 either approval grants the statement.
 
-The official client is synchronous: its calls run on a small private thread pool.
+The store also *watches* this policy's reviews (:meth:`KubernetesReviewStore.watch`): a
+decision made with kubectl reaches the statement held on the wire at once, without the
+service polling for it.
+
+The official client is synchronous: its calls run on a small private thread pool, and the
+watch on a thread of its own.
 """
 
 from __future__ import annotations
@@ -29,13 +34,18 @@ import builtins
 import functools
 import hashlib
 import json
+import logging
+import os
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import kubernetes.client
 import kubernetes.config
+import kubernetes.watch
 from kubernetes.client.exceptions import ApiException
 
 from querywarden.approvals.model import (
@@ -51,9 +61,11 @@ from querywarden.approvals.model import (
 )
 from querywarden.approvals.store import _unusable
 
-__all__ = ["KubernetesReviewStore", "review_key"]
+__all__ = ["KubernetesReviewStore", "default_namespace", "review_key"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 GROUP = "querywarden.io"
 VERSION = "v1alpha1"
@@ -68,6 +80,12 @@ ANNOTATION_CREATED = f"{GROUP}/created"
 
 #: How often a change is tried again after a 409 Conflict before giving up.
 _ATTEMPTS = 20
+#: Each watch request ends after this long (the API server's ``timeoutSeconds``) and is
+#: started again from the last resourceVersion; it bounds how long a closed store's
+#: watch thread lingers.
+_WATCH_SECONDS = 15
+#: Pause before watching again after an error (the API server restarting, a 403).
+_WATCH_BACKOFF = 2.0
 _MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -168,20 +186,27 @@ class KubernetesReviewStore:
         policy: str,
         *,
         api_client: kubernetes.client.ApiClient | None = None,
+        kubeconfig: Path | None = None,
     ) -> None:
         self._namespace = namespace
         self._policy = policy
-        self._api_client = api_client if api_client is not None else _default_client()
+        self._api_client = api_client if api_client is not None else _default_client(kubeconfig)
         # Typed as returning ``object``: the answers are plain JSON dicts.
         self._api: Any = kubernetes.client.CustomObjectsApi(self._api_client)
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qw-kube-reviews")
         self._owner: dict[str, Any] | None = None
         self._owner_read = False
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def namespace(self) -> str:
         """Where the reviews live."""
         return self._namespace
+
+    def approve_command(self, review_id: str) -> str:
+        """What an approver runs to approve the review (for the requester's notice)."""
+        return f"kubectl querywarden approve {review_id} -n {self._namespace} --comment ..."
 
     # -- plumbing (on the store's threads) -----------------------------------------------
 
@@ -411,8 +436,82 @@ class KubernetesReviewStore:
                 return to_review(patched)
         raise ReviewConflict(f"the grant of review {review_id} is contended; try again")
 
+    # -- the watch -------------------------------------------------------------------------
+
+    def watch(self, on_change: Callable[[Review], None]) -> None:
+        """Call ``on_change`` (on the running event loop) with each review as it changes.
+
+        The watch runs on its own thread until :meth:`close`: it lists this policy's
+        reviews, then follows their changes from that resourceVersion, listing again when
+        the API server has compacted past it (410 Gone) and after errors. Every review it
+        lists counts as a change, so nothing decided while the watch was down is missed.
+        """
+        if self._watcher is not None:
+            raise RuntimeError("the store is watched already")
+        loop = asyncio.get_running_loop()
+
+        def deliver(obj: Mapping[str, Any]) -> None:
+            try:
+                review = to_review(obj)
+            except Exception:  # a hand-made object the CRD schema let through
+                log.warning("approvals: ignoring malformed QueryReview %s", _name(obj))
+                return
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(on_change, review)
+
+        self._watcher = threading.Thread(
+            target=self._follow, args=(deliver,), name="qw-kube-review-watch", daemon=True
+        )
+        self._watcher.start()
+
+    def _follow(self, deliver: Callable[[Mapping[str, Any]], None]) -> None:
+        selector = f"{LABEL_POLICY}={self._policy}"
+        version: str | None = None
+        while not self._watch_stop.is_set():
+            try:
+                if version is None:
+                    answer = self._api.list_namespaced_custom_object(
+                        GROUP, VERSION, self._namespace, PLURAL, label_selector=selector
+                    )
+                    version = answer["metadata"]["resourceVersion"]
+                    for obj in answer.get("items") or []:
+                        deliver(obj)
+                stream = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+                for event in stream.stream(  # type: ignore[no-untyped-call]
+                    self._api.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self._namespace,
+                    PLURAL,
+                    label_selector=selector,
+                    resource_version=version,
+                    timeout_seconds=_WATCH_SECONDS,
+                    _request_timeout=_WATCH_SECONDS + 10,
+                ):
+                    if self._watch_stop.is_set():
+                        stream.stop()  # type: ignore[no-untyped-call]
+                        break
+                    obj = event["object"]
+                    if event["type"] == "ERROR":
+                        version = None  # 410 Gone (compacted): list again
+                        break
+                    version = obj["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        deliver(obj)
+            except ApiException as exc:
+                version = None
+                if exc.status != 410 and not self._watch_stop.is_set():
+                    log.warning("approvals: watching QueryReviews failed: %s", _message(exc))
+                    self._watch_stop.wait(_WATCH_BACKOFF)
+            except Exception as exc:
+                version = None
+                if not self._watch_stop.is_set():
+                    log.warning("approvals: watching QueryReviews failed: %s", exc)
+                    self._watch_stop.wait(_WATCH_BACKOFF)
+
     async def close(self) -> None:
-        """Close the client's connections and stop the store's threads."""
+        """Stop the watch, close the client's connections and stop the store's threads."""
+        self._watch_stop.set()
         await self._run(self._api_client.close)
         self._executor.shutdown(wait=True)
 
@@ -427,8 +526,31 @@ def _message(exc: ApiException) -> str:
     return str(exc.reason or exc)
 
 
-def _default_client() -> kubernetes.client.ApiClient:
+def _name(obj: Mapping[str, Any]) -> str:
+    metadata = obj.get("metadata")
+    return str(metadata.get("name")) if isinstance(metadata, Mapping) else "?"
+
+
+def default_namespace() -> str | None:
+    """The pod's namespace: ``$POD_NAMESPACE``, else its ServiceAccount's; None outside a pod."""
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        return _SA_NAMESPACE.read_text().strip() or None
+    except OSError:
+        return None
+
+
+_SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _default_client(kubeconfig: Path | None = None) -> kubernetes.client.ApiClient:
     configuration = kubernetes.client.Configuration()
+    if kubeconfig is not None:
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(kubeconfig), client_configuration=configuration
+        )
+        return kubernetes.client.ApiClient(configuration)
     try:
         kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=configuration

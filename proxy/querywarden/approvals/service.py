@@ -3,8 +3,9 @@
 The gateway's session calls :meth:`ApprovalService.request` when the policy says
 ``review``, then :meth:`~ApprovalService.wait` for at most the ``hold``; the admin API
 calls :meth:`~ApprovalService.decide`. A decision made in this process wakes the waiter at
-once; one made elsewhere (another replica, the CLI through another replica's API) is seen
-by polling the store every ``poll_interval``.
+once; one made elsewhere (another replica, kubectl) is seen at once when the store reports
+changes (:class:`~querywarden.approvals.store.WatchedReviewStore`, after :meth:`start`),
+and otherwise by polling the store every ``poll_interval``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import builtins
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -29,7 +31,7 @@ from querywarden.approvals.model import (
     new_review_id,
     normalize_statement,
 )
-from querywarden.approvals.store import ReviewStore
+from querywarden.approvals.store import ReviewStore, WatchedReviewStore
 from querywarden.identity.principal import Principal
 
 __all__ = ["EVENTS", "ApprovalService", "EventHook"]
@@ -44,6 +46,8 @@ EVENTS = ("created", "approved", "denied", "expired", "withdrawn", "used")
 
 #: Attempts of :meth:`ApprovalService.claim_grant` when other sessions keep winning the race.
 _CLAIM_ATTEMPTS = 3
+#: How many (review, outcome) events the service remembers having reported.
+_REPORTED = 4096
 
 
 class _Watch:
@@ -81,6 +85,26 @@ class ApprovalService:
         self._on_event = on_event
         self._poll_interval = poll_interval
         self._watches: dict[str, _Watch] = {}
+        # Outcomes already reported to ``on_event``, so that a decision made elsewhere
+        # (kubectl) is reported once, by the first wait that sees it, and one made here
+        # is not reported twice.
+        self._reported: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def start(self) -> None:
+        """Follow the store's changes, if it reports them (call on the running loop)."""
+        if isinstance(self._store, WatchedReviewStore):
+            self._store.watch(self.observe)
+
+    def observe(self, review: Review) -> None:
+        """A review changed in the store (a watch event): wake the sessions holding it."""
+        if not review.pending:
+            self._notify(review)
+
+    def approve_command(self, review_id: str) -> str:
+        """What an approver runs to approve the review, for the requester's notice."""
+        if isinstance(self._store, WatchedReviewStore):
+            return self._store.approve_command(review_id)
+        return f"querywarden reviews approve {review_id} --comment ..."
 
     @property
     def settings(self) -> ApprovalSettings:
@@ -159,7 +183,12 @@ class ApprovalService:
                 event = watch.event
                 review = await self._store.get(review_id)
                 remaining = deadline - loop.time()
-                if not review.pending or remaining <= 0:
+                if not review.pending:
+                    # Decided elsewhere (kubectl, another replica): this process reports it
+                    # too, since its audit log holds the statement the decision is about.
+                    self._emit(review.decision.value, review)
+                    return review
+                if remaining <= 0:
                     return review
                 # The event wakes us for decisions of this process; the timeout is the poll
                 # that notices decisions of other processes.
@@ -352,6 +381,14 @@ class ApprovalService:
     def _emit(self, kind: str, review: Review) -> None:
         if self._on_event is None:
             return
+        if kind != "used":
+            # Each outcome of a review once; uses are events of their own, one per run.
+            key = (review.id, kind)
+            if key in self._reported:
+                return
+            self._reported[key] = None
+            if len(self._reported) > _REPORTED:
+                self._reported.popitem(last=False)
         try:
             self._on_event(kind, review)
         except Exception:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from querywarden.approvals.model import (
     UNLIMITED_USES,
@@ -37,7 +37,7 @@ from querywarden.approvals.model import (
     ReviewSummary,
 )
 
-__all__ = ["ReviewStore", "SqliteReviewStore"]
+__all__ = ["ReviewStore", "SqliteReviewStore", "WatchedReviewStore"]
 
 T = TypeVar("T")
 
@@ -123,6 +123,19 @@ class ReviewStore(Protocol):
 
     async def close(self) -> None:
         """Release connections and threads."""
+        ...
+
+
+@runtime_checkable
+class WatchedReviewStore(ReviewStore, Protocol):
+    """A store that reports changes made by others (kubectl, another replica) as they happen."""
+
+    def watch(self, on_change: Callable[[Review], None]) -> None:
+        """Call ``on_change`` on the running loop with every review that changes, until close."""
+        ...
+
+    def approve_command(self, review_id: str) -> str:
+        """The command an approver runs to approve ``review_id``."""
         ...
 
 

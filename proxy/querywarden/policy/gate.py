@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from querywarden.masking.catalog import CatalogCache, SensitiveCatalog
 from querywarden.masking.plan import Masker, MaskRefusal
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.model import PolicyDocument
+
+log = logging.getLogger(__name__)
 
 _PREFIX = "querywarden: "
 _PARAMETER = re.compile(r"\$[0-9]")
@@ -163,18 +166,30 @@ class PolicyGate:
         approvals = self.approvals
         assert approvals is not None
         principal, database = session.principal, session.database
-        grant = await approvals.claim_grant(principal, database, text)
-        if grant is not None:
-            return Decision(True, rule=rule, approval=_approval(grant, "grant used"))
-        review = await approvals.request(
-            principal,
-            database,
-            text,
-            summary=ReviewSummary.from_analysis(summaries),
-            rule=rule or "",
-            reason=reason,
-            estimate=held.estimate,
-        )
+        try:
+            grant = await approvals.claim_grant(principal, database, text)
+            if grant is not None:
+                return Decision(True, rule=rule, approval=_approval(grant, "grant used"))
+            review = await approvals.request(
+                principal,
+                database,
+                text,
+                summary=ReviewSummary.from_analysis(summaries),
+                rule=rule or "",
+                reason=reason,
+                estimate=held.estimate,
+            )
+        except Exception as exc:
+            # Fail closed: a statement that needs an approver never runs without one.
+            log.exception("approvals: the review store failed")
+            return Decision.refuse(
+                _PREFIX + f"{reason}, and the gateway could not open a review for an approver "
+                f"(its review store failed: {type(exc).__name__}); the statement was not run",
+                sqlstate="58030",
+                hint="retry shortly; if it persists, ask the gateway's operator to check "
+                "the review store (docs/approvals.md)",
+                rule=rule,
+            )
         hold = approvals.settings.hold.total_seconds()
         if self.notify is not None:
             self.notify(
@@ -182,7 +197,7 @@ class PolicyGate:
                 codec.notice_response(
                     _PREFIX + f"{reason}: held for approval as review {review.id}; waiting up "
                     f"to {hold:g}s for an approver",
-                    hint=f"an approver runs: querywarden reviews approve {review.id} --comment ...",
+                    hint=f"an approver runs: {approvals.approve_command(review.id)}",
                 ),
             )
         try:

@@ -319,6 +319,8 @@ def installed_operator(
         webhook_key_file=key_file,
         peering_name=cluster_name,
         resync_interval=resync_interval,
+        # What the chart's Deployment sets from reviews.enabled.
+        reviews=values.get("reviews.enabled") == "true",
     )
     operator = OperatorThread(config).start()
     try:
