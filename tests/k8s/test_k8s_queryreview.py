@@ -187,7 +187,7 @@ def run(coro: Any) -> Any:
 async def _create(setup: Setup, review: Review) -> Review:
     store = setup.store()
     try:
-        return await store.create(review)
+        return (await store.create(review)).review
     finally:
         await store.close()
 
@@ -217,19 +217,20 @@ def test_store_round_trip_and_single_use_grant(setup: Setup) -> None:
         store = setup.store()
         try:
             review = new_review("DELETE FROM orders WHERE id = 42", parameters=("x", None))
-            created = await store.create(review)
-            assert created.id == review.id and created.pending
+            created, new = await store.create(review)
+            key = review_key(REQUESTER, "orders", review.normalized, ("x", None))
+            # Named by the review key: the first review of this statement is number 1.
+            assert new and created.id == f"{key[:10]}-1" and created.pending
             assert created.parameters == ("x", None)
             # A re-run while it waits shares the pending review.
-            twin = await store.create(new_review("delete  from ORDERS where id = 42 ;",
-                                                 parameters=("x", None)))  # fmt: skip
-            assert twin.id == review.id
+            twin, new = await store.create(new_review("delete  from ORDERS where id = 42 ;",
+                                                      parameters=("x", None)))  # fmt: skip
+            assert twin.id == created.id and not new
+            review = review.model_copy(update={"id": created.id})
             got = await store.get(review.id)
             assert got.statement == review.statement and got.created == review.created
             obj = setup.k8s.get(f"{reviews(setup.namespace)}/{review.id}")
-            assert obj["metadata"]["labels"]["querywarden.io/review-key"] == review_key(
-                REQUESTER, "orders", review.normalized, ("x", None)
-            )
+            assert obj["metadata"]["labels"]["querywarden.io/review-key"] == key
             assert obj["metadata"]["ownerReferences"][0]["name"] == POLICY
             assert obj["metadata"]["annotations"][ANNOTATION_CREATED_BY] == (
                 f"system:serviceaccount:{setup.namespace}:{SIDECAR}"
@@ -280,14 +281,15 @@ def test_withdraw_expire_and_delegated_decision(setup: Setup) -> None:
         store = setup.store()
         try:
             now = datetime.now(UTC)
-            withdrawn = await store.create(new_review("DELETE FROM orders WHERE id = 7"))
+            withdrawn = (await store.create(new_review("DELETE FROM orders WHERE id = 7"))).review
             ended = await store.withdraw(withdrawn.id, "client went away", now=now)
             assert ended.decision is ReviewDecision.WITHDRAWN
             assert ended.comment == "client went away"
             with pytest.raises(ReviewConflict):
                 await store.expire(withdrawn.id, now=now)
             expired = await store.expire(
-                (await store.create(new_review("DELETE FROM orders WHERE id = 8"))).id, now=now
+                (await store.create(new_review("DELETE FROM orders WHERE id = 8"))).review.id,
+                now=now,
             )
             assert expired.decision is ReviewDecision.EXPIRED
             # A withdrawn review cannot be approved afterwards.
@@ -297,7 +299,7 @@ def test_withdraw_expire_and_delegated_decision(setup: Setup) -> None:
 
             # The gateway decides for an approver it verified (the admin API): the
             # webhook checks that party and stamps it.
-            review = await store.create(new_review("DELETE FROM orders WHERE id = 9"))
+            review = (await store.create(new_review("DELETE FROM orders WHERE id = 9"))).review
             dave = Party(subject="dave", issuer="corp", groups=("dba",))
             approved = await store.decide(review.id, dave, True, "fine", uses=3,
                                           ttl=timedelta(minutes=5), now=now)  # fmt: skip
@@ -308,7 +310,7 @@ def test_withdraw_expire_and_delegated_decision(setup: Setup) -> None:
                 await store.decide(review.id, dave, False, "", uses=1,
                                    ttl=timedelta(minutes=5), now=now)  # fmt: skip
             # ... and refuses the requester approving through the gateway.
-            other = await store.create(new_review("DELETE FROM orders WHERE id = 10"))
+            other = (await store.create(new_review("DELETE FROM orders WHERE id = 10"))).review
             with pytest.raises(SelfApproval):
                 await store.decide(other.id, REQUESTER, True, "", uses=1,
                                    ttl=timedelta(minutes=5), now=now)  # fmt: skip
@@ -494,7 +496,7 @@ def test_the_store_watch_reports_a_decision_made_with_kubectl(setup: Setup) -> N
             changed.set()
 
         try:
-            created = await store.create(new_review("DELETE FROM orders WHERE id = 400"))
+            created = (await store.create(new_review("DELETE FROM orders WHERE id = 400"))).review
             store.watch(on_change)
             # The watch starts with a list: the new review is reported as it stands.
             while not any(r.id == created.id for r in seen):
@@ -519,3 +521,50 @@ def test_the_store_watch_reports_a_decision_made_with_kubectl(setup: Setup) -> N
     assert decided[-1].decision is ReviewDecision.APPROVED
     assert decided[-1].approver is not None and decided[-1].approver.subject == "alice"
     assert decided[-1].comment == "ok"
+
+
+def test_sidecars_opening_the_same_review_at_once_open_one(setup: Setup) -> None:
+    statement = "DELETE FROM orders WHERE id = 500"
+
+    async def scenario() -> list[tuple[Review, bool]]:
+        stores = [setup.store() for _ in range(4)]
+        try:
+            opened = await asyncio.gather(*(s.create(new_review(statement)) for s in stores))
+            return [(o.review, o.created) for o in opened]
+        finally:
+            for s in stores:
+                await s.close()
+
+    opened = run(scenario())
+    assert len({review.id for review, _ in opened}) == 1, opened
+    assert [created for _, created in opened].count(True) == 1
+    (name,) = {review.id for review, _ in opened}
+    key = review_key(REQUESTER, "orders", normalize_statement(statement), ())
+    listed = setup.k8s.get(
+        f"{reviews(setup.namespace)}?labelSelector=querywarden.io/review-key={key}"
+    )
+    assert [item["metadata"]["name"] for item in listed["items"]] == [name]
+
+    # Once decided, the same statement opens the next review of that key.
+    setup.decide("alice", ("dba",), name, decision="denied", comment="no")
+    again = run(_create(setup, new_review(statement)))
+    assert again.id == f"{key[:10]}-2"
+
+
+def test_a_name_taken_by_another_key_makes_the_review_take_the_next(setup: Setup) -> None:
+    statement = "DELETE FROM orders WHERE id = 600"
+    key = review_key(REQUESTER, "orders", normalize_statement(statement), ())
+    squatter = setup.store()
+    try:
+        # A review of another statement that happens to have this key's name.
+        other = new_review("DELETE FROM orders WHERE id = 601")
+        manifest = squatter._manifest(f"{key[:10]}-1", "0" * 40, other)
+    finally:
+        run(squatter.close())
+    setup.k8s.kubectl(
+        "--kubeconfig", str(setup.sidecar_kubeconfig), "create", "-f", "-",
+        stdin=json.dumps(manifest),
+    )  # fmt: skip
+    opened = run(_create(setup, new_review(statement)))
+    assert opened.id == f"{key[:10]}-2"
+    assert opened.statement == statement

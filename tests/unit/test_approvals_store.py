@@ -68,8 +68,10 @@ def db(tmp_path: Path) -> Path:
 
 def test_create_get_list(db: Path) -> None:
     async def body(store: SqliteReviewStore) -> None:
-        first = await store.create(review())
-        second = await store.create(review("DROP TABLE t", created=NOW + timedelta(seconds=1)))
+        first = (await store.create(review())).review
+        second = (
+            await store.create(review("DROP TABLE t", created=NOW + timedelta(seconds=1)))
+        ).review
         assert await store.get(first.id) == first
         assert [r.id for r in await store.list()] == [first.id, second.id]
         await store.decide(second.id, DBA, False, "no", uses=1, ttl=timedelta(minutes=1), now=NOW)
@@ -90,9 +92,10 @@ def test_the_file_is_private(db: Path) -> None:
 
 def test_an_identical_pending_review_is_returned_instead_of_a_second_one(db: Path) -> None:
     async def body(store: SqliteReviewStore) -> None:
-        first = await store.create(review())
-        again = await store.create(review("delete  from orders where id=5;"))
-        assert again == first
+        first, created = await store.create(review())
+        assert created
+        again, created = await store.create(review("delete  from orders where id=5;"))
+        assert again == first and not created
         # Anything else that differs makes another review.
         others = [
             review("DELETE FROM orders WHERE id = 6"),
@@ -101,10 +104,11 @@ def test_an_identical_pending_review_is_returned_instead_of_a_second_one(db: Pat
             review(requester=Party(subject="agent-8", issuer="corp")),
         ]
         for other in others:
-            assert (await store.create(other)).id == other.id
+            assert await store.create(other) == (other, True)
         # Once decided, the same statement opens a new review.
         await store.decide(first.id, DBA, False, "no", uses=1, ttl=timedelta(minutes=1), now=NOW)
-        assert (await store.create(review())).id != first.id
+        reopened, created = await store.create(review())
+        assert created and reopened.id != first.id
 
     run_with(db, body)
 
@@ -133,7 +137,7 @@ def test_a_pending_review_and_a_grant_survive_a_restart(db: Path) -> None:
 
 def test_decide_only_once(db: Path) -> None:
     async def body(store: SqliteReviewStore) -> None:
-        r = await store.create(review())
+        r = (await store.create(review())).review
         ttl = timedelta(minutes=1)
         approved = await store.decide(r.id, DBA, True, "ok", uses=2, ttl=ttl, now=NOW)
         assert approved.decision is ReviewDecision.APPROVED and approved.uses_left == 2
@@ -151,8 +155,8 @@ def test_decide_only_once(db: Path) -> None:
 
 def test_withdraw_and_expire_end_a_pending_review(db: Path) -> None:
     async def body(store: SqliteReviewStore) -> None:
-        a = await store.create(review("DROP TABLE a"))
-        b = await store.create(review("DROP TABLE b"))
+        a = (await store.create(review("DROP TABLE a"))).review
+        b = (await store.create(review("DROP TABLE b"))).review
         withdrawn = await store.withdraw(a.id, "cancelled by the client", now=NOW)
         assert withdrawn.decision is ReviewDecision.WITHDRAWN
         assert withdrawn.comment == "cancelled by the client"
@@ -167,7 +171,7 @@ def test_withdraw_and_expire_end_a_pending_review(db: Path) -> None:
 
 def test_grants_match_the_exact_statement_requester_and_database(db: Path) -> None:
     async def body(store: SqliteReviewStore) -> None:
-        r = await store.create(review())
+        r = (await store.create(review())).review
         await store.decide(r.id, DBA, True, "ok", uses=1, ttl=timedelta(minutes=1), now=NOW)
         same = normalize_statement("DELETE FROM orders WHERE id = 5")
         assert await store.find_grant(AGENT, "app", same, now=NOW) is not None
@@ -182,7 +186,7 @@ def test_grants_match_the_exact_statement_requester_and_database(db: Path) -> No
 
 def test_a_grant_expires(db: Path) -> None:
     async def body(store: SqliteReviewStore) -> None:
-        r = await store.create(review())
+        r = (await store.create(review())).review
         await store.decide(r.id, DBA, True, "ok", uses=-1, ttl=timedelta(minutes=15), now=NOW)
         key = r.normalized
         later = NOW + timedelta(minutes=15)
@@ -197,7 +201,7 @@ def test_a_grant_expires(db: Path) -> None:
 def test_uses_count_down_and_unlimited_stays_unlimited(db: Path) -> None:
     async def body(store: SqliteReviewStore) -> None:
         ttl = timedelta(minutes=15)
-        two = await store.create(review("DROP TABLE a"))
+        two = (await store.create(review("DROP TABLE a"))).review
         await store.decide(two.id, DBA, True, "ok", uses=2, ttl=ttl, now=NOW)
         assert (await store.use(two.id, now=NOW)).uses_left == 1
         assert (await store.use(two.id, now=NOW)).uses_left == 0
@@ -205,13 +209,13 @@ def test_uses_count_down_and_unlimited_stays_unlimited(db: Path) -> None:
             await store.use(two.id, now=NOW)
         assert await store.find_grant(AGENT, "app", two.normalized, now=NOW) is None
 
-        unlimited = await store.create(review("DROP TABLE b"))
+        unlimited = (await store.create(review("DROP TABLE b"))).review
         await store.decide(unlimited.id, DBA, True, "ok", uses=-1, ttl=ttl, now=NOW)
         for i in range(5):
             used = await store.use(unlimited.id, now=NOW + timedelta(seconds=i))
         assert used.uses_left == -1 and len(used.used_at) == 5
 
-        pending = await store.create(review("DROP TABLE c"))
+        pending = (await store.create(review("DROP TABLE c"))).review
         with pytest.raises(ReviewConflict, match="pending, not approved"):
             await store.use(pending.id, now=NOW)
 
@@ -225,7 +229,7 @@ def test_two_stores_on_one_file_cannot_both_use_a_single_use_grant(db: Path) -> 
         a, b = SqliteReviewStore(db), SqliteReviewStore(db)
         try:
             for n in range(20):
-                r = await a.create(review(f"DELETE FROM t WHERE id = {n}"))
+                r = (await a.create(review(f"DELETE FROM t WHERE id = {n}"))).review
                 await a.decide(r.id, DBA, True, "ok", uses=1, ttl=timedelta(minutes=1), now=NOW)
                 results = await asyncio.gather(
                     a.use(r.id, now=NOW), b.use(r.id, now=NOW), return_exceptions=True
@@ -270,7 +274,7 @@ def test_processes_racing_for_a_single_use_grant_get_exactly_one_use(
     db: Path, tmp_path: Path
 ) -> None:
     async def setup(store: SqliteReviewStore) -> str:
-        r = await store.create(review())
+        r = (await store.create(review())).review
         await store.decide(r.id, DBA, True, "ok", uses=1, ttl=timedelta(minutes=1), now=NOW)
         return r.id
 
@@ -301,10 +305,10 @@ def test_a_newer_schema_is_refused(db: Path) -> None:
 def test_bound_parameters_are_part_of_the_statement(db: Path) -> None:
     async def body(store: SqliteReviewStore) -> None:
         text = "DELETE FROM orders WHERE id = $1"
-        five = await store.create(review(text, parameters=("5",)))
-        assert (await store.create(review(text, parameters=("5",)))).id == five.id
-        six = await store.create(review(text, parameters=("6",)))
-        null = await store.create(review(text, parameters=(None,)))
+        five = (await store.create(review(text, parameters=("5",)))).review
+        assert (await store.create(review(text, parameters=("5",)))).review.id == five.id
+        six = (await store.create(review(text, parameters=("6",)))).review
+        null = (await store.create(review(text, parameters=(None,)))).review
         assert len({five.id, six.id, null.id}) == 3
         await store.decide(five.id, DBA, True, "ok", uses=1, ttl=timedelta(minutes=1), now=NOW)
         key = normalize_statement(text)

@@ -1,6 +1,6 @@
 """Reviews as ``QueryReview`` custom resources: the Kubernetes :class:`ReviewStore`.
 
-One ``QueryReview`` per review, named by the review's id, in the sidecar's namespace,
+One ``QueryReview`` per review, named ``<key>-<n>``, in the sidecar's namespace,
 labelled with the DatabaseAccessPolicy whose gateway held the statement (its approvers
 decide; the review is also owned by it, so it goes when the policy goes) and with a hash
 of requester, database, normalized text and parameters (a label selector finds a pending
@@ -15,9 +15,9 @@ changed in between, and the store reads again and re-checks. So of two sidecars 
 single-use grant at once exactly one succeeds.
 
 Times set by the webhook (``decided``, ``grantExpires``) come from the operator's clock,
-not the ``now`` the caller passes. Two sidecars creating the same review at the same
-moment may create two pending reviews (the twin lookup is not atomic with the create);
-either approval grants the statement.
+not the ``now`` the caller passes. A review's name is derived from its key (see
+:meth:`KubernetesReviewStore.create`), so two sidecars opening the same review at the
+same moment open one.
 
 The store also *watches* this policy's reviews (:meth:`KubernetesReviewStore.watch`): a
 decision made with kubectl reaches the statement held on the wire at once, without the
@@ -59,7 +59,7 @@ from querywarden.approvals.model import (
     ReviewSummary,
     SelfApproval,
 )
-from querywarden.approvals.store import _unusable
+from querywarden.approvals.store import Opened, _unusable
 
 __all__ = ["KubernetesReviewStore", "default_namespace", "review_key"]
 
@@ -80,6 +80,9 @@ ANNOTATION_CREATED = f"{GROUP}/created"
 
 #: How often a change is tried again after a 409 Conflict before giving up.
 _ATTEMPTS = 20
+#: Characters of the review key in a review's name (40 bits: a clash of two different
+#: statements' keys only makes one of them take the next number).
+_NAME_KEY = 10
 #: Each watch request ends after this long (the API server's ``timeoutSeconds``) and is
 #: started again from the last resourceVersion; it bounds how long a closed store's
 #: watch thread lingers.
@@ -155,6 +158,17 @@ def to_review(obj: Mapping[str, Any]) -> Review:
         uses_left=int(status.get("usesLeft") or 0),
         used_at=tuple(t for t in map(_parse_time, status.get("usedAt") or ()) if t is not None),
     )
+
+
+def _next_number(key: str, items: builtins.list[dict[str, Any]]) -> int:
+    """One more than the highest ``n`` among the ``<key>-<n>`` names of this key's reviews."""
+    prefix = f"{key[:_NAME_KEY]}-"
+    numbers = [0]
+    for obj in items:
+        name = str(obj["metadata"]["name"])
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            numbers.append(int(name[len(prefix) :]))
+    return max(numbers) + 1
 
 
 def _same_statement(review: Review, other: Review) -> bool:
@@ -282,21 +296,44 @@ class KubernetesReviewStore:
 
     # -- the protocol ---------------------------------------------------------------------
 
-    async def create(self, review: Review) -> Review:
-        """See :meth:`ReviewStore.create`."""
+    async def create(self, review: Review) -> Opened:
+        """See :meth:`ReviewStore.create`.
+
+        The review is named ``<key>-<n>``: the first 10 characters of its review key and
+        one more than the highest ``n`` of that key so far. Two sidecars opening the same
+        review at once pick the same name; the API server lets one create it and answers
+        409 AlreadyExists to the other, which looks again and finds the pending twin. So
+        one held statement is one review, however many replicas hold it.
+        """
         return await self._run(self._create, review)
 
-    def _create(self, review: Review) -> Review:
+    def _create(self, review: Review) -> Opened:
         key = review_key(review.requester, review.database, review.normalized, review.parameters)
-        twins = [
-            r
-            for r in map(to_review, self._items(f"{LABEL_KEY}={key}"))
-            if r.pending and _same_statement(r, review)
-        ]
-        if twins:
-            return min(twins, key=lambda r: (r.created, r.id))
+        number = 1
+        for _ in range(_ATTEMPTS):
+            items = self._items(f"{LABEL_KEY}={key}")
+            twins = [r for r in map(to_review, items) if r.pending and _same_statement(r, review)]
+            if twins:
+                return Opened(min(twins, key=lambda r: (r.created, r.id)), created=False)
+            number = max(number, _next_number(key, items))
+            name = f"{key[:_NAME_KEY]}-{number}"
+            try:
+                created = self._api.create_namespaced_custom_object(
+                    GROUP, VERSION, self._namespace, PLURAL, self._manifest(name, key, review)
+                )
+            except ApiException as exc:
+                if exc.status == 409:
+                    # Another sidecar took the name (look for its review), or a review of
+                    # another key that shares the name's prefix has it (take the next).
+                    number += 1
+                    continue
+                raise
+            return Opened(to_review(created), created=True)
+        raise ReviewConflict("reviews of this statement keep being created; try again")
+
+    def _manifest(self, name: str, key: str, review: Review) -> dict[str, Any]:
         metadata: dict[str, Any] = {
-            "name": review.id,
+            "name": name,
             "namespace": self._namespace,
             "labels": {LABEL_POLICY: self._policy, LABEL_KEY: key},
             "annotations": {ANNOTATION_CREATED: _time(review.created)},
@@ -316,17 +353,12 @@ class KubernetesReviewStore:
         }
         if review.estimate is not None:
             spec["estimate"] = review.estimate
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": metadata}
-        body["spec"] = spec
-        try:
-            created = self._api.create_namespaced_custom_object(
-                GROUP, VERSION, self._namespace, PLURAL, body
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                raise ReviewConflict(f"a review {review.id!r} exists already") from exc
-            raise
-        return to_review(created)
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": metadata,
+            "spec": spec,
+        }
 
     async def get(self, review_id: str) -> Review:
         """See :meth:`ReviewStore.get`."""

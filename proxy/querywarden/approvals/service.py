@@ -159,8 +159,8 @@ class ApprovalService:
             estimate=estimate,
             created=self.now(),
         )
-        stored = await self._store.create(candidate)
-        if stored.id == candidate.id:
+        stored, created = await self._store.create(candidate)
+        if created:
             self._emit("created", stored)
         return stored
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from querywarden.approvals.model import (
     UNLIMITED_USES,
@@ -37,9 +37,16 @@ from querywarden.approvals.model import (
     ReviewSummary,
 )
 
-__all__ = ["ReviewStore", "SqliteReviewStore", "WatchedReviewStore"]
+__all__ = ["Opened", "ReviewStore", "SqliteReviewStore", "WatchedReviewStore"]
 
 T = TypeVar("T")
+
+
+class Opened(NamedTuple):
+    """What :meth:`ReviewStore.create` did: the review, and whether it is a new one."""
+
+    review: Review
+    created: bool
 
 
 class ReviewStore(Protocol):
@@ -49,13 +56,13 @@ class ReviewStore(Protocol):
     service's clock is the only clock.
     """
 
-    async def create(self, review: Review) -> Review:
+    async def create(self, review: Review) -> Opened:
         """Store a new pending review, unless an identical one is pending.
 
         Identical: same requester (subject and issuer), database, normalized text and
-        parameters. Then
-        that review is returned instead, so a statement re-run while it waits for a
-        decision shares the one review. The caller tells by comparing ids.
+        parameters. Then that review is returned instead (``created`` False), so a
+        statement re-run while it waits for a decision shares the one review. A store
+        may name the new review itself (the returned review's ``id``).
         """
         ...
 
@@ -345,11 +352,11 @@ class SqliteReviewStore:
 
     # -- the protocol ---------------------------------------------------------------------
 
-    async def create(self, review: Review) -> Review:
+    async def create(self, review: Review) -> Opened:
         """See :meth:`ReviewStore.create`."""
         return await self._run(self._create, review)
 
-    def _create(self, review: Review) -> Review:
+    def _create(self, review: Review) -> Opened:
         conn = self._connect()
         with _transaction(conn):
             row = conn.execute(
@@ -363,11 +370,11 @@ class SqliteReviewStore:
                 ),
             ).fetchone()
             if row is not None:
-                return _review(row)
+                return Opened(_review(row), created=False)
             if conn.execute("SELECT 1 FROM reviews WHERE id = ?", (review.id,)).fetchone():
                 raise ReviewConflict(f"a review {review.id!r} exists already")
             self._replace(conn, review)
-            return review
+            return Opened(review, created=True)
 
     async def get(self, review_id: str) -> Review:
         """See :meth:`ReviewStore.get`."""
