@@ -53,6 +53,11 @@ TLS_DIR = f"{CONFIG_DIR}/tls"
 FILES_DIR = f"{CONFIG_DIR}/files"
 AUDIT_DIR = "/var/lib/querywarden/audit"
 TMP_DIR = "/tmp"  # noqa: S108 - an emptyDir of the sidecar's own
+#: The sidecar's own ServiceAccount token (reviews on): not the kubelet's automount path,
+#: which a pod may have switched off, and which is not mounted into injected containers.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/querywarden/serviceaccount"
+#: Lifetime of that token; the kubelet renews it at 80 %.
+SERVICE_ACCOUNT_TOKEN_SECONDS = 3600
 
 POLICY_KEY = "policy.yaml"
 SETTINGS_KEY = "gateway.yaml"
@@ -69,6 +74,7 @@ VOLUME_CREDENTIALS = "querywarden-credentials"
 VOLUME_TLS = "querywarden-tls"
 VOLUME_AUDIT = "querywarden-audit"
 VOLUME_TMP = "querywarden-tmp"
+VOLUME_SERVICE_ACCOUNT = "querywarden-serviceaccount"
 VOLUME_FILES_PREFIX = "querywarden-files-"
 
 LABELS = {"app.kubernetes.io/managed-by": "querywarden-operator"}
@@ -227,7 +233,11 @@ def gateway_settings(spec: DatabaseAccessPolicySpec, sidecar: EffectiveSidecar) 
     settings["audit"] = audit
     if sidecar.review_policy is not None:
         # The namespace comes from $POD_NAMESPACE (the downward API, see _env).
-        settings["approvals"] = {"store": "kubernetes", "policy": sidecar.review_policy}
+        settings["approvals"] = {
+            "store": "kubernetes",
+            "policy": sidecar.review_policy,
+            "serviceAccountDirectory": SERVICE_ACCOUNT_DIR,
+        }
     settings["policyFile"] = POLICY_FILE
     settings["policyReloadInterval"] = POLICY_RELOAD_INTERVAL
     return settings
@@ -383,6 +393,10 @@ def sidecar_container(spec: DatabaseAccessPolicySpec, sidecar: EffectiveSidecar)
         }
         for files in sidecar.files
     ]
+    if sidecar.review_policy is not None:
+        mounts.append(
+            {"name": VOLUME_SERVICE_ACCOUNT, "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True}
+        )
     mounts += [
         {"name": VOLUME_AUDIT, "mountPath": AUDIT_DIR},
         {"name": VOLUME_TMP, "mountPath": TMP_DIR},
@@ -478,6 +492,19 @@ def sidecar_volumes(
             else {"configMap": {"name": files.config_map_name}}
         )
         volumes.append({"name": VOLUME_FILES_PREFIX + files.name, **source})
+    if sidecar.review_policy is not None:
+        # What the kubelet's automount holds, for the sidecar alone: it creates the
+        # QueryReviews of held statements as the pod's ServiceAccount.
+        volumes.append({"name": VOLUME_SERVICE_ACCOUNT, "projected": {"sources": [
+            {"serviceAccountToken": {
+                "path": "token", "expirationSeconds": SERVICE_ACCOUNT_TOKEN_SECONDS,
+            }},
+            {"configMap": {"name": "kube-root-ca.crt",
+                           "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [
+                {"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}},
+            ]}},
+        ]}})  # fmt: skip
     volumes += [
         {"name": VOLUME_AUDIT, "emptyDir": {"sizeLimit": sidecar.audit_volume_size}},
         {"name": VOLUME_TMP, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},

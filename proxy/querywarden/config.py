@@ -199,6 +199,11 @@ class ApprovalStoreSettings(_Section):
     policy: str | None = None
     #: kubernetes: a kubeconfig file; unset: the pod's ServiceAccount, else ``$KUBECONFIG``.
     kubeconfig: Path | None = None
+    #: kubernetes: a directory with ``token``, ``ca.crt`` and ``namespace`` of a projected
+    #: ServiceAccount token (the operator mounts one, so that pods with
+    #: ``automountServiceAccountToken: false`` work); the API server comes from
+    #: ``$KUBERNETES_SERVICE_HOST``/``_PORT``. The token is re-read as the kubelet rotates it.
+    service_account_directory: Path | None = None
 
     @model_validator(mode="after")
     def _kubernetes_needs_policy(self) -> ApprovalStoreSettings:
@@ -275,6 +280,7 @@ _PATH_KEYS = {
     "directory",
     "stateDirectory",
     "kubeconfig",
+    "serviceAccountDirectory",
 }
 
 

@@ -250,14 +250,19 @@ class Gateway:
         if chosen.store == "kubernetes":
             from querywarden.approvals.kube_store import KubernetesReviewStore, default_namespace
 
-            namespace = chosen.namespace or default_namespace()
+            namespace = chosen.namespace or default_namespace(chosen.service_account_directory)
             if namespace is None:
                 raise ValueError(
                     "approvals.store is 'kubernetes' but no namespace is known: set "
                     "approvals.namespace (or POD_NAMESPACE)"
                 )
             assert chosen.policy is not None  # the settings validator requires it
-            kube = KubernetesReviewStore(namespace, chosen.policy, kubeconfig=chosen.kubeconfig)
+            kube = KubernetesReviewStore(
+                namespace,
+                chosen.policy,
+                kubeconfig=chosen.kubeconfig,
+                service_account_directory=chosen.service_account_directory,
+            )
             # The watch wakes held statements; the poll is only a safety net.
             return ApprovalService(
                 kube, policy.approvals, on_event=self._review_event, poll_interval=5.0

@@ -33,6 +33,7 @@ from querywarden_operator.render import (
     render_configmap,
     render_network_policy,
     sidecar_container,
+    sidecar_volumes,
     webhook_entry,
 )
 from querywarden_operator.spec import (
@@ -254,11 +255,33 @@ def test_with_reviews_on_the_sidecar_keeps_reviews_as_queryreviews_of_its_policy
         if "secretKeyRef" in item.get("valueFrom", {}):
             monkeypatch.setenv(item["name"], "someone")
     rendered = gateway_settings(parsed, on)
-    assert rendered["approvals"] == {"store": "kubernetes", "policy": "orders"}
+    token_dir = "/var/run/secrets/querywarden/serviceaccount"
+    assert rendered["approvals"] == {
+        "store": "kubernetes",
+        "policy": "orders",
+        "serviceAccountDirectory": token_dir,
+    }
+    # A token of the pod's ServiceAccount for the sidecar alone, whatever the pod's
+    # automountServiceAccountToken says.
+    volumes = {v["name"]: v for v in sidecar_volumes("orders", parsed, on)}
+    sources = volumes["querywarden-serviceaccount"]["projected"]["sources"]
+    assert sources[0] == {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}
+    assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
+    mounts = {m["name"]: m for m in sidecar_container(parsed, on)["volumeMounts"]}
+    assert mounts["querywarden-serviceaccount"] == {
+        "name": "querywarden-serviceaccount",
+        "mountPath": token_dir,
+        "readOnly": True,
+    }
+    off_volumes = sidecar_volumes(
+        "orders", parsed, effective_sidecar(parsed.sidecar, OperatorConfig(), native_supported=True)
+    )
+    assert "querywarden-serviceaccount" not in {v["name"] for v in off_volumes}
     settings_file = tmp_path / "gateway.yaml"
     settings_file.write_text(yaml.safe_dump(rendered))
     loaded = load_settings(settings_file).approvals
     assert (loaded.store, loaded.policy, loaded.namespace) == ("kubernetes", "orders", None)
+    assert str(loaded.service_account_directory) == token_dir
     # The namespace comes from the downward API.
     env = {e["name"]: e for e in sidecar_container(parsed, on)["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}

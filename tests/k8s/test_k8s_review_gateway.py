@@ -41,7 +41,6 @@ from k8sharness.qwoperator import (
     pod,
     policies,
     policy,
-    service_account_kubeconfig,
     wait_until,
 )
 from querywarden.audit.log import read_records
@@ -181,6 +180,14 @@ def _start_sidecar(
                     "name": "querywarden-approver"},
         "subjects": [{"kind": "User", "name": "dana", "apiGroup": "rbac.authorization.k8s.io"}],
     })  # fmt: skip
+    # The kube-controller-manager's part (none runs here): every namespace gets the
+    # cluster's CA as the kube-root-ca.crt ConfigMap, which the sidecar's projected
+    # ServiceAccount volume includes.
+    assert k8s.ca_file is not None
+    k8s.create(f"/api/v1/namespaces/{namespace}/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kube-root-ca.crt"},
+        "data": {"ca.crt": k8s.ca_file.read_text()},
+    })  # fmt: skip
     port = free_port()
     spec = {
         "target": {
@@ -234,11 +241,6 @@ def _start_sidecar(
     argv[0] = str(Path(sys.executable).parent / "querywarden")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUERYWARDEN_")}
     env.update(files.env())
-    # The kubelet's part for the ServiceAccount: in a pod the gateway finds the token
-    # in /var/run/secrets; here it gets the same account's token as a kubeconfig.
-    env["QUERYWARDEN_APPROVALS__KUBECONFIG"] = str(
-        service_account_kubeconfig(k8s, namespace, SIDECAR_ACCOUNT, root / "sa-kubeconfig")
-    )
     process = ManagedProcess("reviewed-sidecar", argv, root / "sidecar.log", env=env)
     process.wait_until(
         lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None,
@@ -250,8 +252,23 @@ def _start_sidecar(
 
 def test_the_operator_renders_the_kubernetes_review_store(sidecar: Sidecar) -> None:
     settings = yaml.safe_load(sidecar.files.host_path("/etc/querywarden/gateway.yaml").read_text())
-    assert settings["approvals"] == {"store": "kubernetes", "policy": POLICY}
+    assert settings["approvals"] == {
+        "store": "kubernetes",
+        "policy": POLICY,
+        # As mounted (the stand-in moves container paths under its root).
+        "serviceAccountDirectory": sidecar.files.relocate(
+            "/var/run/secrets/querywarden/serviceaccount"
+        ),
+    }
     assert sidecar.files.env()["POD_NAMESPACE"] == sidecar.namespace
+    # The pod switched the kubelet's automount off (database pods often do): the sidecar
+    # has a token of its own, for the pod's ServiceAccount, bound to the pod.
+    assert sidecar.files.pod["spec"]["automountServiceAccountToken"] is False
+    token_dir = sidecar.files.host_path("/var/run/secrets/querywarden/serviceaccount")
+    assert {p.name for p in token_dir.iterdir() if not p.name.startswith("..")} == {
+        "token", "ca.crt", "namespace",
+    }  # fmt: skip
+    assert (token_dir / "namespace").read_text() == sidecar.namespace
 
 
 def test_a_held_delete_runs_once_approved_with_kubectl(

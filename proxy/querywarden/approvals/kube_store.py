@@ -201,10 +201,15 @@ class KubernetesReviewStore:
         *,
         api_client: kubernetes.client.ApiClient | None = None,
         kubeconfig: Path | None = None,
+        service_account_directory: Path | None = None,
     ) -> None:
         self._namespace = namespace
         self._policy = policy
-        self._api_client = api_client if api_client is not None else _default_client(kubeconfig)
+        self._api_client = (
+            api_client
+            if api_client is not None
+            else _default_client(kubeconfig, service_account_directory)
+        )
         # Typed as returning ``object``: the answers are plain JSON dicts.
         self._api: Any = kubernetes.client.CustomObjectsApi(self._api_client)
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qw-kube-reviews")
@@ -563,21 +568,38 @@ def _name(obj: Mapping[str, Any]) -> str:
     return str(metadata.get("name")) if isinstance(metadata, Mapping) else "?"
 
 
-def default_namespace() -> str | None:
+def default_namespace(service_account_directory: Path | None = None) -> str | None:
     """The pod's namespace: ``$POD_NAMESPACE``, else its ServiceAccount's; None outside a pod."""
     if os.environ.get("POD_NAMESPACE"):
         return os.environ["POD_NAMESPACE"]
-    try:
-        return _SA_NAMESPACE.read_text().strip() or None
-    except OSError:
-        return None
+    for directory in (service_account_directory, _SA_NAMESPACE.parent):
+        if directory is None:
+            continue
+        try:
+            return (directory / _SA_NAMESPACE.name).read_text().strip() or None
+        except OSError:
+            continue
+    return None
 
 
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
-def _default_client(kubeconfig: Path | None = None) -> kubernetes.client.ApiClient:
+def _default_client(
+    kubeconfig: Path | None = None, service_account_directory: Path | None = None
+) -> kubernetes.client.ApiClient:
     configuration = kubernetes.client.Configuration()
+    if service_account_directory is not None:
+        from kubernetes.config.incluster_config import InClusterConfigLoader
+
+        # try_refresh_token: the projected token is rotated by the kubelet; the loader
+        # reads the file again before the one it holds gets old.
+        InClusterConfigLoader(  # type: ignore[no-untyped-call]
+            token_filename=str(service_account_directory / "token"),
+            cert_filename=str(service_account_directory / "ca.crt"),
+            try_refresh_token=True,
+        ).load_and_set(configuration)
+        return kubernetes.client.ApiClient(configuration)
     if kubeconfig is not None:
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=str(kubeconfig), client_configuration=configuration

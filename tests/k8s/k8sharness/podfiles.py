@@ -12,8 +12,11 @@ from the objects in the API server:
   rename, which is the change a gateway sees when a ConfigMap is updated;
 * ``subPath`` mounts are copies taken once, as the kubelet's bind mounts are never
   updated;
+* projected ServiceAccount tokens are requested from the TokenRequest API, bound to the
+  pod, as the kubelet requests them;
 * the environment is resolved: ``value`` with ``$(VAR)`` expansion, ``secretKeyRef``,
-  ``configMapKeyRef``, ``fieldRef``.
+  ``configMapKeyRef``, ``fieldRef``, plus the kubelet's ``KUBERNETES_SERVICE_HOST`` and
+  ``_PORT``.
 
 What it cannot do is give the process a mount namespace. Container paths are therefore
 relocated under the root: in the command line and in the text of mounted ConfigMap
@@ -31,6 +34,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 from k8sharness.cluster import Cluster
 
@@ -111,6 +115,13 @@ class ContainerFiles:
                 elif "configMap" in source:
                     data = self._configmap(source["configMap"]["name"])
                     files.update(self._pick(data, source["configMap"].get("items")))
+                elif "serviceAccountToken" in source:
+                    token = source["serviceAccountToken"]
+                    files[token["path"]] = self._token(token).encode()
+                elif "downwardAPI" in source:
+                    fields = self._fields()
+                    for item in source["downwardAPI"]["items"]:
+                        files[item["path"]] = fields[item["fieldRef"]["fieldPath"]].encode()
                 else:
                     raise NotImplementedError(f"projected source {sorted(source)}")
             return files
@@ -133,14 +144,43 @@ class ContainerFiles:
 
     # environment and command ---------------------------------------------------------
 
-    def env(self) -> dict[str, str]:
-        """The container's environment, resolved."""
-        resolved: dict[str, str] = {}
+    def _fields(self) -> dict[str, str]:
+        """What ``fieldRef`` can name (the fields the gateway uses)."""
         meta = self.pod["metadata"]
-        fields = {
-            "metadata.name": str(meta.get("name", "")),
-            "metadata.namespace": self.namespace,
+        return {"metadata.name": str(meta.get("name", "")), "metadata.namespace": self.namespace}
+
+    def _token(self, source: Mapping[str, Any]) -> str:
+        """A ServiceAccount token bound to the pod, requested as the kubelet does."""
+        account = self.pod["spec"].get("serviceAccountName") or "default"
+        spec: dict[str, Any] = {
+            "expirationSeconds": source.get("expirationSeconds", 3600),
+            "boundObjectRef": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": self.pod["metadata"]["name"],
+                "uid": self.pod["metadata"]["uid"],
+            },
         }
+        if source.get("audience"):
+            spec["audiences"] = [source["audience"]]
+        answer = self.k8s.create(
+            f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{account}/token",
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+        )
+        return str(answer["status"]["token"])
+
+    def env(self) -> dict[str, str]:
+        """The container's environment, resolved, with the kubelet's own variables.
+
+        ``KUBERNETES_SERVICE_HOST``/``_PORT`` name the API server, as the kubelet's do
+        (there the ``kubernetes`` Service; here the harness's API server itself).
+        """
+        server = urlsplit(self.k8s.server)
+        resolved: dict[str, str] = {
+            "KUBERNETES_SERVICE_HOST": server.hostname or "",
+            "KUBERNETES_SERVICE_PORT": str(server.port or 443),
+        }
+        fields = self._fields()
         for item in self.container.get("env") or []:
             name = item["name"]
             if "value" in item:
