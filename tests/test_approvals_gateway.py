@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ import psycopg
 import pytest
 
 from gateway_harness import DATABASE, POLICY, RunningGateway, token_for
+from held_statement import HeldStatement
 from querywarden import codec
 from querywarden.audit.log import read_records
 from querywarden.devcluster import EphemeralCluster
@@ -87,39 +87,9 @@ def _admin(gw: RunningGateway, method: str, path: str, user: str, body: Any = No
         return json.loads(response.read())
 
 
-class HeldStatement:
-    """Runs a statement as alice in a thread and collects its notices."""
-
-    def __init__(self, gw: RunningGateway, sql: str) -> None:
-        self.notices: list[str] = []
-        self.error: psycopg.Error | None = None
-        self.done = threading.Event()
-        self.conn = psycopg.connect(gw.dsn("alice"), autocommit=True)
-        self.conn.add_notice_handler(lambda diag: self.notices.append(diag.message_primary or ""))
-        self._thread = threading.Thread(target=self._run, args=(sql,), daemon=True)
-        self._thread.start()
-
-    def _run(self, sql: str) -> None:
-        try:
-            self.conn.execute(sql)
-        except psycopg.Error as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def review_id(self) -> str:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            for notice in self.notices:
-                found = re.search(r"review (\w+)", notice)
-                if found:
-                    return found[1]
-            time.sleep(0.02)
-        raise AssertionError(f"no hold notice; notices: {self.notices}, error: {self.error}")
-
-    def finish(self) -> None:
-        assert self.done.wait(20), "the held statement never finished"
-        self.conn.close()
+def _held(gw: RunningGateway, sql: str) -> HeldStatement:
+    """``sql`` run as alice (an agent) in a thread."""
+    return HeldStatement(psycopg.connect(gw.dsn("alice"), autocommit=True), sql)
 
 
 def test_held_delete_runs_after_approval_and_fails_after_denial(
@@ -127,7 +97,7 @@ def test_held_delete_runs_after_approval_and_fails_after_denial(
 ) -> None:
     pg.psql("TRUNCATE qh_items; INSERT INTO qh_items VALUES (1), (2)")
     gw = _start(make_gateway, tmp_path, "20s")
-    held = HeldStatement(gw, "DELETE FROM qh_items WHERE id = 1")
+    held = _held(gw, "DELETE FROM qh_items WHERE id = 1")
     review_id = held.review_id()
     assert not held.done.is_set()  # still waiting on the wire
     assert pg.psql("SELECT count(*) FROM qh_items").strip() == "2"
@@ -143,7 +113,7 @@ def test_held_delete_runs_after_approval_and_fails_after_denial(
     assert held.error is None
     assert pg.psql("SELECT id FROM qh_items").strip() == "2"
 
-    denied = HeldStatement(gw, "DELETE FROM qh_items WHERE id = 2")
+    denied = _held(gw, "DELETE FROM qh_items WHERE id = 2")
     _admin(gw, "POST", f"/reviews/{denied.review_id()}/deny", "bob", {"comment": "not today"})
     denied.finish()
     assert isinstance(denied.error, psycopg.errors.InsufficientPrivilege)
@@ -168,7 +138,7 @@ def test_hold_expiry_then_a_single_use_grant(
     pg.psql("TRUNCATE qh_items; INSERT INTO qh_items VALUES (7), (8)")
     gw = _start(make_gateway, tmp_path, "1s")
     statement = "DELETE FROM qh_items WHERE id = 7"
-    held = HeldStatement(gw, statement)
+    held = _held(gw, statement)
     review_id = held.review_id()
     held.finish()
     assert isinstance(held.error, psycopg.errors.InsufficientPrivilege)

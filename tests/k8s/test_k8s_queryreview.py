@@ -28,6 +28,7 @@ from k8sharness.qwoperator import (
     CHART,
     InstalledOperator,
     apply_crd,
+    bind_cluster_role,
     installed_operator,
     minimal_spec,
     policies,
@@ -139,25 +140,13 @@ def setup(k8s: Cluster, helm: Helm, workdir: Path) -> Iterator[Setup]:
             k8s.create(f"/api/v1/namespaces/{namespace}/serviceaccounts",
                        {"apiVersion": "v1", "kind": "ServiceAccount",
                         "metadata": {"name": SIDECAR}})  # fmt: skip
-            rbac = "/apis/rbac.authorization.k8s.io/v1/namespaces/" + namespace + "/rolebindings"
-            k8s.create(rbac, {
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                "metadata": {"name": "sidecar"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                            "name": f"{installed.webhook_configuration}-sidecar"},
-                "subjects": [{"kind": "ServiceAccount", "name": SIDECAR,
-                              "namespace": namespace}],
-            })  # fmt: skip
+            bind_cluster_role(k8s, namespace, "sidecar",
+                              f"{installed.webhook_configuration}-sidecar",
+                              service_accounts=[SIDECAR])  # fmt: skip
             # alice (dba), mallory (not a dba) and carol (the requester, a dba) may try;
             # bob has no binding at all.
-            k8s.create(rbac, {
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                "metadata": {"name": "approvers"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                            "name": "querywarden-approver"},
-                "subjects": [{"kind": "User", "name": name, "apiGroup": "rbac.authorization.k8s.io"}
-                             for name in ("alice", "mallory", "carol")],
-            })  # fmt: skip
+            bind_cluster_role(k8s, namespace, "approvers", "querywarden-approver",
+                              users=["alice", "mallory", "carol"])  # fmt: skip
             kubeconfig = service_account_kubeconfig(
                 k8s, namespace, SIDECAR, workdir / "queryreview" / "sidecar-kubeconfig"
             )

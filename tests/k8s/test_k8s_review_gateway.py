@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +26,13 @@ import pytest
 import yaml
 from psycopg.conninfo import make_conninfo
 
+from held_statement import HeldStatement
 from k8sharness.cluster import Cluster
 from k8sharness.helm import Helm
 from k8sharness.podfiles import ContainerFiles
 from k8sharness.processes import ManagedProcess, free_port
 from k8sharness.qwoperator import (
+    bind_cluster_role,
     condition,
     create_namespace,
     create_secret,
@@ -91,45 +90,6 @@ class Sidecar:
         return list(read_records(self.files.host_path("/var/lib/querywarden/audit")))
 
 
-class Held:
-    """A statement run in a thread, with the notices it gets while it waits."""
-
-    def __init__(self, sidecar: Sidecar, subject: str, sql: str) -> None:
-        self.notices: list[tuple[str, str]] = []
-        self.error: psycopg.Error | None = None
-        self.done = threading.Event()
-        self.conn = sidecar.connect(subject)
-        self.conn.add_notice_handler(
-            lambda d: self.notices.append((d.message_primary or "", d.message_hint or ""))
-        )
-        threading.Thread(target=self._run, args=(sql,), daemon=True).start()
-
-    def _run(self, sql: str) -> None:
-        try:
-            self.conn.execute(sql)
-        except psycopg.Error as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def review_id(self) -> tuple[str, str]:
-        """The review id and the hint of the hold notice."""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            for message, hint in self.notices:
-                found = re.search(r"as review (\S+);", message)
-                if found:
-                    return found[1], hint
-            if self.done.is_set():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no hold notice: {self.notices}, error: {self.error}")
-
-    def finish(self) -> None:
-        assert self.done.wait(60), "the held statement never finished"
-        self.conn.close()
-
-
 @pytest.fixture(scope="module")
 def sidecar(
     k8s: Cluster, helm: Helm, workdir: Path, pg: EphemeralCluster, tmp_path_factory: Any
@@ -165,21 +125,10 @@ def _start_sidecar(
     k8s.create(f"/api/v1/namespaces/{namespace}/serviceaccounts",
                {"apiVersion": "v1", "kind": "ServiceAccount",
                 "metadata": {"name": SIDECAR_ACCOUNT}})  # fmt: skip
-    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings"
-    k8s.create(rbac, {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "sidecar"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": f"{cluster_name}-sidecar"},
-        "subjects": [{"kind": "ServiceAccount", "name": SIDECAR_ACCOUNT, "namespace": namespace}],
-    })  # fmt: skip
-    k8s.create(rbac, {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "approvers"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "querywarden-approver"},
-        "subjects": [{"kind": "User", "name": "dana", "apiGroup": "rbac.authorization.k8s.io"}],
-    })  # fmt: skip
+    bind_cluster_role(
+        k8s, namespace, "sidecar", f"{cluster_name}-sidecar", service_accounts=[SIDECAR_ACCOUNT]
+    )
+    bind_cluster_role(k8s, namespace, "approvers", "querywarden-approver", users=["dana"])
     # The kube-controller-manager's part (none runs here): every namespace gets the
     # cluster's CA as the kube-root-ca.crt ConfigMap, which the sidecar's projected
     # ServiceAccount volume includes.
@@ -275,8 +224,8 @@ def test_a_held_delete_runs_once_approved_with_kubectl(
     sidecar: Sidecar, pg: EphemeralCluster
 ) -> None:
     pg.psql(f"TRUNCATE {TABLE}; INSERT INTO {TABLE} VALUES (1), (2)", user="qw_scram")
-    held = Held(sidecar, "agent-7", f"DELETE FROM public.{TABLE} WHERE id = 1")
-    name, hint = held.review_id()
+    held = HeldStatement(sidecar.connect("agent-7"), f"DELETE FROM public.{TABLE} WHERE id = 1")
+    name, hint = held.hold_notice()
     # The notice tells the agent what its approver runs.
     command = f"kubectl querywarden approve {name} -n {sidecar.namespace} --comment ..."
     assert hint == f"an approver runs: {command}"
@@ -314,8 +263,8 @@ def test_a_denial_with_kubectl_reaches_the_client_with_the_comment(
     sidecar: Sidecar, pg: EphemeralCluster
 ) -> None:
     pg.psql(f"TRUNCATE {TABLE}; INSERT INTO {TABLE} VALUES (3)", user="qw_scram")
-    held = Held(sidecar, "agent-8", f"DELETE FROM public.{TABLE}")
-    name, _ = held.review_id()
+    held = HeldStatement(sidecar.connect("agent-8"), f"DELETE FROM public.{TABLE}")
+    name = held.review_id()
     sidecar.decide(name, "dana", "dba", decision="denied", comment="use the archive table")
     held.finish()
     assert isinstance(held.error, psycopg.errors.InsufficientPrivilege), held.error
@@ -325,8 +274,8 @@ def test_a_denial_with_kubectl_reaches_the_client_with_the_comment(
 
 
 def test_a_cancelled_hold_withdraws_the_queryreview(sidecar: Sidecar) -> None:
-    held = Held(sidecar, "agent-9", f"DELETE FROM public.{TABLE} WHERE id = 3")
-    name, _ = held.review_id()
+    held = HeldStatement(sidecar.connect("agent-9"), f"DELETE FROM public.{TABLE} WHERE id = 3")
+    name = held.review_id()
     held.conn.cancel_safe()
     held.finish()
     assert isinstance(held.error, psycopg.errors.QueryCanceled), held.error

@@ -13,7 +13,7 @@ import base64
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +161,39 @@ def condition(obj: Mapping[str, Any], type_: str) -> dict[str, Any] | None:
         if item.get("type") == type_:
             return dict(item)
     return None
+
+
+def bind_cluster_role(
+    k8s: Cluster,
+    namespace: str,
+    name: str,
+    cluster_role: str,
+    *,
+    users: Sequence[str] = (),
+    service_accounts: Sequence[str] = (),
+) -> None:
+    """A RoleBinding of ``cluster_role`` in ``namespace`` to users and ServiceAccounts of it."""
+    subjects: list[dict[str, str]] = [
+        {"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"} for user in users
+    ]
+    subjects += [
+        {"kind": "ServiceAccount", "name": account, "namespace": namespace}
+        for account in service_accounts
+    ]
+    k8s.create(
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": cluster_role,
+            },
+            "subjects": subjects,
+        },
+    )
 
 
 def service_account_kubeconfig(k8s: Cluster, namespace: str, account: str, path: Path) -> Path:

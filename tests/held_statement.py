@@ -1,0 +1,59 @@
+"""A statement the gateway holds for an approver, run in a thread while the test decides."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any
+
+import psycopg
+
+#: The gateway's hold notice: "...: held for approval as review ID; waiting up to ...".
+_HOLD_NOTICE = re.compile(r"as review (\S+);")
+
+
+class HeldStatement:
+    """Runs ``sql`` on ``conn`` (autocommit) in a thread and collects the notices it gets."""
+
+    def __init__(self, conn: psycopg.Connection[Any], sql: str) -> None:
+        self.conn = conn
+        #: (message, hint) of each NoticeResponse.
+        self.notices: list[tuple[str, str]] = []
+        self.error: psycopg.Error | None = None
+        self.done = threading.Event()
+        conn.add_notice_handler(
+            lambda d: self.notices.append((d.message_primary or "", d.message_hint or ""))
+        )
+        self._thread = threading.Thread(target=self._run, args=(sql,), daemon=True)
+        self._thread.start()
+
+    def _run(self, sql: str) -> None:
+        try:
+            self.conn.execute(sql)
+        except psycopg.Error as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def hold_notice(self, timeout: float = 30) -> tuple[str, str]:
+        """The review id and the hint of the hold notice (AssertionError if none comes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message, hint in self.notices:
+                found = _HOLD_NOTICE.search(message)
+                if found:
+                    return found[1], hint
+            if self.done.is_set():
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no hold notice; notices: {self.notices}, error: {self.error}")
+
+    def review_id(self) -> str:
+        """The id of the review the statement waits on."""
+        return self.hold_notice()[0]
+
+    def finish(self, timeout: float = 60) -> None:
+        """Wait until the statement has an answer, then close the connection."""
+        assert self.done.wait(timeout), "the held statement never finished"
+        self.conn.close()
