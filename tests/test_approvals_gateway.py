@@ -26,6 +26,7 @@ from held_statement import HeldStatement
 from querywarden import codec
 from querywarden.audit.log import read_records
 from querywarden.devcluster import EphemeralCluster
+from querywarden.identity.dev import ensure_key
 from querywarden.policy import PolicyDocument
 from wire_client import WireClient
 
@@ -223,3 +224,55 @@ def test_a_review_store_that_fails_refuses_the_statement_and_the_session_goes_on
         assert "review store" in (diag.message_hint or "")
         # Nothing ran, and the session serves what needs no approver.
         assert conn.execute("SELECT count(*) FROM qh_items").fetchone() == (1,)
+
+
+def test_approvers_added_by_a_policy_reload_hold_statements_at_once(
+    make_gateway: Callable[..., RunningGateway], items: None, pg: EphemeralCluster, tmp_path: Path
+) -> None:
+    pg.psql("TRUNCATE qh_items; INSERT INTO qh_items VALUES (1)")
+    policy_file = tmp_path / "policy.yaml"
+    without = _policy("20s").model_dump(mode="json", by_alias=True)
+    without["approvals"] = {}
+    policy_file.write_text(json.dumps(without))
+    gw = make_gateway(
+        policyFile=str(policy_file),
+        stateDirectory=str(tmp_path / "state"),
+        admin={"port": 0},
+    )
+    # No approvers: a statement that needs review is refused, saying why.
+    with (
+        psycopg.connect(gw.dsn("alice"), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="approv"),
+    ):
+        conn.execute("DELETE FROM qh_items WHERE id = 1")
+    assert not (tmp_path / "state").exists()  # nothing opened while nothing is held
+
+    # The DBAs become approvers: the next DELETE is held, and bob (a dba) approves it
+    # through the admin API, which knew no approvers when the gateway started.
+    policy_file.write_text(json.dumps(_policy("20s").model_dump(mode="json", by_alias=True)))
+    assert gw.gateway.reload_policy()
+    held = _held(gw, "DELETE FROM qh_items WHERE id = 1")
+    _admin(gw, "POST", f"/reviews/{held.review_id()}/approve", "bob", {"comment": "now"})
+    held.finish()
+    assert held.error is None
+    assert pg.psql("SELECT count(*) FROM qh_items").strip() == "0"
+
+
+def test_the_admin_api_trusts_the_issuers_of_the_policy_in_force(
+    make_gateway: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(json.dumps(_policy("20s").model_dump(mode="json", by_alias=True)))
+    gw = make_gateway(policyFile=str(policy_file), admin={"port": 0})
+    assert _admin(gw, "GET", "/reviews", "bob") == {"reviews": []}
+    # A reload that trusts another key: bob's token from the old one is refused.
+    other_key = tmp_path / "other-issuer.pem"
+    ensure_key(other_key)
+    moved = _policy("20s").model_dump(mode="json", by_alias=True)
+    moved["identity"]["issuers"][0]["keyFile"] = str(other_key)
+    policy_file.write_text(json.dumps(moved))
+    assert gw.gateway.reload_policy()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _admin(gw, "GET", "/reviews", "bob")
+    assert refused.value.code == 401
+    refused.value.close()

@@ -31,8 +31,14 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def parse_duration(value: Any) -> Any:
-    """Turn ``30s``, ``5m``, ``1h``, ``250ms`` or a number of seconds into a timedelta."""
+    """Turn ``30s``, ``5m``, ``1h``, ``250ms`` or a number of seconds into a timedelta.
+
+    ISO 8601 (``PT1H``, as pydantic writes a timedelta in JSON) is accepted too, so a
+    document dumped by the models loads again.
+    """
     if isinstance(value, str):
+        if value.strip().upper().startswith("P"):
+            return value  # ISO 8601: pydantic's own timedelta parsing takes it
         match = _DURATION.match(value)
         if not match:
             raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m or h")

@@ -146,17 +146,16 @@ class Gateway:
         if self.settings.policy_file is not None:
             self._policy_stamp = _file_stamp(self.settings.policy_file)
             self._watcher = loop.create_task(self._watch_policy())
-        if self.approvals is not None:
-            self.approvals.start()
+        self.approvals.start()
         admin = self.settings.admin
-        if self.approvals is not None and admin.port is not None:
+        if admin.port is not None:
             context = None
             if admin.cert_file and admin.key_file:
                 context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 context.load_cert_chain(admin.cert_file, admin.key_file)
             self._admin = AdminApi(
                 self.approvals,
-                bearer_authenticate(self.authenticator),
+                self._admin_principal,
                 host=admin.host,
                 port=admin.port,
                 ssl_context=context,
@@ -241,11 +240,12 @@ class Gateway:
             self.upstream_target, user=role.user, password=role.resolved_password()
         )
 
-    def _approval_service(self, policy: PolicyDocument) -> ApprovalService | None:
-        """Reviews of held statements, when the policy names approvers."""
-        approvers = policy.approvals.approvers
-        if not (approvers.groups or approvers.users):
-            return None  # statements that need review are refused, saying so
+    def _approval_service(self, policy: PolicyDocument) -> ApprovalService:
+        """Reviews of held statements (used while the policy names approvers).
+
+        Always built, so that a policy reload that adds approvers holds statements at
+        once; the stores open nothing until their first review.
+        """
         chosen = self.settings.approvals
         if chosen.store == "kubernetes":
             from querywarden.approvals.kube_store import KubernetesReviewStore, default_namespace
@@ -267,10 +267,12 @@ class Gateway:
             return ApprovalService(
                 kube, policy.approvals, on_event=self._review_event, poll_interval=5.0
             )
-        directory = self.settings.state_directory
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store = SqliteReviewStore(directory / "reviews.sqlite3")
+        store = SqliteReviewStore(self.settings.state_directory / "reviews.sqlite3")
         return ApprovalService(store, policy.approvals, on_event=self._review_event)
+
+    async def _admin_principal(self, token: str) -> Principal:
+        """Who calls the admin API: by the policy's issuers in force (reloads included)."""
+        return await bearer_authenticate(self.authenticator)(token)
 
     def _review_event(self, kind: str, review: Review) -> None:
         """Every review event goes to the audit log."""
@@ -336,8 +338,9 @@ class Gateway:
         self.engine = PolicyEngine(policy)
         self.authenticator = TokenAuthenticator(policy.identity)
         self.catalogs.invalidate()
-        if self.approvals is not None:
-            self.approvals.settings = policy.approvals
+        # Approvers added or removed by the reload apply at once: the service is always
+        # there, and the gate holds statements only while the policy names approvers.
+        self.approvals.settings = policy.approvals
         if isinstance(self.gate, PolicyGate):
             self.gate.engine = self.engine
             self.gate.masker = masker
@@ -395,9 +398,8 @@ class Gateway:
             self._exporter_stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._exporter, timeout=grace)
-        if self.approvals is not None:
-            with contextlib.suppress(Exception):
-                await self.approvals.store.close()
+        with contextlib.suppress(Exception):
+            await self.approvals.store.close()
         if self.auditor is not None:
             self.auditor.close()
 

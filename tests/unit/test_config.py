@@ -112,3 +112,15 @@ def load_policy_text(directory: Path, text: str) -> Any:
     path = directory / "policy.yaml"
     path.write_text(text)
     return load_policy(path)
+
+
+def test_a_policy_dumped_by_the_models_loads_again(tmp_path: Path) -> None:
+    import json
+
+    example = load_policy(EXAMPLE.parent / "policy.yaml")
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(example.model_dump(mode="json", by_alias=True)))
+    assert "PT" in path.read_text()  # pydantic writes durations as ISO 8601
+    assert load_policy(path) == example
+    with pytest.raises(ValidationError, match="invalid duration"):
+        load_policy_text(tmp_path, "approvals:\n  hold: soon\n")

@@ -116,6 +116,12 @@ class ApprovalService:
         self._settings = value
 
     @property
+    def has_approvers(self) -> bool:
+        """Whether the policy names anyone who can decide (else nothing is held)."""
+        approvers = self._settings.approvers
+        return bool(approvers.groups or approvers.users)
+
+    @property
     def store(self) -> ReviewStore:
         """The store the reviews live in."""
         return self._store

@@ -311,7 +311,8 @@ class SqliteReviewStore:
     def _connect(self) -> sqlite3.Connection:
         if self._connection is not None:
             return self._connection
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        # Private: the reviews hold statement text.
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         # isolation_level=None: we issue BEGIN ourselves, so that writers take the write

@@ -125,7 +125,7 @@ class PolicyGate:
         self, session: SessionInfo, review: _Review, search_path: Sequence[str]
     ) -> Decision | Awaitable[Decision]:
         """A statement that needs an approver: held on the wire, or refused without one."""
-        if self.approvals is None:
+        if self.approvals is None or not self.approvals.has_approvers:
             return _needs_review(review.reason, hint=review.hint, rule=review.rule)
         if _PARAMETER.search(review.text):
             # Its values arrive later (Bind): an approval of the text alone would cover
@@ -344,7 +344,7 @@ class PolicyGate:
                     "filter on an indexed column (e.g. the primary key) so PostgreSQL "
                     "does not read the whole table"
                 )
-                if self.approvals is None:
+                if self.approvals is None or not self.approvals.has_approvers:
                     return _needs_review(reason, hint=hint, rule=rule)
                 return await self._hold(
                     session, _Review(summary.text, summaries, reason, hint, rule, rows)
