@@ -45,6 +45,10 @@ class OperatorConfig(BaseSettings):
     #: QueryReview resources of their policy (decided with kubectl) instead of in their
     #: own SQLite file. Needs the QueryReview CRD, its webhooks and the sidecar RBAC.
     reviews: bool = False
+    #: With reviews on: the chart's sidecar ClusterRole, which the operator binds in each
+    #: policy's namespace to the ServiceAccounts of the policy's pods (a RoleBinding the
+    #: policy owns). Unset: you bind it yourself (reviews.sidecarServiceAccounts).
+    sidecar_cluster_role: str | None = None
 
     # The admission webhook (served by every replica).
     #: The chart's MutatingWebhookConfiguration: the operator adds one webhook per

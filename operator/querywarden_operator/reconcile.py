@@ -25,8 +25,11 @@ from querywarden_operator.render import (
     configmap_name,
     effective_sidecar,
     network_policy_name,
+    pod_service_account,
     render_configmap,
     render_network_policy,
+    render_sidecar_role_binding,
+    sidecar_role_binding_name,
     webhook_configuration,
     webhook_entry,
 )
@@ -227,6 +230,19 @@ def _with_pods(
         if spec.target.pod_selector.matches((p.get("metadata") or {}).get("labels") or {})
     ]
     found = census(selected, policy.name, current_hash)
+    cluster_role = ctx.config.sidecar_cluster_role
+    if ctx.config.reviews and cluster_role is not None:
+        # Before the pods need it where possible: on every reconcile and resync, so a
+        # pod with a new ServiceAccount is bound within resyncInterval.
+        ctx.kube.apply(
+            object_path(
+                "rbac.authorization.k8s.io/v1", "rolebindings", policy.namespace,
+                sidecar_role_binding_name(policy.name),
+            ),
+            render_sidecar_role_binding(
+                policy, cluster_role, (pod_service_account(p) for p in selected)
+            ),
+        )  # fmt: skip
     annotations = (body.get("metadata") or {}).get("annotations") or {}
     restart = annotations.get(ANNOTATION_RESTART) == "true"
     if restart and (found.missing or found.outdated):

@@ -20,7 +20,7 @@ The sidecar's file layout:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +172,11 @@ def webhook_name(policy: PolicyRef) -> str:
     return f"{policy.name}.{policy.namespace}.policies.{GROUP}"
 
 
+def sidecar_role_binding_name(policy: str) -> str:
+    """The RoleBinding that lets a policy's sidecars keep their QueryReviews."""
+    return f"{policy}-querywarden-sidecar"
+
+
 def owner_reference(policy: PolicyRef) -> dict[str, Any]:
     """Makes the policy the owner: its objects go when it goes (garbage collection)."""
     return {
@@ -284,6 +289,41 @@ def render_configmap(
 
 
 # --- the NetworkPolicy ----------------------------------------------------------------
+
+
+def render_sidecar_role_binding(
+    policy: PolicyRef, cluster_role: str, service_accounts: Iterable[str]
+) -> dict[str, Any]:
+    """The sidecar ClusterRole bound, in the policy's namespace, to its pods' accounts.
+
+    The sidecar creates and watches QueryReviews as its pod's ServiceAccount; these are
+    the accounts of the pods the policy selects (``default`` for a pod that names none),
+    and nobody else: other workloads of the namespace get nothing.
+    """
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {
+            "name": sidecar_role_binding_name(policy.name),
+            "namespace": policy.namespace,
+            "labels": {**LABELS, ANNOTATION_POLICY: policy.name},
+            "ownerReferences": [owner_reference(policy)],
+        },
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": cluster_role,
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": account, "namespace": policy.namespace}
+            for account in sorted(set(service_accounts))
+        ],
+    }
+
+
+def pod_service_account(pod: Mapping[str, Any]) -> str:
+    """The ServiceAccount a pod runs as."""
+    return str((pod.get("spec") or {}).get("serviceAccountName") or "default")
 
 
 def render_network_policy(

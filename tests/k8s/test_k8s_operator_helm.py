@@ -115,7 +115,37 @@ def test_reviews_enabled_makes_the_operator_render_the_kubernetes_review_store(
 ) -> None:
     documents = template(helm, "--set", "reviews.enabled=true")
     container = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert operator_config(container, monkeypatch).reviews is True
+    config = operator_config(container, monkeypatch)
+    assert config.reviews is True
+    # The operator binds the chart's sidecar ClusterRole, and may bind that one only.
+    sidecar_role = f"qw-querywarden-{NAMESPACE}-sidecar"
+    assert config.sidecar_cluster_role == sidecar_role
+    roles = {r["metadata"]["name"]: r for r in by_kind(documents, "ClusterRole")}
+    assert sidecar_role in roles
+    rules = roles[f"qw-querywarden-{NAMESPACE}"]["rules"]
+    assert [r for r in rules if "bind" in r["verbs"]] == [
+        {
+            "apiGroups": ["rbac.authorization.k8s.io"],
+            "resources": ["clusterroles"],
+            "resourceNames": [sidecar_role],
+            "verbs": ["bind"],
+        }
+    ]
+    assert [r["verbs"] for r in rules if "rolebindings" in r["resources"]] == [
+        ["get", "create", "patch"]
+    ]
+    # bindSidecars off: the operator neither binds nor may.
+    documents = template(
+        helm, "--set", "reviews.enabled=true", "--set", "reviews.bindSidecars=false"
+    )
+    rules = one(
+        [d for d in by_kind(documents, "ClusterRole") if d["metadata"]["name"].endswith(NAMESPACE)],
+        "ClusterRole",
+    )["rules"]
+    assert not [r for r in rules if "bind" in r["verbs"] or "rolebindings" in r["resources"]]
+    container = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    monkeypatch.delenv("QUERYWARDEN_OPERATOR_SIDECAR_CLUSTER_ROLE", raising=False)
+    assert operator_config(container, monkeypatch).sidecar_cluster_role is None
 
 
 def test_webhook_configuration_fails_closed_outside_excluded_namespaces(helm: Helm) -> None:

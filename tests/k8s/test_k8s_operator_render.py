@@ -29,9 +29,11 @@ from querywarden_operator.render import (
     effective_sidecar,
     gateway_settings,
     pod_patch,
+    pod_service_account,
     policy_yaml,
     render_configmap,
     render_network_policy,
+    render_sidecar_role_binding,
     sidecar_container,
     sidecar_volumes,
     webhook_entry,
@@ -634,3 +636,20 @@ def test_operator_config_reads_the_charts_environment(monkeypatch: pytest.Monkey
     with pytest.raises(ValidationError):
         monkeypatch.setenv("QUERYWARDEN_OPERATOR_WEBHOOK_PORT", "0")
         OperatorConfig()
+
+
+def test_the_sidecar_role_binding_names_the_policys_pods_accounts_only() -> None:
+    binding = render_sidecar_role_binding(REF, "qw-sidecar", ["orders-db", "default", "orders-db"])
+    assert binding["metadata"]["namespace"] == REF.namespace
+    assert binding["metadata"]["ownerReferences"][0]["name"] == REF.name
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "qw-sidecar",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": name, "namespace": REF.namespace}
+        for name in ("default", "orders-db")
+    ]
+    assert pod_service_account({"spec": {}}) == "default"
+    assert pod_service_account({"spec": {"serviceAccountName": "pg"}}) == "pg"

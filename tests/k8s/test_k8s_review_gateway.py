@@ -120,14 +120,11 @@ def _start_sidecar(
     key_file = root / "dev-issuer.pem"
     ensure_key(key_file)
     create_secret(k8s, namespace, "dev-issuer", {"dev-issuer.pem": key_file.read_bytes()})
-    # The database pods' ServiceAccount, bound to the chart's sidecar ClusterRole (the
-    # chart's reviews.sidecarServiceAccounts does the same).
+    # The database pods' ServiceAccount; the operator binds it to the chart's sidecar
+    # ClusterRole once a pod of the policy runs as it.
     k8s.create(f"/api/v1/namespaces/{namespace}/serviceaccounts",
                {"apiVersion": "v1", "kind": "ServiceAccount",
                 "metadata": {"name": SIDECAR_ACCOUNT}})  # fmt: skip
-    bind_cluster_role(
-        k8s, namespace, "sidecar", f"{cluster_name}-sidecar", service_accounts=[SIDECAR_ACCOUNT]
-    )
     bind_cluster_role(k8s, namespace, "approvers", "querywarden-approver", users=["dana"])
     # The kube-controller-manager's part (none runs here): every namespace gets the
     # cluster's CA as the kube-root-ca.crt ConfigMap, which the sidecar's projected
@@ -184,6 +181,24 @@ def _start_sidecar(
         f"/api/v1/namespaces/{namespace}/pods",
         pod("pg-0", LABELS, serviceAccountName=SIDECAR_ACCOUNT),
     )
+    account = {"kind": "ServiceAccount", "name": SIDECAR_ACCOUNT, "namespace": namespace}
+    binding = wait_until(
+        lambda: (
+            b
+            if account
+            in (
+                b := k8s.get(
+                    f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings/"
+                    f"{POLICY}-querywarden-sidecar"
+                )
+            ).get("subjects", [])
+            else None
+        ),
+        what="the operator binding the pod's ServiceAccount for the sidecar",
+    )
+    assert binding["roleRef"]["name"] == f"{cluster_name}-sidecar"
+    assert binding["subjects"] == [account]  # the policy's pods' accounts, nobody else
+    assert binding["metadata"]["ownerReferences"][0]["name"] == POLICY
     files = ContainerFiles(k8s, stored, "querywarden", root / "root")
     files.sync()
     argv = files.argv()

@@ -354,6 +354,12 @@ def installed_operator(
         resync_interval=resync_interval,
         # What the chart's Deployment sets from reviews.enabled.
         reviews=values.get("reviews.enabled") == "true",
+        sidecar_cluster_role=(
+            f"{cluster_name}-sidecar"
+            if values.get("reviews.enabled") == "true"
+            and values.get("reviews.bindSidecars", "true") == "true"
+            else None
+        ),
     )
     operator = OperatorThread(config).start()
     try:
