@@ -802,3 +802,18 @@ def test_ts_format_is_rfc3339_utc_microseconds(tmp_path: Path) -> None:
     ts = next(read_records(tmp_path))["ts"]
     parsed = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
     assert abs(parsed - before) < 5
+
+
+def test_timestamps_are_formatted_as_datetime_formats_them() -> None:
+    from datetime import UTC, datetime
+
+    from querywarden.audit.log import _format_ts, _parse_ts
+
+    for epoch in (0.0, 1.5, 1_779_000_000.000001, 1_779_000_000.999999, 1_779_000_059.25):
+        expected = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert _format_ts(epoch) == expected
+        assert abs(_parse_ts(_format_ts(epoch)) - epoch) < 1e-6
+    # The same second again (from the cache), and the next one.
+    assert _format_ts(1_779_000_000.5) == "2026-05-17T06:40:00.500000Z"
+    assert _format_ts(1_779_000_000.75) == "2026-05-17T06:40:00.750000Z"
+    assert _format_ts(1_779_000_001.0) == "2026-05-17T06:40:01.000000Z"

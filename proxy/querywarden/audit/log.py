@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -89,8 +90,16 @@ def record_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+@functools.lru_cache(maxsize=4)
+def _second_prefix(second: int) -> str:
+    # Records come many per second, and strftime costs more than the rest of a header.
+    return datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _format_ts(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=UTC).strftime(_TS_FORMAT)
+    """``epoch`` as ``2026-11-24T08:12:56.123456Z`` (UTC, microseconds, rounded)."""
+    second, micros = divmod(round(epoch * 1_000_000), 1_000_000)
+    return f"{_second_prefix(second)}.{micros:06d}Z"
 
 
 def _parse_ts(text: str) -> float:
