@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from querywarden.approvals.kube_store import to_review
 from querywarden_operator.config import OperatorConfig
 from querywarden_operator.kube import KubeApiError, KubeClient, object_path
 from querywarden_operator.render import (
@@ -33,6 +34,7 @@ from querywarden_operator.render import (
     webhook_configuration,
     webhook_entry,
 )
+from querywarden_operator.review import LABEL_REVIEW_POLICY, REVIEW_API_VERSION, REVIEW_PLURAL
 from querywarden_operator.spec import (
     ANNOTATION_RESTART,
     ANNOTATION_RESTARTED_FOR,
@@ -230,6 +232,8 @@ def _with_pods(
         if spec.target.pod_selector.matches((p.get("metadata") or {}).get("labels") or {})
     ]
     found = census(selected, policy.name, current_hash)
+    if ctx.config.reviews:
+        prune_reviews(ctx, policy, spec, at=at)
     cluster_role = ctx.config.sidecar_cluster_role
     if ctx.config.reviews and cluster_role is not None:
         # Before the pods need it where possible: on every reconcile and resync, so a
@@ -261,6 +265,55 @@ def _with_pods(
         config_map=configmap_name(policy.name),
         conditions=conditions,
     )
+
+
+# --- ended reviews --------------------------------------------------------------------
+
+
+def prune_reviews(
+    ctx: Context, policy: PolicyRef, spec: DatabaseAccessPolicySpec, *, at: datetime.datetime
+) -> list[str]:
+    """Delete the policy's QueryReviews that ended more than ``approvals.retention`` ago.
+
+    The operator does it, not the sidecars: they never get the right to delete reviews.
+    Each delete carries the resourceVersion read, so a review that changed meanwhile is
+    left for the next round. Failures are logged, never raised: pruning is housekeeping.
+    """
+    cutoff = at - spec.policy.approvals.retention
+    collection = object_path(REVIEW_API_VERSION, REVIEW_PLURAL, policy.namespace)
+    try:
+        items = ctx.kube.list(collection, label_selector=f"{LABEL_REVIEW_POLICY}={policy.name}")
+    except KubeApiError as exc:
+        log.warning(
+            "policy %s/%s: listing QueryReviews failed: %s", policy.namespace, policy.name, exc
+        )
+        return []
+    deleted: list[str] = []
+    for obj in items:
+        try:
+            ended = to_review(obj).ended_at()
+        except (KeyError, TypeError, ValueError):
+            continue  # malformed (the CRD schema let it through): not ours to judge
+        if ended is None or ended >= cutoff:
+            continue
+        meta = obj["metadata"]
+        options = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "preconditions": {"resourceVersion": meta["resourceVersion"]},
+        }
+        try:
+            ctx.kube.request("DELETE", f"{collection}/{meta['name']}", options)
+        except KubeApiError as exc:
+            if exc.status not in (404, 409):
+                log.warning("policy %s/%s: deleting QueryReview %s failed: %s",
+                            policy.namespace, policy.name, meta["name"], exc)  # fmt: skip
+            continue
+        deleted.append(meta["name"])
+    if deleted:
+        log.info("policy %s/%s: deleted %d ended QueryReviews",
+                 policy.namespace, policy.name, len(deleted))  # fmt: skip
+    return deleted
 
 
 # --- rolling workloads ----------------------------------------------------------------

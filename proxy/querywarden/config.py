@@ -26,12 +26,12 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(value: Any) -> Any:
-    """Turn ``30s``, ``5m``, ``1h``, ``250ms`` or a number of seconds into a timedelta.
+    """Turn ``30s``, ``5m``, ``1h``, ``7d``, ``250ms`` or a number of seconds into a timedelta.
 
     ISO 8601 (``PT1H``, as pydantic writes a timedelta in JSON) is accepted too, so a
     document dumped by the models loads again.
@@ -41,7 +41,7 @@ def parse_duration(value: Any) -> Any:
             return value  # ISO 8601: pydantic's own timedelta parsing takes it
         match = _DURATION.match(value)
         if not match:
-            raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m or h")
+            raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m, h or d")
         return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
     return value
 
@@ -52,7 +52,7 @@ def _positive(value: timedelta) -> timedelta:
     return value
 
 
-#: A duration written as ``30s``, ``5m``, ``1h``, ``250ms`` or a number of seconds.
+#: A duration written as ``30s``, ``5m``, ``1h``, ``7d``, ``250ms`` or a number of seconds.
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
 
 

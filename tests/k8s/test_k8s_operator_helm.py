@@ -134,6 +134,9 @@ def test_reviews_enabled_makes_the_operator_render_the_kubernetes_review_store(
     assert [r["verbs"] for r in rules if "rolebindings" in r["resources"]] == [
         ["get", "create", "patch"]
     ]
+    # It deletes ended QueryReviews (after the policy's retention); nothing else.
+    deletes = [(r["resources"], r["verbs"]) for r in rules if "delete" in r["verbs"]]
+    assert deletes == [(["queryreviews"], ["delete"])]
     # bindSidecars off: the operator neither binds nor may.
     documents = template(
         helm, "--set", "reviews.enabled=true", "--set", "reviews.bindSidecars=false"

@@ -12,6 +12,7 @@ client with the approver's comment, and the sidecar's audit log records both.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -27,7 +28,7 @@ import yaml
 from psycopg.conninfo import make_conninfo
 
 from held_statement import HeldStatement
-from k8sharness.cluster import Cluster
+from k8sharness.cluster import Cluster, KubeError
 from k8sharness.helm import Helm
 from k8sharness.podfiles import ContainerFiles
 from k8sharness.processes import ManagedProcess, free_port
@@ -63,6 +64,8 @@ class Sidecar:
     key_file: Path
     files: ContainerFiles
     process: ManagedProcess
+    #: The DatabaseAccessPolicy's spec as applied.
+    spec: dict[str, Any]
 
     def connect(self, subject: str) -> psycopg.Connection[Any]:
         token = mint_token(subject, groups=["ai-agents"], ttl=600, key_file=self.key_file)
@@ -211,7 +214,7 @@ def _start_sidecar(
         timeout=30,
         what="listening",
     )
-    return Sidecar(k8s, namespace, port, key_file, files, process)
+    return Sidecar(k8s, namespace, port, key_file, files, process, spec)
 
 
 def test_the_operator_renders_the_kubernetes_review_store(sidecar: Sidecar) -> None:
@@ -300,3 +303,39 @@ def test_a_cancelled_hold_withdraws_the_queryreview(sidecar: Sidecar) -> None:
         what="the review withdrawn",
     )
     assert withdrawn["spec"]["decision"] == "pending"
+
+
+def test_the_operator_deletes_ended_reviews_after_the_policys_retention(
+    sidecar: Sidecar, pg: EphemeralCluster
+) -> None:
+    pg.psql(f"TRUNCATE {TABLE}; INSERT INTO {TABLE} VALUES (10), (11)", user="qw_scram")
+    outcomes = {}
+    for row, decision in ((10, "denied"), (11, "approved")):
+        held = HeldStatement(
+            sidecar.connect("agent-10"), f"DELETE FROM public.{TABLE} WHERE id = {row}"
+        )
+        name = held.review_id()
+        sidecar.decide(name, "dana", "dba", decision=decision, comment=decision)
+        held.finish()
+        outcomes[decision] = name
+
+    # Retention one second: the denial goes; the approval's grant (grantTTL 15 min)
+    # keeps it until the grant has expired too.
+    spec = copy.deepcopy(sidecar.spec)
+    spec["policy"]["approvals"]["retention"] = "1s"
+    sidecar.k8s.kubectl(
+        "apply", "-n", sidecar.namespace, "-f", "-", stdin=yaml.safe_dump(policy(POLICY, spec))
+    )
+
+    def gone(name: str) -> bool:
+        try:
+            sidecar.review(name)
+        except KubeError as exc:
+            return exc.status == 404
+        return False
+
+    wait_until(lambda: gone(outcomes["denied"]), what="the denied review deleted")
+    assert not gone(outcomes["approved"])
+    # What happened stays in the sidecar's audit log.
+    kinds = {r["type"] for r in sidecar.audit() if r.get("review_id") == outcomes["denied"]}
+    assert {"review.created", "review.denied"} <= kinds

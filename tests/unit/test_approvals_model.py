@@ -232,3 +232,23 @@ def test_grant_usable() -> None:
     assert not base.model_copy(update={"uses_left": 0}).grant_usable(now)
     assert base.model_copy(update={"uses_left": -1}).grant_usable(now)
     assert not base.model_copy(update={"decision": ReviewDecision.DENIED}).grant_usable(now)
+
+
+def test_a_review_ends_when_nothing_more_can_happen_to_it() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from querywarden.approvals.model import Party, Review, ReviewDecision
+
+    created = datetime(2026, 5, 1, 12, tzinfo=UTC)
+    base = Review(
+        id="r1", requester=Party(subject="a"), database="d", statement="s", normalized="s",
+        created=created,
+    )  # fmt: skip
+    decided = created + timedelta(minutes=5)
+    assert base.ended_at() is None  # pending
+    denied = base.model_copy(update={"decision": ReviewDecision.DENIED, "decided": decided})
+    assert denied.ended_at() == decided
+    approved = denied.model_copy(
+        update={"decision": ReviewDecision.APPROVED, "grant_expires": decided + timedelta(hours=1)}
+    )
+    assert approved.ended_at() == decided + timedelta(hours=1)

@@ -446,3 +446,29 @@ def test_a_grant_for_bound_parameters_is_for_those_values_only(tmp_path: Path) -
         assert await h.service.claim_grant(AGENT, "app", text, ("5",)) is not None
 
     run(tmp_path, body)
+
+
+def test_ended_reviews_are_deleted_after_retention(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        denied = await h.request("DELETE FROM orders WHERE id = 1")
+        await h.service.decide(denied.id, DBA, False, "no")
+        approved = await h.request("DELETE FROM orders WHERE id = 2")
+        await h.service.decide(approved.id, DBA, True, "ok", ttl=timedelta(days=3))
+        pending = await h.request("DELETE FROM orders WHERE id = 3")
+        assert {r.id for r in await h.service.list()} == {denied.id, approved.id, pending.id}
+
+        # Two days on: the denial ended two days ago (retention 1 day); the approval's
+        # grant still runs a day more; the pending one expires (pendingTTL) but only now.
+        h.clock.advance(timedelta(days=2))
+        remaining = {r.id: r.decision for r in await h.service.list()}
+        assert remaining == {
+            approved.id: ReviewDecision.APPROVED,
+            pending.id: ReviewDecision.EXPIRED,
+        }
+        # An approval ends when its grant expires (day 3): kept until a day after that.
+        h.clock.advance(timedelta(days=1, hours=23, minutes=59))
+        assert approved.id in {r.id for r in await h.service.list()}
+        h.clock.advance(timedelta(minutes=2))
+        assert await h.service.list() == []
+
+    run(tmp_path, body, retention=timedelta(days=1))

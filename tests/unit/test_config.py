@@ -124,3 +124,12 @@ def test_a_policy_dumped_by_the_models_loads_again(tmp_path: Path) -> None:
     assert load_policy(path) == example
     with pytest.raises(ValidationError, match="invalid duration"):
         load_policy_text(tmp_path, "approvals:\n  hold: soon\n")
+
+
+def test_durations_may_be_written_in_days() -> None:
+    from querywarden.config import parse_duration
+
+    assert parse_duration("7d") == timedelta(days=7)
+    assert parse_duration("1.5d") == timedelta(hours=36)
+    with pytest.raises(ValueError, match="ms, s, m, h or d"):
+        parse_duration("1w")

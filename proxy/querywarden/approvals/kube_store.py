@@ -456,6 +456,14 @@ class KubernetesReviewStore:
             return None
         return min(grants, key=lambda r: (r.grant_expires or now, r.id))
 
+    async def prune(self, ended_before: datetime) -> int:
+        """Nothing: the operator deletes ended QueryReviews.
+
+        It holds the delete right (the sidecars do not) and applies the policy's
+        ``approvals.retention``.
+        """
+        return 0
+
     async def use(self, review_id: str, *, now: datetime) -> Review:
         """See :meth:`ReviewStore.use`."""
         return await self._run(self._use, review_id, now)

@@ -106,6 +106,10 @@ class ApprovalSettings(_Model):
     #: hold the client is told to re-run the statement once it is approved, so an approver
     #: may still decide; after this it is ``expired`` and a re-run opens a new review.
     pending_ttl: Duration = Field(timedelta(hours=1), alias="pendingTTL")
+    #: How long a review is kept once it has ended (denied, expired, withdrawn, or an
+    #: approval whose grant has expired); then it is deleted from the store. Its events
+    #: stay in the audit log.
+    retention: Duration = timedelta(days=7)
 
     @model_validator(mode="after")
     def _pending_outlives_hold(self) -> ApprovalSettings:
@@ -218,6 +222,18 @@ class Review(_Model):
     def pending(self) -> bool:
         """Not decided yet."""
         return self.decision is ReviewDecision.PENDING
+
+    def ended_at(self) -> datetime | None:
+        """When nothing more can happen to the review (None while it is pending).
+
+        An approval ends when its grant expires, a refusal, expiry or withdrawal when it
+        was decided.
+        """
+        if self.pending:
+            return None
+        if self.decision is ReviewDecision.APPROVED and self.grant_expires is not None:
+            return max(self.grant_expires, self.decided or self.grant_expires)
+        return self.decided or self.created
 
     def grant_usable(self, now: datetime) -> bool:
         """Whether the requester may run the statement under this review at ``now``."""

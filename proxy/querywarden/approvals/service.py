@@ -48,6 +48,8 @@ EVENTS = ("created", "approved", "denied", "expired", "withdrawn", "used")
 _CLAIM_ATTEMPTS = 3
 #: How many (review, outcome) events the service remembers having reported.
 _REPORTED = 4096
+#: How often ended reviews past their retention are deleted.
+_PRUNE_EVERY = timedelta(minutes=1)
 
 
 class _Watch:
@@ -89,6 +91,7 @@ class ApprovalService:
         # (kubectl) is reported once, by the first wait that sees it, and one made here
         # is not reported twice.
         self._reported: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._pruned: datetime | None = None
 
     def start(self) -> None:
         """Follow the store's changes, if it reports them (call on the running loop)."""
@@ -355,8 +358,20 @@ class ApprovalService:
     # --- expiry --------------------------------------------------------------------------
 
     async def expire_stale(self) -> builtins.list[Review]:
-        """Expire pending reviews older than ``pendingTTL``; returns those this call ended."""
+        """Expire pending reviews older than ``pendingTTL``; returns those this call ended.
+
+        Once a minute it also deletes the reviews that ended more than ``retention`` ago.
+        """
         now = self.now()
+        if self._pruned is None or now - self._pruned >= _PRUNE_EVERY:
+            self._pruned = now
+            try:
+                pruned = await self._store.prune(now - self._settings.retention)
+            except Exception:
+                log.exception("approvals: pruning ended reviews failed")
+            else:
+                if pruned:
+                    log.info("approvals: deleted %d reviews ended before retention", pruned)
         expired: builtins.list[Review] = []
         for review in await self._store.list(pending_only=True):
             if self._stale(review, now):

@@ -128,6 +128,14 @@ class ReviewStore(Protocol):
         """
         ...
 
+    async def prune(self, ended_before: datetime) -> int:
+        """Delete the reviews that ended before ``ended_before``; returns how many.
+
+        Ended: see :meth:`Review.ended_at`. A store whose reviews another party prunes
+        returns 0.
+        """
+        ...
+
     async def close(self) -> None:
         """Release connections and threads."""
         ...
@@ -200,6 +208,13 @@ _GRANT = (
 )
 _ALL = _SELECT + " ORDER BY created, id"
 _ALL_PENDING = _SELECT + " WHERE decision = 'pending' ORDER BY created, id"
+# Mirrors Review.ended_at: an approval ends when its grant expires, anything else when it
+# was decided.
+_PRUNE = (
+    "DELETE FROM reviews WHERE decision != 'pending' AND CASE WHEN decision = 'approved' "
+    "THEN max(COALESCE(grant_expires, decided, created), COALESCE(decided, created)) "
+    "ELSE COALESCE(decided, created) END < ?"
+)
 _UPSERT = (
     f"INSERT OR REPLACE INTO reviews ({_COLUMNS}) "  # noqa: S608
     f"VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})"
@@ -438,6 +453,15 @@ class SqliteReviewStore:
             changed = review.model_copy(update=update)
             self._replace(conn, changed)
             return changed
+
+    async def prune(self, ended_before: datetime) -> int:
+        """See :meth:`ReviewStore.prune`."""
+        return await self._run(self._prune, _micros(ended_before))
+
+    def _prune(self, ended_before: int) -> int:
+        conn = self._connect()
+        with _transaction(conn):
+            return conn.execute(_PRUNE, (ended_before,)).rowcount
 
     async def find_grant(
         self,
