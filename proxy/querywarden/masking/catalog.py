@@ -9,11 +9,19 @@ What counts as sensitive, beyond the configured columns:
 
 * the same-named column of every partition and inheritance child of a configured table
   (a query on a partition reports the partition as the origin);
-* every column of a view or materialized view whose definition references a sensitive
-  column, transitively. PostgreSQL records which columns a view's query uses, not which
-  output column each one feeds, so all of the view's columns are treated as sensitive:
-  a column with the same name as a sensitive column it references takes that column's
-  strategy, the others are redacted. Over-masking, never under-masking.
+* the columns of a view or materialized view that carry a sensitive column, transitively.
+  PostgreSQL records which columns a view's query uses, not which output column each one
+  feeds, so the view's definition is read (:mod:`querywarden.masking.lineage`): when it
+  is one plain SELECT whose sensitive references all sit in its output list, an output
+  column that passes a sensitive column through takes that column's strategy, one whose
+  expression uses a sensitive column is redacted, and the others are not sensitive.
+  Otherwise (a sensitive column in WHERE, JOIN ON, GROUP BY...: the view's rows depend on
+  it; set operations, subqueries, anything the lineage does not follow) every column of
+  the view is sensitive, as before: a column named like a sensitive column it references
+  takes that column's strategy, the others are redacted. Over-masking, never
+  under-masking;
+* every column of a view whose query calls a function outside pg_catalog (a user's or an
+  extension's): PostgreSQL records the call, not what the function reads.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from querywarden.masking.lineage import ViewLineage, view_lineage
 from querywarden.policy.model import MaskedColumn, MaskingSection
 
 #: ``(table OID, attribute number)``, as a RowDescription field names its origin.
@@ -57,6 +66,8 @@ class SensitiveCatalog:
         children: Iterable[tuple[int, int]],
         view_references: Iterable[tuple[int, int, int]],
         view_columns: Iterable[tuple[int, str, str, int, str]],
+        view_definitions: Iterable[tuple[int, str]] = (),
+        function_views: Iterable[int] = (),
         builtin_functions: Iterable[str] = (),
     ) -> SensitiveCatalog:
         """Join the policy's columns with catalog rows (see :func:`load_catalog`).
@@ -65,7 +76,11 @@ class SensitiveCatalog:
         the configured tables and their children. ``children``: (child OID, parent OID)
         of inheritance and partitioning. ``view_references``: (view OID, referenced
         relation OID, referenced attnum). ``view_columns``: the views' columns, as
-        ``attributes``.
+        ``attributes``. ``view_definitions``: (view OID, ``pg_get_viewdef`` text); a view
+        without one has every column sensitive. ``function_views``: views whose query
+        calls a function outside pg_catalog: what such a function reads is invisible
+        here, so every column of those views is redacted (their columns must be in
+        ``view_columns``).
         """
         configured = {(c.qualified_table, c.column): c for c in masked}
         rows = list(attributes)
@@ -103,18 +118,39 @@ class SensitiveCatalog:
             columns_of.setdefault(view_oid, []).append(
                 (view_schema, view_name, view_attnum, view_column)
             )
+        # Where each origin's column lives, to match the lineage's (relation, column) names.
+        origin_names: dict[Origin, tuple[str, str]] = {
+            (oid, attnum): (rel, column) for oid, _, rel, attnum, column in rows
+        }
+        for view_oid, columns in columns_of.items():
+            for _, rel, attnum, column in columns:
+                origin_names[(view_oid, attnum)] = (rel, column)
+        lineages = {oid: view_lineage(text) for oid, text in view_definitions}
+        for view in function_views:
+            for schema, rel, attnum, column in columns_of.get(view, ()):
+                spec = _redacted(schema, rel, column)
+                by_origin[(view, attnum)] = spec
+                by_name[(f"{schema}.{rel}", column)] = spec
         changed = True
         while changed:
             changed = False
             for view, used in references.items():
-                hits = [by_origin[o] for o in used if o in by_origin]
-                if not hits:
+                sensitive = {o: by_origin[o] for o in used if o in by_origin}
+                if not sensitive:
                     continue
-                by_column = {spec.column: spec for spec in hits}
-                for schema, rel, attnum, column in columns_of.get(view, ()):
+                columns = sorted(columns_of.get(view, ()), key=lambda c: c[2])
+                carried = _carried(lineages.get(view), sensitive, origin_names, len(columns))
+                by_column = {spec.column: spec for spec in sensitive.values()}
+                for position, (schema, rel, attnum, column) in enumerate(columns):
                     if (view, attnum) in by_origin:
                         continue
-                    spec = by_column.get(column) or _redacted(schema, rel, column)
+                    if carried is None:  # every column: the conservative reading
+                        spec = by_column.get(column) or _redacted(schema, rel, column)
+                    else:
+                        found = carried[position]
+                        if found is None:
+                            continue  # carries no sensitive column
+                        spec = found if found is not _REDACT else _redacted(schema, rel, column)
                     by_origin[(view, attnum)] = spec
                     by_name[(f"{schema}.{rel}", column)] = spec
                     changed = True
@@ -125,6 +161,53 @@ class SensitiveCatalog:
             column_names=frozenset(column for _, column in by_name),
             builtin_functions=frozenset(builtin_functions),
         )
+
+
+#: Marks an output column whose expression uses a sensitive column (redacted whole).
+_REDACT = MaskedColumn(table="querywarden.lineage", column="redact", strategy="redact")
+
+
+def _carried(
+    lineage: ViewLineage | None,
+    sensitive: dict[Origin, MaskedColumn],
+    origin_names: dict[Origin, tuple[str, str]],
+    width: int,
+) -> list[MaskedColumn | None] | None:
+    """Per output column of a view: the spec it carries, :data:`_REDACT`, or None (clean).
+
+    None for the whole view when the lineage cannot say: no lineage, a column count that
+    does not match, a sensitive origin without a name, or a sensitive column used outside
+    the output list (the view's rows then depend on it, whatever its columns show).
+    """
+    if lineage is None or len(lineage.outputs) != width:
+        return None
+    named: dict[Origin, tuple[str, str]] = {}
+    for origin in sensitive:
+        name = origin_names.get(origin)
+        if name is None:
+            return None
+        named[origin] = name
+
+    def denotes(ref: tuple[str | None, str]) -> set[Origin]:
+        relation, column = ref
+        return {
+            origin
+            for origin, (rel, col) in named.items()
+            if col == column and (relation is None or rel == relation)
+        }
+
+    if any(denotes(ref) for ref in lineage.elsewhere):
+        return None
+    carried: list[MaskedColumn | None] = []
+    for output in lineage.outputs:
+        hits = set().union(*(denotes(ref) for ref in output.references))
+        if not hits:
+            carried.append(None)
+        elif output.passthrough is not None and len(hits) == 1:
+            carried.append(sensitive[hits.pop()])
+        else:
+            carried.append(_REDACT)
+    return carried
 
 
 def _redacted(schema: str, relation: str, column: str) -> MaskedColumn:
@@ -156,6 +239,20 @@ FROM pg_depend d JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND d.o
 WHERE d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0 AND d.refobjid <> r.ev_class
 """
 
+# Views whose query calls a function that is not PostgreSQL's own (a user's or an
+# extension's): it may read any table, and PostgreSQL records only the call.
+_FUNCTION_VIEWS = """
+SELECT DISTINCT r.ev_class
+FROM pg_depend d JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid
+WHERE p.pronamespace <> 'pg_catalog'::regnamespace
+"""
+
+_VIEW_DEFINITIONS = """
+SELECT c.oid, pg_get_viewdef(c.oid) FROM pg_class c
+WHERE c.oid = ANY($1::oid[]) AND c.relkind IN ('v', 'm')
+"""
+
 _VIEW_COLUMNS = """
 SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -174,8 +271,10 @@ async def load_catalog(connection: Any, masking: MaskingSection) -> SensitiveCat
     attributes = await connection.fetch(_ATTRIBUTES, schemas, relations)
     children = await connection.fetch(_CHILDREN)
     references = await connection.fetch(_VIEW_REFERENCES)
-    views = sorted({r[0] for r in references})
+    function_views = [r[0] for r in await connection.fetch(_FUNCTION_VIEWS)]
+    views = sorted({r[0] for r in references} | set(function_views))
     view_columns = await connection.fetch(_VIEW_COLUMNS, views) if views else []
+    definitions = await connection.fetch(_VIEW_DEFINITIONS, views) if views else []
     builtins = await connection.fetch(_BUILTINS)
     return SensitiveCatalog.build(
         masking.columns,
@@ -183,6 +282,8 @@ async def load_catalog(connection: Any, masking: MaskingSection) -> SensitiveCat
         children=[tuple(r) for r in children],
         view_references=[tuple(r) for r in references],
         view_columns=[tuple(r) for r in view_columns],
+        view_definitions=[(r[0], r[1]) for r in definitions if r[1] is not None],
+        function_views=function_views,
         builtin_functions=[r[0] for r in builtins],
     )
 
