@@ -43,6 +43,8 @@ class Admission:
     patch: dict[str, Any] | None = None
     refusal: str | None = None
     policy: str | None = None
+    #: The selecting DatabaseAccessPolicy object, when one selects the pod.
+    policy_body: Mapping[str, Any] | None = None
 
 
 def _selects(policy: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
@@ -112,7 +114,7 @@ def decide(
         patch = pod_patch(pod, name, spec, sidecar)
     except InjectionError as exc:
         return Admission(refusal=f"DatabaseAccessPolicy {name}: {exc}", policy=name)
-    return Admission(patch=patch, policy=name)
+    return Admission(patch=patch, policy=name, policy_body=policy)
 
 
 def admit_pod(ctx: Context, pod: Mapping[str, Any], namespace: str) -> Admission:

@@ -16,7 +16,13 @@ import kopf
 
 from querywarden_operator.admission import WEBHOOK_ID, admit_pod
 from querywarden_operator.kube import object_path
-from querywarden_operator.reconcile import Context, reconcile_policy, refresh_pods, sync_webhooks
+from querywarden_operator.reconcile import (
+    Context,
+    bind_pod_account,
+    reconcile_policy,
+    refresh_pods,
+    sync_webhooks,
+)
 from querywarden_operator.review import (
     CHECK_WEBHOOK_ID,
     LABEL_REVIEW_POLICY,
@@ -114,13 +120,16 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
             patch.status.update(wanted)
 
     @kopf.on.mutate("v1", "pods", id=WEBHOOK_ID, operations=["CREATE"], registry=registry)
-    def inject(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    def inject(body: kopf.Body, patch: kopf.Patch, dryrun: bool, **_: Any) -> None:
         namespace = str(body.get("metadata", {}).get("namespace") or "")
         admission = admit_pod(ctx, body, namespace)
         if admission.refusal is not None:
             raise kopf.AdmissionError(admission.refusal, code=403)
         if admission.patch is not None:
             patch.update(admission.patch)
+            if admission.policy_body is not None and not dryrun:
+                # The webhook's one side effect (sideEffects: NoneOnDryRun).
+                bind_pod_account(ctx, admission.policy_body, body)
 
     review = (GROUP, VERSION, REVIEW_PLURAL)
 

@@ -267,6 +267,39 @@ def _with_pods(
     )
 
 
+def bind_pod_account(ctx: Context, policy_body: Mapping[str, Any], pod: Mapping[str, Any]) -> None:
+    """Add a pod's ServiceAccount to its policy's sidecar RoleBinding, as it is admitted.
+
+    The resync would bind it within ``resyncInterval``; doing it at admission means the
+    sidecar can open reviews from its first statement. Best effort: a failure is logged
+    and the resync catches up; the pod is never held back for it.
+    """
+    cluster_role = ctx.config.sidecar_cluster_role
+    if not ctx.config.reviews or cluster_role is None:
+        return
+    policy = PolicyRef.from_body(policy_body)
+    path = object_path(
+        "rbac.authorization.k8s.io/v1", "rolebindings", policy.namespace,
+        sidecar_role_binding_name(policy.name),
+    )  # fmt: skip
+    account = pod_service_account(pod)
+    try:
+        current = ctx.kube.get(path) or {}
+        bound = {
+            str(s.get("name"))
+            for s in current.get("subjects") or []
+            if s.get("kind") == "ServiceAccount" and s.get("namespace") == policy.namespace
+        }
+        if account in bound:
+            return
+        ctx.kube.apply(path, render_sidecar_role_binding(policy, cluster_role, bound | {account}))
+    except KubeApiError as exc:
+        log.warning(
+            "policy %s/%s: binding ServiceAccount %s for the sidecar failed (the resync "
+            "will): %s", policy.namespace, policy.name, account, exc,
+        )  # fmt: skip
+
+
 # --- ended reviews --------------------------------------------------------------------
 
 

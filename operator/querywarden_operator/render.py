@@ -610,7 +610,9 @@ def webhook_entry(
     return {
         "name": webhook_name(policy),
         "admissionReviewVersions": ["v1"],
-        "sideEffects": "None",
+        # Admitting a pod may add its ServiceAccount to the sidecar RoleBinding (reviews
+        # on), never for a dry run.
+        "sideEffects": "NoneOnDryRun",
         "failurePolicy": "Fail",
         "reinvocationPolicy": "IfNeeded",
         "matchPolicy": "Equivalent",

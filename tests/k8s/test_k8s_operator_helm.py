@@ -157,7 +157,7 @@ def test_webhook_configuration_fails_closed_outside_excluded_namespaces(helm: He
     (webhook,) = configuration["webhooks"]
     assert webhook["failurePolicy"] == "Fail"
     assert webhook["reinvocationPolicy"] == "IfNeeded"
-    assert webhook["sideEffects"] == "None"
+    assert webhook["sideEffects"] == "NoneOnDryRun"
     assert webhook["rules"] == [
         {
             "apiGroups": [""],

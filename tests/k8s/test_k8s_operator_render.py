@@ -463,7 +463,7 @@ def test_webhook_entry_selects_the_policys_pods_in_its_namespace() -> None:
     assert entry["name"] == "orders-db.shop.policies.querywarden.io"
     assert entry["failurePolicy"] == "Fail"
     assert entry["reinvocationPolicy"] == "IfNeeded"
-    assert entry["sideEffects"] == "None"
+    assert entry["sideEffects"] == "NoneOnDryRun"
     assert entry["clientConfig"] == client
     assert entry["rules"][0]["operations"] == ["CREATE"]
     assert entry["namespaceSelector"] == {

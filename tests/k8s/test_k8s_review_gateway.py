@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,10 @@ def sidecar(
     values = {"reviews.enabled": "true", "reviews.installCRD": "false"}
     root = tmp_path_factory.mktemp("review-gateway")
     pg.psql(f"CREATE TABLE {TABLE} (id int); GRANT ALL ON {TABLE} TO PUBLIC;", user="qw_scram")
+    # No resync in this module's time: what the operator does, it does on events (the
+    # policy's create and update, the pod's admission).
     with installed_operator(
-        k8s, helm, workdir / "review-gateway", extra_values=values
+        k8s, helm, workdir / "review-gateway", extra_values=values, resync_interval=3600
     ) as installed:
         namespace = create_namespace(k8s, "qw-rv")
         try:
@@ -124,7 +127,7 @@ def _start_sidecar(
     ensure_key(key_file)
     create_secret(k8s, namespace, "dev-issuer", {"dev-issuer.pem": key_file.read_bytes()})
     # The database pods' ServiceAccount; the operator binds it to the chart's sidecar
-    # ClusterRole once a pod of the policy runs as it.
+    # ClusterRole when it admits a pod of the policy that runs as it.
     k8s.create(f"/api/v1/namespaces/{namespace}/serviceaccounts",
                {"apiVersion": "v1", "kind": "ServiceAccount",
                 "metadata": {"name": SIDECAR_ACCOUNT}})  # fmt: skip
@@ -320,7 +323,9 @@ def test_the_operator_deletes_ended_reviews_after_the_policys_retention(
         outcomes[decision] = name
 
     # Retention one second: the denial goes; the approval's grant (grantTTL 15 min)
-    # keeps it until the grant has expired too.
+    # keeps it until the grant has expired too. The policy's update is what makes the
+    # operator look (no resync here), so the denial must be over a second old by then.
+    time.sleep(1.5)
     spec = copy.deepcopy(sidecar.spec)
     spec["policy"]["approvals"]["retention"] = "1s"
     sidecar.k8s.kubectl(
