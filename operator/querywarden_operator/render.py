@@ -189,6 +189,16 @@ def owner_reference(policy: PolicyRef) -> dict[str, Any]:
     }
 
 
+def owned_metadata(policy: PolicyRef, name: str) -> dict[str, Any]:
+    """Metadata of an object a policy renders: in its namespace, labelled, owned by it."""
+    return {
+        "name": name,
+        "namespace": policy.namespace,
+        "labels": {**LABELS, ANNOTATION_POLICY: policy.name},
+        "ownerReferences": [owner_reference(policy)],
+    }
+
+
 # --- the ConfigMap --------------------------------------------------------------------
 
 
@@ -278,11 +288,8 @@ def render_configmap(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": configmap_name(policy.name),
-            "namespace": policy.namespace,
-            "labels": {**LABELS, ANNOTATION_POLICY: policy.name},
+            **owned_metadata(policy, configmap_name(policy.name)),
             "annotations": {ANNOTATION_CONFIG_HASH: config_hash(spec, sidecar)},
-            "ownerReferences": [owner_reference(policy)],
         },
         "data": {POLICY_KEY: policy_yaml(raw_policy), SETTINGS_KEY: gateway_yaml(spec, sidecar)},
     }
@@ -303,12 +310,7 @@ def render_sidecar_role_binding(
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": {
-            "name": sidecar_role_binding_name(policy.name),
-            "namespace": policy.namespace,
-            "labels": {**LABELS, ANNOTATION_POLICY: policy.name},
-            "ownerReferences": [owner_reference(policy)],
-        },
+        "metadata": owned_metadata(policy, sidecar_role_binding_name(policy.name)),
         "roleRef": {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "ClusterRole",
@@ -350,12 +352,7 @@ def render_network_policy(
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {
-            "name": network_policy_name(policy.name),
-            "namespace": policy.namespace,
-            "labels": {**LABELS, ANNOTATION_POLICY: policy.name},
-            "ownerReferences": [owner_reference(policy)],
-        },
+        "metadata": owned_metadata(policy, network_policy_name(policy.name)),
         "spec": {
             "podSelector": target.pod_selector.as_manifest(),
             "policyTypes": ["Ingress"],
