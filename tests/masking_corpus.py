@@ -31,6 +31,7 @@ CREATE TABLE qm_people (id int, ssn text) PARTITION BY RANGE (id);
 CREATE TABLE qm_people_low PARTITION OF qm_people FOR VALUES FROM (0) TO (100);
 INSERT INTO qm_people VALUES (1, '321-54-9876');
 GRANT SELECT, UPDATE ON ALL TABLES IN SCHEMA public TO PUBLIC;
+ANALYZE qm_customers, qm_people;
 """
 
 #: Values that must never appear in what a masked client receives.
@@ -124,6 +125,11 @@ CORPUS = [
     "SELECT tagged FROM qm_ssn_view",
     "SELECT * FROM qm_people",
     "SELECT ssn FROM qm_people_low",
+    # statistics: ANALYZE's samples of every column, sensitive ones included
+    "SELECT attname, histogram_bounds, most_common_vals FROM pg_stats",
+    "SELECT histogram_bounds::text FROM pg_catalog.pg_stats WHERE tablename = 'qm_customers'",
+    "SELECT s.* FROM pg_stats s WHERE s.tablename LIKE 'qm_%'",
+    "SELECT array_to_string(histogram_bounds, ',') FROM pg_stats",
     # predicates that would reveal values bit by bit (refused)
     "SELECT id FROM qm_customers WHERE ssn LIKE '1%'",
     "SELECT id FROM qm_customers WHERE ssn = '123-45-6789'",

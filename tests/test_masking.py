@@ -327,3 +327,31 @@ def test_views_mask_the_columns_that_carry_sensitive_values(
             )
     finally:
         pg.psql("DROP VIEW qm_filtered_view, qm_function_view; DROP FUNCTION qm_leak(int)")
+
+
+def test_statistics_do_not_hand_out_sampled_values(
+    masked: RunningGateway, pg: EphemeralCluster
+) -> None:
+    # ANALYZE copies values of every column into pg_statistic, which pg_stats shows to
+    # any role that may read the table: histogram bounds of ssn are ssns.
+    pg.psql("ANALYZE qm_customers")
+    with psycopg.connect(masked.dsn("alice"), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT attname, histogram_bounds::text, most_common_vals::text "
+            "FROM pg_catalog.pg_stats WHERE tablename = 'qm_customers' ORDER BY attname"
+        ).fetchall()
+        assert [r[0] for r in rows] == ["api_key", "card", "email", "id", "name", "notes", "ssn"]
+        assert not leaks(repr(rows).encode())
+        assert "987-65-4321" not in repr(rows)  # an ssn the ssn detector does not flag
+        bounds = conn.execute(
+            "SELECT histogram_bounds FROM pg_stats WHERE tablename = 'qm_customers' "
+            "AND attname = 'api_key'"
+        ).fetchone()
+        assert bounds is not None and "qwk_" not in str(bounds[0])
+    # The exempt group still sees the statistics as they are.
+    with psycopg.connect(masked.dsn("bob"), autocommit=True) as conn:
+        (bounds_text,) = conn.execute(
+            "SELECT histogram_bounds::text FROM pg_stats WHERE tablename = 'qm_customers' "
+            "AND attname = 'ssn'"
+        ).fetchone() or (None,)
+        assert bounds_text is not None and "987-65-4321" in bounds_text

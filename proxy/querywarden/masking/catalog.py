@@ -21,7 +21,10 @@ What counts as sensitive, beyond the configured columns:
   takes that column's strategy, the others are redacted. Over-masking, never
   under-masking;
 * every column of a view whose query calls a function outside pg_catalog (a user's or an
-  extension's): PostgreSQL records the call, not what the function reads.
+  extension's): PostgreSQL records the call, not what the function reads;
+* the columns of PostgreSQL's statistics that hold sampled values (``pg_stats``'
+  ``histogram_bounds`` and ``most_common_vals``, ``pg_statistic``'s ``stavalues``...):
+  ANALYZE copies values of every column into them, sensitive ones included.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class SensitiveCatalog:
         view_columns: Iterable[tuple[int, str, str, int, str]],
         view_definitions: Iterable[tuple[int, str]] = (),
         function_views: Iterable[int] = (),
+        statistics_columns: Iterable[tuple[int, str, str, int, str]] = (),
         builtin_functions: Iterable[str] = (),
     ) -> SensitiveCatalog:
         """Join the policy's columns with catalog rows (see :func:`load_catalog`).
@@ -80,7 +84,8 @@ class SensitiveCatalog:
         without one has every column sensitive. ``function_views``: views whose query
         calls a function outside pg_catalog: what such a function reads is invisible
         here, so every column of those views is redacted (their columns must be in
-        ``view_columns``).
+        ``view_columns``). ``statistics_columns``: the catalog's columns of sampled values
+        (as ``attributes``), redacted.
         """
         configured = {(c.qualified_table, c.column): c for c in masked}
         rows = list(attributes)
@@ -125,6 +130,10 @@ class SensitiveCatalog:
         for view_oid, columns in columns_of.items():
             for _, rel, attnum, column in columns:
                 origin_names[(view_oid, attnum)] = (rel, column)
+        for oid, schema, rel, attnum, column in statistics_columns:
+            spec = _redacted(schema, rel, column)
+            by_origin[(oid, attnum)] = spec
+            by_name[(f"{schema}.{rel}", column)] = spec
         lineages = {oid: view_lineage(text) for oid, text in view_definitions}
         for view in function_views:
             for schema, rel, attnum, column in columns_of.get(view, ()):
@@ -248,6 +257,20 @@ JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid
 WHERE p.pronamespace <> 'pg_catalog'::regnamespace
 """
 
+# Where PostgreSQL keeps sampled column values (ANALYZE): the statistics views any role
+# may read for the columns it may read, and the tables behind them (superuser only).
+_STATISTICS_COLUMNS = """
+SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = 'pg_catalog' AND (
+    (c.relname IN ('pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs')
+     AND a.attname IN ('most_common_vals', 'histogram_bounds', 'most_common_elems'))
+    OR (c.relname = 'pg_statistic' AND a.attname LIKE 'stavalues%')
+    OR (c.relname = 'pg_statistic_ext_data' AND a.attname IN ('stxdmcv', 'stxdexpr'))
+)
+"""
+
 _VIEW_DEFINITIONS = """
 SELECT c.oid, pg_get_viewdef(c.oid) FROM pg_class c
 WHERE c.oid = ANY($1::oid[]) AND c.relkind IN ('v', 'm')
@@ -275,6 +298,7 @@ async def load_catalog(connection: Any, masking: MaskingSection) -> SensitiveCat
     views = sorted({r[0] for r in references} | set(function_views))
     view_columns = await connection.fetch(_VIEW_COLUMNS, views) if views else []
     definitions = await connection.fetch(_VIEW_DEFINITIONS, views) if views else []
+    statistics = await connection.fetch(_STATISTICS_COLUMNS)
     builtins = await connection.fetch(_BUILTINS)
     return SensitiveCatalog.build(
         masking.columns,
@@ -284,6 +308,7 @@ async def load_catalog(connection: Any, masking: MaskingSection) -> SensitiveCat
         view_columns=[tuple(r) for r in view_columns],
         view_definitions=[(r[0], r[1]) for r in definitions if r[1] is not None],
         function_views=function_views,
+        statistics_columns=[tuple(r) for r in statistics],
         builtin_functions=[r[0] for r in builtins],
     )
 
