@@ -144,6 +144,11 @@ CORPUS = [
     "SELECT ssn::int FROM qm_customers",
     "SELECT card::numeric FROM qm_customers",
     "SELECT to_date(ssn, 'YYYY') FROM qm_customers",
+    # ... with quotes inside the value the error quotes (PostgreSQL does not escape them)
+    "SELECT jsonb_build_object('a', api_key)::text::int FROM qm_customers",
+    "SELECT ('x\"' || api_key || '\"y')::int FROM qm_customers",
+    'SELECT format(\'"%s" and "%s"\', ssn, api_key)::uuid FROM qm_customers',
+    "SELECT row(api_key, ssn)::text::date FROM qm_customers",
     # dynamic SQL and table readers
     "SELECT query_to_xml('SELECT ssn FROM qm_customers', true, false, '')",
     "SELECT table_to_xml('qm_customers', true, false, '')",

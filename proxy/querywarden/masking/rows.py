@@ -219,7 +219,10 @@ def _all_null(count: int) -> bytes:
 
 # --- error and notice texts ---------------------------------------------------------------
 
-_QUOTED = re.compile(r'"(?:[^"]|"")*"')
+# PostgreSQL quotes a value in a message without escaping the quotes inside it
+# (``invalid input syntax for type integer: "{"a": "..."}"``), so no quoted segment can be
+# told from the next: everything from the first quote to the last one goes.
+_QUOTED = re.compile(r'"[\s\S]*"')
 _KEY_VALUES = re.compile(r"\)=\(.*?\)(?= |$|\.)", re.DOTALL)
 _WITHHELD = "querywarden: withheld, it may show masked values"
 
@@ -230,10 +233,11 @@ def scrub_fields(
     """An ErrorResponse/NoticeResponse with values that may be sensitive taken out.
 
     With a plan that says errors may echo masked values (the request touched a masked
-    column): quoted values in the message become ``"****"``, and the detail, context
-    and internal query are withheld (they carry ``Key (ssn)=(...)``, ``Failing row
-    contains (...)``, the statement's values). Content detectors, if any, run over every
-    text field either way. Returns None when nothing changed.
+    column): the quoted part of the message (from its first quote to its last) becomes
+    ``"****"``, and the detail, context and internal query are withheld (they carry
+    ``Key (ssn)=(...)``, ``Failing row contains (...)``, the statement's values). Content
+    detectors, if any, run over every text field either way. Returns None when nothing
+    changed.
     """
     fields = codec.decode_fields(frame)
     changed = False
