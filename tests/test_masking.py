@@ -355,3 +355,60 @@ def test_statistics_do_not_hand_out_sampled_values(
             "AND attname = 'ssn'"
         ).fetchone() or (None,)
         assert bounds_text is not None and "987-65-4321" in bounds_text
+
+
+#: A masked identity that may do much more than read: side channels are what is tested.
+WIDE_RULES = [
+    {
+        "name": "agents-wide",
+        "subjects": {"groups": ["ai-agents"]},
+        "allow": {
+            "operations": ["select", "listen", "notify", "set", "show", "do", "call"],
+            "tables": ["public.*", "pg_catalog.*"],
+        },
+    }
+]
+
+
+def test_side_channels_do_not_carry_masked_values(
+    make_gateway: Callable[..., RunningGateway], seeded: None, pg: EphemeralCluster
+) -> None:
+    pg.psql(
+        "CREATE FUNCTION qm_shout(int) RETURNS int LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE NOTICE '%', (SELECT api_key FROM qm_customers WHERE id = $1); RETURN $1; END $$;"
+        "CREATE FUNCTION qm_fail(int) RETURNS int LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION '%', (SELECT api_key FROM qm_customers WHERE id = $1); END $$"
+    )
+    try:
+        policy = PolicyDocument.model_validate(
+            {"identity": POLICY.identity.model_dump(by_alias=True), "rules": WIDE_RULES,
+             "masking": MASKING}
+        )  # fmt: skip
+        gw = make_gateway(policy=policy, masking={"hashKey": HASH_KEY})
+        with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+            received: list[str] = []
+            conn.add_notify_handler(lambda n: received.append(n.payload))
+            conn.add_notice_handler(lambda d: received.append(str(d.message_primary)))
+            conn.execute("LISTEN qm")
+            # A notification's payload is not masked: sending a masked value is refused.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pg_notify"):
+                conn.execute("SELECT pg_notify('qm', ssn) FROM qm_customers")
+            conn.execute("SELECT pg_notify('qm', id::text) FROM qm_customers")  # allowed
+            # A DO block could RAISE or SET any value: refused, saying what to do instead.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+                conn.execute(
+                    "DO $$ BEGIN RAISE NOTICE '%', (SELECT api_key FROM qm_customers LIMIT 1);"
+                    " END $$"
+                )
+            assert "plain SQL" in (refused.value.diag.message_hint or "")
+            # A function of the user's RAISEs the value as its message: withheld whole.
+            # (Its result is computed by code the gateway cannot see into: masked too.)
+            assert conn.execute("SELECT qm_shout(2)").fetchone() != (2,)
+            with pytest.raises(psycopg.errors.RaiseException) as raised:
+                conn.execute("SELECT qm_fail(1)")
+            assert raised.value.diag.sqlstate == "P0001"  # the SQLSTATE is kept
+            texts = [str(raised.value), *received]
+            assert not leaks(repr(texts).encode()), texts
+            assert "1" in received and "2" in received  # the allowed notifications came
+    finally:
+        pg.psql("DROP FUNCTION qm_shout(int), qm_fail(int)")

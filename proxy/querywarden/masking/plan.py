@@ -36,6 +36,10 @@ from querywarden.policy.model import MaskedColumn, MaskingSection, MaskStrategy
 _OUTPUT_CLAUSES = frozenset({"select", "returning"})
 #: What a tainted request's computed columns become.
 _COMPUTED = MaskSpec("redact")
+#: Statements that run code of their own (PL/pgSQL and the like): opaque to the analyzer.
+_OPAQUE_CODE = frozenset({"do", "call"})
+#: Functions whose arguments leave the session unmasked (a notification's payload).
+_UNMASKED_CHANNELS = frozenset({"pg_notify"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,9 @@ class MaskPlan:
     #: Error and notice texts may echo sensitive values: scrub them.
     scrub_errors: bool
     key: bytes = field(repr=False, default=b"")
+    #: Code the gateway cannot see into runs (a user's function, dynamic SQL): it may
+    #: RAISE any value in any words, so error and notice texts are withheld whole.
+    withhold_messages: bool = False
     #: Every value of every column is masked (NULL): rows the session cannot attribute.
     mask_all: bool = False
 
@@ -149,6 +156,7 @@ class Masker:
         relations = {table for table, _ in names}
         tainted = False
         touches = False
+        withhold = False
         for summary in summaries:
             found = _Findings(summary, names, relations, search_path)
             touches = touches or found.any_sensitive or found.touches
@@ -161,7 +169,23 @@ class Masker:
                 refusal = found.predicate_refusal()
                 if refusal is not None:
                     return refusal
-            tainted = tainted or found.tainted or _opaque_lineage(summary, catalog)
+            if names and summary.operations & _OPAQUE_CODE:
+                return MaskRefusal(
+                    "DO blocks and procedures run code the gateway cannot see into: with "
+                    "masked columns in this database their values could leave through "
+                    "notices, settings or other tables, unmasked",
+                    "run the statements the block would run as plain SQL (SELECT results "
+                    "are masked)",
+                )
+            if found.any_sensitive and any(f.name in _UNMASKED_CHANNELS for f in summary.functions):
+                return MaskRefusal(
+                    f"masked column {found.first} may not be sent with pg_notify: "
+                    "notification payloads are not masked",
+                    "notify without masked values (for example the row's primary key)",
+                )
+            opaque = _opaque_lineage(summary, catalog)
+            withhold = withhold or (opaque and bool(names))
+            tainted = tainted or found.tainted or opaque
         computed = ColumnMask(_COMPUTED, "(computed)") if tainted and names else None
         return MaskPlan(
             origins=origins,
@@ -169,6 +193,7 @@ class Masker:
             scanner=self.scanner,
             scrub_errors=touches or tainted,
             key=self.key,
+            withhold_messages=withhold,
         )
 
 

@@ -232,15 +232,25 @@ def scrub_fields(
 ) -> bytes | None:
     """An ErrorResponse/NoticeResponse with values that may be sensitive taken out.
 
-    With a plan that says errors may echo masked values (the request touched a masked
+    With a plan that withholds messages (the request runs code the gateway cannot see
+    into), the message, detail, hint, context and internal query are all withheld. With
+    a plan that says errors may echo masked values (the request touched a masked
     column): the quoted part of the message (from its first quote to its last) becomes
     ``"****"``, and the detail, context and internal query are withheld (they carry
-    ``Key (ssn)=(...)``, ``Failing row contains (...)``, the statement's values). Content
-    detectors, if any, run over every text field either way. Returns None when nothing
-    changed.
+    ``Key (ssn)=(...)``, ``Failing row contains (...)``, the statement's values).
+    Content detectors, if any, run over every text field either way. Returns None when
+    nothing changed.
     """
     fields = codec.decode_fields(frame)
     changed = False
+    if plan is not None and plan.withhold_messages:
+        # RAISE NOTICE '%', ssn in a function: the value is the message, in no quotes.
+        for code in ("M", "D", "W", "q", "H"):
+            if code in fields:
+                fields[code] = _WITHHELD
+                changed = True
+        counts.values["(error text)"] += 1
+        return codec.encode_fields(bytes(frame[:1]), fields)
     if plan is not None and plan.scrub_errors:
         message = fields.get("M")
         if message is not None:
