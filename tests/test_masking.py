@@ -408,7 +408,13 @@ def test_side_channels_do_not_carry_masked_values(
                 conn.execute("SELECT qm_fail(1)")
             assert raised.value.diag.sqlstate == "P0001"  # the SQLSTATE is kept
             texts = [str(raised.value), *received]
+            # Another session notifies with row data (an application's trigger would): the
+            # masked session gets the signal, not the payload.
+            pg.psql('NOTIFY qm, \'{"ssn": "987-65-4321"}\'')
+            conn.execute("SELECT 1")
+            texts = [str(raised.value), *received]
             assert not leaks(repr(texts).encode()), texts
-            assert "1" in received and "2" in received  # the allowed notifications came
+            withheld = "querywarden: payload withheld (masked identity)"
+            assert received.count(withheld) == 3  # two allowed pg_notify calls, one NOTIFY
     finally:
         pg.psql("DROP FUNCTION qm_shout(int), qm_fail(int)")

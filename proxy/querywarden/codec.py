@@ -356,6 +356,23 @@ def decode_parameter_status(frame: bytes) -> tuple[str, str]:
     return name, value
 
 
+def decode_notification(frame: bytes) -> tuple[int, bytes, bytes]:
+    """NotificationResponse ('A'): ``(process id, channel, payload)``, as bytes."""
+    if len(frame) < 11:
+        raise ProtocolViolation("NotificationResponse is truncated")
+    pid = UINT32.unpack_from(frame, 5)[0]
+    channel_end = frame.find(b"\0", 9)
+    payload_end = frame.find(b"\0", channel_end + 1) if channel_end >= 0 else -1
+    if payload_end < 0:
+        raise ProtocolViolation("string in NotificationResponse is not NUL-terminated")
+    return pid, bytes(frame[9:channel_end]), bytes(frame[channel_end + 1 : payload_end])
+
+
+def notification_response(pid: int, channel: bytes, payload: str) -> bytes:
+    """NotificationResponse ('A'); the channel as the server sent it."""
+    return message(b"A", UINT32.pack(pid) + channel + b"\0" + cstr(payload))
+
+
 def decode_backend_key_data(frame: bytes) -> tuple[int, bytes]:
     """BackendKeyData ('K'): ``(process id, secret key bytes)``."""
     if len(frame) < 13:

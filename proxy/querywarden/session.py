@@ -598,6 +598,21 @@ class Session:
             return None
         return scrub_fields(data[pos:end], self._head_plan(), self.encoding, self.mask_counts)
 
+    def _on_notification(self, data: bytes, pos: int, end: int) -> bytes | None:
+        """A masked session gets a NOTIFY's process id and channel, not its payload.
+
+        Another session may notify anything (``pg_notify('customers', row_to_json(NEW))``
+        in an application's trigger), and the payload is free text: it cannot be masked
+        column by column, so it is withheld; the notification still arrives as a signal.
+        """
+        if not self.masked:
+            return None
+        pid, channel, payload = codec.decode_notification(data[pos:end])
+        if not payload:
+            return None
+        self.mask_counts.values["(notification payload)"] += 1
+        return codec.notification_response(pid, channel, _WITHHELD_PAYLOAD)
+
     def _on_error_response(self, data: bytes, pos: int, end: int) -> bytes | None:
         self.mode = "ready"
         if b"VFATAL\0" in data[pos:end] or b"VPANIC\0" in data[pos:end]:
@@ -1110,7 +1125,11 @@ _ROW_SERVER_HANDLERS = {
     ord("T"): Session._on_result_start,
     ord("n"): Session._on_result_start,
     ord("N"): Session._on_notice,
+    ord("A"): Session._on_notification,
 }
+
+#: What a masked session receives as a notification's payload.
+_WITHHELD_PAYLOAD = "querywarden: payload withheld (masked identity)"
 
 #: Masks every value: for rows whose statement or layout the session does not know.
 _MASK_ALL = MaskPlan(origins={}, computed=None, scanner=None, scrub_errors=True, mask_all=True)
