@@ -74,12 +74,19 @@ def seeded(pg: EphemeralCluster) -> Iterator[None]:
     pg.psql("DROP TABLE qm_customers, qm_orders, qm_people CASCADE")
 
 
+def masking_gateway(
+    make_gateway: Callable[..., RunningGateway], rules: list[dict[str, Any]]
+) -> RunningGateway:
+    """A gateway with the test policy's masking section and ``rules``."""
+    policy = PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": rules, "masking": MASKING}
+    )
+    return make_gateway(policy=policy, masking={"hashKey": HASH_KEY})
+
+
 @pytest.fixture
 def masked(make_gateway: Callable[..., RunningGateway], seeded: None) -> Iterator[RunningGateway]:
-    policy = PolicyDocument.model_validate(
-        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": RULES, "masking": MASKING}
-    )
-    gw = make_gateway(policy=policy, masking={"hashKey": HASH_KEY})
+    gw = masking_gateway(make_gateway, RULES)
     tap = ByteTap(gw.host, gw.port)
     gw.extra["tap"] = tap
     try:
@@ -298,11 +305,7 @@ def test_views_mask_the_columns_that_carry_sensitive_values(
         "GRANT SELECT ON qm_filtered_view, qm_function_view TO PUBLIC"
     )
     try:
-        policy = PolicyDocument.model_validate(
-            {"identity": POLICY.identity.model_dump(by_alias=True), "rules": RULES,
-             "masking": MASKING}
-        )  # fmt: skip
-        gw = make_gateway(policy=policy, masking={"hashKey": HASH_KEY})
+        gw = masking_gateway(make_gateway, RULES)
         with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
             # id and name pass clean columns through: untouched, and usable in WHERE.
             row = conn.execute("SELECT id, name, ssn FROM qm_customer_view WHERE id = 1").fetchone()
@@ -380,11 +383,7 @@ def test_side_channels_do_not_carry_masked_values(
         "RAISE EXCEPTION '%', (SELECT api_key FROM qm_customers WHERE id = $1); END $$"
     )
     try:
-        policy = PolicyDocument.model_validate(
-            {"identity": POLICY.identity.model_dump(by_alias=True), "rules": WIDE_RULES,
-             "masking": MASKING}
-        )  # fmt: skip
-        gw = make_gateway(policy=policy, masking={"hashKey": HASH_KEY})
+        gw = masking_gateway(make_gateway, WIDE_RULES)
         with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
             received: list[str] = []
             conn.add_notify_handler(lambda n: received.append(n.payload))
