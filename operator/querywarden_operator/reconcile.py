@@ -239,10 +239,7 @@ def _with_pods(
         # Before the pods need it where possible: on every reconcile and resync, so a
         # pod with a new ServiceAccount is bound within resyncInterval.
         ctx.kube.apply(
-            object_path(
-                "rbac.authorization.k8s.io/v1", "rolebindings", policy.namespace,
-                sidecar_role_binding_name(policy.name),
-            ),
+            _role_binding_path(policy),
             render_sidecar_role_binding(
                 policy, cluster_role, (pod_service_account(p) for p in selected)
             ),
@@ -267,6 +264,14 @@ def _with_pods(
     )
 
 
+def _role_binding_path(policy: PolicyRef) -> str:
+    """Where the policy's sidecar RoleBinding lives."""
+    return object_path(
+        "rbac.authorization.k8s.io/v1", "rolebindings", policy.namespace,
+        sidecar_role_binding_name(policy.name),
+    )  # fmt: skip
+
+
 def bind_pod_account(ctx: Context, policy_body: Mapping[str, Any], pod: Mapping[str, Any]) -> None:
     """Add a pod's ServiceAccount to its policy's sidecar RoleBinding, as it is admitted.
 
@@ -278,10 +283,7 @@ def bind_pod_account(ctx: Context, policy_body: Mapping[str, Any], pod: Mapping[
     if not ctx.config.reviews or cluster_role is None:
         return
     policy = PolicyRef.from_body(policy_body)
-    path = object_path(
-        "rbac.authorization.k8s.io/v1", "rolebindings", policy.namespace,
-        sidecar_role_binding_name(policy.name),
-    )  # fmt: skip
+    path = _role_binding_path(policy)
     account = pod_service_account(pod)
     try:
         current = ctx.kube.get(path) or {}

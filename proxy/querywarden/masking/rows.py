@@ -225,6 +225,10 @@ def _all_null(count: int) -> bytes:
 _QUOTED = re.compile(r'"[\s\S]*"')
 _KEY_VALUES = re.compile(r"\)=\(.*?\)(?= |$|\.)", re.DOTALL)
 _WITHHELD = "querywarden: withheld, it may show masked values"
+#: Fields that carry a failing statement's values: detail, context, internal query.
+_ECHOING_TEXTS: tuple[str, ...] = ("D", "W", "q")
+#: Every free-text field: message and hint too.
+_ALL_TEXTS: tuple[str, ...] = ("M", "D", "W", "q", "H")
 
 
 def scrub_fields(
@@ -243,22 +247,19 @@ def scrub_fields(
     """
     fields = codec.decode_fields(frame)
     changed = False
-    if plan is not None and plan.withhold_messages:
-        # RAISE NOTICE '%', ssn in a function: the value is the message, in no quotes.
-        for code in ("M", "D", "W", "q", "H"):
-            if code in fields:
-                fields[code] = _WITHHELD
-                changed = True
-        counts.values["(error text)"] += 1
-        return codec.encode_fields(bytes(frame[:1]), fields)
-    if plan is not None and plan.scrub_errors:
-        message = fields.get("M")
-        if message is not None:
-            scrubbed = _KEY_VALUES.sub(")=(****)", _QUOTED.sub('"****"', message))
-            if scrubbed != message:
-                fields["M"] = scrubbed
-                changed = True
-        for code in ("D", "W", "q"):
+    if plan is not None and (plan.withhold_messages or plan.scrub_errors):
+        if plan.withhold_messages:
+            # RAISE NOTICE '%', ssn in a function: the value is the message, in no quotes.
+            withheld = _ALL_TEXTS
+        else:
+            withheld = _ECHOING_TEXTS
+            message = fields.get("M")
+            if message is not None:
+                scrubbed = _KEY_VALUES.sub(")=(****)", _QUOTED.sub('"****"', message))
+                if scrubbed != message:
+                    fields["M"] = scrubbed
+                    changed = True
+        for code in withheld:
             if code in fields:
                 fields[code] = _WITHHELD
                 changed = True
