@@ -166,6 +166,11 @@ class StatementSummary(NamedTuple):
     opaque: bool = False
     prepared_name: str | None = None
     search_path: tuple[str, ...] = ()
+    #: Values this statement gives the settings that decide how the server reads
+    #: statement text (client_encoding, standard_conforming_strings): ``(name, value)``,
+    #: value ``None`` when it is not a constant. RESET and SET ... DEFAULT are not listed:
+    #: they return to the session's start-up value.
+    text_settings: tuple[tuple[str, str | None], ...] = ()
     #: Whether rows flow through a derived table (a CTE, a FROM subquery or function):
     #: names there can stand for expressions over other columns.
     derived: bool = False
@@ -208,6 +213,8 @@ _LEAVES: Final = frozenset(
 _ROLE_PARAMS: Final = frozenset({"role", "all", "*"})
 _AUTH_PARAMS: Final = frozenset({"session_authorization", "all", "*"})
 _PATH_PARAMS: Final = frozenset({"search_path", "all", "*"})
+#: Settings that change how the server reads the bytes and string literals it receives.
+TEXT_SETTINGS: Final = frozenset({"client_encoding", "standard_conforming_strings"})
 
 # Functions that run SQL text given as an argument: name -> index of that argument.
 _DYNAMIC_SQL: Final = {
@@ -327,6 +334,32 @@ def _qualified(parts: list[str]) -> QualifiedName:
     return QualifiedName(None, parts[0] if parts else "")
 
 
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _ascii_lower(text: str) -> str:
+    """Lower case as PostgreSQL folds names in a UTF8 database: A-Z only.
+
+    ``str.lower`` folds other letters too (the Kelvin sign to ``k``, ``É`` to ``é``),
+    which would make the gateway read a name the server does not.
+    """
+    return text.translate(_ASCII_LOWER)
+
+
+#: PostgreSQL's longest name in bytes (NAMEDATALEN - 1); longer names are cut to it.
+_NAME_BYTES: Final = 63
+#: The white space PostgreSQL skips between names in a string (scanner_isspace).
+_NAME_SPACE: Final = " \t\n\r\f"
+
+
+def _name(text: str) -> str:
+    """A name as PostgreSQL stores it: cut to 63 bytes, never inside a character."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= _NAME_BYTES:
+        return text
+    return raw[:_NAME_BYTES].decode("utf-8", "ignore")
+
+
 def _const_string(arg: _Json) -> str | None:
     """The value of a string constant, also through a cast (``'t'::regclass``)."""
     if type(arg) is not dict:
@@ -346,11 +379,16 @@ def _const_string(arg: _Json) -> str | None:
 
 
 def _regclass_name(text: str) -> QualifiedName | None:
-    """Parse a regclass literal (``public."Orders"``) the way regclassin does."""
+    """Parse a regclass literal (``public."Orders"``) the way regclassin does.
+
+    None for what is not a name: digits alone are an OID to regclassin, any table.
+    """
+    if text.isascii() and text.isdigit():
+        return None
     parts: list[str] = []
     i, n = 0, len(text)
     while True:
-        while i < n and text[i].isspace():
+        while i < n and text[i] in _NAME_SPACE:
             i += 1
         if i < n and text[i] == '"':
             i += 1
@@ -366,16 +404,16 @@ def _regclass_name(text: str) -> QualifiedName | None:
                     continue
                 i = j + 1
                 break
-            parts.append("".join(buf))
+            parts.append(_name("".join(buf)))
         else:
             j = i
-            while j < n and text[j] not in '."' and not text[j].isspace():
+            while j < n and text[j] not in '."' and text[j] not in _NAME_SPACE:
                 j += 1
             if j == i:
                 return None
-            parts.append(text[i:j].lower())
+            parts.append(_name(_ascii_lower(text[i:j])))
             i = j
-        while i < n and text[i].isspace():
+        while i < n and text[i] in _NAME_SPACE:
             i += 1
         if i == n:
             break
@@ -446,6 +484,7 @@ class _Walk:
         "search_path",
         "singles",
         "sink",
+        "text_settings",
         "unbounded",
         "writes",
     )
@@ -469,6 +508,7 @@ class _Walk:
         self.prepared_name: str | None = None
         self.literal_dependent = False
         self.search_path: list[str] = []
+        self.text_settings: list[tuple[str, str | None]] = []
         self.derived = False
         self.ctes: list[set[str]] = []  # CTE names in scope, innermost last
         self.default_write = True  # a bare RangeVar met by the generic walk is written
@@ -900,10 +940,13 @@ class _Walk:
             self.literal_dependent = True
             param = _const_string(args[0]) if args else None
             self.op("set")
-            self.set_param(param.lower() if param is not None else "*")
-            if param is not None and param.lower() == "search_path":
+            self.set_param(_ascii_lower(param) if param is not None else "*")
+            if param is not None and _ascii_lower(param) == "search_path":
                 value = _const_string(args[1]) if len(args) > 1 else None
                 self.search_path.extend(_schema_list(value) if value is not None else ["*"])
+            if param is not None and _ascii_lower(param) in TEXT_SETTINGS:
+                value = _const_string(args[1]) if len(args) > 1 else None
+                self.text_settings.append((_ascii_lower(param), value))
         elif name == "pg_notify":
             self.op("notify")
         elif name in _DYNAMIC_SQL or (name == "ts_rewrite" and len(args) == 2):
@@ -1082,7 +1125,7 @@ def _h_variable_set(w: _Walk, b: dict[str, Any], clause: str) -> None:
     if kind in ("VAR_RESET", "VAR_RESET_ALL"):
         w.op("reset")
     w.op("set")
-    name = str(b.get("name", "")).lower()
+    name = _ascii_lower(str(b.get("name", "")))
     if kind == "VAR_RESET_ALL":
         w.set_param("all")
     elif kind == "VAR_SET_MULTI":
@@ -1090,9 +1133,13 @@ def _h_variable_set(w: _Walk, b: dict[str, Any], clause: str) -> None:
         for arg in b.get("args", ()):
             d = arg.get("DefElem") if type(arg) is dict else None
             if d is not None:
-                w.set_param(prefix + str(d.get("defname", "")).lower())
+                w.set_param(prefix + _ascii_lower(str(d.get("defname", ""))))
     else:
         w.set_param(name)
+        if name in TEXT_SETTINGS and kind == "VAR_SET_VALUE":
+            w.literal_dependent = True
+            args = b.get("args", ())
+            w.text_settings.append((name, _const_string(args[0]) if len(args) == 1 else None))
         if name == "search_path" and kind == "VAR_SET_VALUE":
             w.literal_dependent = True
             for arg in b.get("args", ()):
@@ -1105,11 +1152,12 @@ def _h_variable_set(w: _Walk, b: dict[str, Any], clause: str) -> None:
 def _schema_list(value: str) -> list[str]:
     """A search_path string as PostgreSQL splits it when it is used (``set_config``).
 
-    Unquoted names fold to lower case; ``""`` inside quotes is a quote. Anything malformed
+    Unquoted names fold A-Z to lower case; ``""`` inside quotes is a quote; names are cut
+    to 63 bytes. Anything malformed
     gives ``["*"]`` (unknown).
     """
     schemas: list[str] = []
-    rest = value.strip(" \t\n\r\f\v")
+    rest = value.strip(_NAME_SPACE)
     while rest:
         if rest.startswith('"'):
             end = 1
@@ -1127,17 +1175,17 @@ def _schema_list(value: str) -> list[str]:
                 break
         else:
             cut = len(rest)
-            for stop in (",", " ", "\t", "\n"):
+            for stop in (",", *_NAME_SPACE):
                 found = rest.find(stop)
                 if 0 <= found < cut:
                     cut = found
-            name, rest = rest[:cut].lower(), rest[cut:]
+            name, rest = _ascii_lower(rest[:cut]), rest[cut:]
             if not name:
                 return ["*"]
-        schemas.append(name)
-        rest = rest.strip(" \t\n\r\f\v")
+        schemas.append(_name(name))
+        rest = rest.strip(_NAME_SPACE)
         if rest.startswith(","):
-            rest = rest[1:].strip(" \t\n\r\f\v")
+            rest = rest[1:].strip(_NAME_SPACE)
             if not rest:
                 return ["*"]
         elif rest:
@@ -1159,7 +1207,7 @@ def _h_alter_default_setting(kind: str) -> _Handler:
         if setstmt.get("kind") == "VAR_RESET_ALL":
             w.set_param("all")
         elif setstmt.get("name"):
-            w.set_param(str(setstmt["name"]).lower())
+            w.set_param(_ascii_lower(str(setstmt["name"])))
 
     return handler
 
@@ -1539,6 +1587,7 @@ def _analyze_statement(text: str) -> tuple[_Values, bool]:
         w.opaque,
         w.prepared_name,
         tuple(w.search_path),
+        tuple(w.text_settings),
         w.derived,
     )
     return values, w.literal_dependent

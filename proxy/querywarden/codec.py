@@ -156,48 +156,6 @@ class MessageTooLarge(ProtocolViolation):
 # --- decoders -------------------------------------------------------------------------
 
 
-#: PostgreSQL's client encodings (as ParameterStatus reports them) -> Python codecs.
-_PG_ENCODINGS = {
-    "UTF8": "utf-8",
-    "SQL_ASCII": "latin-1",  # bytes above 127 carry no meaning; latin-1 maps them 1:1
-    "LATIN1": "latin-1",
-    "LATIN2": "iso8859-2",
-    "LATIN3": "iso8859-3",
-    "LATIN4": "iso8859-4",
-    "LATIN5": "iso8859-9",
-    "LATIN6": "iso8859-10",
-    "LATIN7": "iso8859-13",
-    "LATIN8": "iso8859-14",
-    "LATIN9": "iso8859-15",
-    "LATIN10": "iso8859-16",
-    "ISO_8859_5": "iso8859-5",
-    "ISO_8859_6": "iso8859-6",
-    "ISO_8859_7": "iso8859-7",
-    "ISO_8859_8": "iso8859-8",
-    "WIN866": "cp866",
-    "WIN874": "cp874",
-    **{f"WIN{n}": f"cp{n}" for n in range(1250, 1259)},
-    "KOI8R": "koi8-r",
-    "KOI8U": "koi8-u",
-    "EUC_JP": "euc-jp",
-    "EUC_JIS_2004": "euc-jis-2004",
-    "EUC_KR": "euc-kr",
-    "EUC_CN": "gb2312",
-    "SJIS": "shift-jis",
-    "SHIFT_JIS_2004": "shift-jis-2004",
-    "BIG5": "big5",
-    "GBK": "gbk",
-    "GB18030": "gb18030",
-    "UHC": "cp949",
-    "JOHAB": "johab",
-}
-
-
-def python_encoding(pg_name: str) -> str | None:
-    """The Python codec for a PostgreSQL client_encoding, or None if there is none."""
-    return _PG_ENCODINGS.get(pg_name.upper())
-
-
 def _cstring(data: bytes, pos: int, encoding: str = "utf-8") -> tuple[str, int]:
     end = data.find(b"\0", pos)
     if end < 0:

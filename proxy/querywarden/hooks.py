@@ -37,6 +37,8 @@ class SessionInfo:
     #: SQL-level prepared statements (PREPARE name AS ...) by name, as the gate allowed
     #: them: an EXECUTE is checked again by its body, under the policy of the moment.
     prepared: dict[str, StatementSummary] = field(default_factory=dict)
+    #: The session's client_encoding (PostgreSQL's name), fixed for the whole session.
+    client_encoding: str = "UTF8"
 
 
 RequestKind = Literal["query", "parse", "function_call", "execute"]

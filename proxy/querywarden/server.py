@@ -22,13 +22,14 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
-from querywarden import codec
+from querywarden import codec, encodings
 from querywarden.approvals.api import AdminApi, bearer_authenticate
 from querywarden.approvals.model import Review
 from querywarden.approvals.service import ApprovalService
 from querywarden.approvals.store import SqliteReviewStore
 from querywarden.audit.recorder import Auditor, AuditWriteError, SessionAudit
 from querywarden.config import GatewaySettings
+from querywarden.encodings import EncodingRefused
 from querywarden.endpoint import ConnectionClosed, Endpoint
 from querywarden.errors import (
     AuthenticationFailed,
@@ -584,6 +585,7 @@ class ClientConnection(Endpoint):
                 self._check_startup(event, tls=machine.tls)
                 # Refused here, before authentication, when a setting is not accepted.
                 forwarded = upstream_parameters(event.params)
+                encodings.check_startup_settings(forwarded)
                 if event.needs_negotiation:
                     self.write(codec.negotiate_protocol_version(0, list(event.unsupported_options)))
                 self.write(codec.AUTHENTICATION_CLEARTEXT)
@@ -634,6 +636,13 @@ class ClientConnection(Endpoint):
                     sqlstate="58030",
                 ) from None
         upstream = await connect(target, database, forwarded)
+        try:
+            # The server's own defaults (ALTER ROLE ... SET client_encoding) apply too.
+            client_encoding = encodings.check_server_parameters(upstream.parameters)
+        except EncodingRefused:
+            upstream.endpoint.close()
+            raise
+        info = dataclasses.replace(info, client_encoding=client_encoding)
         leftover = machine.leftover()
         if leftover:
             self._buffer[:0] = leftover
@@ -714,7 +723,6 @@ class ClientConnection(Endpoint):
             audit=self._audit,
         )
         self.session.transaction_status = upstream.transaction_status
-        self.session.set_client_encoding(upstream.parameters.get("client_encoding", "UTF8"))
         self.upstream = up = upstream.endpoint
         gateway.endpoints.add(up)
         assert up.transport is not None

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
-from querywarden import codec
+from querywarden import codec, encodings
 from querywarden.audit.recorder import AuditWriteError, PendingStatement, SessionAudit
 from querywarden.codec import FieldDescription
 from querywarden.errors import AuthenticationFailed, ProtocolViolation, UpstreamError
@@ -152,8 +152,8 @@ class Session:
         self.server_fatal = False
         #: A decision the shell must await, then pass to :meth:`resume`.
         self.awaiting: Awaitable[Decision] | None = None
-        #: The Python codec of the client_encoding the server last reported.
-        self.encoding = "utf-8"
+        #: The Python codec of the session's client_encoding (one of the accepted ones).
+        self.encoding = encodings.python_codec(info.client_encoding, source="the server")
 
         self.max_client_message = max_client_message
         self._client_buf = bytearray()
@@ -516,17 +516,23 @@ class Session:
         if pos < size:
             self._server_buf += data[pos:]
 
-    def set_client_encoding(self, pg_name: str) -> None:
-        """Decode what the client sends in this PostgreSQL client_encoding from now on."""
-        # An encoding without a Python codec keeps strict UTF-8: undecodable text is refused.
-        self.encoding = codec.python_encoding(pg_name) or "utf-8"
-
     # Handlers return None to forward the message untouched, or replacement bytes.
 
     def _on_parameter_status(self, data: bytes, pos: int, end: int) -> bytes | None:
         name, value = codec.decode_parameter_status(data[pos:end])
-        if name == "client_encoding":
-            self.set_client_encoding(value)
+        if name == "client_encoding" and encodings.canonical(value) != self.info.client_encoding:
+            # The gateway refuses every change of encoding it sees, so this one came from
+            # code it cannot see (a function calling set_config). What the client
+            # pipelined behind it was decoded the old way: end the session at once.
+            raise encodings.EncodingRefused(
+                f"querywarden: the server reports that client_encoding changed from "
+                f"{self.info.client_encoding} to {value} (set by a function or procedure); "
+                "the gateway reads each session in the encoding it started with, so the "
+                "session is closed. Reconnect, and set the encoding at start-up "
+                "(PGCLIENTENCODING) instead of in SQL"
+            )
+        if name == "standard_conforming_strings":
+            encodings.check_string_syntax(value)
         return None
 
     def _on_ready_for_query(self, data: bytes, pos: int, end: int) -> bytes | None:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from querywarden import codec
+from querywarden import codec, encodings
 from querywarden.analysis import AnalysisError, Analyzer, StatementSummary
 from querywarden.approvals.service import ApprovalService
 from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
@@ -101,6 +101,11 @@ class PolicyGate:
         verdict = self.engine.evaluate(
             session.principal, session.database, summaries, search_path=search_path
         )
+        if verdict.outcome != "deny":
+            # Whatever the rules allow, nothing may change how the server reads text.
+            refusal = _text_setting_refusal(session, summaries)
+            if refusal is not None:
+                return refusal
         if verdict.outcome == "allow" and added:
             unknown = {"*", "$user"} & set(added)
             if unknown:
@@ -410,3 +415,31 @@ def _needs_review(reason: str, *, hint: str | None, rule: str | None) -> Decisio
         hint=hint,
         rule=rule,
     )
+
+
+def _text_setting_refusal(
+    session: SessionInfo, summaries: Sequence[StatementSummary]
+) -> Decision | None:
+    """Refuse a change to how the server reads statement text, whatever the rules say.
+
+    The gateway's decisions hold only while it reads each statement as the server does:
+    same client_encoding, standard_conforming_strings on. A setting named by a value the
+    gateway cannot see (``set_config($1, ...)``, UPDATE pg_settings) might be either.
+    """
+    for summary in summaries:
+        reason = None
+        if "*" in summary.set_parameters:
+            reason = (
+                "this statement changes a setting the gateway cannot name, which could be "
+                "client_encoding or standard_conforming_strings"
+            )
+        for name, value in summary.text_settings:
+            reason = reason or encodings.setting_refusal(name, value, session.client_encoding)
+        if reason is not None:
+            return Decision.refuse(
+                _PREFIX + reason + "; the statement was not run",
+                sqlstate="0A000",
+                hint=encodings.SETTING_HINT,
+                rule="built-in",
+            )
+    return None
