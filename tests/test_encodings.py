@@ -7,13 +7,17 @@ its own reading of a statement, its own ParameterStatus reports.
 from __future__ import annotations
 
 import codecs
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from gateway_harness import POLICY, RunningGateway, token_for
 from querywarden import codec, encodings
+from querywarden.audit.log import read_records
 from querywarden.devcluster import EphemeralCluster
 from querywarden.policy import PolicyDocument
 from querywarden.policy.gate import PolicyGate
@@ -490,3 +494,29 @@ def test_codec_names_resolve_as_postgresql_names_them() -> None:
     assert encodings.canonical("shift_jis_2004") is None
     for python in encodings.ACCEPTED.values():
         codecs.lookup(python)
+
+
+# --- the audit records the text the server read ------------------------------------------
+
+
+def test_the_audit_records_values_in_the_client_encoding(
+    make_gateway: Callable[..., RunningGateway], objects: None, tmp_path: Path
+) -> None:
+    """KOI8-R "д─" is the bytes C4 80, which UTF-8 would read as "Ā"."""
+    policy = PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": RULES}
+    )
+    directory = tmp_path / "audit"
+    gw = make_gateway(policy=policy, audit={"directory": str(directory), "sampleRows": 3})
+    with connect(gw, client_encoding="KOI8R") as conn:
+        assert conn.execute("SELECT %s::text AS v", ["д─"]).fetchone() == ("д─",)
+    records: list[dict[str, Any]] = []
+    for _ in range(200):  # the session's end is written when the gateway sees it close
+        records = list(read_records(directory))
+        if any(r["type"] == "session.end" for r in records):
+            break
+        time.sleep(0.05)
+    executes = [r for r in records if r["type"] == "statement.request" and r["kind"] == "execute"]
+    assert [e["parameters"] for e in executes] == [["д─"]]
+    results = {r["statement_id"]: r for r in records if r["type"] == "statement.result"}
+    assert results[executes[0]["statement_id"]]["sample"] == [["д─"]]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -750,7 +751,7 @@ class Session:
             return
         pending = self._expected[0][3]
         if pending is not None and len(pending.sample) < audit.sample_rows:
-            pending.sample.append(_row_values(frame))
+            pending.sample.append(_row_values(frame, self.encoding))
 
     def _count_row(self) -> bytes | None:
         """Count a row against the limit; past it, drop the row (b"")."""
@@ -820,7 +821,7 @@ class Session:
         """Remember what a forwarded Bind bound: its statement, result formats and values."""
         bind = codec.decode_bind_names(frame, self.encoding)
         formats = codec.decode_bind_result_formats(frame) if self.masked else ()
-        values = _bind_values(frame) if self.audit is not None else []
+        values = _bind_values(frame, self.encoding) if self.audit is not None else []
         self._binds[bind.portal] = _Bound(bind.statement, formats, values)
         if self.masked:
             self._portal_fields.pop(bind.portal, None)
@@ -1058,25 +1059,33 @@ def _note_completion(pending: PendingStatement, data: bytes, pos: int, end: int)
         pending.command = pending.command or "EMPTY"
 
 
-def _bind_values(frame: bytes) -> list[str | None]:
-    """A Bind's parameter values for the audit record (text, or backslash-x hex)."""
+def _bind_values(frame: bytes, encoding: str) -> list[str | None]:
+    """A Bind's parameter values for the audit record (text, or backslash-x hex).
+
+    Text values are read in the session's client encoding, as the server reads them;
+    binary ones are recorded in hex.
+    """
     pos = frame.index(b"\0", 5) + 1
     pos = frame.index(b"\0", pos) + 1
     (formats,) = codec.INT16.unpack_from(frame, pos)
-    return _values(frame, pos + 2 + 2 * formats)
+    codes = struct.unpack_from(f"!{formats}h", frame, pos + 2)
+    return _values(frame, pos + 2 + 2 * formats, encoding, codes)
 
 
-def _row_values(frame: bytes) -> list[str | None]:
+def _row_values(frame: bytes, encoding: str) -> list[str | None]:
     """A DataRow's values for the audit sample: text, or a backslash-x hex string."""
-    return _values(frame, 5)
+    return _values(frame, 5, encoding, ())
 
 
-def _values(frame: bytes, pos: int) -> list[str | None]:
-    """A count of length-prefixed values at ``pos`` (as in Bind and DataRow)."""
+def _values(frame: bytes, pos: int, encoding: str, codes: tuple[int, ...]) -> list[str | None]:
+    """A count of length-prefixed values at ``pos`` (as in Bind and DataRow).
+
+    ``codes`` are Bind's format codes (none: all text; one: for all).
+    """
     (count,) = codec.INT16.unpack_from(frame, pos)
     pos += 2
     values: list[str | None] = []
-    for _ in range(count):
+    for i in range(count):
         (length,) = codec.INT32.unpack_from(frame, pos)
         pos += 4
         if length < 0:
@@ -1084,10 +1093,14 @@ def _values(frame: bytes, pos: int) -> list[str | None]:
             continue
         raw = frame[pos : pos + length]
         pos += length
-        try:
-            values.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            values.append("\\x" + raw.hex())
+        code = codes[0] if len(codes) == 1 else codes[i] if i < len(codes) else 0
+        if code != 1:
+            try:
+                values.append(raw.decode(encoding))
+                continue
+            except UnicodeDecodeError:
+                pass
+        values.append("\\x" + raw.hex())
     return values
 
 
