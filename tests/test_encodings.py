@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -520,3 +521,30 @@ def test_the_audit_records_values_in_the_client_encoding(
     assert [e["parameters"] for e in executes] == [["д─"]]
     results = {r["statement_id"]: r for r in records if r["type"] == "statement.result"}
     assert results[executes[0]["statement_id"]]["sample"] == [["д─"]]
+
+
+def test_sql_pipelined_behind_a_function_that_changes_the_encoding_never_runs(
+    policed: RunningGateway, pg: EphemeralCluster
+) -> None:
+    """The gateway reads the next Query only once the server answered the one before.
+
+    In UTF-8 the second Query is one E'' string: "ぁ" (E3 81 81) then an escaped quote.
+    In SJIS, 81 5C is one character: the backslash is gone, the quote closes the string
+    and the INSERT runs. The server reports the switch before its ReadyForQuery, so the
+    gateway ends the session before that Query leaves.
+    """
+    marker = f"ran-{uuid.uuid4().hex[:8]}"
+    insert = f"INSERT INTO qw_enc_open VALUES ($m${marker}$m$)"
+    trick = f"SELECT E'\u3041\\'; {insert}; --'".encode()
+    assert b"\x81\\'" in trick
+    with RawClient.to(policed) as client:
+        client.login("alice")
+        client.send(
+            codec.query("SELECT qw_enc_switch('client_encoding', 'SJIS')")
+            + codec.message(b"Q", trick + b"\0")
+        )
+        messages = client.read_to_close()
+    errors = [m for m in messages if m.mtype == b"E"]
+    assert [(e.sqlstate, e.fields["S"]) for e in errors] == [("0A000", "FATAL")]
+    # The server never received it (it would have run it after the switch, in SJIS).
+    assert pg.psql(f"SELECT count(*) FROM qw_enc_open WHERE note = '{marker}'").strip() == "0"

@@ -784,6 +784,9 @@ class ClientConnection(Endpoint):
                 # What the client sends behind a held request waits in the session; past
                 # this much, stop reading (TCP pushes back) until the decision is made.
                 self.transport.pause_reading()
+        elif session.held_for_answer > _HELD_INPUT_LIMIT and self.transport:
+            # The same for SQL text pipelined behind a Query that is still running.
+            self.transport.pause_reading()
 
     def _on_server_data(self, data: bytes) -> None:
         session = self.session
@@ -798,6 +801,14 @@ class ClientConnection(Endpoint):
         if chunks:
             session.to_client = []
             _send(self, chunks)
+        if session.input_released:
+            # SQL text held until the server answered the Query before it (an encoding
+            # change would have been reported first) goes on, as if just received.
+            session.input_released = False
+            self._on_client_data(b"")
+            idle = self._deciding is None and self._cancelling is None
+            if self.transport is not None and idle and not self.closed:
+                self.transport.resume_reading()
         if session.cancel_wanted:
             session.cancel_wanted = False
             self._cancelling = asyncio.get_running_loop().create_task(self._cancel_statement())

@@ -200,6 +200,14 @@ class Session:
         #: clears it and calls :meth:`cancel_delivered` once the server has the request.
         self.cancel_wanted = False
         self._cancel_in_flight = False  # client input waits while this is set
+        # Queries and FunctionCalls sent and not yet answered by ReadyForQuery. Code the
+        # gateway cannot see (a function, a trigger) may change client_encoding while
+        # one runs; the server reports that before its ReadyForQuery, so SQL text that
+        # follows (Query, Parse) is decoded only once they are answered.
+        self._open_queries = 0
+        #: Set when client input held for that reason may go on: the shell then feeds
+        #: the session (``receive_client(b"")``) and clears it.
+        self.input_released = False
         self._cancelled = False  # a cancel was sent for the request now running
         self._rows = 0  # rows of the current result so far
         self._cut = False  # the current result passed the limit: drop the rest of it
@@ -281,6 +289,8 @@ class Session:
                     return
                 break
             if mtype in _GATED:
+                if self._open_queries and mtype != _F:
+                    break  # decoded once the server's ReadyForQuery says how (see above)
                 frame = data[pos:end]
                 request, parse = self._request(mtype, frame)
                 outcome = self.gate.decide(self.info, request)
@@ -391,6 +401,7 @@ class Session:
             # Query and FunctionCall both answer ErrorResponse + ReadyForQuery.
             sentinel = codec.query(token)
             self._expected.append((_Q, "", "", pending))
+            self._open_queries += 1
             if self.masked:
                 self._query_plans.append(None)
         return sentinel
@@ -435,6 +446,7 @@ class Session:
             expected.append((mtype, name, kind, None))
         elif mtype in (_Q, _F):
             expected.append((mtype, "", "", pending))
+            self._open_queries += 1
         elif mtype == _X:
             self.terminated = True
 
@@ -549,6 +561,9 @@ class Session:
             if entry[3] is not None:
                 self._finished.append(entry[3])
             if mtype in (_S, _Q, _F):
+                if mtype != _S:
+                    self._open_queries -= 1
+                    self.input_released = not self._open_queries and bool(self._client_buf)
                 break
         if status == b"I" and self.portals:
             # Portals live no longer than their transaction.
@@ -1011,6 +1026,11 @@ class Session:
         self.audit.end(self.mask_summary() if self.masked else {})
 
     # --- for the shell ---------------------------------------------------------------
+
+    @property
+    def held_for_answer(self) -> int:
+        """Client input held until the server answers an earlier Query (bytes)."""
+        return len(self._client_buf) if self._open_queries else 0
 
     @property
     def buffered_client_bytes(self) -> int:
