@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ def objects(pg: EphemeralCluster) -> Iterator[None]:
         'CREATE TABLE "qw_enc_sécrÉts" (secret text);'
         f'CREATE TABLE "{LONG_NAME}" (secret text);'
         "CREATE TABLE qw_enc_open (note text);"
+        "CREATE SEQUENCE qw_enc_seq; GRANT ALL ON SEQUENCE qw_enc_seq TO PUBLIC;"
         "INSERT INTO qw_enc_secrets VALUES ('hunter2');"
         """INSERT INTO "qw_enc_sécrÉts" VALUES ('hunter3');"""
         f"""INSERT INTO "{LONG_NAME}" VALUES ('hunter4');"""
@@ -75,6 +75,7 @@ def objects(pg: EphemeralCluster) -> Iterator[None]:
     yield
     pg.psql(
         f'DROP TABLE qw_enc_secrets, qw_enc_open, "qw_enc_sécrÉts", "{LONG_NAME}";'
+        "DROP SEQUENCE qw_enc_seq;"
         "DROP FUNCTION qw_enc_switch(text, text); DROP FUNCTION qw_enc_decode(bytea, name)"
     )
 
@@ -523,28 +524,83 @@ def test_the_audit_records_values_in_the_client_encoding(
     assert results[executes[0]["statement_id"]]["sample"] == [["д─"]]
 
 
-def test_sql_pipelined_behind_a_function_that_changes_the_encoding_never_runs(
-    policed: RunningGateway, pg: EphemeralCluster
-) -> None:
-    """The gateway reads the next Query only once the server answered the one before.
+#: SQL the gateway reads as a SELECT of strings, and the server, once a function switched
+#: the setting, as a SELECT that calls nextval (which no rollback undoes).
+#: SJIS: "ぁ" is E3 81 81 in UTF-8; to SJIS, 81 5C is one character, so the backslash that
+#: escapes the quote is gone. standard_conforming_strings off: the backslash in 'a\\'
+#: escapes the quote after it.
+TRICKS = {
+    "client_encoding": "SELECT E'\u3041\\', nextval($s$qw_enc_seq$s$) --'".encode(),
+    "standard_conforming_strings": b"SELECT 'a\\' || ', nextval($s$qw_enc_seq$s$) --'",
+}
+SWITCHES = [("client_encoding", "SJIS"), ("standard_conforming_strings", "off")]
 
-    In UTF-8 the second Query is one E'' string: "ぁ" (E3 81 81) then an escaped quote.
-    In SJIS, 81 5C is one character: the backslash is gone, the quote closes the string
-    and the INSERT runs. The server reports the switch before its ReadyForQuery, so the
-    gateway ends the session before that Query leaves.
-    """
-    marker = f"ran-{uuid.uuid4().hex[:8]}"
-    insert = f"INSERT INTO qw_enc_open VALUES ($m${marker}$m$)"
-    trick = f"SELECT E'\u3041\\'; {insert}; --'".encode()
-    assert b"\x81\\'" in trick
+
+def _sequence(pg: EphemeralCluster) -> str:
+    return pg.psql("SELECT last_value, is_called FROM qw_enc_seq").strip()
+
+
+@pytest.mark.parametrize(("setting", "value"), SWITCHES)
+def test_sql_pipelined_behind_a_function_that_changes_how_text_is_read_never_runs(
+    policed: RunningGateway, pg: EphemeralCluster, setting: str, value: str
+) -> None:
+    """Such text is read only once the server has answered the Query before it."""
+    before = _sequence(pg)
     with RawClient.to(policed) as client:
         client.login("alice")
         client.send(
-            codec.query("SELECT qw_enc_switch('client_encoding', 'SJIS')")
-            + codec.message(b"Q", trick + b"\0")
+            codec.query(f"SELECT qw_enc_switch('{setting}', '{value}')")
+            + codec.message(b"Q", TRICKS[setting] + b"\0")
         )
         messages = client.read_to_close()
     errors = [m for m in messages if m.mtype == b"E"]
     assert [(e.sqlstate, e.fields["S"]) for e in errors] == [("0A000", "FATAL")]
-    # The server never received it (it would have run it after the switch, in SJIS).
-    assert pg.psql(f"SELECT count(*) FROM qw_enc_open WHERE note = '{marker}'").strip() == "0"
+    # The server never received it (it would have called nextval after the switch).
+    assert _sequence(pg) == before
+
+
+@pytest.mark.parametrize(("setting", "value"), SWITCHES)
+def test_such_sql_pipelined_behind_an_execute_without_sync_is_refused(
+    policed: RunningGateway, pg: EphemeralCluster, setting: str, value: str
+) -> None:
+    """No ReadyForQuery comes between an Execute and the Parse after it: refuse the Parse."""
+    before = _sequence(pg)
+    call = f"SELECT qw_enc_switch('{setting}', '{value}')".encode()
+    unnamed_run = codec.message(b"B", b"\0\0\0\0\0\0\0\0") + codec.message(b"E", b"\0\0\0\0\0")
+    with RawClient.to(policed) as client:
+        client.login("alice")
+        client.send(
+            codec.message(b"P", b"\0" + call + b"\0\0\0")
+            + unnamed_run
+            + codec.message(b"P", b"\0" + TRICKS[setting] + b"\0\0\0")
+            + unnamed_run
+            + codec.message(b"S")
+        )
+        messages = _to_ready(client)
+        errors = [m for m in messages if m.mtype == b"E"]
+        assert [(e.sqlstate, e.fields["S"]) for e in errors] == [("0A000", "ERROR")]
+        assert "Sync" in errors[0].fields["H"]
+        # The error ended the implicit transaction, and the function's change with it.
+        shown = data_rows(client.simple_query(f"SHOW {setting}"))
+        assert shown == [["UTF8" if setting == "client_encoding" else "on"]]
+    assert _sequence(pg) == before
+
+
+def test_plain_ascii_pipelines_are_not_held(policed: RunningGateway) -> None:
+    """Text without non-ASCII bytes or backslashes reads alike in every case: it flows."""
+    with RawClient.to(policed) as client:
+        client.login("alice")
+        client.send(
+            codec.parse("", "SELECT 1")
+            + codec.message(b"B", b"\0\0\0\0\0\0\0\0")
+            + codec.message(b"E", b"\0\0\0\0\0")
+            + codec.parse("", "SELECT 2")
+            + codec.message(b"B", b"\0\0\0\0\0\0\0\0")
+            + codec.message(b"E", b"\0\0\0\0\0")
+            + codec.message(b"S")
+            + codec.query("SELECT 3")
+            + codec.query("SELECT 'caf\u00e9'")
+        )
+        answers = [_to_ready(client) for _ in range(3)]
+    rows = [data_rows(a) for a in answers]
+    assert rows == [[["1"], ["2"]], [["3"]], [["caf\u00e9"]]]

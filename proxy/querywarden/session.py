@@ -79,6 +79,17 @@ SENTINEL_PREFIX = "querywarden_refused_"
 
 _QUERY_CANCELED = b"C57014\0"
 
+_PIPELINED_TEXT: Final = Decision.refuse(
+    "querywarden: SQL text with non-ASCII characters or backslashes may not follow an "
+    "Execute in the same pipeline: what runs before the next Sync could change how the "
+    "server reads it (client_encoding, standard_conforming_strings), and the gateway "
+    "could not check it the same way; the statement was not run",
+    sqlstate="0A000",
+    hint="send a Sync before this statement (end the pipeline), or pass the text as a "
+    "parameter ($1) instead of writing it into the SQL",
+    rule="built-in",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class RowLimit:
@@ -200,11 +211,14 @@ class Session:
         #: clears it and calls :meth:`cancel_delivered` once the server has the request.
         self.cancel_wanted = False
         self._cancel_in_flight = False  # client input waits while this is set
-        # Queries and FunctionCalls sent and not yet answered by ReadyForQuery. Code the
-        # gateway cannot see (a function, a trigger) may change client_encoding while
-        # one runs; the server reports that before its ReadyForQuery, so SQL text that
-        # follows (Query, Parse) is decoded only once they are answered.
-        self._open_queries = 0
+        # Code the gateway cannot see (a function, a trigger) may change client_encoding
+        # or standard_conforming_strings; the server reports it just before its next
+        # ReadyForQuery. SQL text that those could make it read differently (non-ASCII
+        # bytes, a backslash) waits until every ReadyForQuery owed (one per Query,
+        # FunctionCall and Sync sent) has come, or is refused after an Execute that no
+        # Sync follows yet (no ReadyForQuery would come before it).
+        self._owed_ready = 0
+        self._unsynced_execute = False
         #: Set when client input held for that reason may go on: the shell then feeds
         #: the session (``receive_client(b"")``) and clears it.
         self.input_released = False
@@ -289,11 +303,13 @@ class Session:
                     return
                 break
             if mtype in _GATED:
-                if self._open_queries and mtype != _F:
-                    break  # decoded once the server's ReadyForQuery says how (see above)
                 frame = data[pos:end]
+                unsettled = (self._owed_ready or self._unsynced_execute) and mtype != _F
+                risky = unsettled and _may_read_differently(mtype, frame)
+                if risky and not self._unsynced_execute:
+                    break  # read once the server's ReadyForQuery has said how (see above)
                 request, parse = self._request(mtype, frame)
-                outcome = self.gate.decide(self.info, request)
+                outcome = _PIPELINED_TEXT if risky else self.gate.decide(self.info, request)
                 pending = None
                 if self.audit is not None and isinstance(outcome, Decision):
                     outcome, pending = self._audit_request(request, outcome)
@@ -401,7 +417,8 @@ class Session:
             # Query and FunctionCall both answer ErrorResponse + ReadyForQuery.
             sentinel = codec.query(token)
             self._expected.append((_Q, "", "", pending))
-            self._open_queries += 1
+            self._owed_ready += 1
+            self._unsynced_execute = False
             if self.masked:
                 self._query_plans.append(None)
         return sentinel
@@ -434,10 +451,13 @@ class Session:
                 else codec.decode_execute_portal(data[pos:end], self.encoding)
             )
             expected.append((_E, portal, "", pending))
+            self._unsynced_execute = True
         elif mtype == _S:
             # During COPY IN the server ignores Sync (and Flush): it owes nothing for it.
             if self.mode != "copy_in":
                 expected.append(_SYNC_ENTRY)
+                self._owed_ready += 1
+                self._unsynced_execute = False
         elif mtype == _P:
             assert parse is not None
             expected.append((_P, parse.statement, parse.sql, pending))
@@ -446,7 +466,8 @@ class Session:
             expected.append((mtype, name, kind, None))
         elif mtype in (_Q, _F):
             expected.append((mtype, "", "", pending))
-            self._open_queries += 1
+            self._owed_ready += 1
+            self._unsynced_execute = False
         elif mtype == _X:
             self.terminated = True
 
@@ -561,9 +582,8 @@ class Session:
             if entry[3] is not None:
                 self._finished.append(entry[3])
             if mtype in (_S, _Q, _F):
-                if mtype != _S:
-                    self._open_queries -= 1
-                    self.input_released = not self._open_queries and bool(self._client_buf)
+                self._owed_ready -= 1
+                self.input_released = not self._owed_ready and bool(self._client_buf)
                 break
         if status == b"I" and self.portals:
             # Portals live no longer than their transaction.
@@ -1030,7 +1050,7 @@ class Session:
     @property
     def held_for_answer(self) -> int:
         """Client input held until the server answers an earlier Query (bytes)."""
-        return len(self._client_buf) if self._open_queries else 0
+        return len(self._client_buf) if self._owed_ready else 0
 
     @property
     def buffered_client_bytes(self) -> int:
@@ -1122,6 +1142,17 @@ def _values(frame: bytes, pos: int, encoding: str, codes: tuple[int, ...]) -> li
                 pass
         values.append("\\x" + raw.hex())
     return values
+
+
+def _may_read_differently(mtype: int, frame: bytes) -> bool:
+    """Whether a Query's or Parse's text could be read otherwise by the server.
+
+    In another client_encoding, a byte above 0x7F could; with standard_conforming_strings
+    off, a backslash could. Every encoding PostgreSQL supports reads 0x00-0x7F as ASCII.
+    """
+    end = len(frame) - 1 if mtype == _Q else frame.find(b"\0", frame.find(b"\0", 5) + 1)
+    text = frame[5:end]
+    return b"\\" in text or not text.isascii()
 
 
 def _no_cut_error(completed: bool) -> bytes:
