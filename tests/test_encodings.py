@@ -489,6 +489,17 @@ def test_a_name_in_a_string_is_read_as_the_server_reads_it(
         conn.execute(sql)
 
 
+def test_a_regclass_of_digits_is_an_oid_not_a_name(
+    policed: RunningGateway, pg: EphemeralCluster
+) -> None:
+    oid = pg.psql("SELECT 'qw_enc_secrets'::regclass::oid").strip()
+    sql = f"SELECT table_to_xml('{oid}', true, false, '')"
+    with psycopg.connect(pg.dsn(), autocommit=True) as direct:
+        assert "hunter2" in str(direct.execute(sql).fetchone())
+    with connect(policed) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(sql)
+
+
 def test_codec_names_resolve_as_postgresql_names_them() -> None:
     assert encodings.canonical("utf-8") == "UTF8"
     assert encodings.canonical("ISO-8859-1") == "LATIN1"
