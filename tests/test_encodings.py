@@ -293,9 +293,37 @@ def test_sql_ascii_is_read_as_the_database_encoding(policed: RunningGateway) -> 
         rows = data_rows(client.simple_query("SELECT 'naïve'"))
         assert rows == [["naïve"]]
         client.send(codec.message(b"Q", b"SELECT 'na\xefve'\0"))
-        messages = client.read_to_close()
-    errors = [m for m in messages if m.mtype == b"E"]
-    assert errors and "not valid in the client encoding" in errors[0].text
+        errors = [m for m in _to_ready(client) if m.mtype == b"E"]
+        assert [(e.sqlstate, e.fields["S"]) for e in errors] == [("22021", "ERROR")]
+        assert "not valid text in the session's client encoding" in errors[0].text
+        assert data_rows(client.simple_query("SELECT 1")) == [["1"]]
+
+
+def test_text_the_encoding_rejects_is_refused_as_the_server_would(
+    policed: RunningGateway,
+) -> None:
+    """Invalid bytes end the statement (22021), not the session, in both protocols."""
+    with RawClient.to(policed) as client:
+        client.login("alice")
+        client.send(codec.message(b"Q", b"SELECT '\xff'\0"))
+        errors = [m for m in _to_ready(client) if m.mtype == b"E"]
+        assert [(e.sqlstate, e.fields["S"]) for e in errors] == [("22021", "ERROR")]
+        client.send(
+            codec.message(b"P", b"s1\0SELECT '\xc3('\0\0\0")
+            + codec.message(b"B", b"\0s1\0\0\0\0\0\0\0")
+            + codec.message(b"E", b"\0\0\0\0\0")
+            + codec.message(b"S")
+        )
+        answer = _to_ready(client)
+        assert [(m.sqlstate, m.fields["S"]) for m in answer if m.mtype == b"E"] == [
+            ("22021", "ERROR")
+        ]
+        assert answer[-1].mtype == b"Z"
+        assert data_rows(client.simple_query("SELECT 2")) == [["2"]]
+        # A name that does not decode (Bind, Describe, Execute) cannot be tracked: FATAL.
+        client.send(codec.message(b"B", b"\xff\0\0\0\0\0\0\0\0"))
+        errors = [m for m in client.read_to_close() if m.mtype == b"E"]
+        assert [(e.sqlstate, e.fields["S"]) for e in errors] == [("22021", "FATAL")]
 
 
 # --- changes in the session --------------------------------------------------------------

@@ -163,9 +163,20 @@ def _cstring(data: bytes, pos: int, encoding: str = "utf-8") -> tuple[str, int]:
     try:
         return data[pos:end].decode(encoding), end + 1
     except UnicodeDecodeError as exc:
-        raise ProtocolViolation(
+        raise InvalidText(
             f"string in message is not valid in the client encoding ({encoding})"
         ) from exc
+
+
+class InvalidText(ProtocolViolation):
+    """A string in a message is not valid in the client encoding (as PostgreSQL: 22021)."""
+
+    default_sqlstate = "22021"
+
+
+def decode_cstring(data: bytes, pos: int, encoding: str = "utf-8") -> tuple[str, int]:
+    """A NUL-terminated string at ``pos`` and the position after it."""
+    return _cstring(data, pos, encoding)
 
 
 def decode_query(frame: bytes, encoding: str = "utf-8") -> str:

@@ -308,8 +308,14 @@ class Session:
                 risky = unsettled and _may_read_differently(mtype, frame)
                 if risky and not self._unsynced_execute:
                     break  # read once the server's ReadyForQuery has said how (see above)
-                request, parse = self._request(mtype, frame)
-                outcome = _PIPELINED_TEXT if risky else self.gate.decide(self.info, request)
+                try:
+                    request, parse = self._request(mtype, frame)
+                except codec.InvalidText:
+                    # The server refuses such text too (22021) and the session goes on.
+                    request, parse = self._undecodable(mtype, frame), None
+                    outcome: Decision | Awaitable[Decision] = _invalid_text(self.encoding)
+                else:
+                    outcome = _PIPELINED_TEXT if risky else self.gate.decide(self.info, request)
                 pending = None
                 if self.audit is not None and isinstance(outcome, Decision):
                     outcome, pending = self._audit_request(request, outcome)
@@ -389,6 +395,14 @@ class Session:
             return request, parse
         oid = codec.decode_function_call_oid(frame)
         return StatementRequest("function_call", "", function_oid=oid), None
+
+    def _undecodable(self, mtype: int, frame: bytes) -> StatementRequest:
+        """The request of a Query or Parse whose SQL text does not decode (to refuse)."""
+        if mtype == _Q:
+            return StatementRequest("query", frame[5:-1].decode(self.encoding, "replace"))
+        name, pos = codec.decode_cstring(frame, 5, self.encoding)  # a bad name: FATAL
+        sql = frame[pos : frame.find(b"\0", pos)].decode(self.encoding, "replace")
+        return StatementRequest("parse", sql, statement_name=name)
 
     def _refuse(
         self,
@@ -1142,6 +1156,16 @@ def _values(frame: bytes, pos: int, encoding: str, codes: tuple[int, ...]) -> li
                 pass
         values.append("\\x" + raw.hex())
     return values
+
+
+def _invalid_text(encoding: str) -> Decision:
+    return Decision.refuse(
+        f"querywarden: the statement is not valid text in the session's client encoding "
+        f"({encoding}), so the gateway cannot read it as the server would; it was not run",
+        sqlstate="22021",
+        hint="send statements encoded in the client_encoding the session started with",
+        rule="analysis",
+    )
 
 
 def _may_read_differently(mtype: int, frame: bytes) -> bool:
