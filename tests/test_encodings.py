@@ -643,3 +643,21 @@ def test_plain_ascii_pipelines_are_not_held(policed: RunningGateway) -> None:
         answers = [_to_ready(client) for _ in range(3)]
     rows = [data_rows(a) for a in answers]
     assert rows == [[["1"], ["2"]], [["3"]], [["caf\u00e9"]]]
+
+
+def test_text_after_an_extended_protocol_copy_is_not_held_forever(
+    policed: RunningGateway,
+) -> None:
+    """The Sync pipelined behind COPY FROM STDIN is ignored by the server: none is owed."""
+    with RawClient.to(policed) as client:
+        client.login("bob")
+        client.send(
+            codec.parse("", "COPY qw_enc_open FROM STDIN")
+            + codec.message(b"B", b"\0\0\0\0\0\0\0\0")
+            + codec.message(b"E", b"\0\0\0\0\0")
+            + codec.message(b"S")
+        )
+        assert client.read_until(b"G")[-1].mtype == b"G"
+        client.send(codec.message(b"c") + codec.message(b"S"))
+        assert _to_ready(client)[-1].mtype == b"Z"
+        assert data_rows(client.simple_query("SELECT 'caf\u00e9'")) == [["caf\u00e9"]]

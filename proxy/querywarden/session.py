@@ -984,6 +984,7 @@ class Session:
         if expected and expected[0][0] == _E:
             head = expected.popleft()
             kept = deque(e for e in expected if e[0] != _S)
+            self._owed_ready -= len(expected) - len(kept)
             expected.clear()
             expected.append(head)
             expected.extend(kept)

@@ -145,3 +145,18 @@ def test_such_text_after_an_execute_without_sync_is_refused_in_place() -> None:
     assert codec.parse("", "SELECT 'caf\u00e9'") not in sent
     assert SENTINEL_PREFIX.encode() in sent
     assert sent.endswith(BIND + EXECUTE + SYNC)
+
+
+def test_syncs_the_server_ignores_in_copy_in_are_not_owed() -> None:
+    """A Sync pipelined behind COPY FROM STDIN gets no ReadyForQuery: nothing waits for it."""
+    session = Session(INFO, AllowAll())
+    session.receive_client(codec.parse("", "COPY t FROM STDIN") + BIND + EXECUTE + SYNC)
+    drain(session.to_server)
+    session.receive_server(codec.message(b"1") + codec.message(b"2"))
+    session.receive_server(codec.message(b"G", b"\0\0\0"))
+    session.receive_client(codec.message(b"c") + SYNC)
+    session.receive_server(codec.message(b"C", b"COPY 0\0") + RFQ_I)
+    drain(session.to_server)
+    accented = codec.query("SELECT 'caf\u00e9'")
+    session.receive_client(accented)
+    assert drain(session.to_server) == accented
