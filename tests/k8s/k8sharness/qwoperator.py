@@ -63,7 +63,7 @@ def apply_crd(k8s: Cluster) -> None:
     shared one ``kubectl delete crd databaseaccesspolicies.querywarden.io`` removes it.
     """
     k8s.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
+    k8s.wait_established(CRD_NAME)
     k8s.wait_for(
         lambda: k8s.get(f"/apis/{GROUP}/{VERSION}").get("resources") or None,
         what=f"{GROUP}/{VERSION} in discovery",
