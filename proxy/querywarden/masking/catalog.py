@@ -59,6 +59,10 @@ class SensitiveCatalog:
     column_names: frozenset[str] = frozenset()
     #: Names of pg_catalog's functions: any other function may read sensitive tables.
     builtin_functions: frozenset[str] = frozenset()
+    #: What maskers derived from this snapshot (per identity), kept here so that it lives
+    #: and dies with the snapshot it was derived from: a cache keyed by something else
+    #: (an address, a name) could hand a later snapshot another one's columns.
+    derived: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(
