@@ -342,8 +342,7 @@ class Gateway:
         # there, and the gate holds statements only while the policy names approvers.
         self.approvals.settings = policy.approvals
         if isinstance(self.gate, PolicyGate):
-            self.gate.engine = self.engine
-            self.gate.masker = masker
+            self.gate.reload(self.engine, masker)
         log.info(
             "policy reloaded from %s: %d issuers, %d rules",
             path,
@@ -696,12 +695,7 @@ class ClientConnection(Endpoint):
             upstream.endpoint.close()
             return
         settings = gateway.settings.limits
-        limits = gateway.engine.session_limits(info.principal, info.database)
-        row_limit = (
-            RowLimit(limits.max_rows, limits.max_rows_rule or "?")
-            if limits.max_rows is not None
-            else None
-        )
+        masked, row_limit = self._policy_settings(info)
         self.session = Session(
             info,
             gateway.gate,
@@ -710,8 +704,9 @@ class ClientConnection(Endpoint):
             max_server_message=int(settings.max_server_message),
             expires_at=info.principal.expires_at,
             row_limit=row_limit,
-            masked=bool(getattr(gateway.gate, "masks", _never)(info)),
+            masked=masked,
             audit=self._audit,
+            policy_settings=lambda: self._policy_settings(info),
         )
         self.session.transaction_status = upstream.transaction_status
         self.session.set_client_encoding(upstream.parameters.get("client_encoding", "UTF8"))
@@ -753,6 +748,17 @@ class ClientConnection(Endpoint):
             self._on_client_data(pending_client)
         if up.closed:
             self._upstream_lost(None)
+
+    def _policy_settings(self, info: SessionInfo) -> tuple[bool, RowLimit | None]:
+        """Whether the policy in force masks this session, and its row limit."""
+        gateway = self.gateway
+        limits = gateway.engine.session_limits(info.principal, info.database)
+        row_limit = (
+            RowLimit(limits.max_rows, limits.max_rows_rule or "?")
+            if limits.max_rows is not None
+            else None
+        )
+        return bool(getattr(gateway.gate, "masks", _never)(info)), row_limit
 
     def _on_client_data(self, data: bytes) -> None:
         session = self.session

@@ -68,6 +68,8 @@ _REQUESTS: Final = frozenset(b"QPBEF")
 # Messages the decision point sees.
 _GATED: Final = frozenset(b"QPF")
 _SYNC_ENTRY: Final = (_S, "", "", None)
+#: The name a sentinel Parse's entry carries: no statement comes of it.
+_REFUSED: Final = "\0refused"
 
 # Messages whose body may be forwarded in pieces before it has fully arrived, so that a
 # huge row or COPY chunk streams through in bounded memory.
@@ -127,6 +129,7 @@ class Session:
         masked: bool = False,
         audit: SessionAudit | None = None,
         clock: Callable[[], float] = time.time,
+        policy_settings: Callable[[], tuple[bool, RowLimit | None]] | None = None,
     ) -> None:
         self.info = info
         self.gate = gate
@@ -205,6 +208,15 @@ class Session:
         self._cut_error: Callable[[bool], bytes] = _no_cut_error  # what replaces its end
         self._copy_binary = False
         self._suspended_rows: dict[str, int] = {}  # portal -> rows sent before it suspended
+        #: What the policy in force says of this session: (masked, row limit). Asked
+        #: again when the gate's policy generation changes (a reload).
+        self._policy_settings = policy_settings
+        self._generation = _generation_of(gate)
+        #: Prepared statements decided under an older policy: re-decided at their next
+        #: Execute (a reload reaches every statement that runs after it).
+        self._stale: set[str] = set()
+        #: Portal -> statement, as forwarded Binds named them (confirmed or not yet).
+        self._portal_statements: dict[str, str] = {}
 
     # --- client -> server --------------------------------------------------------------
 
@@ -236,6 +248,10 @@ class Session:
         mtype, frame, request, parse = self._held
         self._held = None
         self.awaiting = None
+        if mtype == _E:
+            self._run_redecided(frame, request, decision)
+            self._continue_client()
+            return
         pending = None
         if self.audit is not None:
             decision, pending = self._audit_request(request, decision)
@@ -280,6 +296,7 @@ class Session:
                     return
                 break
             if mtype in _GATED:
+                self._sync_policy()
                 frame = data[pos:end]
                 request, parse = self._request(mtype, frame)
                 outcome = self.gate.decide(self.info, request)
@@ -303,6 +320,21 @@ class Session:
             elif mtype in _FRONTEND_TYPES:
                 if mtype in _REQUESTS:
                     self._check_expiry()
+                if mtype == _E:
+                    self._sync_policy()
+                    redecided = self._redecide(data[pos:end]) if self._stale else None
+                    if redecided is not None:
+                        if pos > run_start:
+                            out.append(data[run_start:pos])
+                        run_start = end
+                        request, outcome = redecided
+                        if isinstance(outcome, Decision):
+                            self._run_redecided(data[pos:end], request, outcome)
+                        else:
+                            self._held = (_E, data[pos:end], request, None)
+                            self.awaiting = outcome
+                        pos = end
+                        continue
                 pending = None
                 if mtype == _E and self._observed:
                     # What goes upstream before the Execute (an audit sentinel, a
@@ -343,6 +375,85 @@ class Session:
             if describe is not None:
                 before.append(describe)
         return pending, before
+
+    # Policy reloads: what runs after a reload runs under the new policy.
+
+    def _sync_policy(self) -> None:
+        """Catch up with a policy reload at this request boundary (cheap when none).
+
+        Every statement prepared so far was decided under the old policy: each is decided
+        again at its next Execute. Masking and the row limit switch now, for every request
+        decided from here on; results of earlier requests still arriving have no plan
+        and are masked whole, if the session becomes masked.
+        """
+        generation = _generation_of(self.gate)
+        if generation == self._generation:
+            return
+        self._generation = generation
+        self._stale.update(self.statements)
+        self._stale.update(e[1] for e in self._expected if e[0] == _P and e[1] != _REFUSED)
+        if self._policy_settings is None:
+            return
+        masked, row_limit = self._policy_settings()
+        self.row_limit = row_limit
+        if masked != self.masked:
+            self._drop_layout()
+            if masked:
+                # The requests already in flight were decided without a plan.
+                self._query_plans = deque(None for e in self._expected if e[0] == _Q)
+                self._statement_plans.clear()
+            self.masked = masked
+            self._observed = masked or self.audit is not None
+        if masked or row_limit is not None:
+            # Never back to the plain table: a result being cut must stay cut.
+            self._handlers = _ROW_SERVER_HANDLERS
+
+    def _redecide(
+        self, frame: bytes
+    ) -> tuple[StatementRequest, Decision | Awaitable[Decision]] | None:
+        """Decide again the statement an Execute runs, if it was decided before a reload."""
+        portal = codec.decode_execute_portal(frame, self.encoding)
+        statement = self._portal_statements.get(portal, self.portals.get(portal))
+        if statement is None or statement not in self._stale:
+            return None
+        # The text the server holds under that name: the confirmed one, or one a Parse
+        # still in flight gives it (a Parse may also fail and leave the old one). Each
+        # that could run is decided.
+        texts = [e[2] for e in self._expected if e[0] == _P and e[1] == statement]
+        confirmed = self.statements.get(statement)
+        if confirmed is not None:
+            texts.insert(0, confirmed)
+        if not texts:
+            return None
+        request = StatementRequest("execute", texts[-1], statement_name=statement)
+        outcomes = [
+            self.gate.decide(self.info, StatementRequest("execute", t, statement_name=statement))
+            for t in dict.fromkeys(texts)
+        ]
+        if all(isinstance(o, Decision) for o in outcomes):
+            return request, _all_of([o for o in outcomes if isinstance(o, Decision)])
+        return request, _awaited_all(outcomes)
+
+    def _run_redecided(self, frame: bytes, request: StatementRequest, decision: Decision) -> None:
+        """Forward an Execute whose statement was decided again, or fail it in place."""
+        if decision.allowed:
+            self._stale.discard(request.statement_name)
+            if self.masked:
+                self._statement_plans[request.statement_name] = decision.mask
+            pending = None
+            if self._observed:
+                pending, before = self._before_execute(frame)
+                self.to_server.extend(before)
+            self.to_server.append(frame)
+            self._track(_E, frame, 0, len(frame), None, pending=pending)
+            return
+        pending = None
+        if self.audit is not None:
+            decision, pending = self._audit_request(request, decision)
+        # A sentinel Parse fails in the Execute's place; the server skips to the Sync.
+        name = f"{SENTINEL_PREFIX}{self._nonce}_stale"
+        sentinel = StatementRequest("parse", "", statement_name=name)
+        self.to_server.append(self._sentinel(_P, sentinel, decision, pending))
 
     def _check_expiry(self) -> None:
         if self.expires_at is not None and self._clock() >= self.expires_at:
@@ -385,7 +496,7 @@ class Session:
         self._refusals[token] = decision
         if mtype == _P:
             sentinel = codec.parse(request.statement_name, token)
-            self._expected.append((_P, "\0refused", "", pending))
+            self._expected.append((_P, _REFUSED, "", pending))
         else:
             # Query and FunctionCall both answer ErrorResponse + ReadyForQuery.
             sentinel = codec.query(token)
@@ -412,9 +523,11 @@ class Session:
             # The unnamed portal and statement are by far the most common: skip decoding.
             if data[pos + 5] == 0 and data[pos + 6] == 0:
                 expected.append((_B, "", "", None))
+                self._portal_statements[""] = ""
             else:
                 bind = codec.decode_bind_names(data[pos:end], self.encoding)
                 expected.append((_B, bind.portal, bind.statement, None))
+                self._portal_statements[bind.portal] = bind.statement
         elif mtype == _E:
             portal = (
                 ""
@@ -546,9 +659,14 @@ class Session:
         if status == b"I" and self.portals:
             # Portals live no longer than their transaction.
             self.portals.clear()
-        if self._refusals:
+        if status == b"I" and not expected and len(self._portal_statements) > 1:
+            self._portal_statements.clear()  # (nothing bound is still in flight)
+        if self._refusals and not expected:
+            # Only once nothing is in flight: a refusal pipelined behind this Sync has
+            # its error still to come.
             self._refusals.clear()
-        if self.row_limit is not None:
+        if self.row_limit is not None or self._cut or self._cancelled:
+            # (A reload may have lifted the limit of a result being cut.)
             self._rows = 0
             self._cut = self._cancelled = False
             if status == b"I":
@@ -710,6 +828,8 @@ class Session:
         """A DataRow or COPY TO STDOUT row: counted against the limit, then masked."""
         if data[pos] == _COPY_DATA and self.mode != "copy_out":
             return None
+        if self._cut:
+            return b""  # also when a reload lifted the limit that cut this result
         if self.row_limit is not None:
             dropped = self._count_row()
             if dropped is not None:
@@ -1083,6 +1203,28 @@ def _values(frame: bytes, pos: int) -> list[str | None]:
         except UnicodeDecodeError:
             values.append("\\x" + raw.hex())
     return values
+
+
+def _generation_of(gate: StatementGate) -> int:
+    """The gate's policy generation (a gate that never reloads has none: 0)."""
+    generation = getattr(gate, "generation", 0)
+    return generation if isinstance(generation, int) else 0
+
+
+def _all_of(decisions: list[Decision]) -> Decision:
+    """One decision for every text a statement name may hold: all must be allowed."""
+    for decision in decisions:
+        if not decision.allowed:
+            return decision
+    first = decisions[0].mask
+    if all(d.mask is first for d in decisions):
+        return decisions[0]
+    # Which text runs is not known here: its rows are masked whole.
+    return Decision(True, rule=decisions[0].rule)
+
+
+async def _awaited_all(outcomes: list[Decision | Awaitable[Decision]]) -> Decision:
+    return _all_of([o if isinstance(o, Decision) else await o for o in outcomes])
 
 
 def _no_cut_error(completed: bool) -> bytes:

@@ -53,6 +53,15 @@ class PolicyGate:
         self.approvals = approvals
         #: Sends a message to a session's client at once (the "held" notice).
         self.notify = notify
+        #: Counts policy reloads: sessions compare it with the generation their prepared
+        #: statements, masking and row limit were decided under, and catch up.
+        self.generation = 0
+
+    def reload(self, engine: PolicyEngine, masker: Masker | None) -> None:
+        """Apply a reloaded policy: to every request decided from now on, in every session."""
+        self.engine = engine
+        self.masker = masker
+        self.generation += 1
 
     def masks(self, session: SessionInfo) -> bool:
         """Whether this session's results are masked (decisions then carry a plan)."""
