@@ -217,6 +217,11 @@ class Session:
         self._stale: set[str] = set()
         #: Portal -> statement, as forwarded Binds named them (confirmed or not yet).
         self._portal_statements: dict[str, str] = {}
+        #: A mask plan being made again (a result named a relation its catalog does not
+        #: know): the shell awaits it and passes it to :meth:`resume_result`; until then
+        #: the result waits, unforwarded.
+        self.awaiting_result: Awaitable[Decision] | None = None
+        self._replanned: MaskPlan | None = None  # the last plan made again
 
     # --- client -> server --------------------------------------------------------------
 
@@ -571,6 +576,9 @@ class Session:
             self._record_results()
 
     def _receive_server(self, data: bytes) -> None:
+        if self.awaiting_result is not None:
+            self._server_buf += data  # the result waits for its new plan
+            return
         out = self.to_client
         if self._server_stream_left:
             n = min(self._server_stream_left, len(data))
@@ -620,6 +628,10 @@ class Session:
             if replacement is not None:
                 if pos > run_start:
                     out.append(data[run_start:pos])
+                if replacement is _HOLD:
+                    # From here on the result waits (resume_result() goes on with it).
+                    self._server_buf += data[pos:]
+                    return
                 if replacement:
                     out.append(replacement)
                 run_start = end
@@ -830,6 +842,12 @@ class Session:
             return None
         if self._cut:
             return b""  # also when a reload lifted the limit that cut this result
+        if self.masked and not self._layout_known and data[pos] != _COPY_DATA:
+            layout = self._result_layout(None)
+            if self.awaiting_result is not None:
+                return _HOLD  # before the row is counted: it comes again
+            self._layout = layout
+            self._layout_known = True
         if self.row_limit is not None:
             dropped = self._count_row()
             if dropped is not None:
@@ -848,9 +866,6 @@ class Session:
                 self._cut_result(_binary_copy_error)
                 return b""
             return masked
-        if not self._layout_known:
-            self._layout = self._result_layout(None)
-            self._layout_known = True
         layout = self._layout
         masked = layout.mask_row(data, pos, end) if layout is not None else None
         if self.audit is not None:
@@ -973,7 +988,10 @@ class Session:
             self._portal_fields[head[1]] = fields
             return b"" if head[2] == "internal" else None
         if head is not None and head[0] == _Q:
-            self._layout = self._result_layout(fields)
+            layout = self._result_layout(fields)
+            if self.awaiting_result is not None:
+                return _HOLD
+            self._layout = layout
             self._layout_known = True
         return None
 
@@ -1016,8 +1034,49 @@ class Session:
         if plan is None or fields is None:
             # Rows the session cannot attribute: send none of their values.
             plan, fields = _MASK_ALL, None
+        elif plan.relations is not None and _unknown_relation(fields, plan.relations):
+            # The result comes from a relation created (or replaced) after the plan's
+            # catalog was read: the plan is made again before any row leaves.
+            if plan is not self._replanned and self._replan(plan):
+                return None
+            # Unknown even to the newest catalog (the session's own uncommitted DDL):
+            # nothing says what its columns carry.
+            plan, fields = _MASK_ALL, None
         layout = RowLayout(fields, formats, plan, self.encoding, self.mask_counts)
         return layout if layout.needed else None
+
+    def _replan(self, plan: MaskPlan) -> bool:
+        """Ask the gate for the plan again, with a newer catalog (False: it cannot)."""
+        replan = getattr(self.gate, "replan", None)
+        if replan is None:
+            return False
+        self.awaiting_result = replan(self.info, plan)
+        return True
+
+    def resume_result(self, decision: Decision) -> None:
+        """Apply the plan :attr:`awaiting_result` made, and go on with the held result."""
+        if self.awaiting_result is None:
+            raise RuntimeError("resume_result() without a held result")
+        self.awaiting_result = None
+        if decision.allowed:
+            plan = decision.mask
+        else:
+            # Under the catalog as it is now the statement is refused: its rows are not
+            # sent, and its end is the refusal.
+            plan = _MASK_ALL
+            self._cut_result(lambda completed: _replan_refusal(decision, completed))
+        self._replanned = plan
+        head = self._expected[0] if self._expected else None
+        if head is not None and head[0] == _Q and self._query_plans:
+            self._query_plans[0] = plan
+        elif head is not None and head[0] == _E:
+            bound = self._binds.get(head[1])
+            if bound is not None:
+                self._statement_plans[bound.statement] = plan
+        held = bytes(self._server_buf)
+        self._server_buf.clear()
+        if held:
+            self.receive_server(held)
 
     def _cancel_is_safe(self) -> bool:
         """Whether a cancel can only stop what the client would see as one failed unit.
@@ -1227,6 +1286,26 @@ async def _awaited_all(outcomes: list[Decision | Awaitable[Decision]]) -> Decisi
     return _all_of([o if isinstance(o, Decision) else await o for o in outcomes])
 
 
+def _unknown_relation(fields: list[FieldDescription], relations: frozenset[int]) -> bool:
+    """Whether a column comes from a relation outside ``relations`` (0: no relation)."""
+    return any(f.table_oid and f.table_oid not in relations for f in fields)
+
+
+def _replan_refusal(decision: Decision, completed: bool) -> bytes:
+    ran = (
+        "the statement finished on the server, its rows were withheld"
+        if completed
+        else "the statement was cancelled on the server, no rows were delivered"
+    )
+    return codec.error_response(
+        decision.sqlstate,
+        decision.message,
+        detail="the database's tables or views changed after the statement was allowed, "
+        f"and the gateway refuses it as they are now; {ran}",
+        hint=decision.hint,
+    )
+
+
 def _no_cut_error(completed: bool) -> bytes:
     raise AssertionError("a result was cut without an error to end it")
 
@@ -1272,6 +1351,9 @@ _ROW_SERVER_HANDLERS = {
 
 #: What a masked session receives as a notification's payload.
 _WITHHELD_PAYLOAD = "querywarden: payload withheld (masked identity)"
+
+#: A handler's answer that stops the result here until :meth:`Session.resume_result`.
+_HOLD: Final = b"\0querywarden: hold"
 
 #: Masks every value: for rows whose statement or layout the session does not know.
 _MASK_ALL = MaskPlan(origins={}, computed=None, scanner=None, scrub_errors=True, mask_all=True)

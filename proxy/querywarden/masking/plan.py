@@ -68,6 +68,13 @@ class MaskPlan:
     withhold_messages: bool = False
     #: Every value of every column is masked (NULL): rows the session cannot attribute.
     mask_all: bool = False
+    #: The relations the catalog behind this plan knows (None: not checked). A result
+    #: naming another one comes from a newer catalog state: the plan is made again.
+    relations: frozenset[int] | None = field(default=None, repr=False)
+    #: What the plan was made from, to make it again with a newer catalog.
+    catalog: SensitiveCatalog | None = field(default=None, repr=False, compare=False)
+    statements: tuple[StatementSummary, ...] = field(default=(), repr=False, compare=False)
+    search_path: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +208,10 @@ class Masker:
             scrub_errors=touches or tainted,
             key=self.key,
             withhold_messages=withhold,
+            relations=catalog.relation_oids or None,
+            catalog=catalog,
+            statements=tuple(summaries),
+            search_path=tuple(search_path),
         )
 
 

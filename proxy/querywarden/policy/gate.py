@@ -15,7 +15,7 @@ from querywarden.analysis import AnalysisError, Analyzer, StatementSummary
 from querywarden.approvals.service import ApprovalService
 from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
 from querywarden.masking.catalog import CatalogCache, SensitiveCatalog
-from querywarden.masking.plan import Masker, MaskRefusal
+from querywarden.masking.plan import Masker, MaskPlan, MaskRefusal
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.model import PolicyDocument
 
@@ -263,12 +263,11 @@ class PolicyGate:
     ) -> Decision | Awaitable[Decision]:
         """The policy allows the request: review scans and attach masking as needed."""
         masked = self.masks(session)
-        if (
-            masked
-            and self.catalogs is not None
-            and any(op.startswith("ddl") for s in summaries for op in s.operations)
+        if self.catalogs is not None and any(
+            op.startswith("ddl") for s in summaries for op in s.operations
         ):
-            # Views and columns may change: the next decision reads the catalog again.
+            # Views and columns may change, whoever changes them: every session's next
+            # decision reads the catalog again.
             self.catalogs.invalidate(session.database)
         scans = None if reviewed else self.engine.scan_review(session.principal, session.database)
         touching = [s for s in summaries if s.reads or s.writes] if scans is not None else []
@@ -302,6 +301,22 @@ class PolicyGate:
             # Fail closed: without the catalog, sensitive columns cannot be recognized.
             return _catalog_unavailable(type(exc).__name__)
         return self._mask(session, catalog, summaries, search_path)
+
+    async def replan(self, session: SessionInfo, plan: MaskPlan) -> Decision:
+        """Make a mask plan again with a catalog newer than the one it was made with.
+
+        A result named a relation the plan's catalog does not know (DDL since): its rows
+        wait until this returns. The new plan may refuse what the old one allowed.
+        """
+        if self.masker is None:
+            return Decision(True)  # masking is gone (a reload): the session masks whole
+        if self.catalogs is None:
+            return _catalog_unavailable("no catalog source is configured")
+        try:
+            catalog = await self.catalogs.refresh(session.database, plan.catalog)
+        except Exception as exc:
+            return _catalog_unavailable(type(exc).__name__)
+        return self._mask(session, catalog, plan.statements, plan.search_path)
 
     def _mask(
         self,
