@@ -103,6 +103,24 @@ def test_a_view_replaced_beside_the_gateway_is_masked_at_the_next_decision(
         assert SSN not in replaced and "4321" not in replaced, replaced
 
 
+def test_a_prepared_statement_reads_a_replaced_view_masked(
+    gw: RunningGateway, pg: EphemeralCluster
+) -> None:
+    pg.psql(
+        "DROP VIEW IF EXISTS qf_prepared;"
+        "CREATE VIEW qf_prepared AS SELECT id, city AS note FROM qf_people;"
+        "GRANT SELECT ON qf_prepared TO PUBLIC"
+    )
+    gw.gateway.catalogs.recheck = 0.0
+    query = "SELECT id, note FROM qf_prepared WHERE id = %s"
+    with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+        assert conn.execute(query, (1,), prepare=True).fetchall() == [(1, "Lyon")]
+        pg.psql("CREATE OR REPLACE VIEW qf_prepared AS SELECT id, ssn AS note FROM qf_people")
+        # Bind and Execute only: no new decision unless the session asks for one.
+        replaced = str(conn.execute(query, (1,), prepare=True).fetchall())
+        assert SSN not in replaced and "4321" not in replaced, replaced
+
+
 def test_ddl_through_the_gateway_by_an_exempt_identity_reaches_every_session(
     gw: RunningGateway, pg: EphemeralCluster
 ) -> None:

@@ -327,6 +327,8 @@ class Session:
                     self._check_expiry()
                 if mtype == _E:
                     self._sync_policy()
+                    if self.masked:
+                        self._check_plan(data[pos:end])
                     redecided = self._redecide(data[pos:end]) if self._stale else None
                     if redecided is not None:
                         if pos > run_start:
@@ -412,6 +414,19 @@ class Session:
         if masked or row_limit is not None:
             # Never back to the plain table: a result being cut must stay cut.
             self._handlers = _ROW_SERVER_HANDLERS
+
+    def _check_plan(self, frame: bytes) -> None:
+        """Mark the Execute's statement stale when its mask plan's catalog is not current."""
+        is_current = getattr(self.gate, "plan_is_current", None)
+        if is_current is None:
+            return
+        portal = codec.decode_execute_portal(frame, self.encoding)
+        statement = self._portal_statements.get(portal, self.portals.get(portal))
+        if statement is None:
+            return
+        plan = self._statement_plans.get(statement)
+        if plan is not None and not is_current(self.info, plan):
+            self._stale.add(statement)
 
     def _redecide(
         self, frame: bytes

@@ -302,6 +302,17 @@ class PolicyGate:
             return _catalog_unavailable(type(exc).__name__)
         return self._mask(session, catalog, summaries, search_path)
 
+    def plan_is_current(self, session: SessionInfo, plan: MaskPlan) -> bool:
+        """Whether a plan was made with the catalog snapshot known to be current.
+
+        A prepared statement's plan outlives its decision: when the catalog changed (or
+        is due for its fingerprint check), the statement is decided again at its next
+        Execute.
+        """
+        if self.catalogs is None or plan.catalog is None:
+            return True
+        return self.catalogs.current(session.database) is plan.catalog
+
     async def replan(self, session: SessionInfo, plan: MaskPlan) -> Decision:
         """Make a mask plan again with a catalog newer than the one it was made with.
 
