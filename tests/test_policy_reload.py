@@ -173,3 +173,57 @@ def test_a_row_limit_added_by_a_reload_reaches_open_sessions(
         with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="more than 2 rows"):
             conn.execute("SELECT id FROM qr_notes").fetchall()
         assert len(conn.execute("SELECT id FROM qr_notes LIMIT 2").fetchall()) == 2
+
+
+def test_a_statement_held_for_approval_across_a_reload_that_denies_it_does_not_run(
+    make_gateway: Callable[..., RunningGateway],
+    tables: None,
+    pg: EphemeralCluster,
+    tmp_path: Path,
+) -> None:
+    import urllib.request
+
+    from held_statement import HeldStatement
+
+    def approvals_policy(denied: list[str]) -> dict[str, Any]:
+        document = policy(denied=denied)
+        document["rules"][0]["allow"]["operations"] = ["select", "delete"]
+        document["rules"][0]["review"] = {"operations": ["delete"]}
+        document["rules"].append(
+            {"name": "dba", "subjects": {"groups": ["dba"]}, "allow": {"operations": ["*"]}}
+        )
+        document["approvals"] = {"approvers": {"groups": ["dba"]}, "hold": "20s"}
+        return document
+
+    pg.psql("INSERT INTO qr_notes VALUES (4, 'd') ON CONFLICT DO NOTHING")
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps(approvals_policy([])))
+    gw = make_gateway(
+        policyFile=str(policy_file), stateDirectory=str(tmp_path / "state"), admin={"port": 0}
+    )
+    held = HeldStatement(
+        psycopg.connect(gw.dsn("alice"), autocommit=True), "DELETE FROM qr_notes WHERE id = 4"
+    )
+    review_id = held.review_id()
+    # While it waits, the table is denied; then an approver (who may not know) approves.
+    policy_file.write_text(json.dumps(approvals_policy(["public.qr_notes"])))
+
+    async def run() -> bool:
+        return gw.gateway.reload_policy()
+
+    assert gw.call(run())
+    address = gw.gateway.admin_address
+    assert address is not None
+    request = urllib.request.Request(
+        f"http://{address[0]}:{address[1]}/reviews/{review_id}/approve",
+        method="POST",
+        data=json.dumps({"comment": "ok"}).encode(),
+        headers={"Authorization": f"Bearer {token_for('bob')}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+    held.finish()
+    assert isinstance(held.error, psycopg.errors.InsufficientPrivilege), held.error
+    assert "qr_notes is denied" in str(held.error)
+    assert pg.psql("SELECT count(*) FROM qr_notes WHERE id = 4").strip() == "1"
+    pg.psql("DELETE FROM qr_notes WHERE id = 4")  # the other tests count three rows

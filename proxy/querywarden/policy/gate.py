@@ -151,9 +151,13 @@ class PolicyGate:
     async def _held_then_allowed(
         self, session: SessionInfo, review: _Review, search_path: Sequence[str]
     ) -> Decision:
+        generation = self.generation
         held = await self._hold(session, review)
         if not held.allowed:
             return held
+        reloaded = self._denied_since(session, generation, review.summaries, search_path)
+        if reloaded is not None:
+            return reloaded
         # Approved: the statement still gets what any allowed statement gets (masking).
         allowed = self._allowed(session, review.summaries, search_path, reviewed=True)
         decision = allowed if isinstance(allowed, Decision) else await allowed
@@ -381,10 +385,40 @@ class PolicyGate:
                 )
                 if self.approvals is None or not self.approvals.has_approvers:
                     return _needs_review(reason, hint=hint, rule=rule)
-                return await self._hold(
+                generation = self.generation
+                held = await self._hold(
                     session, _Review(summary.text, summaries, reason, hint, rule, rows)
                 )
+                if held.allowed:
+                    path = session.search_path
+                    return self._denied_since(session, generation, summaries, path) or held
+                return held
         return ALLOW
+
+    def _denied_since(
+        self,
+        session: SessionInfo,
+        generation: int,
+        summaries: Sequence[StatementSummary],
+        search_path: Sequence[str],
+    ) -> Decision | None:
+        """The refusal of a policy reloaded while a statement was held, if it denies it.
+
+        An approval covers the review it was asked for, not a denial that came after.
+        """
+        if generation == self.generation:
+            return None
+        verdict = self.engine.evaluate(
+            session.principal, session.database, summaries, search_path=search_path
+        )
+        if verdict.outcome != "deny":
+            return None
+        return Decision.refuse(
+            _PREFIX + f"{verdict.reason} (the policy was reloaded while the statement was "
+            "held for approval; the approval does not lift a denial)",
+            hint=verdict.hint,
+            rule=verdict.rule,
+        )
 
 
 def _catalog_unavailable(why: str) -> Decision:
