@@ -436,13 +436,7 @@ class Session:
         statement = self._portal_statements.get(portal, self.portals.get(portal))
         if statement is None or statement not in self._stale:
             return None
-        # The text the server holds under that name: the confirmed one, or one a Parse
-        # still in flight gives it (a Parse may also fail and leave the old one). Each
-        # that could run is decided.
-        texts = [e[2] for e in self._expected if e[0] == _P and e[1] == statement]
-        confirmed = self.statements.get(statement)
-        if confirmed is not None:
-            texts.insert(0, confirmed)
+        texts = self._texts_of(statement)
         if not texts:
             return None
         request = StatementRequest("execute", texts[-1], statement_name=statement)
@@ -453,6 +447,27 @@ class Session:
         if all(isinstance(o, Decision) for o in outcomes):
             return request, _all_of([o for o in outcomes if isinstance(o, Decision)])
         return request, _awaited_all(outcomes)
+
+    def _texts_of(self, statement: str) -> list[str]:
+        """Every text the server may run under a statement name at the next Execute.
+
+        A Parse of the name since the last Sync decides it alone: it replaces the text,
+        or fails and the Execute is skipped. Otherwise it is the confirmed text or that
+        of a Parse still in flight (one that failed left the old text), so all count.
+        """
+        texts: list[str] = []
+        synced = False
+        for entry in reversed(self._expected):
+            if entry[0] == _S:
+                synced = True
+            elif entry[0] == _P and entry[1] == statement:
+                if not synced:
+                    return [entry[2]]
+                texts.append(entry[2])
+        confirmed = self.statements.get(statement)
+        if confirmed is not None:
+            texts.append(confirmed)
+        return texts
 
     def _run_redecided(self, frame: bytes, request: StatementRequest, decision: Decision) -> None:
         """Forward an Execute whose statement was decided again, or fail it in place."""

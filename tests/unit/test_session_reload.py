@@ -82,3 +82,16 @@ def test_a_refusal_pipelined_behind_a_sync_keeps_its_own_error() -> None:
     received = drain(s.to_client)
     assert received.count(b"secret is denied") == 2
     assert SENTINEL_PREFIX.encode() not in received
+
+
+def test_a_parse_in_the_same_sync_decides_alone_what_the_execute_runs() -> None:
+    gate = ReloadingGate()
+    s = Session(INFO, gate)
+    s.receive_client(codec.parse("", "SELECT old_secret") + bind() + execute() + SYNC)
+    s.receive_server(codec.message(b"1") + codec.message(b"2") + RFQ_I)
+    drain(s.to_server)
+    gate.reload("old_secret")
+    # The unnamed statement is replaced in the same Sync: the old text cannot run.
+    s.receive_client(codec.parse("", "SELECT fine") + bind() + execute() + SYNC)
+    assert SENTINEL_PREFIX.encode() not in drain(s.to_server)
+    assert "SELECT old_secret" not in gate.seen[1:]
