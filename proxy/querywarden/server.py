@@ -39,7 +39,12 @@ from querywarden.errors import (
 from querywarden.hooks import Decision, ResultHook, SessionInfo, StatementGate
 from querywarden.identity import Authenticator, Credentials, Principal
 from querywarden.identity.authenticator import TokenAuthenticator
-from querywarden.masking.catalog import CatalogCache, SensitiveCatalog, load_catalog
+from querywarden.masking.catalog import (
+    CatalogCache,
+    SensitiveCatalog,
+    load_catalog,
+    read_fingerprint,
+)
 from querywarden.masking.plan import Masker
 from querywarden.policy import PolicyDocument, load_policy
 from querywarden.policy.engine import PolicyEngine
@@ -93,7 +98,7 @@ class Gateway:
         self.authenticator = authenticator or TokenAuthenticator(policy.identity)
         # The policy's rules decide; without rules nothing is allowed (default deny).
         self.plans = PlanEstimator()
-        self.catalogs = CatalogCache(self._load_catalog)
+        self.catalogs = CatalogCache(self._load_catalog, fingerprinter=self._catalog_fingerprint)
         self.auditor = _auditor(settings)
         self.approvals = self._approval_service(policy)
         self._admin: AdminApi | None = None
@@ -313,6 +318,13 @@ class Gateway:
         finally:
             await conn.close()
 
+    async def _catalog_fingerprint(self, database: str) -> str:
+        conn = await side_connection(self.upstream_target, database, "querywarden-catalog")
+        try:
+            return await read_fingerprint(conn)
+        finally:
+            await conn.close()
+
     async def _largest_scan(self, session: SessionInfo, sql: str) -> int:
         target = self.upstream_target_for(session.principal, session.database)
         return await self.plans.largest_scan(target, session.database, sql)
@@ -342,8 +354,7 @@ class Gateway:
         # there, and the gate holds statements only while the policy names approvers.
         self.approvals.settings = policy.approvals
         if isinstance(self.gate, PolicyGate):
-            self.gate.engine = self.engine
-            self.gate.masker = masker
+            self.gate.reload(self.engine, masker)
         log.info(
             "policy reloaded from %s: %d issuers, %d rules",
             path,
@@ -471,6 +482,7 @@ class ClientConnection(Endpoint):
         self._task: asyncio.Task[None] | None = None
         self._deciding: asyncio.Task[None] | None = None
         self._cancelling: asyncio.Task[None] | None = None
+        self._replanning: asyncio.Task[None] | None = None
         self._decision: asyncio.Future[Decision] | None = None
         self._cancel_secret = b""
         self._finished = False
@@ -696,12 +708,7 @@ class ClientConnection(Endpoint):
             upstream.endpoint.close()
             return
         settings = gateway.settings.limits
-        limits = gateway.engine.session_limits(info.principal, info.database)
-        row_limit = (
-            RowLimit(limits.max_rows, limits.max_rows_rule or "?")
-            if limits.max_rows is not None
-            else None
-        )
+        masked, row_limit = self._policy_settings(info)
         self.session = Session(
             info,
             gateway.gate,
@@ -710,8 +717,9 @@ class ClientConnection(Endpoint):
             max_server_message=int(settings.max_server_message),
             expires_at=info.principal.expires_at,
             row_limit=row_limit,
-            masked=bool(getattr(gateway.gate, "masks", _never)(info)),
+            masked=masked,
             audit=self._audit,
+            policy_settings=lambda: self._policy_settings(info),
         )
         self.session.transaction_status = upstream.transaction_status
         self.session.set_client_encoding(upstream.parameters.get("client_encoding", "UTF8"))
@@ -754,6 +762,17 @@ class ClientConnection(Endpoint):
         if up.closed:
             self._upstream_lost(None)
 
+    def _policy_settings(self, info: SessionInfo) -> tuple[bool, RowLimit | None]:
+        """Whether the policy in force masks this session, and its row limit."""
+        gateway = self.gateway
+        limits = gateway.engine.session_limits(info.principal, info.database)
+        row_limit = (
+            RowLimit(limits.max_rows, limits.max_rows_rule or "?")
+            if limits.max_rows is not None
+            else None
+        )
+        return bool(getattr(gateway.gate, "masks", _never)(info)), row_limit
+
     def _on_client_data(self, data: bytes) -> None:
         session = self.session
         assert session is not None
@@ -793,6 +812,34 @@ class ClientConnection(Endpoint):
         if session.cancel_wanted:
             session.cancel_wanted = False
             self._cancelling = asyncio.get_running_loop().create_task(self._cancel_statement())
+        if session.awaiting_result is not None and self._replanning is None:
+            self._replanning = asyncio.get_running_loop().create_task(self._await_result())
+
+    async def _await_result(self) -> None:
+        """Hold a result (and the upstream's input) while its mask plan is made again."""
+        session, upstream = self.session, self.upstream
+        assert session is not None and upstream is not None
+        if upstream.transport is not None:
+            upstream.transport.pause_reading()
+        try:
+            while session.awaiting_result is not None and not self.closed:
+                decision = await _settle(session.awaiting_result)
+                try:
+                    session.resume_result(decision)
+                except QuerywardenError as exc:
+                    self.shutdown(exc.message, sqlstate=exc.sqlstate)
+                    return
+                self._flush()
+                if session.cancel_wanted:
+                    session.cancel_wanted = False
+                    self._cancelling = asyncio.get_running_loop().create_task(
+                        self._cancel_statement()
+                    )
+        finally:
+            self._replanning = None
+            if not self.closed and upstream.transport is not None:
+                with contextlib.suppress(RuntimeError):
+                    upstream.transport.resume_reading()
 
     async def _cancel_statement(self) -> None:
         """Cancel the running statement upstream (a row limit), holding client input."""
@@ -909,6 +956,8 @@ class ClientConnection(Endpoint):
             self._deciding.cancel()
         if self._cancelling is not None and not self._cancelling.done():
             self._cancelling.cancel()
+        if self._replanning is not None and not self._replanning.done():
+            self._replanning.cancel()
 
 
 def _auditor(settings: GatewaySettings) -> Auditor | None:

@@ -68,6 +68,8 @@ _REQUESTS: Final = frozenset(b"QPBEF")
 # Messages the decision point sees.
 _GATED: Final = frozenset(b"QPF")
 _SYNC_ENTRY: Final = (_S, "", "", None)
+#: The name a sentinel Parse's entry carries: no statement comes of it.
+_REFUSED: Final = "\0refused"
 
 # Messages whose body may be forwarded in pieces before it has fully arrived, so that a
 # huge row or COPY chunk streams through in bounded memory.
@@ -127,6 +129,7 @@ class Session:
         masked: bool = False,
         audit: SessionAudit | None = None,
         clock: Callable[[], float] = time.time,
+        policy_settings: Callable[[], tuple[bool, RowLimit | None]] | None = None,
     ) -> None:
         self.info = info
         self.gate = gate
@@ -205,6 +208,20 @@ class Session:
         self._cut_error: Callable[[bool], bytes] = _no_cut_error  # what replaces its end
         self._copy_binary = False
         self._suspended_rows: dict[str, int] = {}  # portal -> rows sent before it suspended
+        #: What the policy in force says of this session: (masked, row limit). Asked
+        #: again when the gate's policy generation changes (a reload).
+        self._policy_settings = policy_settings
+        self._generation = _generation_of(gate)
+        #: Prepared statements decided under an older policy: re-decided at their next
+        #: Execute (a reload reaches every statement that runs after it).
+        self._stale: set[str] = set()
+        #: Portal -> statement, as forwarded Binds named them (confirmed or not yet).
+        self._portal_statements: dict[str, str] = {}
+        #: A mask plan being made again (a result named a relation its catalog does not
+        #: know): the shell awaits it and passes it to :meth:`resume_result`; until then
+        #: the result waits, unforwarded.
+        self.awaiting_result: Awaitable[Decision] | None = None
+        self._replanned: MaskPlan | None = None  # the last plan made again
 
     # --- client -> server --------------------------------------------------------------
 
@@ -236,6 +253,10 @@ class Session:
         mtype, frame, request, parse = self._held
         self._held = None
         self.awaiting = None
+        if mtype == _E:
+            self._run_redecided(frame, request, decision)
+            self._continue_client()
+            return
         pending = None
         if self.audit is not None:
             decision, pending = self._audit_request(request, decision)
@@ -280,6 +301,7 @@ class Session:
                     return
                 break
             if mtype in _GATED:
+                self._sync_policy()
                 frame = data[pos:end]
                 request, parse = self._request(mtype, frame)
                 outcome = self.gate.decide(self.info, request)
@@ -303,6 +325,23 @@ class Session:
             elif mtype in _FRONTEND_TYPES:
                 if mtype in _REQUESTS:
                     self._check_expiry()
+                if mtype == _E:
+                    self._sync_policy()
+                    if self.masked:
+                        self._check_plan(data[pos:end])
+                    redecided = self._redecide(data[pos:end]) if self._stale else None
+                    if redecided is not None:
+                        if pos > run_start:
+                            out.append(data[run_start:pos])
+                        run_start = end
+                        request, outcome = redecided
+                        if isinstance(outcome, Decision):
+                            self._run_redecided(data[pos:end], request, outcome)
+                        else:
+                            self._held = (_E, data[pos:end], request, None)
+                            self.awaiting = outcome
+                        pos = end
+                        continue
                 pending = None
                 if mtype == _E and self._observed:
                     # What goes upstream before the Execute (an audit sentinel, a
@@ -343,6 +382,113 @@ class Session:
             if describe is not None:
                 before.append(describe)
         return pending, before
+
+    # Policy reloads: what runs after a reload runs under the new policy.
+
+    def _sync_policy(self) -> None:
+        """Catch up with a policy reload at this request boundary (cheap when none).
+
+        Every statement prepared so far was decided under the old policy: each is decided
+        again at its next Execute. Masking and the row limit switch now, for every request
+        decided from here on; results of earlier requests still arriving have no plan
+        and are masked whole, if the session becomes masked.
+        """
+        generation = _generation_of(self.gate)
+        if generation == self._generation:
+            return
+        self._generation = generation
+        self._stale.update(self.statements)
+        self._stale.update(e[1] for e in self._expected if e[0] == _P and e[1] != _REFUSED)
+        if self._policy_settings is None:
+            return
+        masked, row_limit = self._policy_settings()
+        self.row_limit = row_limit
+        if masked != self.masked:
+            self._drop_layout()
+            if masked:
+                # The requests already in flight were decided without a plan.
+                self._query_plans = deque(None for e in self._expected if e[0] == _Q)
+                self._statement_plans.clear()
+            self.masked = masked
+            self._observed = masked or self.audit is not None
+        if masked or row_limit is not None:
+            # Never back to the plain table: a result being cut must stay cut.
+            self._handlers = _ROW_SERVER_HANDLERS
+
+    def _check_plan(self, frame: bytes) -> None:
+        """Mark the Execute's statement stale when its mask plan's catalog is not current."""
+        is_current = getattr(self.gate, "plan_is_current", None)
+        if is_current is None:
+            return
+        portal = codec.decode_execute_portal(frame, self.encoding)
+        statement = self._portal_statements.get(portal, self.portals.get(portal))
+        if statement is None:
+            return
+        plan = self._statement_plans.get(statement)
+        if plan is not None and not is_current(self.info, plan):
+            self._stale.add(statement)
+
+    def _redecide(
+        self, frame: bytes
+    ) -> tuple[StatementRequest, Decision | Awaitable[Decision]] | None:
+        """Decide again the statement an Execute runs, if it was decided before a reload."""
+        portal = codec.decode_execute_portal(frame, self.encoding)
+        statement = self._portal_statements.get(portal, self.portals.get(portal))
+        if statement is None or statement not in self._stale:
+            return None
+        texts = self._texts_of(statement)
+        if not texts:
+            return None
+        request = StatementRequest("execute", texts[-1], statement_name=statement)
+        outcomes = [
+            self.gate.decide(self.info, StatementRequest("execute", t, statement_name=statement))
+            for t in dict.fromkeys(texts)
+        ]
+        if all(isinstance(o, Decision) for o in outcomes):
+            return request, _all_of([o for o in outcomes if isinstance(o, Decision)])
+        return request, _awaited_all(outcomes)
+
+    def _texts_of(self, statement: str) -> list[str]:
+        """Every text the server may run under a statement name at the next Execute.
+
+        A Parse of the name since the last Sync decides it alone: it replaces the text,
+        or fails and the Execute is skipped. Otherwise it is the confirmed text or that
+        of a Parse still in flight (one that failed left the old text), so all count.
+        """
+        texts: list[str] = []
+        synced = False
+        for entry in reversed(self._expected):
+            if entry[0] == _S:
+                synced = True
+            elif entry[0] == _P and entry[1] == statement:
+                if not synced:
+                    return [entry[2]]
+                texts.append(entry[2])
+        confirmed = self.statements.get(statement)
+        if confirmed is not None:
+            texts.append(confirmed)
+        return texts
+
+    def _run_redecided(self, frame: bytes, request: StatementRequest, decision: Decision) -> None:
+        """Forward an Execute whose statement was decided again, or fail it in place."""
+        if decision.allowed:
+            self._stale.discard(request.statement_name)
+            if self.masked:
+                self._statement_plans[request.statement_name] = decision.mask
+            pending = None
+            if self._observed:
+                pending, before = self._before_execute(frame)
+                self.to_server.extend(before)
+            self.to_server.append(frame)
+            self._track(_E, frame, 0, len(frame), None, pending=pending)
+            return
+        pending = None
+        if self.audit is not None:
+            decision, pending = self._audit_request(request, decision)
+        # A sentinel Parse fails in the Execute's place; the server skips to the Sync.
+        name = f"{SENTINEL_PREFIX}{self._nonce}_stale"
+        sentinel = StatementRequest("parse", "", statement_name=name)
+        self.to_server.append(self._sentinel(_P, sentinel, decision, pending))
 
     def _check_expiry(self) -> None:
         if self.expires_at is not None and self._clock() >= self.expires_at:
@@ -385,7 +531,7 @@ class Session:
         self._refusals[token] = decision
         if mtype == _P:
             sentinel = codec.parse(request.statement_name, token)
-            self._expected.append((_P, "\0refused", "", pending))
+            self._expected.append((_P, _REFUSED, "", pending))
         else:
             # Query and FunctionCall both answer ErrorResponse + ReadyForQuery.
             sentinel = codec.query(token)
@@ -412,9 +558,11 @@ class Session:
             # The unnamed portal and statement are by far the most common: skip decoding.
             if data[pos + 5] == 0 and data[pos + 6] == 0:
                 expected.append((_B, "", "", None))
+                self._portal_statements[""] = ""
             else:
                 bind = codec.decode_bind_names(data[pos:end], self.encoding)
                 expected.append((_B, bind.portal, bind.statement, None))
+                self._portal_statements[bind.portal] = bind.statement
         elif mtype == _E:
             portal = (
                 ""
@@ -458,6 +606,9 @@ class Session:
             self._record_results()
 
     def _receive_server(self, data: bytes) -> None:
+        if self.awaiting_result is not None:
+            self._server_buf += data  # the result waits for its new plan
+            return
         out = self.to_client
         if self._server_stream_left:
             n = min(self._server_stream_left, len(data))
@@ -507,6 +658,10 @@ class Session:
             if replacement is not None:
                 if pos > run_start:
                     out.append(data[run_start:pos])
+                if replacement is _HOLD:
+                    # From here on the result waits (resume_result() goes on with it).
+                    self._server_buf += data[pos:]
+                    return
                 if replacement:
                     out.append(replacement)
                 run_start = end
@@ -546,9 +701,14 @@ class Session:
         if status == b"I" and self.portals:
             # Portals live no longer than their transaction.
             self.portals.clear()
-        if self._refusals:
+        if status == b"I" and not expected and len(self._portal_statements) > 1:
+            self._portal_statements.clear()  # (nothing bound is still in flight)
+        if self._refusals and not expected:
+            # Only once nothing is in flight: a refusal pipelined behind this Sync has
+            # its error still to come.
             self._refusals.clear()
-        if self.row_limit is not None:
+        if self.row_limit is not None or self._cut or self._cancelled:
+            # (A reload may have lifted the limit of a result being cut.)
             self._rows = 0
             self._cut = self._cancelled = False
             if status == b"I":
@@ -710,6 +870,14 @@ class Session:
         """A DataRow or COPY TO STDOUT row: counted against the limit, then masked."""
         if data[pos] == _COPY_DATA and self.mode != "copy_out":
             return None
+        if self._cut:
+            return b""  # also when a reload lifted the limit that cut this result
+        if self.masked and not self._layout_known and data[pos] != _COPY_DATA:
+            layout = self._result_layout(None)
+            if self.awaiting_result is not None:
+                return _HOLD  # before the row is counted: it comes again
+            self._layout = layout
+            self._layout_known = True
         if self.row_limit is not None:
             dropped = self._count_row()
             if dropped is not None:
@@ -728,9 +896,6 @@ class Session:
                 self._cut_result(_binary_copy_error)
                 return b""
             return masked
-        if not self._layout_known:
-            self._layout = self._result_layout(None)
-            self._layout_known = True
         layout = self._layout
         masked = layout.mask_row(data, pos, end) if layout is not None else None
         if self.audit is not None:
@@ -853,7 +1018,10 @@ class Session:
             self._portal_fields[head[1]] = fields
             return b"" if head[2] == "internal" else None
         if head is not None and head[0] == _Q:
-            self._layout = self._result_layout(fields)
+            layout = self._result_layout(fields)
+            if self.awaiting_result is not None:
+                return _HOLD
+            self._layout = layout
             self._layout_known = True
         return None
 
@@ -896,8 +1064,49 @@ class Session:
         if plan is None or fields is None:
             # Rows the session cannot attribute: send none of their values.
             plan, fields = _MASK_ALL, None
+        elif plan.relations is not None and _unknown_relation(fields, plan.relations):
+            # The result comes from a relation created (or replaced) after the plan's
+            # catalog was read: the plan is made again before any row leaves.
+            if plan is not self._replanned and self._replan(plan):
+                return None
+            # Unknown even to the newest catalog (the session's own uncommitted DDL):
+            # nothing says what its columns carry.
+            plan, fields = _MASK_ALL, None
         layout = RowLayout(fields, formats, plan, self.encoding, self.mask_counts)
         return layout if layout.needed else None
+
+    def _replan(self, plan: MaskPlan) -> bool:
+        """Ask the gate for the plan again, with a newer catalog (False: it cannot)."""
+        replan = getattr(self.gate, "replan", None)
+        if replan is None:
+            return False
+        self.awaiting_result = replan(self.info, plan)
+        return True
+
+    def resume_result(self, decision: Decision) -> None:
+        """Apply the plan :attr:`awaiting_result` made, and go on with the held result."""
+        if self.awaiting_result is None:
+            raise RuntimeError("resume_result() without a held result")
+        self.awaiting_result = None
+        if decision.allowed:
+            plan = decision.mask
+        else:
+            # Under the catalog as it is now the statement is refused: its rows are not
+            # sent, and its end is the refusal.
+            plan = _MASK_ALL
+            self._cut_result(lambda completed: _replan_refusal(decision, completed))
+        self._replanned = plan
+        head = self._expected[0] if self._expected else None
+        if head is not None and head[0] == _Q and self._query_plans:
+            self._query_plans[0] = plan
+        elif head is not None and head[0] == _E:
+            bound = self._binds.get(head[1])
+            if bound is not None:
+                self._statement_plans[bound.statement] = plan
+        held = bytes(self._server_buf)
+        self._server_buf.clear()
+        if held:
+            self.receive_server(held)
 
     def _cancel_is_safe(self) -> bool:
         """Whether a cancel can only stop what the client would see as one failed unit.
@@ -1085,6 +1294,48 @@ def _values(frame: bytes, pos: int) -> list[str | None]:
     return values
 
 
+def _generation_of(gate: StatementGate) -> int:
+    """The gate's policy generation (a gate that never reloads has none: 0)."""
+    generation = getattr(gate, "generation", 0)
+    return generation if isinstance(generation, int) else 0
+
+
+def _all_of(decisions: list[Decision]) -> Decision:
+    """One decision for every text a statement name may hold: all must be allowed."""
+    for decision in decisions:
+        if not decision.allowed:
+            return decision
+    first = decisions[0].mask
+    if all(d.mask is first for d in decisions):
+        return decisions[0]
+    # Which text runs is not known here: its rows are masked whole.
+    return Decision(True, rule=decisions[0].rule)
+
+
+async def _awaited_all(outcomes: list[Decision | Awaitable[Decision]]) -> Decision:
+    return _all_of([o if isinstance(o, Decision) else await o for o in outcomes])
+
+
+def _unknown_relation(fields: list[FieldDescription], relations: frozenset[int]) -> bool:
+    """Whether a column comes from a relation outside ``relations`` (0: no relation)."""
+    return any(f.table_oid and f.table_oid not in relations for f in fields)
+
+
+def _replan_refusal(decision: Decision, completed: bool) -> bytes:
+    ran = (
+        "the statement finished on the server, its rows were withheld"
+        if completed
+        else "the statement was cancelled on the server, no rows were delivered"
+    )
+    return codec.error_response(
+        decision.sqlstate,
+        decision.message,
+        detail="the database's tables or views changed after the statement was allowed, "
+        f"and the gateway refuses it as they are now; {ran}",
+        hint=decision.hint,
+    )
+
+
 def _no_cut_error(completed: bool) -> bytes:
     raise AssertionError("a result was cut without an error to end it")
 
@@ -1130,6 +1381,9 @@ _ROW_SERVER_HANDLERS = {
 
 #: What a masked session receives as a notification's payload.
 _WITHHELD_PAYLOAD = "querywarden: payload withheld (masked identity)"
+
+#: A handler's answer that stops the result here until :meth:`Session.resume_result`.
+_HOLD: Final = b"\0querywarden: hold"
 
 #: Masks every value: for rows whose statement or layout the session does not know.
 _MASK_ALL = MaskPlan(origins={}, computed=None, scanner=None, scrub_errors=True, mask_all=True)
