@@ -273,3 +273,28 @@ def test_exposing_relations_are_lifted_by_an_exact_name_only() -> None:
         deny={"tables": ["public.secrets"]},
     )
     assert _decide(listed, "SELECT * FROM pg_stat_get_activity(NULL)").outcome == "allow"
+
+
+def test_a_masked_identity_does_not_read_everything() -> None:
+    # Masking redacts the statistics' values but not the constants in another session's
+    # statement text: an identity masking applies to is refused pg_stat_activity even
+    # with every table allowed; the exempt group reads it.
+    document = PolicyDocument.model_validate(
+        {
+            "rules": [
+                {
+                    "name": "all",
+                    "subjects": {"groups": ["ai-agents", "dba"]},
+                    "allow": {"operations": ["select"], "tables": ["*"]},
+                }
+            ],
+            "masking": {
+                "columns": [{"table": "public.customers", "column": "ssn", "strategy": "redact"}],
+                "exempt": {"groups": ["dba"]},
+            },
+        }
+    )
+    masking_engine = PolicyEngine(document)
+    summaries = analyzer.analyze("SELECT query FROM pg_stat_activity")
+    assert masking_engine.evaluate(AGENT, "app", summaries).outcome == "deny"
+    assert masking_engine.evaluate(DBA, "app", summaries).outcome == "allow"

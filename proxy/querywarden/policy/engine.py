@@ -269,6 +269,7 @@ class PolicyEngine:
             rules_key = (rules, tuple(id(r) for r in rules), tuple(r.name for r in rules))
             self._rules_keys[id(rules)] = rules_key
         names = rules_key[2]
+        masked = self._masked(principal)
         path_key = search_path if type(search_path) is tuple else tuple(search_path)
         memo = self._memo
         worst: Verdict | None = None
@@ -283,10 +284,11 @@ class PolicyEngine:
                 summary.unbounded_write,
                 summary.opaque,
                 summary.set_parameters,
+                masked,
             )
             verdict = memo.get(key)
             if verdict is None:
-                found = self._evaluate_one(rules, summary, search_path)
+                found = self._evaluate_one(rules, summary, search_path, masked)
                 if found.outcome == "allow":
                     verdict = Verdict("allow", rules[0].name, "allowed", rules=names)
                 else:
@@ -302,8 +304,20 @@ class PolicyEngine:
             return Verdict("allow", rules[0].name, "allowed", rules=names)
         return worst
 
+    def _masked(self, principal: Principal) -> bool:
+        """Whether masking may apply to the identity (overrides aside: the stricter view)."""
+        section = self.policy.masking
+        exempt = section.exempt
+        return bool(section.columns or section.detectors) and not (
+            principal.subject in exempt.users or not principal.groups.isdisjoint(exempt.groups)
+        )
+
     def _evaluate_one(
-        self, rules: list[Rule], summary: StatementSummary, search_path: Sequence[str]
+        self,
+        rules: list[Rule],
+        summary: StatementSummary,
+        search_path: Sequence[str],
+        masked: bool = False,
     ) -> Verdict:
         allowed_summary = _allowed_summary(rules)
         # 1. Built-in denials, unless a rule lifts them explicitly.
@@ -334,7 +348,7 @@ class PolicyEngine:
             for relation in relations
             for name in candidates(relation, search_path)
         ]
-        exposing = _exposing(rules, touched, summary.functions)
+        exposing = _exposing(rules, touched, summary.functions, masked)
         if exposing is not None:
             return Verdict(
                 "deny", "built-in", exposing[0], hint=f"{exposing[1]}; {allowed_summary}"
@@ -447,10 +461,16 @@ class PolicyEngine:
         return Verdict("allow", None, "allowed")
 
 
-def _reads_everything(rules: list[Rule]) -> bool:
-    """Whether the identity may read every table: nothing is hidden from it."""
-    return any("*" in r.allow.tables or "*.*" in r.allow.tables for r in rules) and not any(
-        r.deny.tables or r.review.tables for r in rules
+def _reads_everything(rules: list[Rule], masked: bool) -> bool:
+    """Whether nothing is hidden from the identity: it may read every table, unmasked.
+
+    Masking redacts the statistics' values, but not the constants in another session's
+    statement text, so a masked identity does not read everything.
+    """
+    return (
+        not masked
+        and any("*" in r.allow.tables or "*.*" in r.allow.tables for r in rules)
+        and not any(r.deny.tables or r.review.tables for r in rules)
     )
 
 
@@ -458,6 +478,7 @@ def _exposing(
     rules: list[Rule],
     touched: list[tuple[str, QualifiedName, str]],
     functions: Iterable[QualifiedName],
+    masked: bool,
 ) -> tuple[str, str] | None:
     """(reason, hint) if the statement reads what exposes other relations' data."""
     for access, relation, name in touched:
@@ -465,7 +486,7 @@ def _exposing(
             continue
         for pattern, exposed in EXPOSING_RELATIONS.items():
             if fnmatchcase(name, pattern) and not any(name in r.allow.tables for r in rules):
-                if _reads_everything(rules):
+                if _reads_everything(rules, masked):
                     return None
                 shown = name if relation.schema is not None else f"{relation} (as {name})"
                 return (
@@ -479,7 +500,7 @@ def _exposing(
             if _function_matches((pattern,), function) and not any(
                 _function_matches(r.allow.functions, function) for r in rules
             ):
-                if _reads_everything(rules):
+                if _reads_everything(rules, masked):
                     return None
                 return (
                     f"calling {function}() is refused by querywarden's built-in protections: "
