@@ -246,6 +246,9 @@ def test_side_effects_can_be_reviewed_denied_or_vouched_for() -> None:
         ("SELECT lo_get(42)", "pg_catalog.pg_largeobject"),
         ("SELECT * FROM pg_stat_get_activity(NULL)", "pg_stat_get_activity()"),
         ("SELECT * FROM pg_logical_slot_peek_changes('s', NULL, NULL)", "peek_changes()"),
+        ("SELECT schema_to_xml('pg_catalog', true, false, '')", "pg_catalog.*"),
+        ("SELECT table_to_xml('pg_statistic', true, false, '')", "pg_catalog.pg_statistic"),
+        ("SELECT query_to_xml('SELECT * FROM pg_stats', true, false, '')", "pg_stats"),
     ],
 )
 def test_relations_exposing_other_relations_count_as_reading_every_table(

@@ -474,6 +474,20 @@ def _reads_everything(rules: list[Rule], masked: bool) -> bool:
     )
 
 
+def _is_wildcard(name: str) -> bool:
+    schema, _, relation = name.partition(".")
+    return schema == "*" or "*" in relation
+
+
+def _could_hold(name: str, pattern: str) -> bool:
+    """Whether relation ``name`` (maybe a whole schema, ``s.*``) is or holds ``pattern``."""
+    if not _is_wildcard(name):
+        return fnmatchcase(name, pattern)
+    schema = name.partition(".")[0]
+    pattern_schema = pattern.partition(".")[0]
+    return schema == "*" or pattern_schema == "*" or fnmatchcase(schema, pattern_schema)
+
+
 def _exposing(
     rules: list[Rule],
     touched: list[tuple[str, QualifiedName, str]],
@@ -484,16 +498,26 @@ def _exposing(
     for access, relation, name in touched:
         if access != "read":  # writing one is an operation the rules decide on
             continue
+        whole = _is_wildcard(name)
         for pattern, exposed in EXPOSING_RELATIONS.items():
-            if fnmatchcase(name, pattern) and not any(name in r.allow.tables for r in rules):
+            # A whole schema (schema_to_xml('pg_catalog')) holds what is in it; only an
+            # exact name, never a glob, lifts the protection.
+            if _could_hold(name, pattern) and (
+                whole or not any(name in r.allow.tables for r in rules)
+            ):
                 if _reads_everything(rules, masked):
                     return None
                 shown = name if relation.schema is not None else f"{relation} (as {name})"
+                it = f"it holds {pattern}, which exposes" if whole else "it exposes"
+                lift = (
+                    "name the tables you need"
+                    if whole
+                    else f"an operator can allow it by naming {name} in a rule's allow.tables"
+                )
                 return (
-                    f"reading {shown} is refused by querywarden's built-in protections: it "
-                    f"exposes {exposed}, beyond the tables your policy lets you read",
-                    "query the tables you may read directly (count, min, max, avg ...); an "
-                    f"operator can allow it by naming {name} in a rule's allow.tables",
+                    f"reading {shown} is refused by querywarden's built-in protections: "
+                    f"{it} {exposed}, beyond the tables your policy lets you read",
+                    f"query the tables you may read directly (count, min, max, avg ...); {lift}",
                 )
     for function in sorted(functions, key=str):
         for pattern, exposed in EXPOSING_FUNCTIONS.items():
