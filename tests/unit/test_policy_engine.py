@@ -188,6 +188,7 @@ def _decide(engine_: PolicyEngine, sql: str) -> Verdict:
         "SELECT public.transfer(1, 2)",  # not PostgreSQL's: what it does is unseen
         "SELECT my_function()",
         "SELECT \"LOWER\"('a')",  # a quoted name keeps its case: not pg_catalog.lower
+        "SELECT txid_current()",  # stable, but assigns a transaction ID
     ],
 )
 def test_functions_with_side_effects_need_the_operation(sql: str) -> None:

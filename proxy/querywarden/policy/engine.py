@@ -26,7 +26,11 @@ from typing import Literal
 
 from querywarden.analysis import MODELED_FUNCTIONS, QualifiedName, StatementSummary
 from querywarden.identity import Principal
-from querywarden.policy.functions import HARMLESS_VOLATILE, builtin_functions
+from querywarden.policy.functions import (
+    HARMLESS_VOLATILE,
+    KNOWN_SIDE_EFFECTS,
+    builtin_functions,
+)
 from querywarden.policy.model import PolicyDocument, Rule
 
 Outcome = Literal["allow", "review", "deny"]
@@ -159,6 +163,8 @@ def side_effects(function: QualifiedName) -> str | None:
         qualified = f"{function.schema or 'pg_catalog'}.{name}"
         known, volatile = builtin_functions()
         if qualified in known:
+            if function.schema != "information_schema" and name in KNOWN_SIDE_EFFECTS:
+                return KNOWN_SIDE_EFFECTS[name]
             if qualified in volatile and name not in HARMLESS_VOLATILE:
                 if name in MODELED_FUNCTIONS:
                     return None  # the summary already says what it does

@@ -61,6 +61,15 @@ HARMLESS_VOLATILE: Final[dict[str, str]] = {
     "system": "a TABLESAMPLE method",
 }
 
+#: Functions PostgreSQL does not mark volatile that change state all the same. Checked
+#: against the table by a test, like :data:`HARMLESS_VOLATILE`.
+KNOWN_SIDE_EFFECTS: Final[dict[str, str]] = {
+    # Stable (the same value within a transaction), but the first call assigns the
+    # transaction an ID: repeated, it burns IDs towards wraparound.
+    "txid_current": "assigns a transaction ID",
+    "pg_current_xact_id": "assigns a transaction ID",
+}
+
 
 def render(rows: Iterable[tuple[str, bool]], server_version: str) -> str:
     """The data file's text for the rows of :data:`CATALOG_QUERY` (``(name, volatile)``)."""
