@@ -32,6 +32,13 @@ RULES = [
         "deny": {"tables": ["public.qw_sc_secrets"]},
     },
     {
+        # Every table but one: not "everything", so the statistics stay refused.
+        "name": "support-all-but-secrets",
+        "subjects": {"groups": ["support"]},
+        "allow": {"operations": ["select"], "tables": ["*"]},
+        "deny": {"tables": ["public.qw_sc_secrets"]},
+    },
+    {
         "name": "dba-all",
         "subjects": {"groups": ["dba"]},
         "allow": {"operations": ["*"], "tables": ["*"]},
@@ -122,6 +129,24 @@ def test_agent_cannot_read_what_exposes_other_tables(
         assert "beyond the tables your policy lets you read" in str(diag.message_primary)
         assert diag.message_hint is not None and "allow." in diag.message_hint
         # The session carries on.
+        assert conn.execute("SELECT count(*) FROM qw_sc_orders").fetchone() == (50,)
+
+
+def test_every_table_but_a_denied_one_is_not_every_table(
+    policed: RunningGateway, pg: EphemeralCluster
+) -> None:
+    toast = pg.psql(
+        "SELECT 'pg_toast.' || t.relname FROM pg_class c JOIN pg_class t "
+        "ON t.oid = c.reltoastrelid WHERE c.relname = 'qw_sc_secrets'"
+    )
+    with psycopg.connect(policed.dsn("carol"), autocommit=True) as conn:
+        for sql in (
+            "SELECT most_common_vals::text FROM pg_stats WHERE tablename = 'qw_sc_secrets'",
+            "SELECT query FROM pg_catalog.pg_stat_activity",
+            f"SELECT chunk_data FROM {toast}",
+        ):
+            diag = _refusal(conn, sql)
+            assert "beyond the tables your policy lets you read" in str(diag.message_primary)
         assert conn.execute("SELECT count(*) FROM qw_sc_orders").fetchone() == (50,)
 
 

@@ -248,6 +248,7 @@ def test_side_effects_can_be_reviewed_denied_or_vouched_for() -> None:
         ("SELECT * FROM pg_stat_get_activity(NULL)", "pg_stat_get_activity()"),
         ("SELECT * FROM pg_logical_slot_peek_changes('s', NULL, NULL)", "peek_changes()"),
         ("SELECT schema_to_xml('pg_catalog', true, false, '')", "pg_catalog.*"),
+        ("SELECT chunk_data FROM pg_toast.pg_toast_16384", "pg_toast.pg_toast_16384"),
         ("SELECT table_to_xml('pg_statistic', true, false, '')", "pg_catalog.pg_statistic"),
         ("SELECT query_to_xml('SELECT * FROM pg_stats', true, false, '')", "pg_stats"),
     ],
@@ -272,6 +273,8 @@ def test_exposing_relations_are_lifted_by_an_exact_name_only() -> None:
     )
     assert _decide(almost, "SELECT * FROM pg_stats").outcome == "deny"
     assert _decide(almost, "SELECT * FROM pg_stat_get_activity(NULL)").outcome == "deny"
+    # The TOAST table of public.secrets holds its long values.
+    assert _decide(almost, "SELECT chunk_data FROM pg_toast.pg_toast_16390").outcome == "deny"
     listed = _engine(
         allow={"operations": ["select"], "tables": ["*"], "functions": ["pg_stat_get_activity"]},
         deny={"tables": ["public.secrets"]},

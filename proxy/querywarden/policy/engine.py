@@ -76,6 +76,7 @@ EXPOSING_RELATIONS: dict[str, str] = {
     "pg_catalog.pg_stat_activity": _STATEMENTS,
     "*.pg_stat_statements": _STATEMENTS,
     "pg_catalog.pg_largeobject": "the contents of every large object in the database",
+    "pg_toast.*": "the out-of-line values of other tables' columns (TOAST)",
 }
 #: Functions that return the same (lifted by ``allow.functions`` or reading every table).
 EXPOSING_FUNCTIONS: dict[str, str] = {
