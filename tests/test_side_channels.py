@@ -201,7 +201,23 @@ def test_agent_still_calls_functions_without_side_effects(policed: RunningGatewa
 
 
 def test_psql_describe_still_works_for_the_agent(policed: RunningGateway) -> None:
-    for command in ("\\d qw_sc_orders", "\\dt+ qw_sc_*", "\\df lower", "\\l"):
+    for command in (
+        "\\d+ qw_sc_orders",
+        "\\dt+ qw_sc_*",
+        "\\di+",
+        "\\ds+",
+        "\\df+ lower",
+        "\\dn+",
+        "\\dT",
+        "\\du",
+        "\\dx+",
+        "\\dp qw_sc_*",
+        "\\dconfig work_mem",
+        "\\db",
+        "\\dP+",
+        "\\l+",
+        "\\sf lower(text)",
+    ):
         result = subprocess.run(
             ["psql", policed.dsn("alice"), "-X", "-c", command],
             capture_output=True,
