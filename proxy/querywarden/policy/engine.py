@@ -64,9 +64,10 @@ _SAMPLED = "sampled values of the columns of every table the upstream role can r
 _STATEMENTS = "the statement text, constants included, of other sessions"
 #: Relations whose rows are other relations' data or other sessions' statements, and what
 #: they expose. Reading one counts as reading every table: it is refused unless a rule
-#: names it exactly in ``allow.tables`` or the identity may read every table (a rule
-#: allows ``*`` and none denies or reviews a table). A WHERE on ``tablename`` does not
-#: help: the gateway cannot prove what it filters (``OR true``, a function, a view).
+#: names it exactly in ``allow.tables`` or nothing is hidden from the identity (a rule
+#: allows ``*``, none denies or reviews a table, and masking does not apply to it). A
+#: WHERE on ``tablename`` does not help: the gateway cannot prove what it filters
+#: (``OR true``, a function, a view).
 EXPOSING_RELATIONS: dict[str, str] = {
     "pg_catalog.pg_stats": _SAMPLED,
     "pg_catalog.pg_stats_ext": _SAMPLED,
