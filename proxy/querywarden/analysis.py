@@ -35,6 +35,7 @@ from typing import Any, Final, NamedTuple
 import pglast.parser as _pg
 
 __all__ = [
+    "MODELED_FUNCTIONS",
     "AnalysisError",
     "Analyzer",
     "ColumnRef",
@@ -241,6 +242,17 @@ _LARGE_OBJECT_WRITERS: Final = frozenset(
     }
 )  # fmt: skip
 _LARGE_OBJECT_READERS: Final = frozenset({"lo_get", "loread", "lo_open", "lo_export"})
+#: Functions whose effect a summary already reports as operations and relations
+#: (``set_config`` as ``set``, ``nextval`` as ``update`` of its sequence, ``query_to_xml``
+#: as the statement it runs ...): the policy engine does not count them again as
+#: functions with side effects.
+MODELED_FUNCTIONS: Final = (
+    frozenset({"set_config", "pg_notify", "ts_rewrite"})
+    | frozenset(_DYNAMIC_SQL)
+    | _SEQUENCE_WRITERS
+    | _LARGE_OBJECT_WRITERS
+    | _LARGE_OBJECT_READERS
+)
 
 # Object types whose qualified name (a List of String) names a relation.
 _RELATION_OBJECTS: Final = frozenset(
