@@ -267,3 +267,26 @@ def test_full_table_scan_needs_review(
                     conn.execute("SELECT v FROM qw_big WHERE id = %s", (7,))
     finally:
         pg.psql("DROP TABLE qw_big")
+
+
+def test_a_qualified_function_denial_covers_the_bare_call(
+    make_gateway: Callable[..., RunningGateway], tables: None
+) -> None:
+    # `deny: {functions: [pg_catalog.pg_sleep]}` once let `SELECT pg_sleep(...)` through:
+    # the bare name was matched as "pg_sleep" alone, not as the pg_catalog function the
+    # server resolves it to.
+    rule = {
+        "name": "no-sleep",
+        "subjects": {"groups": ["ai-agents"]},
+        "allow": {"operations": ["select"], "tables": ["*"]},
+        "deny": {"functions": ["pg_catalog.pg_sleep"]},
+    }
+    policy = PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": [rule]}
+    )
+    gateway = make_gateway(gate=PolicyGate(policy))
+    with psycopg.connect(gateway.dsn("alice"), autocommit=True) as conn:
+        for sql in ("SELECT pg_sleep(0)", "SELECT pg_catalog.pg_sleep(0)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="denied by rule"):
+                conn.execute(sql)
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -233,6 +233,34 @@ def test_side_effects_can_be_reviewed_denied_or_vouched_for() -> None:
     assert "UPDATE" in _decide(vouched, "SELECT nextval('s')").reason
 
 
+def test_an_unqualified_call_is_checked_as_every_function_it_could_run() -> None:
+    # PostgreSQL runs the first function of that name along pg_catalog and the search_path;
+    # a denial of any of them refuses the call (a qualified denial was bypassed by the bare
+    # name: str(function) is just "pg_sleep").
+    denied = _engine(
+        allow={"operations": ["select"], "tables": ["*"]},
+        deny={"functions": ["pg_catalog.pg_sleep", "public.leak"]},
+    )
+    for sql in ("SELECT pg_sleep(0)", "SELECT pg_catalog.pg_sleep(0)", "SELECT leak()"):
+        result = _decide(denied, sql)
+        assert result.outcome == "deny", sql
+        assert "is denied by rule" in result.reason
+    # Another schema's function of the same name is not the denied one (it is refused
+    # only as a function PostgreSQL does not define: side_effects).
+    assert "is denied by rule" not in _decide(denied, "SELECT other.leak()").reason
+    # Lifting a protection needs every candidate covered: the bare name could run another
+    # schema's pg_read_file, the qualified call cannot.
+    lifted = _engine(
+        allow={
+            "operations": ["select"],
+            "tables": ["*"],
+            "functions": ["pg_catalog.pg_read_file"],
+        }
+    )
+    assert _decide(lifted, "SELECT pg_catalog.pg_read_file('x')").outcome == "allow"
+    assert _decide(lifted, "SELECT pg_read_file('x')").outcome == "deny"
+
+
 @pytest.mark.parametrize(
     ("sql", "exposed"),
     [

@@ -143,12 +143,31 @@ def _allowed(patterns: Iterable[str], name: str) -> bool:
     return any(p == "*" or (schema != "*" and p in (f"{schema}.*", "*.*")) for p in patterns)
 
 
-def _function_matches(patterns: Iterable[str], function: QualifiedName) -> bool:
-    # A pattern without a schema matches the function in any schema.
-    full = str(function)
-    return any(
-        fnmatchcase(full, p) or ("." not in p and fnmatchcase(function.name, p)) for p in patterns
-    )
+def _function_matches(
+    patterns: Iterable[str],
+    function: QualifiedName,
+    search_path: Sequence[str],
+    *,
+    every: bool = False,
+) -> bool:
+    """Whether the patterns cover a function call.
+
+    A pattern without a schema covers the name in any schema. An unqualified call runs the
+    function of whichever schema PostgreSQL finds first (pg_catalog, then the search_path),
+    so it is checked as each of them, like a relation: a denial covers it when it covers
+    any of them (``pg_catalog.pg_sleep`` denies ``pg_sleep(1)``); an allowance, which lifts
+    a protection, only when it covers them all (``every``).
+    """
+    patterns = tuple(patterns)
+    if not patterns:
+        return False
+    bare = [p for p in patterns if "." not in p]
+    if any(fnmatchcase(function.name, p) for p in bare):
+        return True
+    qualified = [p for p in patterns if "." in p]
+    names = candidates(function, search_path)
+    found = (any(fnmatchcase(name, p) for p in qualified) for name in names)
+    return all(found) if every else any(found)
 
 
 def side_effects(function: QualifiedName) -> str | None:
@@ -339,8 +358,9 @@ class PolicyEngine:
                     hint=allowed_summary,
                 )
         for function in sorted(summary.functions, key=str):
-            if _function_matches(BUILTIN_DENIED_FUNCTIONS, function) and not any(
-                _function_matches(r.allow.functions, function) for r in rules
+            if _function_matches(BUILTIN_DENIED_FUNCTIONS, function, search_path) and not any(
+                _function_matches(r.allow.functions, function, search_path, every=True)
+                for r in rules
             ):
                 return Verdict(
                     "deny",
@@ -356,7 +376,7 @@ class PolicyEngine:
             for relation in relations
             for name in candidates(relation, search_path)
         ]
-        exposing = _exposing(rules, touched, summary.functions, masked)
+        exposing = _exposing(rules, touched, summary.functions, masked, search_path)
         if exposing is not None:
             return Verdict(
                 "deny", "built-in", exposing[0], hint=f"{exposing[1]}; {allowed_summary}"
@@ -392,7 +412,10 @@ class PolicyEngine:
         effects = [
             (function, why)
             for function in sorted(summary.functions, key=str)
-            if not any(_function_matches(r.allow.functions, function) for r in rules)
+            if not any(
+                _function_matches(r.allow.functions, function, search_path, every=True)
+                for r in rules
+            )
             and (why := side_effects(function)) is not None
         ]
         operations = summary.operations | {SIDE_EFFECTS} if effects else summary.operations
@@ -422,7 +445,7 @@ class PolicyEngine:
                 if _denied(rule.deny.tables, name):
                     return refuse(rule.name, f"{name} is denied by rule {rule.name}")
             for function in summary.functions:
-                if _function_matches(rule.deny.functions, function):
+                if _function_matches(rule.deny.functions, function, search_path):
                     return refuse(rule.name, f"calling {function} is denied by rule {rule.name}")
         # 3. Allow: every operation and every relation must be allowed by some rule; what a
         # rule sends to review is permitted, once approved.
@@ -501,6 +524,7 @@ def _exposing(
     touched: list[tuple[str, QualifiedName, str]],
     functions: Iterable[QualifiedName],
     masked: bool,
+    search_path: Sequence[str],
 ) -> tuple[str, str] | None:
     """(reason, hint) if the statement reads what exposes other relations' data."""
     for access, relation, name in touched:
@@ -529,8 +553,9 @@ def _exposing(
                 )
     for function in sorted(functions, key=str):
         for pattern, exposed in EXPOSING_FUNCTIONS.items():
-            if _function_matches((pattern,), function) and not any(
-                _function_matches(r.allow.functions, function) for r in rules
+            if _function_matches((pattern,), function, search_path) and not any(
+                _function_matches(r.allow.functions, function, search_path, every=True)
+                for r in rules
             ):
                 if _reads_everything(rules, masked):
                     return None
