@@ -410,7 +410,7 @@ class Session:
             self._observe(mtype, data, pos, end, parse)
         if mtype == _B:
             # The unnamed portal and statement are by far the most common: skip decoding.
-            if data[pos + 5] == 0 and data[pos + 6] == 0:
+            if end - pos > 6 and data[pos + 5] == 0 and data[pos + 6] == 0:
                 expected.append((_B, "", "", None))
             else:
                 bind = codec.decode_bind_names(data[pos:end], self.encoding)
@@ -418,7 +418,7 @@ class Session:
         elif mtype == _E:
             portal = (
                 ""
-                if data[pos + 5] == 0
+                if end - pos == 10 and data[pos + 5] == 0
                 else codec.decode_execute_portal(data[pos:end], self.encoding)
             )
             expected.append((_E, portal, "", pending))
@@ -443,12 +443,18 @@ class Session:
         """Take bytes from the upstream server and produce what the client should get.
 
         Messages nobody needs to change leave as slices of the bytes received, in runs.
+        A message the gateway must read but cannot is the server's fault (UpstreamError).
         """
-        if self.audit is None:
-            self._receive_server(data)
-            return
         start = len(self.to_client)
-        self._receive_server(data)
+        try:
+            self._receive_server(data)
+        except ProtocolViolation as exc:
+            raise UpstreamError(
+                f"the upstream database sent a malformed message: {exc.message}",
+                sqlstate="08P01",
+            ) from exc
+        if self.audit is None:
+            return
         # The response digest covers every byte this session sent its client so far.
         stream = self._stream_hash
         for chunk in self.to_client[start:]:
@@ -530,7 +536,9 @@ class Session:
         return None
 
     def _on_ready_for_query(self, data: bytes, pos: int, end: int) -> bytes | None:
-        status = data[pos + 5 : pos + 6]
+        if end - pos != 6:
+            raise ProtocolViolation(f"ReadyForQuery of length {end - pos - 1}")
+        status = data[pos + 5 : end]
         self.transaction_status = status
         self.mode = "ready"
         expected = self._expected
@@ -744,7 +752,7 @@ class Session:
             return
         pending = self._expected[0][3]
         if pending is not None and len(pending.sample) < audit.sample_rows:
-            pending.sample.append(_row_values(frame))
+            pending.sample.append(_texts(codec.decode_data_row(frame)))
 
     def _count_row(self) -> bytes | None:
         """Count a row against the limit; past it, drop the row (b"")."""
@@ -813,8 +821,9 @@ class Session:
     def _track_bind(self, frame: bytes) -> None:
         """Remember what a forwarded Bind bound: its statement, result formats and values."""
         bind = codec.decode_bind_names(frame, self.encoding)
-        formats = codec.decode_bind_result_formats(frame) if self.masked else ()
-        values = _bind_values(frame) if self.audit is not None else []
+        parameters = codec.decode_bind_parameters(frame)
+        formats = parameters.result_formats if self.masked else ()
+        values = _texts(parameters.values) if self.audit is not None else []
         self._binds[bind.portal] = _Bound(bind.statement, formats, values)
         if self.masked:
             self._portal_fields.pop(bind.portal, None)
@@ -934,6 +943,8 @@ class Session:
         return None
 
     def _on_copy_out(self, data: bytes, pos: int, end: int) -> bytes | None:
+        if end - pos < 8:
+            raise ProtocolViolation("insufficient data left in message: CopyOutResponse")
         self.mode = "copy_out"
         self._copy_binary = data[pos + 5] == 1
         return None
@@ -1052,37 +1063,18 @@ def _note_completion(pending: PendingStatement, data: bytes, pos: int, end: int)
         pending.command = pending.command or "EMPTY"
 
 
-def _bind_values(frame: bytes) -> list[str | None]:
-    """A Bind's parameter values for the audit record (text, or backslash-x hex)."""
-    pos = frame.index(b"\0", 5) + 1
-    pos = frame.index(b"\0", pos) + 1
-    (formats,) = codec.INT16.unpack_from(frame, pos)
-    return _values(frame, pos + 2 + 2 * formats)
-
-
-def _row_values(frame: bytes) -> list[str | None]:
-    """A DataRow's values for the audit sample: text, or a backslash-x hex string."""
-    return _values(frame, 5)
-
-
-def _values(frame: bytes, pos: int) -> list[str | None]:
-    """A count of length-prefixed values at ``pos`` (as in Bind and DataRow)."""
-    (count,) = codec.INT16.unpack_from(frame, pos)
-    pos += 2
-    values: list[str | None] = []
-    for _ in range(count):
-        (length,) = codec.INT32.unpack_from(frame, pos)
-        pos += 4
-        if length < 0:
-            values.append(None)
+def _texts(values: tuple[bytes | None, ...]) -> list[str | None]:
+    """Bind or DataRow values for the audit record: text, or a backslash-x hex string."""
+    texts: list[str | None] = []
+    for raw in values:
+        if raw is None:
+            texts.append(None)
             continue
-        raw = frame[pos : pos + length]
-        pos += length
         try:
-            values.append(raw.decode("utf-8"))
+            texts.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            values.append("\\x" + raw.hex())
-    return values
+            texts.append("\\x" + raw.hex())
+    return texts
 
 
 def _no_cut_error(completed: bool) -> bytes:

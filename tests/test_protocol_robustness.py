@@ -1,0 +1,73 @@
+"""Protocol robustness through a real gateway in front of the real PostgreSQL.
+
+Malformed messages are refused with 08P01 and a reason, never a traceback; PostgreSQL's
+own limits hold (65535 parameter types); one misbehaving client never harms another
+session; a CancelRequest is delivered however fast its sender leaves; a failure inside
+the gateway ends only its own session, with XX000.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from gateway_harness import RunningGateway
+from querywarden import codec
+from raw_client import RawClient, assert_alive, connect
+from robustness_fixtures import MakeGateway, make_gateway, no_gateway_crash  # noqa: F401
+
+SYNC = codec.message(b"S")
+
+
+def bind_declaring(declared: int, values: list[bytes]) -> bytes:
+    """A Bind of the unnamed statement that declares ``declared`` parameters."""
+    body = b"\0\0" + struct.pack("!H", 0) + struct.pack("!H", declared)
+    for value in values:
+        body += struct.pack("!i", len(value)) + value
+    return codec.message(b"B", body + struct.pack("!H", 0))
+
+
+def execute() -> bytes:
+    return codec.message(b"E", b"\0" + struct.pack("!i", 0))
+
+
+@pytest.fixture
+def audited(make_gateway: MakeGateway, tmp_path: Path) -> RunningGateway:
+    """An allow-all gateway with audit on (its default sampleRows: 5)."""
+    gw = make_gateway(audit={"directory": str(tmp_path / "audit")})
+    gw.extra["audit"] = tmp_path / "audit"
+    return gw
+
+
+# --- malformed messages ------------------------------------------------------------------
+
+
+def test_bind_declaring_more_parameters_than_it_sends_gets_08p01(
+    audited: RunningGateway,
+) -> None:
+    """A Bind that declares 5 parameters but sends 1 (the gateway reads it: audit is on)."""
+    with connect(audited, application_name="neighbour") as neighbour:
+        assert_alive(neighbour)
+        with RawClient.to(audited) as client:
+            client.login()
+            client.send(codec.parse("", "SELECT $1::int", (23,)) + bind_declaring(5, [b"1"]) + SYNC)
+            error = client.expect_fatal()
+        assert error.sqlstate == "08P01", error.fields
+        assert "insufficient data left in message" in error.text
+        assert "Bind" in error.text
+        assert_alive(neighbour)
+
+
+def test_parse_with_40000_parameter_types_reaches_the_server(gateway: RunningGateway) -> None:
+    """PostgreSQL reads the count unsigned: up to 65535 parameter types are valid."""
+    types = (23,) * 40_000
+    with RawClient.to(gateway) as client:
+        client.login()
+        client.send(codec.parse("", "SELECT $40000", types) + codec.describe("S", "") + SYNC)
+        messages = client.read_until(b"Z")
+    kinds = b"".join(m.mtype for m in messages)
+    assert kinds == b"1tTZ", [m.fields for m in messages if m.mtype == b"E"]
+    # ParameterDescription: the server saw every one of the 40,000 types.
+    assert struct.unpack_from("!H", messages[1].frame, 5)[0] == 40_000
