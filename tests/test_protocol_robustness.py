@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway_harness import RunningGateway
 from querywarden import codec
-from raw_client import RawClient, assert_alive, connect
+from querywarden.audit.log import read_records
+from raw_client import RawClient, assert_alive, connect, wait_until
 from robustness_fixtures import MakeGateway, make_gateway, no_gateway_crash  # noqa: F401
 
 SYNC = codec.message(b"S")
@@ -71,3 +73,32 @@ def test_parse_with_40000_parameter_types_reaches_the_server(gateway: RunningGat
     assert kinds == b"1tTZ", [m.fields for m in messages if m.mtype == b"E"]
     # ParameterDescription: the server saw every one of the 40,000 types.
     assert struct.unpack_from("!H", messages[1].frame, 5)[0] == 40_000
+
+
+# --- audit samples of rows cut by reads ----------------------------------------------------
+
+
+def _results(gw: RunningGateway) -> dict[str, dict[str, Any]]:
+    """The audit's result records by the text of their request, once the session ended."""
+    directory = gw.extra["audit"]
+    wait_until(
+        lambda: any(r["type"] == "session.end" for r in read_records(directory)),
+        timeout=10,
+        what="the session's end record",
+    )
+    records = list(read_records(directory))
+    texts = {r["statement_id"]: r["text"] for r in records if r["type"] == "statement.request"}
+    return {texts[r["statement_id"]]: r for r in records if r["type"] == "statement.result"}
+
+
+def test_audit_samples_a_large_row_of_several_columns_whole(audited: RunningGateway) -> None:
+    """A 100 kB value arrives over several reads; the session crashed on it (08006)."""
+    wide = "SELECT repeat('x', 100000), 1"
+    single = "SELECT repeat('y', 100000)"
+    with connect(audited) as conn:
+        assert conn.execute(wide).fetchone() == ("x" * 100_000, 1)
+        assert conn.execute(single).fetchone() == ("y" * 100_000,)
+        assert_alive(conn)
+    results = _results(audited)
+    assert results[wide]["sample"] == [["x" * 100_000, "1"]]
+    assert results[single]["sample"] == [["y" * 100_000]]

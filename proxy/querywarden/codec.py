@@ -144,6 +144,59 @@ class FrameReader:
         return data
 
 
+class ChunkBuffer:
+    """The bytes of an incomplete message, kept as the chunks received and joined once.
+
+    Appending a chunk copies nothing; :meth:`take` joins the chunks once the caller has
+    the ``wanted`` bytes it waits for (a whole message, or a header). Joining on every
+    read instead would copy a large message once per read: quadratic in its size.
+    """
+
+    __slots__ = ("_chunks", "_size", "copied", "wanted")
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        #: How many bytes must be buffered before :meth:`take` is worth calling.
+        self.wanted = 0
+        #: Bytes copied by joins so far (what the O(n) guarantee is measured by).
+        self.copied = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        """Keep a chunk, uncopied."""
+        if data:
+            self._chunks.append(data)
+            self._size += len(data)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the wanted bytes have arrived."""
+        return self._size >= self.wanted
+
+    def take(self) -> bytes:
+        """Remove and return everything buffered, joined (a single chunk is not copied)."""
+        chunks = self._chunks
+        if len(chunks) == 1:
+            data = chunks[0]
+        else:
+            data = b"".join(chunks)
+            self.copied += len(data)
+        chunks.clear()
+        self._size = self.wanted = 0
+        return data
+
+    def hold(self, data: bytes) -> None:
+        """Keep the incomplete tail of a stream: wait for its whole message, or its header."""
+        self.append(data)
+        if len(data) >= 5:
+            self.wanted = TYPE_AND_LENGTH.unpack_from(data, 0)[1] + 1
+        else:
+            self.wanted = 5
+
+
 class MessageTooLarge(ProtocolViolation):
     """A message longer than the configured limit."""
 

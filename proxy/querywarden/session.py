@@ -62,6 +62,7 @@ _Entry = tuple[int, str, str, PendingStatement | None]
 # One-byte message types as ints (frame[0] is an int).
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")
 _COPY_DATA, _COPY_DONE, _COPY_FAIL = ord("d"), ord("c"), ord("f")
+_DATA_ROW = ord("D")
 _FRONTEND_TYPES: Final = frozenset(b"QPBDECSHFXdcf")
 # Messages that make the server do work; a connection whose token expired may send none.
 _REQUESTS: Final = frozenset(b"QPBEF")
@@ -156,9 +157,9 @@ class Session:
         self.encoding = "utf-8"
 
         self.max_client_message = max_client_message
-        self._client_buf = bytearray()
+        self._client_buf = codec.ChunkBuffer()
         self._client_stream_left = 0  # bytes of a streamed CopyData still to forward
-        self._server_buf = bytearray()
+        self._server_buf = codec.ChunkBuffer()
         self._server_stream_left = 0  # bytes of a streamed DataRow/CopyData still to forward
         self._held: tuple[int, bytes, StatementRequest, codec.Parse | None] | None = None
         # What the server still owes, oldest first: (message type, name, extra).
@@ -175,6 +176,7 @@ class Session:
         #: The session's audit recorder: every request is written before it is forwarded.
         self.audit = audit
         sampling = audit is not None and audit.sample_rows > 0
+        self._sampling = sampling
         self._handlers = (
             _SERVER_HANDLERS
             if row_limit is None and not masked and not sampling
@@ -221,12 +223,14 @@ class Session:
             data = data[n:]
             if not data:
                 return
-        if self._client_buf or self.awaiting is not None or self._cancel_in_flight:
-            self._client_buf += data
+        buf = self._client_buf
+        if buf or self.awaiting is not None or self._cancel_in_flight:
+            buf.append(data)
             if self.awaiting is not None or self._cancel_in_flight:
                 return  # held behind a decision or a cancel; resume() carries on
-            data = bytes(self._client_buf)
-            self._client_buf.clear()
+            if not buf.ready:
+                return  # the message is still incomplete: join its chunks once, later
+            data = buf.take()
         self._process_client(data)
 
     def resume(self, decision: Decision) -> None:
@@ -254,9 +258,7 @@ class Session:
 
     def _continue_client(self) -> None:
         if self._client_buf and self.awaiting is None and not self._cancel_in_flight:
-            data = bytes(self._client_buf)
-            self._client_buf.clear()
-            self._process_client(data)
+            self._process_client(self._client_buf.take())
 
     def _process_client(self, data: bytes) -> None:
         out = self.to_server
@@ -321,7 +323,7 @@ class Session:
         if pos > run_start:
             out.append(data[run_start:pos])
         if pos < size:
-            self._client_buf += data[pos:]
+            self._client_buf.hold(data[pos:])
 
     def _before_execute(self, frame: bytes) -> tuple[PendingStatement | None, list[bytes]]:
         """An Execute in a masked or audited session: its record, and messages to go first.
@@ -473,10 +475,12 @@ class Session:
             data = data[n:]
             if not data:
                 return
-        if self._server_buf:
-            self._server_buf += data
-            data = bytes(self._server_buf)
-            self._server_buf.clear()
+        buf = self._server_buf
+        if buf:
+            buf.append(data)
+            if not buf.ready:
+                return  # the message is still incomplete: join its chunks once, later
+            data = buf.take()
         hook = self.result_hook
         info = self.info
         unpack = codec.TYPE_AND_LENGTH.unpack_from
@@ -489,7 +493,12 @@ class Session:
             if length < 4:
                 raise UpstreamError(f"upstream sent an invalid message length {length}")
             if end > size:
-                if hook is None and mtype in _STREAMABLE and not self.masked:
+                if (
+                    hook is None
+                    and mtype in _STREAMABLE
+                    and not self.masked
+                    and not (mtype == _DATA_ROW and self._sampling and self._samples_row())
+                ):
                     # Forward the part that is here; the rest follows as it arrives (or,
                     # past a row limit, is dropped as it arrives).
                     handler = handlers.get(mtype)
@@ -520,7 +529,7 @@ class Session:
         if pos > run_start:
             out.append(data[run_start:pos])
         if pos < size:
-            self._server_buf += data[pos:]
+            buf.hold(data[pos:])
 
     def set_client_encoding(self, pg_name: str) -> None:
         """Decode what the client sends in this PostgreSQL client_encoding from now on."""
@@ -744,6 +753,14 @@ class Session:
         if self.audit is not None:
             self._sample(masked if masked is not None else data[pos:end])
         return masked
+
+    def _samples_row(self) -> bool:
+        """Whether the DataRow now arriving goes into the audit sample (so it must be whole)."""
+        audit = self.audit
+        if audit is None or not self._expected:
+            return False
+        pending = self._expected[0][3]
+        return pending is not None and len(pending.sample) < audit.sample_rows
 
     def _sample(self, frame: bytes) -> None:
         """Keep the first rows of the current request, as the client gets them."""

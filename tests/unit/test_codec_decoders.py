@@ -79,9 +79,9 @@ DECODERS: dict[str, tuple[Callable[[bytes], object], st.SearchStrategy[bytes]]] 
     ),
     "execute": (
         codec.decode_execute_portal,
-        st.text(st.characters(blacklist_characters="\0"), max_size=8).map(
-            lambda p: codec.message(b"E", codec.cstr(p) + b"\0\0\0\0")
-        ),
+        st.text(
+            st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=8
+        ).map(lambda p: codec.message(b"E", codec.cstr(p) + b"\0\0\0\0")),
     ),
     "function_call": (codec.decode_function_call_oid, values_st.map(function_call_frame)),
     "password": (
