@@ -8,7 +8,9 @@ the gateway ends only its own session, with XX000.
 
 from __future__ import annotations
 
+import socket
 import struct
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ import pytest
 from gateway_harness import RunningGateway
 from querywarden import codec
 from querywarden.audit.log import read_records
-from raw_client import RawClient, assert_alive, connect, wait_until
+from querywarden.devcluster import EphemeralCluster
+from raw_client import Message, RawClient, assert_alive, connect, wait_until
 from robustness_fixtures import MakeGateway, make_gateway, no_gateway_crash  # noqa: F401
 
 SYNC = codec.message(b"S")
@@ -102,3 +105,47 @@ def test_audit_samples_a_large_row_of_several_columns_whole(audited: RunningGate
     results = _results(audited)
     assert results[wide]["sample"] == [["x" * 100_000, "1"]]
     assert results[single]["sample"] == [["y" * 100_000]]
+
+
+# --- CancelRequest from a client that leaves at once ---------------------------------------
+
+
+def _backend_key(messages: list[Message]) -> tuple[int, bytes]:
+    key = next(m for m in messages if m.mtype == b"K")
+    return codec.decode_backend_key_data(key.frame)
+
+
+def _running(pg: EphemeralCluster, marker: str) -> bool:
+    count = pg.psql(
+        "SELECT count(*) FROM pg_stat_activity "
+        f"WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+    )
+    return int(count) == 1
+
+
+def test_cancel_request_is_delivered_when_its_sender_closes_at_once(
+    gateway: RunningGateway, pg: EphemeralCluster
+) -> None:
+    """Every one of 20 CancelRequests, each closed right after sending, cancels its sleep.
+
+    Each trial has its own session: PostgreSQL signals a backend twice per cancel (the
+    process and its group), and a second signal landing after the error can cancel that
+    backend's next statement; a fresh backend keeps the trials independent.
+    """
+    for trial in range(20):
+        with RawClient.to(gateway, timeout=20) as sleeper:
+            pid, secret = _backend_key(sleeper.login())
+            marker = f"cancel_trial_{trial}_{uuid.uuid4().hex[:8]}"
+            sleeper.send(codec.query(f"SELECT pg_sleep(30) /* {marker} */"))
+            wait_until(
+                lambda marker=marker: _running(pg, marker),  # type: ignore[misc]
+                timeout=10,
+                what="the sleep to start",
+            )
+            sock = socket.create_connection((gateway.host, gateway.port))
+            sock.sendall(codec.cancel_request(pid, secret))
+            sock.close()
+            answer = sleeper.read_until(b"Z")
+            errors = [m for m in answer if m.mtype == b"E"]
+            assert errors, f"trial {trial}: the sleep was not cancelled"
+            assert errors[0].sqlstate == "57014", (trial, errors[0].fields)
