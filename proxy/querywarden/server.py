@@ -804,6 +804,9 @@ class ClientConnection(Endpoint):
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
             return
+        except Exception as exc:
+            self._internal_error(exc)
+            return
         # Client input only ever produces bytes for the upstream (refusals included).
         chunks = session.to_server
         if chunks:
@@ -826,6 +829,9 @@ class ClientConnection(Endpoint):
             session.receive_server(data)
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
+            return
+        except Exception as exc:
+            self._internal_error(exc)
             return
         # Server input only ever produces bytes for the client.
         chunks = session.to_client
@@ -856,6 +862,9 @@ class ClientConnection(Endpoint):
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
             return
+        except Exception as exc:
+            self._internal_error(exc)
+            return
         self._flush()
         if session.awaiting is not None and self._deciding is None:
             self._deciding = asyncio.get_running_loop().create_task(self._await_decisions())
@@ -881,6 +890,9 @@ class ClientConnection(Endpoint):
                     session.resume(decision)
                 except QuerywardenError as exc:
                     self.shutdown(exc.message, sqlstate=exc.sqlstate)
+                    return
+                except Exception as exc:
+                    self._internal_error(exc)
                     return
                 self._flush()
         finally:
@@ -919,6 +931,32 @@ class ClientConnection(Endpoint):
 
     def _send_fatal(self, sqlstate: str, text: str) -> None:
         self.write(codec.error_response(sqlstate, text, severity="FATAL"))
+
+    def _internal_error(self, exc: Exception) -> None:
+        """A fault in the gateway itself (session, gate, hooks): end this session only.
+
+        Whatever the session had produced for either side is dropped, not forwarded: its
+        state is unknown. The client gets XX000 naming the session, so the operator can
+        find the traceback logged here; other sessions carry on.
+        """
+        session_id = self.session.info.session_id if self.session is not None else "-"
+        log.error("session %s: internal error in the gateway", session_id, exc_info=exc)
+        auditor = self.gateway.auditor
+        if auditor is not None and self.session is not None:
+            try:
+                # The exception's type only: its text may quote row data.
+                auditor.write(
+                    "session.error",
+                    session_id=session_id,
+                    sqlstate="XX000",
+                    error=f"internal error in the gateway ({type(exc).__name__})",
+                )
+            except AuditWriteError:
+                log.error("audit: the internal error of session %s was not recorded", session_id)
+        if self.session is not None:
+            self.session.to_server = []
+            self.session.to_client = []
+        self.shutdown(f"internal error in the gateway (session {session_id})", sqlstate="XX000")
 
     def shutdown(self, text: str, *, sqlstate: str) -> None:
         """End the session with a FATAL ErrorResponse to the client."""
