@@ -356,7 +356,7 @@ def _count(frame: bytes, pos: int, message: str, what: str) -> tuple[int, int]:
     """An unsigned 16-bit count at ``pos`` (PostgreSQL reads these counts unsigned)."""
     if pos + 2 > len(frame):
         raise ProtocolViolation(
-            f"insufficient data left in message: {message} ends before its {what}"
+            f"insufficient data left in message: {message} is truncated before its {what}"
         )
     return UINT16.unpack_from(frame, pos)[0], pos + 2
 
