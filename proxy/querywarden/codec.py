@@ -257,11 +257,18 @@ def _cstring(data: bytes, pos: int, encoding: str = "utf-8") -> tuple[str, int]:
     if end < 0:
         raise ProtocolViolation("string in message is not NUL-terminated")
     try:
+        if end - pos > _COPY_FREE_DECODE:
+            # A huge SQL text is decoded in place: slicing it first would copy it once more.
+            return str(memoryview(data)[pos:end], encoding), end + 1
         return data[pos:end].decode(encoding), end + 1
     except UnicodeDecodeError as exc:
         raise ProtocolViolation(
             f"string in message is not valid in the client encoding ({encoding})"
         ) from exc
+
+
+#: Strings longer than this are decoded without being sliced out first.
+_COPY_FREE_DECODE = 64 * 1024
 
 
 def decode_query(frame: bytes, encoding: str = "utf-8") -> str:
