@@ -137,6 +137,8 @@ class Gateway:
         #: Every client and upstream socket still alive, for close() to wait on.
         self.endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()
         self._cancel_keys: dict[int, _CancelKey] = {}
+        #: CancelRequests being delivered upstream (owned here, not by any connection).
+        self._cancels: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._policy_stamp: tuple[int, int, int] | None = None
@@ -383,6 +385,8 @@ class Gateway:
         """
         if self._watcher is not None:
             self._watcher.cancel()
+        for delivery in list(self._cancels):
+            delivery.cancel()
         with contextlib.suppress(Exception):
             await self.plans.close()
         if self._server is not None:
@@ -435,17 +439,49 @@ class Gateway:
         self._cancel_keys.pop(pid, None)
 
     async def cancel(self, pid: int, secret: bytes) -> None:
-        """Map a client CancelRequest to its upstream backend; unknown keys are ignored."""
+        """Map a client CancelRequest to its upstream backend; unknown keys are ignored.
+
+        Returns once the cancel is delivered (or failed). Cancelling the caller does not
+        stop the delivery: a client that closes its socket right after a CancelRequest
+        still gets its statement cancelled.
+        """
+        delivery = self.cancel_soon(pid, secret)
+        if delivery is not None:
+            await asyncio.shield(delivery)
+
+    def cancel_soon(self, pid: int, secret: bytes) -> asyncio.Task[None] | None:
+        """Start delivering a CancelRequest in a task the gateway owns (None: nothing to send).
+
+        The task is not tied to any client connection, and the gateway keeps a strong
+        reference until it ends. At most _MAX_CANCELS_IN_FLIGHT run at once (each holds
+        a socket for up to the connect timeout); past that a cancel is dropped, as
+        PostgreSQL drops one it cannot serve.
+        """
         key = self._cancel_keys.get(pid)
         if key is None or not hmac.compare_digest(key.secret, secret):
             log.info("ignored a CancelRequest with an unknown key")
-            return
+            return None
         held = key.connection._decision if key.connection is not None else None
         if held is not None and not held.done():
             # The statement is in the gateway (held for approval), not upstream.
             held.cancel()
-            return
-        await send_cancel(self.upstream_target, key.upstream_pid, key.upstream_secret)
+            return None
+        if len(self._cancels) >= _MAX_CANCELS_IN_FLIGHT:
+            log.warning("dropped a CancelRequest: %d cancels already in flight", len(self._cancels))
+            return None
+        task = asyncio.get_running_loop().create_task(
+            self._deliver_cancel(key.upstream_pid, key.upstream_secret)
+        )
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+        return task
+
+    async def _deliver_cancel(self, upstream_pid: int, upstream_secret: bytes) -> None:
+        try:
+            await send_cancel(self.upstream_target, upstream_pid, upstream_secret)
+        except (OSError, QuerywardenError) as exc:
+            # Best effort, as in PostgreSQL: the statement then runs to its end.
+            log.warning("could not deliver a CancelRequest upstream: %s", exc)
 
 
 def _server_tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
@@ -486,6 +522,10 @@ class ClientConnection(Endpoint):
         self._decision: asyncio.Future[Decision] | None = None
         self._cancel_secret = b""
         self._finished = False
+        # Reading the untyped packets before a StartupMessage: the start-up task then only
+        # reads what is buffered, so a lost connection must not cancel it (a CancelRequest
+        # followed at once by a close would be lost unread).
+        self._untyped = True
         self._over_limit = False
         self._startup_params: dict[str, str] = {}
         self._audit: SessionAudit | None = None
@@ -580,16 +620,18 @@ class ClientConnection(Endpoint):
             elif isinstance(event, GSSENCRequested):
                 self.write(b"N")
             elif isinstance(event, CancelRequested):
-                try:
-                    await gateway.cancel(event.pid, event.secret)
-                except Exception as exc:  # a cancel is best effort, as in PostgreSQL
-                    log.warning("could not deliver a CancelRequest upstream: %s", exc)
+                # Delivered by a task of the gateway's, which outlives this connection:
+                # clients close the socket right after sending the request.
+                gateway.cancel_soon(event.pid, event.secret)
                 # PostgreSQL never answers a CancelRequest; neither does the gateway (libpq
                 # takes any reply on that connection for a failed cancel).
                 self.close()
                 return None
             elif isinstance(event, StartupReceived):
                 startup = event
+                # From here the start-up waits on others (authenticator, upstream): a
+                # client that leaves cancels it.
+                self._untyped = False
                 self._startup_params = event.params
                 if self._over_limit:
                     raise QuerywardenError("sorry, too many clients already", sqlstate="53300")
@@ -781,6 +823,9 @@ class ClientConnection(Endpoint):
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
             return
+        except Exception as exc:
+            self._internal_error(exc)
+            return
         # Client input only ever produces bytes for the upstream (refusals included).
         chunks = session.to_server
         if chunks:
@@ -803,6 +848,9 @@ class ClientConnection(Endpoint):
             session.receive_server(data)
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
+            return
+        except Exception as exc:
+            self._internal_error(exc)
             return
         # Server input only ever produces bytes for the client.
         chunks = session.to_client
@@ -861,6 +909,9 @@ class ClientConnection(Endpoint):
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
             return
+        except Exception as exc:
+            self._internal_error(exc)
+            return
         self._flush()
         if session.awaiting is not None and self._deciding is None:
             self._deciding = asyncio.get_running_loop().create_task(self._await_decisions())
@@ -886,6 +937,9 @@ class ClientConnection(Endpoint):
                     session.resume(decision)
                 except QuerywardenError as exc:
                     self.shutdown(exc.message, sqlstate=exc.sqlstate)
+                    return
+                except Exception as exc:
+                    self._internal_error(exc)
                     return
                 self._flush()
         finally:
@@ -925,6 +979,32 @@ class ClientConnection(Endpoint):
     def _send_fatal(self, sqlstate: str, text: str) -> None:
         self.write(codec.error_response(sqlstate, text, severity="FATAL"))
 
+    def _internal_error(self, exc: Exception) -> None:
+        """A fault in the gateway itself (session, gate, hooks): end this session only.
+
+        Whatever the session had produced for either side is dropped, not forwarded: its
+        state is unknown. The client gets XX000 naming the session, so the operator can
+        find the traceback logged here; other sessions carry on.
+        """
+        session_id = self.session.info.session_id if self.session is not None else "-"
+        log.error("session %s: internal error in the gateway", session_id, exc_info=exc)
+        auditor = self.gateway.auditor
+        if auditor is not None and self.session is not None:
+            try:
+                # The exception's type only: its text may quote row data.
+                auditor.write(
+                    "session.error",
+                    session_id=session_id,
+                    sqlstate="XX000",
+                    error=f"internal error in the gateway ({type(exc).__name__})",
+                )
+            except AuditWriteError:
+                log.error("audit: the internal error of session %s was not recorded", session_id)
+        if self.session is not None:
+            self.session.to_server = []
+            self.session.to_client = []
+        self.shutdown(f"internal error in the gateway (session {session_id})", sqlstate="XX000")
+
     def shutdown(self, text: str, *, sqlstate: str) -> None:
         """End the session with a FATAL ErrorResponse to the client."""
         log.info("closing session of %s: %s (%s)", self.peer_address(), text, sqlstate)
@@ -950,7 +1030,12 @@ class ClientConnection(Endpoint):
             self.upstream.write(codec.TERMINATE)
             self.upstream.close()
         task = self._task
-        if task is not None and not task.done() and task is not asyncio.current_task():
+        if (
+            task is not None
+            and not task.done()
+            and task is not asyncio.current_task()
+            and not self._untyped
+        ):
             task.cancel()
         if self._deciding is not None and not self._deciding.done():
             self._deciding.cancel()
@@ -997,6 +1082,9 @@ def _send(endpoint: Endpoint | None, chunks: list[bytes]) -> None:
     else:
         transport.writelines(chunks)
 
+
+#: CancelRequests delivered upstream at once, at most.
+_MAX_CANCELS_IN_FLIGHT = 256
 
 #: Client input buffered behind a held request before the gateway stops reading.
 _HELD_INPUT_LIMIT = 1024 * 1024

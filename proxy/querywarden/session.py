@@ -62,6 +62,7 @@ _Entry = tuple[int, str, str, PendingStatement | None]
 # One-byte message types as ints (frame[0] is an int).
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")
 _COPY_DATA, _COPY_DONE, _COPY_FAIL = ord("d"), ord("c"), ord("f")
+_DATA_ROW = ord("D")
 _FRONTEND_TYPES: Final = frozenset(b"QPBDECSHFXdcf")
 # Messages that make the server do work; a connection whose token expired may send none.
 _REQUESTS: Final = frozenset(b"QPBEF")
@@ -159,9 +160,9 @@ class Session:
         self.encoding = "utf-8"
 
         self.max_client_message = max_client_message
-        self._client_buf = bytearray()
+        self._client_buf = codec.ChunkBuffer()
         self._client_stream_left = 0  # bytes of a streamed CopyData still to forward
-        self._server_buf = bytearray()
+        self._server_buf = codec.ChunkBuffer()
         self._server_stream_left = 0  # bytes of a streamed DataRow/CopyData still to forward
         self._held: tuple[int, bytes, StatementRequest, codec.Parse | None] | None = None
         # What the server still owes, oldest first: (message type, name, extra).
@@ -178,6 +179,7 @@ class Session:
         #: The session's audit recorder: every request is written before it is forwarded.
         self.audit = audit
         sampling = audit is not None and audit.sample_rows > 0
+        self._sampling = sampling
         self._handlers = (
             _SERVER_HANDLERS
             if row_limit is None and not masked and not sampling
@@ -238,12 +240,14 @@ class Session:
             data = data[n:]
             if not data:
                 return
-        if self._client_buf or self.awaiting is not None or self._cancel_in_flight:
-            self._client_buf += data
+        buf = self._client_buf
+        if buf or self.awaiting is not None or self._cancel_in_flight:
+            buf.append(data)
             if self.awaiting is not None or self._cancel_in_flight:
                 return  # held behind a decision or a cancel; resume() carries on
-            data = bytes(self._client_buf)
-            self._client_buf.clear()
+            if not buf.ready:
+                return  # the message is still incomplete: join its chunks once, later
+            data = buf.take()
         self._process_client(data)
 
     def resume(self, decision: Decision) -> None:
@@ -275,9 +279,7 @@ class Session:
 
     def _continue_client(self) -> None:
         if self._client_buf and self.awaiting is None and not self._cancel_in_flight:
-            data = bytes(self._client_buf)
-            self._client_buf.clear()
-            self._process_client(data)
+            self._process_client(self._client_buf.take())
 
     def _process_client(self, data: bytes) -> None:
         out = self.to_server
@@ -360,7 +362,7 @@ class Session:
         if pos > run_start:
             out.append(data[run_start:pos])
         if pos < size:
-            self._client_buf += data[pos:]
+            self._client_buf.hold(data[pos:])
 
     def _before_execute(self, frame: bytes) -> tuple[PendingStatement | None, list[bytes]]:
         """An Execute in a masked or audited session: its record, and messages to go first.
@@ -556,7 +558,7 @@ class Session:
             self._observe(mtype, data, pos, end, parse)
         if mtype == _B:
             # The unnamed portal and statement are by far the most common: skip decoding.
-            if data[pos + 5] == 0 and data[pos + 6] == 0:
+            if end - pos > 6 and data[pos + 5] == 0 and data[pos + 6] == 0:
                 expected.append((_B, "", "", None))
                 self._portal_statements[""] = ""
             else:
@@ -566,7 +568,7 @@ class Session:
         elif mtype == _E:
             portal = (
                 ""
-                if data[pos + 5] == 0
+                if end - pos == 10 and data[pos + 5] == 0
                 else codec.decode_execute_portal(data[pos:end], self.encoding)
             )
             expected.append((_E, portal, "", pending))
@@ -591,12 +593,18 @@ class Session:
         """Take bytes from the upstream server and produce what the client should get.
 
         Messages nobody needs to change leave as slices of the bytes received, in runs.
+        A message the gateway must read but cannot is the server's fault (UpstreamError).
         """
-        if self.audit is None:
-            self._receive_server(data)
-            return
         start = len(self.to_client)
-        self._receive_server(data)
+        try:
+            self._receive_server(data)
+        except ProtocolViolation as exc:
+            raise UpstreamError(
+                f"the upstream database sent a malformed message: {exc.message}",
+                sqlstate="08P01",
+            ) from exc
+        if self.audit is None:
+            return
         # The response digest covers every byte this session sent its client so far.
         stream = self._stream_hash
         for chunk in self.to_client[start:]:
@@ -618,10 +626,12 @@ class Session:
             data = data[n:]
             if not data:
                 return
-        if self._server_buf:
-            self._server_buf += data
-            data = bytes(self._server_buf)
-            self._server_buf.clear()
+        buf = self._server_buf
+        if buf:
+            buf.append(data)
+            if not buf.ready:
+                return  # the message is still incomplete: join its chunks once, later
+            data = buf.take()
         hook = self.result_hook
         info = self.info
         unpack = codec.TYPE_AND_LENGTH.unpack_from
@@ -634,7 +644,12 @@ class Session:
             if length < 4:
                 raise UpstreamError(f"upstream sent an invalid message length {length}")
             if end > size:
-                if hook is None and mtype in _STREAMABLE and not self.masked:
+                if (
+                    hook is None
+                    and mtype in _STREAMABLE
+                    and not self.masked
+                    and not (mtype == _DATA_ROW and self._sampling and self._samples_row())
+                ):
                     # Forward the part that is here; the rest follows as it arrives (or,
                     # past a row limit, is dropped as it arrives).
                     handler = handlers.get(mtype)
@@ -669,7 +684,7 @@ class Session:
         if pos > run_start:
             out.append(data[run_start:pos])
         if pos < size:
-            self._server_buf += data[pos:]
+            buf.hold(data[pos:])
 
     def set_client_encoding(self, pg_name: str) -> None:
         """Decode what the client sends in this PostgreSQL client_encoding from now on."""
@@ -685,7 +700,9 @@ class Session:
         return None
 
     def _on_ready_for_query(self, data: bytes, pos: int, end: int) -> bytes | None:
-        status = data[pos + 5 : pos + 6]
+        if end - pos != 6:
+            raise ProtocolViolation(f"ReadyForQuery of length {end - pos - 1}")
+        status = data[pos + 5 : end]
         self.transaction_status = status
         self.mode = "ready"
         expected = self._expected
@@ -902,6 +919,14 @@ class Session:
             self._sample(masked if masked is not None else data[pos:end])
         return masked
 
+    def _samples_row(self) -> bool:
+        """Whether the DataRow now arriving goes into the audit sample (so it must be whole)."""
+        audit = self.audit
+        if audit is None or not self._expected:
+            return False
+        pending = self._expected[0][3]
+        return pending is not None and len(pending.sample) < audit.sample_rows
+
     def _sample(self, frame: bytes) -> None:
         """Keep the first rows of the current request, as the client gets them."""
         audit = self.audit
@@ -909,7 +934,7 @@ class Session:
             return
         pending = self._expected[0][3]
         if pending is not None and len(pending.sample) < audit.sample_rows:
-            pending.sample.append(_row_values(frame))
+            pending.sample.append(_texts(codec.decode_data_row(frame)))
 
     def _count_row(self) -> bytes | None:
         """Count a row against the limit; past it, drop the row (b"")."""
@@ -978,8 +1003,9 @@ class Session:
     def _track_bind(self, frame: bytes) -> None:
         """Remember what a forwarded Bind bound: its statement, result formats and values."""
         bind = codec.decode_bind_names(frame, self.encoding)
-        formats = codec.decode_bind_result_formats(frame) if self.masked else ()
-        values = _bind_values(frame) if self.audit is not None else []
+        parameters = codec.decode_bind_parameters(frame)
+        formats = parameters.result_formats if self.masked else ()
+        values = _texts(parameters.values) if self.audit is not None else []
         self._binds[bind.portal] = _Bound(bind.statement, formats, values)
         if self.masked:
             self._portal_fields.pop(bind.portal, None)
@@ -1143,6 +1169,8 @@ class Session:
         return None
 
     def _on_copy_out(self, data: bytes, pos: int, end: int) -> bytes | None:
+        if end - pos < 8:
+            raise ProtocolViolation("insufficient data left in message: CopyOutResponse")
         self.mode = "copy_out"
         self._copy_binary = data[pos + 5] == 1
         return None
@@ -1261,37 +1289,18 @@ def _note_completion(pending: PendingStatement, data: bytes, pos: int, end: int)
         pending.command = pending.command or "EMPTY"
 
 
-def _bind_values(frame: bytes) -> list[str | None]:
-    """A Bind's parameter values for the audit record (text, or backslash-x hex)."""
-    pos = frame.index(b"\0", 5) + 1
-    pos = frame.index(b"\0", pos) + 1
-    (formats,) = codec.INT16.unpack_from(frame, pos)
-    return _values(frame, pos + 2 + 2 * formats)
-
-
-def _row_values(frame: bytes) -> list[str | None]:
-    """A DataRow's values for the audit sample: text, or a backslash-x hex string."""
-    return _values(frame, 5)
-
-
-def _values(frame: bytes, pos: int) -> list[str | None]:
-    """A count of length-prefixed values at ``pos`` (as in Bind and DataRow)."""
-    (count,) = codec.INT16.unpack_from(frame, pos)
-    pos += 2
-    values: list[str | None] = []
-    for _ in range(count):
-        (length,) = codec.INT32.unpack_from(frame, pos)
-        pos += 4
-        if length < 0:
-            values.append(None)
+def _texts(values: tuple[bytes | None, ...]) -> list[str | None]:
+    """Bind or DataRow values for the audit record: text, or a backslash-x hex string."""
+    texts: list[str | None] = []
+    for raw in values:
+        if raw is None:
+            texts.append(None)
             continue
-        raw = frame[pos : pos + length]
-        pos += length
         try:
-            values.append(raw.decode("utf-8"))
+            texts.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            values.append("\\x" + raw.hex())
-    return values
+            texts.append("\\x" + raw.hex())
+    return texts
 
 
 def _generation_of(gate: StatementGate) -> int:
