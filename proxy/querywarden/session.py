@@ -615,7 +615,7 @@ class Session:
 
     def _receive_server(self, data: bytes) -> None:
         if self.awaiting_result is not None:
-            self._server_buf += data  # the result waits for its new plan
+            self._server_buf.append(data)  # the result waits for its new plan
             return
         out = self.to_client
         if self._server_stream_left:
@@ -675,7 +675,7 @@ class Session:
                     out.append(data[run_start:pos])
                 if replacement is _HOLD:
                     # From here on the result waits (resume_result() goes on with it).
-                    self._server_buf += data[pos:]
+                    self._server_buf.append(data[pos:])
                     return
                 if replacement:
                     out.append(replacement)
@@ -1129,8 +1129,7 @@ class Session:
             bound = self._binds.get(head[1])
             if bound is not None:
                 self._statement_plans[bound.statement] = plan
-        held = bytes(self._server_buf)
-        self._server_buf.clear()
+        held = self._server_buf.take()
         if held:
             self.receive_server(held)
 
