@@ -175,6 +175,7 @@ class Gateway:
                     audit.otlp_endpoint,
                     instance_id=socket.gethostname(),
                     interrupted_through=self._audit_start_seq,
+                    query_text=audit.export_query_text,
                 )
                 self._exporter = loop.create_task(exporter.run(stop=self._exporter_stop))
         sock = self._server.sockets[0].getsockname()
@@ -198,6 +199,8 @@ class Gateway:
             socket.gethostname(),
             "--interrupted-through",
             str(self._audit_start_seq),
+            "--query-text",
+            self.settings.audit.export_query_text,
         ]
         while not self._exporter_stop.is_set():
             process = await asyncio.create_subprocess_exec(*command)
