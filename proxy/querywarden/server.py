@@ -44,7 +44,7 @@ from querywarden.masking.plan import Masker
 from querywarden.policy import PolicyDocument, load_policy
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
-from querywarden.policy.plans import PlanEstimator, side_connection
+from querywarden.policy.plans import PlanEstimator
 from querywarden.session import RowLimit, Session
 from querywarden.startup import (
     CancelRequested,
@@ -55,7 +55,13 @@ from querywarden.startup import (
     StartupReceived,
     upstream_parameters,
 )
-from querywarden.upstream import UpstreamConnection, UpstreamTarget, connect, send_cancel
+from querywarden.upstream import (
+    UpstreamConnection,
+    UpstreamTarget,
+    connect,
+    send_cancel,
+    side_connection,
+)
 
 log = logging.getLogger("querywarden.server")
 

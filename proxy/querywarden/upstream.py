@@ -1,9 +1,15 @@
-"""The upstream connector: the gateway's own connection to PostgreSQL.
+"""The upstream connector: every connection the gateway opens to PostgreSQL.
 
 The gateway authenticates upstream with its own credentials (trust, cleartext, md5 or
 SCRAM-SHA-256), with TLS according to ``sslmode``. The client's secret never travels here,
 and nothing of the upstream credentials travels back: upstream authentication errors are
 reported to the client without the server's text.
+
+One :class:`UpstreamTarget`, built from the settings (per role, its credentials), serves
+every connection: the relay's (:func:`connect`), the side connections for the masking
+catalog and EXPLAIN (:func:`side_connection`, asyncpg) and cancel requests. All TLS comes
+from :func:`_tls_context_for`, so ``verify-full`` checks the certificate and its name on
+each of them, before any password is sent.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import functools
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import asyncpg
 
 from querywarden import codec
 from querywarden.endpoint import ConnectionClosed, Endpoint
@@ -73,6 +81,47 @@ def _tls_context_for(sslmode: str, sslrootcert: Path | None) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def asyncpg_ssl(target: UpstreamTarget) -> ssl.SSLContext | bool:
+    """The ``ssl=`` argument of asyncpg for ``target``: the relay's TLS context, or False."""
+    if target.sslmode == "disable":
+        return False
+    return _client_tls_context(target)
+
+
+async def side_connection(
+    target: UpstreamTarget, database: str, application_name: str
+) -> asyncpg.Connection:
+    """An asyncpg connection of the gateway's own to the upstream (catalog, EXPLAIN).
+
+    asyncpg treats an SSLContext as ``require``: a server that answers the SSLRequest
+    with N is refused. Under ``prefer`` that answer is libpq's cue to go on without TLS,
+    so the connection is made again in plaintext then; no other failure is retried
+    (a certificate that does not verify is never retried without TLS).
+    """
+    tls = asyncpg_ssl(target)
+
+    async def attempt(tls: ssl.SSLContext | bool) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            host=target.host,
+            port=target.port,
+            user=target.user,
+            password=target.password,
+            database=database,
+            ssl=tls,
+            timeout=target.connect_timeout,
+            server_settings={"application_name": application_name, "search_path": "public"},
+        )
+
+    try:
+        return await attempt(tls)
+    except ConnectionError as exc:
+        # asyncpg's words for an N answer (its TLSUpgradeProto); the handshake has not
+        # started, so nothing was sent in the clear.
+        if target.sslmode != "prefer" or "rejected SSL upgrade" not in str(exc):
+            raise
+    return await attempt(False)
 
 
 async def open_endpoint(target: UpstreamTarget) -> Endpoint:
