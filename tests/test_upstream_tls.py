@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ from cryptography.x509.oid import NameOID
 
 from gateway_harness import DATABASE, POLICY, RunningGateway, gateway_settings, start_gateway
 from querywarden.devcluster import EphemeralCluster
+from querywarden.errors import UpstreamError
 from querywarden.policy import PolicyDocument
 from querywarden.tlsutil import CA_KEY_USAGE, write_private_key
+from querywarden.upstream import send_cancel
 
 #: The name on the certificate that does not match (the gateway connects to 127.0.0.1).
 OTHER_NAME = "db.elsewhere.test"
@@ -184,6 +187,34 @@ def _works_through_every_connection(gw: RunningGateway) -> None:
     assert rows[0][1] != SSN
 
 
+def _cancel_a_running_statement(gw: RunningGateway, cluster: EphemeralCluster) -> None:
+    with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+        failure: list[BaseException] = []
+
+        def sleep() -> None:
+            try:
+                conn.execute("SELECT pg_sleep(60)")
+            except psycopg.Error as exc:
+                failure.append(exc)
+
+        worker = threading.Thread(target=sleep)
+        worker.start()
+        deadline = time.monotonic() + 20
+        # Cancel once the statement runs upstream (not while the gate still plans it).
+        while (
+            cluster.psql(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+            )
+            != "1"
+        ):
+            assert time.monotonic() < deadline, "the statement never started"
+            time.sleep(0.05)
+        conn.cancel_safe()
+        worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert len(failure) == 1 and isinstance(failure[0], psycopg.errors.QueryCanceled), failure
+
+
 def test_verify_full_refuses_a_certificate_for_another_name_on_every_connection(
     tls_pg: tuple[EphemeralCluster, Pki],
 ) -> None:
@@ -205,6 +236,9 @@ def test_verify_full_refuses_a_certificate_for_another_name_on_every_connection(
                     gateway.upstream_target, DATABASE, "SELECT * FROM tls_people"
                 )
             )
+        # A cancel request carries a backend's key: it goes to the verified server only.
+        with pytest.raises(UpstreamError, match="certificate verify failed"):
+            gw.call(send_cancel(gateway.upstream_target, 4242, b"\x00\x01\x02\x03"))
         # Not one connection got as far as authentication: no password went out.
         assert _authorized(cluster, since) == []
     finally:
@@ -233,6 +267,9 @@ def test_verify_full_with_the_right_name_works_over_tls_everywhere(
         lines = _authorized(cluster, since)
     finally:
         gw.stop()
+    # And a client's cancel reaches its statement through the same connector.
+    _cancel_a_running_statement(gw_cancel := _gateway(cluster, pki, "verify-full"), cluster)
+    gw_cancel.stop()
     for application in ("querywarden-catalog", "querywarden-plans"):
         mine = [line for line in lines if f"application_name={application}" in line]
         assert mine, lines
