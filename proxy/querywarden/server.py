@@ -49,7 +49,7 @@ from querywarden.masking.plan import Masker
 from querywarden.policy import PolicyDocument, load_policy
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
-from querywarden.policy.plans import PlanEstimator, side_connection
+from querywarden.policy.plans import PlanEstimator
 from querywarden.session import RowLimit, Session
 from querywarden.startup import (
     CancelRequested,
@@ -60,7 +60,13 @@ from querywarden.startup import (
     StartupReceived,
     upstream_parameters,
 )
-from querywarden.upstream import UpstreamConnection, UpstreamTarget, connect, send_cancel
+from querywarden.upstream import (
+    UpstreamConnection,
+    UpstreamTarget,
+    connect,
+    send_cancel,
+    side_connection,
+)
 
 log = logging.getLogger("querywarden.server")
 
@@ -182,6 +188,7 @@ class Gateway:
                     audit.otlp_endpoint,
                     instance_id=socket.gethostname(),
                     interrupted_through=self._audit_start_seq,
+                    query_text=audit.export_query_text,
                 )
                 self._exporter = loop.create_task(exporter.run(stop=self._exporter_stop))
         sock = self._server.sockets[0].getsockname()
@@ -205,6 +212,8 @@ class Gateway:
             socket.gethostname(),
             "--interrupted-through",
             str(self._audit_start_seq),
+            "--query-text",
+            self.settings.audit.export_query_text,
         ]
         while not self._exporter_stop.is_set():
             process = await asyncio.create_subprocess_exec(*command)

@@ -249,6 +249,15 @@ _ECHOING_TEXTS: tuple[str, ...] = ("D", "W", "q")
 _ALL_TEXTS: tuple[str, ...] = ("M", "D", "W", "q", "H")
 
 
+def scrub_quoted(message: str) -> str:
+    """``message`` with what PostgreSQL quotes in it taken out.
+
+    Values, and the parser's ``at or near "..."``: ``"****"`` from the first quote to the
+    last; ``Key (ssn)=(...)`` becomes ``)=(****)``.
+    """
+    return _KEY_VALUES.sub(")=(****)", _QUOTED.sub('"****"', message))
+
+
 def scrub_fields(
     frame: bytes, plan: MaskPlan | None, encoding: str, counts: MaskCounts
 ) -> bytes | None:
@@ -273,7 +282,7 @@ def scrub_fields(
             withheld = _ECHOING_TEXTS
             message = fields.get("M")
             if message is not None:
-                scrubbed = _KEY_VALUES.sub(")=(****)", _QUOTED.sub('"****"', message))
+                scrubbed = scrub_quoted(message)
                 if scrubbed != message:
                     fields["M"] = scrubbed
                     changed = True
