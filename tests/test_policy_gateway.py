@@ -290,3 +290,19 @@ def test_a_qualified_function_denial_covers_the_bare_call(
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="denied by rule"):
                 conn.execute(sql)
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_megabyte_statement_is_decided_like_a_short_one(policed: RunningGateway) -> None:
+    # Statements past ANALYZED_ON_THE_LOOP are parsed in a worker thread (the session
+    # holds the client's later input meanwhile): same decisions, same order of answers.
+    ids = ",".join(str(i) for i in range(200_000))  # about 1.3 MB
+    with psycopg.connect(policed.dsn("alice"), autocommit=True) as conn:
+        rows = conn.execute(f"SELECT id FROM qw_orders WHERE id IN ({ids}) ORDER BY id")
+        assert rows.fetchall() == [(1,), (2,)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="qw_secrets is denied"):
+            conn.execute(f"SELECT secret FROM qw_secrets WHERE id IN ({ids})")
+        with conn.pipeline():
+            big = conn.execute(f"SELECT count(*) FROM qw_orders WHERE id IN ({ids})")
+            small = conn.execute("SELECT 42")
+        assert big.fetchone() == (2,)
+        assert small.fetchone() == (42,)

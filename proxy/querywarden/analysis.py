@@ -1634,10 +1634,12 @@ class Analyzer:
             if values is not None and values is not _BY_TEXT:
                 self.hits += 1
                 return StatementSummary(text, *values)
-        try:
-            key: str = _pg.normalize(text)
-        except Exception:  # normalization is an optimization: analyze without it
-            key = ""
+        key = ""
+        if self.max_entries > 0:
+            try:
+                key = _pg.normalize(text)
+            except Exception:  # normalization is an optimization: analyze without it
+                key = ""
         if key:
             values = cache.get(key)
             by_text = values is _BY_TEXT

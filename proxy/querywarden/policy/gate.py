@@ -28,6 +28,11 @@ _PARAMETER = re.compile(r"\$[0-9]")
 ScanEstimator = Callable[[SessionInfo, str], Awaitable[int]]
 
 
+#: Statements longer than this (characters) are analyzed in a worker thread, not on the
+#: event loop: above it, parsing takes milliseconds that every other session would wait.
+ANALYZED_ON_THE_LOOP = 256 * 1024
+
+
 class PolicyGate:
     """A StatementGate that applies the policy's rules to every request."""
 
@@ -44,6 +49,9 @@ class PolicyGate:
     ) -> None:
         self.engine = policy if isinstance(policy, PolicyEngine) else PolicyEngine(policy)
         self.analyzer = analyzer or Analyzer()
+        #: For the worker thread: a cache of its own would be written from two threads,
+        #: and the shapes of megabyte statements are not worth keeping (no cache at all).
+        self._large_analyzer = Analyzer(max_entries=0)
         #: Estimates full-table scans (EXPLAIN upstream) for fullTableScan reviews.
         self.estimator = estimator
         #: The policy's masking, and where it learns which columns are sensitive.
@@ -78,18 +86,19 @@ class PolicyGate:
                 hint="call the function in a SELECT statement instead",
                 rule="built-in",
             )
-        try:
-            summaries = self.analyzer.analyze(request.sql)
-        except AnalysisError as exc:
-            # Fail closed: what the gateway cannot understand does not run.
-            return Decision.refuse(
-                _PREFIX + f"{exc.message}; the statement was not run",
-                sqlstate=exc.sqlstate,
-                hint="send one valid PostgreSQL statement; querywarden parses it as "
-                "PostgreSQL does",
-                rule="analysis",
-            )
-        request.summaries = summaries
+        summaries = request.summaries
+        if summaries is None:
+            if len(request.sql) > ANALYZED_ON_THE_LOOP:
+                # Parsing is linear but not cheap (pglast builds a node per token): a
+                # statement of megabytes would hold the event loop, and every other
+                # session with it, for a second or more. It is parsed in a worker thread;
+                # the session holds this client's later input meanwhile, as for a hold.
+                return self._analyzed_off_the_loop(session, request)
+            try:
+                summaries = self.analyzer.analyze(request.sql)
+            except AnalysisError as exc:
+                return _analysis_refusal(exc)
+            request.summaries = summaries
         if not summaries:
             return ALLOW  # an empty query: the server answers EmptyQueryResponse
         prepared = session.prepared
@@ -129,6 +138,17 @@ class PolicyGate:
             held = _Review(request.sql, summaries, verdict.reason, verdict.hint, verdict.rule)
             return self._review(session, held, search_path)
         return Decision.refuse(_PREFIX + verdict.reason, hint=verdict.hint, rule=verdict.rule)
+
+    async def _analyzed_off_the_loop(
+        self, session: SessionInfo, request: StatementRequest
+    ) -> Decision:
+        """:meth:`decide` for a large statement, analyzed in a worker thread."""
+        try:
+            request.summaries = await asyncio.to_thread(self._large_analyzer.analyze, request.sql)
+        except AnalysisError as exc:
+            return _analysis_refusal(exc)
+        outcome = self.decide(session, request)
+        return outcome if isinstance(outcome, Decision) else await outcome
 
     def _review(
         self, session: SessionInfo, review: _Review, search_path: Sequence[str]
@@ -419,6 +439,16 @@ class PolicyGate:
             hint=verdict.hint,
             rule=verdict.rule,
         )
+
+
+def _analysis_refusal(exc: AnalysisError) -> Decision:
+    # Fail closed: what the gateway cannot understand does not run.
+    return Decision.refuse(
+        _PREFIX + f"{exc.message}; the statement was not run",
+        sqlstate=exc.sqlstate,
+        hint="send one valid PostgreSQL statement; querywarden parses it as PostgreSQL does",
+        rule="analysis",
+    )
 
 
 def _catalog_unavailable(why: str) -> Decision:
