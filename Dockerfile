@@ -4,24 +4,40 @@
 #   querywarden operator                                       the operator and its webhook
 # Non-root (uid 65532) and read-only-root-filesystem friendly: nothing is written outside
 # the mounted volumes (/tmp, the audit directory), bytecode is compiled at build time.
-ARG PYTHON_VERSION=3.11
+#
+# `make image` builds it (scripts/build-image.sh). BASE_IMAGE is python:3.11-slim where a
+# registry serves it; elsewhere the script makes an equivalent base from Debian's packages.
+# pip's configuration (index, CA bundle) may come in as the build secret `pip.conf`, as
+# behind a corporate proxy; a secret is never stored in a layer.
+ARG BASE_IMAGE=python:3.11-slim
 
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# Dependencies first (pinned by constraints.txt), so that a code change reuses the layer.
-COPY pyproject.toml constraints.txt README.md LICENSE ./
-RUN python -m venv /opt/querywarden \
- && mkdir -p proxy/querywarden operator/querywarden_operator \
- && touch proxy/querywarden/__init__.py operator/querywarden_operator/__init__.py \
- && /opt/querywarden/bin/pip install -c constraints.txt . \
- && /opt/querywarden/bin/pip uninstall -y querywarden
+# Dependencies first (the project's own, pinned by constraints.txt), so that a code change
+# reuses the layer. They are read from pyproject.toml rather than installed through a stub
+# package: a stub's build/ copy once outlived it and the image shipped an empty package.
+COPY pyproject.toml constraints.txt ./
+RUN --mount=type=secret,id=pip.conf,required=false \
+    --mount=type=secret,id=pip-ca.pem,required=false \
+    if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi \
+ && python -m venv /opt/querywarden \
+ && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > requirements.txt \
+ && /opt/querywarden/bin/pip install -c constraints.txt -r requirements.txt
+COPY README.md LICENSE ./
 COPY proxy ./proxy
 COPY operator ./operator
-RUN /opt/querywarden/bin/pip install --no-deps -c constraints.txt . \
- && /opt/querywarden/bin/python -m compileall -q /opt/querywarden/lib
+# A wheel built from these sources alone (no build/ directory exists in the context), then
+# installed without touching the dependencies.
+RUN --mount=type=secret,id=pip.conf,required=false \
+    --mount=type=secret,id=pip-ca.pem,required=false \
+    if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi \
+ && /opt/querywarden/bin/pip wheel --no-deps --wheel-dir /tmp/wheels . \
+ && /opt/querywarden/bin/pip install --no-deps --no-index /tmp/wheels/querywarden-*.whl \
+ && /opt/querywarden/bin/python -m compileall -q /opt/querywarden/lib \
+ && /opt/querywarden/bin/querywarden --version
 
-FROM python:${PYTHON_VERSION}-slim
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="querywarden" \
       org.opencontainers.image.description="PostgreSQL wire-protocol gateway and its Kubernetes operator" \
       org.opencontainers.image.licenses="Apache-2.0"

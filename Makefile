@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit bench system-deps tools clean lock
+.PHONY: demo test lint typecheck unit bench system-deps tools image clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ system-deps:
 tools:
 	@bash scripts/build-tools.sh
 
+# The one image (gateway and operator), localhost/querywarden:dev, built with podman; its
+# base comes from Debian's packages where no registry serves python:3.11-slim. Skipped
+# when nothing it is made of changed.
+image:
+	@bash scripts/ensure-system-deps.sh --image
+	@bash scripts/build-image.sh
+
 demo: $(STAMP) system-deps
 	$(BIN)/querywarden demo
 
@@ -34,7 +41,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) system-deps tools lint typecheck
+test: $(STAMP) system-deps tools image lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

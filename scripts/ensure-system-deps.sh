@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages querywarden's demo, tests and benchmark need, when missing:
 # PostgreSQL server binaries and clients (psql, pgbench) from Debian's packages, and
-# pgbouncer for the benchmark (pass --bench). Idempotent; prints nothing when all is there.
+# pgbouncer for the benchmark (pass --bench), podman and mmdebstrap for the image (--image). Idempotent; prints nothing when all is there.
 set -euo pipefail
 
 need=()
@@ -14,6 +14,13 @@ if ! command -v pgbench >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pgbenc
 fi
 if [[ "${1:-}" == "--bench" ]] && ! command -v pgbouncer >/dev/null 2>&1 && [[ ! -x /usr/sbin/pgbouncer ]]; then
   need+=(pgbouncer)
+fi
+if [[ "${1:-}" == "--image" ]]; then
+  # The container image: podman builds and runs it; mmdebstrap makes its base where no
+  # registry serves python:3.11-slim; runc runs it on cgroup v1 hosts (crun refuses them).
+  command -v podman >/dev/null 2>&1 || need+=(podman)
+  command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
+  command -v runc >/dev/null 2>&1 || [[ -x /usr/sbin/runc ]] || need+=(runc)
 fi
 [[ ${#need[@]} -eq 0 ]] && exit 0
 

@@ -89,6 +89,9 @@ class OtlpReceiver:
         self._points: list[ReceivedPoint] = []
         #: Every request, as (path, status answered).
         self.requests: list[tuple[str, int]] = []
+        #: The bodies of the trace requests accepted, as received (decompressed): what
+        #: left the exporter, byte for byte, whatever the decoding above makes of it.
+        self.trace_bodies: list[bytes] = []
         #: When set, requests are answered with this status and their data is dropped.
         self.fail_with: int | None = None
         # Open connections: a stop must also cut keep-alive ones, or a client holding one
@@ -167,6 +170,7 @@ class OtlpReceiver:
             self._spans.clear()
             self._points.clear()
             self.requests.clear()
+            self.trace_bodies.clear()
 
     def wait_for(
         self, select: Callable[[list[ReceivedSpan]], bool], *, timeout: float = 20.0
@@ -209,6 +213,7 @@ class OtlpReceiver:
                     )
         with self._lock:
             self._spans.extend(received)
+            self.trace_bodies.append(body)
         return bytes(ExportTraceServiceResponse().SerializeToString())
 
     def _metrics(self, body: bytes) -> bytes:

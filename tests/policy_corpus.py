@@ -8,8 +8,9 @@ simple Query) with the expected outcome for each identity of :data:`RULES`:
   name only PostgreSQL's scanner reads right) denied; UPDATE and DELETE need an approver
   (refused until approvals exist).
 - ``dba`` (bob, group ``dba``): read-write. DML, COPY to/from the client, DDL, SQL-level
-  prepared statements and SET on ``public.*`` and the catalogs; ``public.qwc_vault``
-  denied; TRUNCATE and UPDATE/DELETE without WHERE need an approver.
+  prepared statements, SET and functions with side effects on ``public.*`` and the
+  catalogs; ``public.qwc_vault`` denied; TRUNCATE and UPDATE/DELETE without WHERE need an
+  approver.
 
 An expectation is :data:`ALLOW` (the gateway forwards it and it runs), :func:`refused`
 (the gateway answers itself: SQLSTATE 42501, or 42601 for unparseable text, and a message
@@ -106,7 +107,7 @@ RULES = [
         "allow": {
             "operations": ["select", "insert", "update", "delete", "merge", "copy_out",
                            "copy_in", "transaction", "ddl", "prepare", "execute", "deallocate",
-                           "set"],
+                           "set", "side_effects"],
             "tables": ["public.*", *CATALOGS],
         },
         "deny": {"tables": ["public.qwc_vault"]},
@@ -172,6 +173,7 @@ BUILTIN = "built-in protections"
 NEEDS = "needs approval"
 UNBOUNDED = "UPDATE or DELETE without WHERE needs approval (rule dba-write)"
 OPAQUE = "cannot inspect"
+SIDE_EFFECTS = "a function with side effects"
 
 
 def not_allowed(what: str) -> Expect:
@@ -442,8 +444,9 @@ CORPUS: tuple[Case, ...] = (
        refused(BUILTIN), refused(BUILTIN)),
     _c("pg-read-file-quoted-upper", "dangerous-function",
        "SELECT \"PG_READ_FILE\"('postgresql.conf')",
-       server_error("42883"), server_error("42883"),
-       note="a quoted name keeps its case: no such function"),
+       refused(SIDE_EFFECTS), server_error("42883"),
+       note="a quoted name keeps its case: not PostgreSQL's function, so a user's, whose "
+            "effects cannot be seen; the server has no such function"),
     _c("pg-read-file-in-where", "dangerous-function",
        "SELECT 1 FROM qwc_orders WHERE length(pg_read_binary_file('/etc/passwd')) > 0",
        refused(BUILTIN), refused(BUILTIN)),
@@ -511,10 +514,36 @@ CORPUS: tuple[Case, ...] = (
        not_allowed("NOTIFY"), not_allowed("NOTIFY")),
     _c("user-function-over-secrets", "side-effect-function",
        "SELECT qwc_peek()",
-       ALLOW, ALLOW,
-       note="known limitation (docs/policy.md, analysis.py): what a user-defined function "
-            "does inside the server is not visible; the policy sees only the call"),
+       refused(SIDE_EFFECTS), ALLOW,
+       note="what a user-defined function does inside the server is not visible: calling "
+            "one is side_effects, which only the dba's rule allows"),
     _c("pg-sleep", "side-effect-function", "SELECT pg_sleep(0)", ALLOW, ALLOW),
+    _c("pg-stat-reset", "side-effect-function",
+       "SELECT pg_stat_reset()",
+       refused(SIDE_EFFECTS), server_error("42501"),
+       note="volatile in pg_catalog: side effects; the upstream role may not run it"),
+    _c("pg-stat-reset-shared", "side-effect-function",
+       "SELECT pg_stat_reset_shared('bgwriter')",
+       refused(SIDE_EFFECTS), server_error("42501")),
+    _c("pg-logical-emit-message", "side-effect-function",
+       "SELECT pg_logical_emit_message(false, 'qwc', 'x') IS NOT NULL",
+       refused(SIDE_EFFECTS), ALLOW,
+       note="writes a WAL record, at any wal_level"),
+    _c("advisory-lock", "side-effect-function",
+       "SELECT pg_advisory_xact_lock(4242)",
+       refused(SIDE_EFFECTS), ALLOW),
+    _c("volatile-but-harmless", "side-effect-function",
+       "SELECT now(), random(), clock_timestamp(), lower('A'), pg_table_size('qwc_orders'), "
+       "pg_catalog.format_type(23, NULL), count(*) FROM qwc_orders",
+       ALLOW, ALLOW),
+    _c("pg-stats-of-secrets", "side-effect-function",
+       "SELECT most_common_vals FROM pg_catalog.pg_stats WHERE tablename = 'qwc_secrets'",
+       refused(BUILTIN), refused(BUILTIN),
+       note="pg_stats holds sampled values of every table: reading it reads them all"),
+    _c("pg-stat-activity", "side-effect-function",
+       "SELECT query FROM pg_stat_activity",
+       refused(BUILTIN), refused(BUILTIN),
+       note="other sessions' statements, with their constants"),
     # -- do-call-prepare -------------------------------------------------------------------------
     _c("do-block", "do-call-prepare",
        "DO $$ BEGIN DELETE FROM qwc_orders WHERE id = 999; END $$",

@@ -9,6 +9,7 @@ service resumes when space returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import subprocess
@@ -298,3 +299,95 @@ def test_the_exporter_can_run_as_a_child_process(
         ).returncode
         == 1
     )
+
+
+SSN = "123-45-6789"
+#: (what the client sends, what the exported span's db.query.text is by default).
+EXPORTED_TEXTS = [
+    # Allowed, and run.
+    (f"SELECT id FROM qa_people WHERE ssn = '{SSN}'", "SELECT id FROM qa_people WHERE ssn = $1"),
+    # Refused by the policy.
+    (
+        f"SELECT id FROM qa_secrets WHERE id::text = '{SSN}'",
+        "SELECT id FROM qa_secrets WHERE id::text = $1",
+    ),
+    # Run, and the server's error quotes the value: invalid input syntax ... "123-45-6789".
+    (f"SELECT '{SSN}'::int", "SELECT $1::int"),
+    # A comment is text the normalizer keeps: it goes too.
+    (f"/* for {SSN} */ SELECT count(*) FROM qa_log", "SELECT count(*) FROM qa_log"),
+    # Refused as unparseable; the parser's message quotes the literal: no text at all.
+    (f"SELECT 1 '{SSN}'", None),
+]
+
+
+def _export_session(
+    make_gateway: Callable[..., RunningGateway], tmp_path: Path, **audit: Any
+) -> tuple[dict[str, Any], list[bytes], list[dict[str, Any]]]:
+    """Run EXPORTED_TEXTS through a gateway exporting to a receiver.
+
+    Returns the statement spans' attributes by the text the client sent, the request
+    bodies the receiver got, and the records of the local log.
+    """
+    directory = tmp_path / "audit"
+    with OtlpReceiver() as receiver:
+        gw = make_gateway(
+            policy=_policy(),
+            audit={"directory": str(directory), "otlpEndpoint": receiver.endpoint, **audit},
+        )
+        with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+            for text, _ in EXPORTED_TEXTS:
+                # Refused or failed: what matters is what was exported.
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(text.encode()).fetchall()
+        spans = receiver.wait_for(
+            lambda got: (
+                any(s.name == "querywarden.session" for s in got)
+                and len({s.span_id for s in got if s.parent_span_id}) >= len(EXPORTED_TEXTS)
+            )
+        )
+        bodies = list(receiver.trace_bodies)
+    records = list(read_records(directory))
+    # Statement spans in the order sent, by the audit seq of their request record.
+    sent = {r["seq"]: r["text"] for r in records if r["type"] == "statement.request"}
+    by_text = {
+        sent[s.attributes["querywarden.audit.seq"]]: s.attributes for s in spans if s.parent_span_id
+    }
+    return by_text, bodies, records
+
+
+def test_exported_spans_carry_normalized_text_and_no_literal(
+    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
+) -> None:
+    by_text, bodies, records = _export_session(make_gateway, tmp_path)
+    for text, exported in EXPORTED_TEXTS:
+        assert by_text[text].get("db.query.text") == exported, text
+    refused = by_text[EXPORTED_TEXTS[1][0]]
+    assert refused["querywarden.decision"] == "refuse"
+    unparseable = by_text[EXPORTED_TEXTS[4][0]]
+    assert unparseable["querywarden.decision"] == "refuse"
+    assert unparseable["querywarden.reason"].count('"****"') == 1
+    failed = by_text[EXPORTED_TEXTS[2][0]]
+    assert failed["db.response.status_code"] == "22P02"
+    assert "querywarden.error.message" not in failed
+    # Byte for byte, nothing the receiver got holds the value.
+    assert bodies
+    assert not [body for body in bodies if SSN.encode() in body]
+    # The local log, the record of truth, has the exact text and messages.
+    texts = [r["text"] for r in records if r["type"] == "statement.request"]
+    assert texts == [text for text, _ in EXPORTED_TEXTS]
+    errors = [r["error"] for r in records if r["type"] == "statement.result" and r["error"]]
+    assert any(SSN in error for error in errors)
+
+
+@pytest.mark.parametrize("exporter", ["thread", "process"])
+def test_raw_query_text_exports_the_exact_text(
+    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path, exporter: str
+) -> None:
+    by_text, bodies, _ = _export_session(
+        make_gateway, tmp_path, exportQueryText="raw", exporter=exporter
+    )
+    for text, _ in EXPORTED_TEXTS:
+        assert by_text[text]["db.query.text"] == text
+    failed = by_text[EXPORTED_TEXTS[2][0]]
+    assert failed["querywarden.error.message"] == f'invalid input syntax for type integer: "{SSN}"'
+    assert any(SSN.encode() in body for body in bodies)

@@ -200,6 +200,14 @@ def test_check_evaluates_a_statement_offline() -> None:
     broken = check("--sub", "agent-7", "--groups", "ai-agents", "DELET FROM orders")
     assert broken.returncode == 1
     assert "syntax error" in broken.stdout
+    # The table of PostgreSQL's functions is built in: offline decides as the gateway does.
+    for sql, reason in (
+        ("SELECT pg_stat_reset()", "pg_stat_reset(), a function with side effects"),
+        ("SELECT * FROM pg_catalog.pg_stats", "pg_catalog.pg_stats is refused"),
+    ):
+        side = check("--sub", "agent-7", "--groups", "ai-agents", "--json", sql)
+        assert side.returncode == 1
+        assert reason in json.loads(side.stdout)["reason"]
 
 
 def test_policy_validate(tmp_path: Path) -> None:

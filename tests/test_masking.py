@@ -31,7 +31,9 @@ RULES = [
         "subjects": {"groups": ["ai-agents"]},
         "allow": {
             "operations": ["select", "explain", "copy_out", "prepare", "execute", "deallocate"],
-            "tables": ["public.*", "pg_catalog.*"],
+            # pg_stats by its exact name: the policy lets these identities read statistics
+            # (a built-in protection otherwise), and masking redacts their sampled values.
+            "tables": ["public.*", "pg_catalog.*", "pg_catalog.pg_stats"],
         },
     },
     {
@@ -366,7 +368,16 @@ WIDE_RULES = [
         "name": "agents-wide",
         "subjects": {"groups": ["ai-agents"]},
         "allow": {
-            "operations": ["select", "listen", "notify", "set", "show", "do", "call"],
+            "operations": [
+                "select",
+                "listen",
+                "notify",
+                "set",
+                "show",
+                "do",
+                "call",
+                "side_effects",
+            ],
             "tables": ["public.*", "pg_catalog.*"],
         },
     }

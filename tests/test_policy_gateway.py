@@ -267,3 +267,42 @@ def test_full_table_scan_needs_review(
                     conn.execute("SELECT v FROM qw_big WHERE id = %s", (7,))
     finally:
         pg.psql("DROP TABLE qw_big")
+
+
+def test_a_qualified_function_denial_covers_the_bare_call(
+    make_gateway: Callable[..., RunningGateway], tables: None
+) -> None:
+    # `deny: {functions: [pg_catalog.pg_sleep]}` once let `SELECT pg_sleep(...)` through:
+    # the bare name was matched as "pg_sleep" alone, not as the pg_catalog function the
+    # server resolves it to.
+    rule = {
+        "name": "no-sleep",
+        "subjects": {"groups": ["ai-agents"]},
+        "allow": {"operations": ["select"], "tables": ["*"]},
+        "deny": {"functions": ["pg_catalog.pg_sleep"]},
+    }
+    policy = PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": [rule]}
+    )
+    gateway = make_gateway(gate=PolicyGate(policy))
+    with psycopg.connect(gateway.dsn("alice"), autocommit=True) as conn:
+        for sql in ("SELECT pg_sleep(0)", "SELECT pg_catalog.pg_sleep(0)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="denied by rule"):
+                conn.execute(sql)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_megabyte_statement_is_decided_like_a_short_one(policed: RunningGateway) -> None:
+    # Statements past ANALYZED_ON_THE_LOOP are parsed in a worker thread (the session
+    # holds the client's later input meanwhile): same decisions, same order of answers.
+    ids = ",".join(str(i) for i in range(200_000))  # about 1.3 MB
+    with psycopg.connect(policed.dsn("alice"), autocommit=True) as conn:
+        rows = conn.execute(f"SELECT id FROM qw_orders WHERE id IN ({ids}) ORDER BY id")
+        assert rows.fetchall() == [(1,), (2,)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="qw_secrets is denied"):
+            conn.execute(f"SELECT secret FROM qw_secrets WHERE id IN ({ids})")
+        with conn.pipeline():
+            big = conn.execute(f"SELECT count(*) FROM qw_orders WHERE id IN ({ids})")
+            small = conn.execute("SELECT 42")
+        assert big.fetchone() == (2,)
+        assert small.fetchone() == (42,)

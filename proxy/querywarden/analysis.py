@@ -35,12 +35,14 @@ from typing import Any, Final, NamedTuple
 import pglast.parser as _pg
 
 __all__ = [
+    "MODELED_FUNCTIONS",
     "AnalysisError",
     "Analyzer",
     "ColumnRef",
     "QualifiedName",
     "StatementSummary",
     "analyze",
+    "sanitized_text",
 ]
 
 #: SQLSTATE of text the parser rejects.
@@ -248,6 +250,17 @@ _LARGE_OBJECT_WRITERS: Final = frozenset(
     }
 )  # fmt: skip
 _LARGE_OBJECT_READERS: Final = frozenset({"lo_get", "loread", "lo_open", "lo_export"})
+#: Functions whose effect a summary already reports as operations and relations
+#: (``set_config`` as ``set``, ``nextval`` as ``update`` of its sequence, ``query_to_xml``
+#: as the statement it runs ...): the policy engine does not count them again as
+#: functions with side effects.
+MODELED_FUNCTIONS: Final = (
+    frozenset({"set_config", "pg_notify", "ts_rewrite"})
+    | frozenset(_DYNAMIC_SQL)
+    | _SEQUENCE_WRITERS
+    | _LARGE_OBJECT_WRITERS
+    | _LARGE_OBJECT_READERS
+)
 
 # Object types whose qualified name (a List of String) names a relation.
 _RELATION_OBJECTS: Final = frozenset(
@@ -1670,10 +1683,12 @@ class Analyzer:
             if values is not None and values is not _BY_TEXT:
                 self.hits += 1
                 return StatementSummary(text, *values)
-        try:
-            key: str = _pg.normalize(text)
-        except Exception:  # normalization is an optimization: analyze without it
-            key = ""
+        key = ""
+        if self.max_entries > 0:
+            try:
+                key = _pg.normalize(text)
+            except Exception:  # normalization is an optimization: analyze without it
+                key = ""
         if key:
             values = cache.get(key)
             by_text = values is _BY_TEXT
@@ -1714,3 +1729,47 @@ def analyze(sql: str) -> tuple[StatementSummary, ...]:
     :class:`Analyzer`, so repeated shapes are cheap.
     """
     return _DEFAULT.analyze(sql)
+
+
+# Scanner tokens the normalizer can leave in place: constants inside utility statements
+# (a DEFAULT, a PREPARE's body, a role's PASSWORD in some forms) and comments, which it
+# keeps verbatim. Either may carry values ("/* ssn 123-45-6789 */").
+_CONSTANT_TOKENS: Final = frozenset({"SCONST", "USCONST", "BCONST", "XCONST", "ICONST", "FCONST"})
+_COMMENT_TOKENS: Final = frozenset({"C_COMMENT", "SQL_COMMENT"})
+
+
+def sanitized_text(sql: str) -> str | None:
+    """``sql`` with every constant a ``$n`` and no comments; None when it does not parse.
+
+    The text for places outside the audit log (the OTLP export): the same normalization
+    the :class:`Analyzer` keys its cache by (libpg_query's, ``... WHERE ssn = $1``), then
+    a pass of the scanner over its result for what it leaves (constants in utility
+    statements, comments). Text the parser rejects has no sanitized form: None, never
+    the text itself.
+    """
+    try:
+        normalized: str = _pg.normalize(sql)
+        tokens = _pg.scan(normalized)
+    except Exception:  # a parse error, or input the C library refuses: nothing to show
+        return None
+    # Scanner offsets are character offsets into the text, ends inclusive.
+    numbers = [
+        int(normalized[t.start + 1 : t.end + 1])
+        for t in tokens
+        if t.name == "PARAM" and normalized[t.start + 1 : t.end + 1].isdigit()
+    ]
+    last = max(numbers, default=0)
+    pieces: list[str] = []
+    done = 0
+    for token in tokens:
+        if token.name in _CONSTANT_TOKENS:
+            last += 1
+            replacement = f"${last}"
+        elif token.name in _COMMENT_TOKENS:
+            replacement = " "  # a comment separates tokens: keep them apart
+        else:
+            continue
+        pieces += (normalized[done : token.start], replacement)
+        done = token.end + 1
+    pieces.append(normalized[done:])
+    return "".join(pieces).strip(_PG_SPACE)

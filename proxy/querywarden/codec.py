@@ -26,6 +26,7 @@ MAX_STARTUP_PACKET = 10000
 INT32 = struct.Struct("!i")
 UINT32 = struct.Struct("!I")
 INT16 = struct.Struct("!h")
+UINT16 = struct.Struct("!H")
 HEADER = struct.Struct("!cI")
 TYPE_AND_LENGTH = struct.Struct("!BI")
 
@@ -143,6 +144,59 @@ class FrameReader:
         return data
 
 
+class ChunkBuffer:
+    """The bytes of an incomplete message, kept as the chunks received and joined once.
+
+    Appending a chunk copies nothing; :meth:`take` joins the chunks once the caller has
+    the ``wanted`` bytes it waits for (a whole message, or a header). Joining on every
+    read instead would copy a large message once per read: quadratic in its size.
+    """
+
+    __slots__ = ("_chunks", "_size", "copied", "wanted")
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        #: How many bytes must be buffered before :meth:`take` is worth calling.
+        self.wanted = 0
+        #: Bytes copied by joins so far (what the O(n) guarantee is measured by).
+        self.copied = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        """Keep a chunk, uncopied."""
+        if data:
+            self._chunks.append(data)
+            self._size += len(data)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the wanted bytes have arrived."""
+        return self._size >= self.wanted
+
+    def take(self) -> bytes:
+        """Remove and return everything buffered, joined (a single chunk is not copied)."""
+        chunks = self._chunks
+        if len(chunks) == 1:
+            data = chunks[0]
+        else:
+            data = b"".join(chunks)
+            self.copied += len(data)
+        chunks.clear()
+        self._size = self.wanted = 0
+        return data
+
+    def hold(self, data: bytes) -> None:
+        """Keep the incomplete tail of a stream: wait for its whole message, or its header."""
+        self.append(data)
+        if len(data) >= 5:
+            self.wanted = TYPE_AND_LENGTH.unpack_from(data, 0)[1] + 1
+        else:
+            self.wanted = 5
+
+
 class MessageTooLarge(ProtocolViolation):
     """A message longer than the configured limit."""
 
@@ -161,6 +215,9 @@ def _cstring(data: bytes, pos: int, encoding: str = "utf-8") -> tuple[str, int]:
     if end < 0:
         raise ProtocolViolation("string in message is not NUL-terminated")
     try:
+        if end - pos > _COPY_FREE_DECODE:
+            # A huge SQL text is decoded in place: slicing it first would copy it once more.
+            return str(memoryview(data)[pos:end], encoding), end + 1
         return data[pos:end].decode(encoding), end + 1
     except UnicodeDecodeError as exc:
         raise InvalidText(
@@ -179,6 +236,10 @@ def decode_cstring(data: bytes, pos: int, encoding: str = "utf-8") -> tuple[str,
     return _cstring(data, pos, encoding)
 
 
+#: Strings longer than this are decoded without being sliced out first.
+_COPY_FREE_DECODE = 64 * 1024
+
+
 def decode_query(frame: bytes, encoding: str = "utf-8") -> str:
     """Query ('Q'): the SQL text."""
     sql, _ = _cstring(frame, 5, encoding)
@@ -195,15 +256,15 @@ class Parse:
 
 
 def decode_parse(frame: bytes, encoding: str = "utf-8") -> Parse:
-    """Decode a Parse message."""
+    """Decode a Parse message (up to 65535 parameter types, as PostgreSQL allows)."""
     name, pos = _cstring(frame, 5, encoding)
     sql, pos = _cstring(frame, pos, encoding)
-    if pos + 2 > len(frame):
-        raise ProtocolViolation("Parse message is truncated")
-    (count,) = INT16.unpack_from(frame, pos)
-    pos += 2
-    if count < 0 or pos + 4 * count != len(frame):
-        raise ProtocolViolation("Parse message has an invalid parameter type list")
+    count, pos = _count(frame, pos, "Parse", "parameter type count")
+    if pos + 4 * count != len(frame):
+        raise ProtocolViolation(
+            f"invalid message format: Parse declares {count} parameter types but carries "
+            f"{len(frame) - pos} bytes for them (4 each)"
+        )
     types = struct.unpack_from(f"!{count}I", frame, pos)
     return Parse(name, sql, types)
 
@@ -216,6 +277,15 @@ class Bind:
     statement: str
 
 
+@dataclass(frozen=True, slots=True)
+class BindParameters:
+    """What a Bind carries after its names: the parameters and the result formats."""
+
+    formats: tuple[int, ...]  # parameter format codes (empty: all text; one: for all)
+    values: tuple[bytes | None, ...]  # None for NULL
+    result_formats: tuple[int, ...]  # result-column format codes (likewise)
+
+
 def decode_bind_names(frame: bytes, encoding: str = "utf-8") -> Bind:
     """Decode just the portal and statement names of a Bind message."""
     portal, pos = _cstring(frame, 5, encoding)
@@ -223,19 +293,104 @@ def decode_bind_names(frame: bytes, encoding: str = "utf-8") -> Bind:
     return Bind(portal, statement)
 
 
+def decode_bind_parameters(frame: bytes) -> BindParameters:
+    """Bind ('B'): every count and length checked against the frame.
+
+    Faults are named as PostgreSQL names them, so a client reads the same reason
+    whether the gateway or the server finds the fault.
+    """
+    pos = _skip_cstring(frame, 5)  # portal
+    pos = _skip_cstring(frame, pos)  # statement
+    nformats, pos = _count(frame, pos, "Bind", "parameter format count")
+    formats, pos = _int16s(frame, pos, nformats, "Bind", "parameter format codes")
+    nparams, pos = _count(frame, pos, "Bind", "parameter count")
+    if nformats > 1 and nformats != nparams:
+        raise ProtocolViolation(
+            f"bind message has {nformats} parameter formats but {nparams} parameters"
+        )
+    values, pos = _values(frame, pos, nparams, "Bind", "parameter")
+    nresults, pos = _count(frame, pos, "Bind", "result format count")
+    results, pos = _int16s(frame, pos, nresults, "Bind", "result format codes")
+    _expect_end(frame, pos, "Bind")
+    return BindParameters(formats, values, results)
+
+
 def decode_bind_result_formats(frame: bytes) -> tuple[int, ...]:
     """Bind ('B'): the result-column format codes (empty: all text; one: for all)."""
-    pos = frame.index(b"\0", 5) + 1  # portal
-    pos = frame.index(b"\0", pos) + 1  # statement
-    (count,) = INT16.unpack_from(frame, pos)
-    pos += 2 + 2 * count
-    (params,) = INT16.unpack_from(frame, pos)
-    pos += 2
-    for _ in range(params):
-        (length,) = INT32.unpack_from(frame, pos)
-        pos += 4 + max(length, 0)
-    (count,) = INT16.unpack_from(frame, pos)
-    return struct.unpack_from(f"!{count}h", frame, pos + 2)
+    return decode_bind_parameters(frame).result_formats
+
+
+def decode_data_row(frame: bytes) -> tuple[bytes | None, ...]:
+    """DataRow ('D'): the column values (None for NULL), checked against the frame."""
+    count, pos = _count(frame, 5, "DataRow", "column count")
+    values, pos = _values(frame, pos, count, "DataRow", "column")
+    _expect_end(frame, pos, "DataRow")
+    return values
+
+
+def _count(frame: bytes, pos: int, message: str, what: str) -> tuple[int, int]:
+    """An unsigned 16-bit count at ``pos`` (PostgreSQL reads these counts unsigned)."""
+    if pos + 2 > len(frame):
+        raise ProtocolViolation(
+            f"insufficient data left in message: {message} is truncated before its {what}"
+        )
+    return UINT16.unpack_from(frame, pos)[0], pos + 2
+
+
+def _int16s(
+    frame: bytes, pos: int, count: int, message: str, what: str
+) -> tuple[tuple[int, ...], int]:
+    end = pos + 2 * count
+    if end > len(frame):
+        raise ProtocolViolation(
+            f"insufficient data left in message: {message} declares {count} {what} "
+            f"but has room for {(len(frame) - pos) // 2}"
+        )
+    return struct.unpack_from(f"!{count}h", frame, pos), end
+
+
+def _values(
+    frame: bytes, pos: int, count: int, message: str, what: str
+) -> tuple[tuple[bytes | None, ...], int]:
+    """``count`` length-prefixed values at ``pos`` (-1 is NULL), as in Bind and DataRow."""
+    size = len(frame)
+    unpack = INT32.unpack_from
+    values: list[bytes | None] = []
+    for index in range(1, count + 1):
+        if pos + 4 > size:
+            raise ProtocolViolation(
+                f"insufficient data left in message: {message} declares {count} {what}s "
+                f"but ends before the length of {what} {index}"
+            )
+        (length,) = unpack(frame, pos)
+        pos += 4
+        if length == -1:
+            values.append(None)
+            continue
+        if length < 0:
+            raise ProtocolViolation(f"invalid length {length} of {what} {index} in {message}")
+        if pos + length > size:
+            raise ProtocolViolation(
+                f"insufficient data left in message: {what} {index} of {message} is "
+                f"{length} bytes long, but {size - pos} bytes are left"
+            )
+        values.append(frame[pos : pos + length])
+        pos += length
+    return tuple(values), pos
+
+
+def _skip_cstring(frame: bytes, pos: int) -> int:
+    end = frame.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolViolation("string in message is not NUL-terminated")
+    return end + 1
+
+
+def _expect_end(frame: bytes, pos: int, message: str) -> None:
+    if pos != len(frame):
+        raise ProtocolViolation(
+            f"invalid message format: {message} has {len(frame) - pos} bytes after its last field"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,11 +406,16 @@ class FieldDescription:
 
 def decode_row_description(frame: bytes) -> list[FieldDescription]:
     """RowDescription ('T'): every column's origin, type and format."""
-    (count,) = INT16.unpack_from(frame, 5)
-    fields = []
-    pos = 7
+    count, pos = _count(frame, 5, "RowDescription", "column count")
+    size = len(frame)
+    fields: list[FieldDescription] = []
     for _ in range(count):
-        end = frame.index(b"\0", pos)
+        end = frame.find(b"\0", pos)
+        if end < 0 or end + 1 + _FIELD.size > size:
+            raise ProtocolViolation(
+                f"insufficient data left in message: RowDescription declares {count} "
+                f"columns but ends after {len(fields)}"
+            )
         table_oid, attnum, type_oid, _, _, fmt = _FIELD.unpack_from(frame, end + 1)
         fields.append(FieldDescription(frame[pos:end], table_oid, attnum, type_oid, fmt))
         pos = end + 1 + _FIELD.size
@@ -277,15 +437,29 @@ def decode_target(frame: bytes, encoding: str = "utf-8") -> tuple[str, str]:
 
 
 def decode_execute_portal(frame: bytes, encoding: str = "utf-8") -> str:
-    """Execute ('E'): the portal name."""
-    name, _ = _cstring(frame, 5, encoding)
+    """Execute ('E'): the portal name (followed by the row count, which must be there)."""
+    name, pos = _cstring(frame, 5, encoding)
+    if pos + 4 != len(frame):
+        raise ProtocolViolation(
+            "invalid message format: Execute must end with its 4-byte row count"
+        )
     return name
 
 
 def decode_function_call_oid(frame: bytes) -> int:
-    """FunctionCall ('F'): the OID of the function called."""
+    """FunctionCall ('F'): the OID of the function called; the whole frame is checked."""
     if len(frame) < 9:
-        raise ProtocolViolation("FunctionCall message is truncated")
+        raise ProtocolViolation("insufficient data left in message: FunctionCall is truncated")
+    nformats, pos = _count(frame, 9, "FunctionCall", "argument format count")
+    _, pos = _int16s(frame, pos, nformats, "FunctionCall", "argument format codes")
+    nargs, pos = _count(frame, pos, "FunctionCall", "argument count")
+    if nformats > 1 and nformats != nargs:
+        raise ProtocolViolation(
+            f"function call message has {nformats} argument formats but {nargs} arguments"
+        )
+    _, pos = _values(frame, pos, nargs, "FunctionCall", "argument")
+    _, pos = _count(frame, pos, "FunctionCall", "result format")
+    _expect_end(frame, pos, "FunctionCall")
     return int(UINT32.unpack_from(frame, 5)[0])
 
 
@@ -461,7 +635,7 @@ def query(sql: str) -> bytes:
 
 def parse(statement: str, sql: str, param_types: tuple[int, ...] = ()) -> bytes:
     """Parse ('P')."""
-    payload = cstr(statement) + cstr(sql) + INT16.pack(len(param_types))
+    payload = cstr(statement) + cstr(sql) + UINT16.pack(len(param_types))
     payload += struct.pack(f"!{len(param_types)}I", *param_types)
     return message(b"P", payload)
 

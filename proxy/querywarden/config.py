@@ -174,6 +174,10 @@ class AuditSettings(_Section):
     #: Where the export runs: ``thread`` (inside the gateway process) or ``process`` (a
     #: child process, off the relay's interpreter lock; restarted if it dies).
     exporter: Literal["thread", "process"] = "thread"
+    #: What exported spans carry as ``db.query.text``: ``normalized`` (constants become
+    #: ``$n``, comments go; the exact text stays in the log), ``raw`` (the exact text,
+    #: and the server's error messages), or ``none``.
+    export_query_text: Literal["normalized", "raw", "none"] = "normalized"
 
 
 class AdminSettings(_Section):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from querywarden.errors import ProtocolViolation
+from querywarden.errors import QuerywardenError
 
 #: The only database encoding the gateway serves (``server_encoding``).
 SERVER_ENCODING: Final = "UTF8"
@@ -102,8 +102,12 @@ _HINT: Final = (
 )
 
 
-class EncodingRefused(ProtocolViolation):
-    """A client encoding (or string syntax) the gateway cannot read as the server does."""
+class EncodingRefused(QuerywardenError):
+    """A client encoding (or string syntax) the gateway cannot read as the server does.
+
+    Not a :class:`ProtocolViolation`: the bytes are well formed, the session is refused on
+    purpose (and a server's report of such a change is no malformed message).
+    """
 
     default_sqlstate = "0A000"
 

@@ -10,6 +10,7 @@ it is a :class:`querywarden.hooks.Decision`.
     ├── ProtocolViolation        the peer sent bytes that break the wire protocol (08P01)
     │   └── MessageTooLarge      (in codec) a message over the configured limit (54000)
     ├── AuthenticationFailed     the client's credentials were refused (28P01 / 28000)
+    ├── EncodingRefused          (in encodings) text not read as the server would (0A000)
     └── UpstreamError            the database could not be reached or failed (08xxx)
 """
 

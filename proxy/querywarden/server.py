@@ -40,12 +40,17 @@ from querywarden.errors import (
 from querywarden.hooks import Decision, ResultHook, SessionInfo, StatementGate
 from querywarden.identity import Authenticator, Credentials, Principal
 from querywarden.identity.authenticator import TokenAuthenticator
-from querywarden.masking.catalog import CatalogCache, SensitiveCatalog, load_catalog
+from querywarden.masking.catalog import (
+    CatalogCache,
+    SensitiveCatalog,
+    load_catalog,
+    read_fingerprint,
+)
 from querywarden.masking.plan import Masker
 from querywarden.policy import PolicyDocument, load_policy
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
-from querywarden.policy.plans import PlanEstimator, side_connection
+from querywarden.policy.plans import PlanEstimator
 from querywarden.session import RowLimit, Session
 from querywarden.startup import (
     CancelRequested,
@@ -56,7 +61,13 @@ from querywarden.startup import (
     StartupReceived,
     upstream_parameters,
 )
-from querywarden.upstream import UpstreamConnection, UpstreamTarget, connect, send_cancel
+from querywarden.upstream import (
+    UpstreamConnection,
+    UpstreamTarget,
+    connect,
+    send_cancel,
+    side_connection,
+)
 
 log = logging.getLogger("querywarden.server")
 
@@ -94,7 +105,7 @@ class Gateway:
         self.authenticator = authenticator or TokenAuthenticator(policy.identity)
         # The policy's rules decide; without rules nothing is allowed (default deny).
         self.plans = PlanEstimator()
-        self.catalogs = CatalogCache(self._load_catalog)
+        self.catalogs = CatalogCache(self._load_catalog, fingerprinter=self._catalog_fingerprint)
         self.auditor = _auditor(settings)
         self.approvals = self._approval_service(policy)
         self._admin: AdminApi | None = None
@@ -133,6 +144,8 @@ class Gateway:
         #: Every client and upstream socket still alive, for close() to wait on.
         self.endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()
         self._cancel_keys: dict[int, _CancelKey] = {}
+        #: CancelRequests being delivered upstream (owned here, not by any connection).
+        self._cancels: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._policy_stamp: tuple[int, int, int] | None = None
@@ -176,6 +189,7 @@ class Gateway:
                     audit.otlp_endpoint,
                     instance_id=socket.gethostname(),
                     interrupted_through=self._audit_start_seq,
+                    query_text=audit.export_query_text,
                 )
                 self._exporter = loop.create_task(exporter.run(stop=self._exporter_stop))
         sock = self._server.sockets[0].getsockname()
@@ -199,6 +213,8 @@ class Gateway:
             socket.gethostname(),
             "--interrupted-through",
             str(self._audit_start_seq),
+            "--query-text",
+            self.settings.audit.export_query_text,
         ]
         while not self._exporter_stop.is_set():
             process = await asyncio.create_subprocess_exec(*command)
@@ -314,6 +330,13 @@ class Gateway:
         finally:
             await conn.close()
 
+    async def _catalog_fingerprint(self, database: str) -> str:
+        conn = await side_connection(self.upstream_target, database, "querywarden-catalog")
+        try:
+            return await read_fingerprint(conn)
+        finally:
+            await conn.close()
+
     async def _largest_scan(self, session: SessionInfo, sql: str) -> int:
         target = self.upstream_target_for(session.principal, session.database)
         return await self.plans.largest_scan(target, session.database, sql)
@@ -343,8 +366,7 @@ class Gateway:
         # there, and the gate holds statements only while the policy names approvers.
         self.approvals.settings = policy.approvals
         if isinstance(self.gate, PolicyGate):
-            self.gate.engine = self.engine
-            self.gate.masker = masker
+            self.gate.reload(self.engine, masker)
         log.info(
             "policy reloaded from %s: %d issuers, %d rules",
             path,
@@ -373,6 +395,8 @@ class Gateway:
         """
         if self._watcher is not None:
             self._watcher.cancel()
+        for delivery in list(self._cancels):
+            delivery.cancel()
         with contextlib.suppress(Exception):
             await self.plans.close()
         if self._server is not None:
@@ -425,17 +449,49 @@ class Gateway:
         self._cancel_keys.pop(pid, None)
 
     async def cancel(self, pid: int, secret: bytes) -> None:
-        """Map a client CancelRequest to its upstream backend; unknown keys are ignored."""
+        """Map a client CancelRequest to its upstream backend; unknown keys are ignored.
+
+        Returns once the cancel is delivered (or failed). Cancelling the caller does not
+        stop the delivery: a client that closes its socket right after a CancelRequest
+        still gets its statement cancelled.
+        """
+        delivery = self.cancel_soon(pid, secret)
+        if delivery is not None:
+            await asyncio.shield(delivery)
+
+    def cancel_soon(self, pid: int, secret: bytes) -> asyncio.Task[None] | None:
+        """Start delivering a CancelRequest in a task the gateway owns (None: nothing to send).
+
+        The task is not tied to any client connection, and the gateway keeps a strong
+        reference until it ends. At most _MAX_CANCELS_IN_FLIGHT run at once (each holds
+        a socket for up to the connect timeout); past that a cancel is dropped, as
+        PostgreSQL drops one it cannot serve.
+        """
         key = self._cancel_keys.get(pid)
         if key is None or not hmac.compare_digest(key.secret, secret):
             log.info("ignored a CancelRequest with an unknown key")
-            return
+            return None
         held = key.connection._decision if key.connection is not None else None
         if held is not None and not held.done():
             # The statement is in the gateway (held for approval), not upstream.
             held.cancel()
-            return
-        await send_cancel(self.upstream_target, key.upstream_pid, key.upstream_secret)
+            return None
+        if len(self._cancels) >= _MAX_CANCELS_IN_FLIGHT:
+            log.warning("dropped a CancelRequest: %d cancels already in flight", len(self._cancels))
+            return None
+        task = asyncio.get_running_loop().create_task(
+            self._deliver_cancel(key.upstream_pid, key.upstream_secret)
+        )
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+        return task
+
+    async def _deliver_cancel(self, upstream_pid: int, upstream_secret: bytes) -> None:
+        try:
+            await send_cancel(self.upstream_target, upstream_pid, upstream_secret)
+        except (OSError, QuerywardenError) as exc:
+            # Best effort, as in PostgreSQL: the statement then runs to its end.
+            log.warning("could not deliver a CancelRequest upstream: %s", exc)
 
 
 def _server_tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
@@ -472,9 +528,14 @@ class ClientConnection(Endpoint):
         self._task: asyncio.Task[None] | None = None
         self._deciding: asyncio.Task[None] | None = None
         self._cancelling: asyncio.Task[None] | None = None
+        self._replanning: asyncio.Task[None] | None = None
         self._decision: asyncio.Future[Decision] | None = None
         self._cancel_secret = b""
         self._finished = False
+        # Reading the untyped packets before a StartupMessage: the start-up task then only
+        # reads what is buffered, so a lost connection must not cancel it (a CancelRequest
+        # followed at once by a close would be lost unread).
+        self._untyped = True
         self._over_limit = False
         self._startup_params: dict[str, str] = {}
         self._audit: SessionAudit | None = None
@@ -569,16 +630,18 @@ class ClientConnection(Endpoint):
             elif isinstance(event, GSSENCRequested):
                 self.write(b"N")
             elif isinstance(event, CancelRequested):
-                try:
-                    await gateway.cancel(event.pid, event.secret)
-                except Exception as exc:  # a cancel is best effort, as in PostgreSQL
-                    log.warning("could not deliver a CancelRequest upstream: %s", exc)
+                # Delivered by a task of the gateway's, which outlives this connection:
+                # clients close the socket right after sending the request.
+                gateway.cancel_soon(event.pid, event.secret)
                 # PostgreSQL never answers a CancelRequest; neither does the gateway (libpq
                 # takes any reply on that connection for a failed cancel).
                 self.close()
                 return None
             elif isinstance(event, StartupReceived):
                 startup = event
+                # From here the start-up waits on others (authenticator, upstream): a
+                # client that leaves cancels it.
+                self._untyped = False
                 self._startup_params = event.params
                 if self._over_limit:
                     raise QuerywardenError("sorry, too many clients already", sqlstate="53300")
@@ -705,12 +768,7 @@ class ClientConnection(Endpoint):
             upstream.endpoint.close()
             return
         settings = gateway.settings.limits
-        limits = gateway.engine.session_limits(info.principal, info.database)
-        row_limit = (
-            RowLimit(limits.max_rows, limits.max_rows_rule or "?")
-            if limits.max_rows is not None
-            else None
-        )
+        masked, row_limit = self._policy_settings(info)
         self.session = Session(
             info,
             gateway.gate,
@@ -719,8 +777,9 @@ class ClientConnection(Endpoint):
             max_server_message=int(settings.max_server_message),
             expires_at=info.principal.expires_at,
             row_limit=row_limit,
-            masked=bool(getattr(gateway.gate, "masks", _never)(info)),
+            masked=masked,
             audit=self._audit,
+            policy_settings=lambda: self._policy_settings(info),
         )
         self.session.transaction_status = upstream.transaction_status
         self.upstream = up = upstream.endpoint
@@ -762,6 +821,17 @@ class ClientConnection(Endpoint):
         if up.closed:
             self._upstream_lost(None)
 
+    def _policy_settings(self, info: SessionInfo) -> tuple[bool, RowLimit | None]:
+        """Whether the policy in force masks this session, and its row limit."""
+        gateway = self.gateway
+        limits = gateway.engine.session_limits(info.principal, info.database)
+        row_limit = (
+            RowLimit(limits.max_rows, limits.max_rows_rule or "?")
+            if limits.max_rows is not None
+            else None
+        )
+        return bool(getattr(gateway.gate, "masks", _never)(info)), row_limit
+
     def _on_client_data(self, data: bytes) -> None:
         session = self.session
         assert session is not None
@@ -769,6 +839,9 @@ class ClientConnection(Endpoint):
             session.receive_client(data)
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
+            return
+        except Exception as exc:
+            self._internal_error(exc)
             return
         # Client input only ever produces bytes for the upstream (refusals included).
         chunks = session.to_server
@@ -796,6 +869,9 @@ class ClientConnection(Endpoint):
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
             return
+        except Exception as exc:
+            self._internal_error(exc)
+            return
         # Server input only ever produces bytes for the client.
         chunks = session.to_client
         if chunks:
@@ -812,6 +888,34 @@ class ClientConnection(Endpoint):
         if session.cancel_wanted:
             session.cancel_wanted = False
             self._cancelling = asyncio.get_running_loop().create_task(self._cancel_statement())
+        if session.awaiting_result is not None and self._replanning is None:
+            self._replanning = asyncio.get_running_loop().create_task(self._await_result())
+
+    async def _await_result(self) -> None:
+        """Hold a result (and the upstream's input) while its mask plan is made again."""
+        session, upstream = self.session, self.upstream
+        assert session is not None and upstream is not None
+        if upstream.transport is not None:
+            upstream.transport.pause_reading()
+        try:
+            while session.awaiting_result is not None and not self.closed:
+                decision = await _settle(session.awaiting_result)
+                try:
+                    session.resume_result(decision)
+                except QuerywardenError as exc:
+                    self.shutdown(exc.message, sqlstate=exc.sqlstate)
+                    return
+                self._flush()
+                if session.cancel_wanted:
+                    session.cancel_wanted = False
+                    self._cancelling = asyncio.get_running_loop().create_task(
+                        self._cancel_statement()
+                    )
+        finally:
+            self._replanning = None
+            if not self.closed and upstream.transport is not None:
+                with contextlib.suppress(RuntimeError):
+                    upstream.transport.resume_reading()
 
     async def _cancel_statement(self) -> None:
         """Cancel the running statement upstream (a row limit), holding client input."""
@@ -832,6 +936,9 @@ class ClientConnection(Endpoint):
             session.cancel_delivered()
         except QuerywardenError as exc:
             self.shutdown(exc.message, sqlstate=exc.sqlstate)
+            return
+        except Exception as exc:
+            self._internal_error(exc)
             return
         self._flush()
         if session.awaiting is not None and self._deciding is None:
@@ -858,6 +965,9 @@ class ClientConnection(Endpoint):
                     session.resume(decision)
                 except QuerywardenError as exc:
                     self.shutdown(exc.message, sqlstate=exc.sqlstate)
+                    return
+                except Exception as exc:
+                    self._internal_error(exc)
                     return
                 self._flush()
         finally:
@@ -897,6 +1007,32 @@ class ClientConnection(Endpoint):
     def _send_fatal(self, sqlstate: str, text: str) -> None:
         self.write(codec.error_response(sqlstate, text, severity="FATAL"))
 
+    def _internal_error(self, exc: Exception) -> None:
+        """A fault in the gateway itself (session, gate, hooks): end this session only.
+
+        Whatever the session had produced for either side is dropped, not forwarded: its
+        state is unknown. The client gets XX000 naming the session, so the operator can
+        find the traceback logged here; other sessions carry on.
+        """
+        session_id = self.session.info.session_id if self.session is not None else "-"
+        log.error("session %s: internal error in the gateway", session_id, exc_info=exc)
+        auditor = self.gateway.auditor
+        if auditor is not None and self.session is not None:
+            try:
+                # The exception's type only: its text may quote row data.
+                auditor.write(
+                    "session.error",
+                    session_id=session_id,
+                    sqlstate="XX000",
+                    error=f"internal error in the gateway ({type(exc).__name__})",
+                )
+            except AuditWriteError:
+                log.error("audit: the internal error of session %s was not recorded", session_id)
+        if self.session is not None:
+            self.session.to_server = []
+            self.session.to_client = []
+        self.shutdown(f"internal error in the gateway (session {session_id})", sqlstate="XX000")
+
     def shutdown(self, text: str, *, sqlstate: str) -> None:
         """End the session with a FATAL ErrorResponse to the client."""
         log.info("closing session of %s: %s (%s)", self.peer_address(), text, sqlstate)
@@ -922,12 +1058,19 @@ class ClientConnection(Endpoint):
             self.upstream.write(codec.TERMINATE)
             self.upstream.close()
         task = self._task
-        if task is not None and not task.done() and task is not asyncio.current_task():
+        if (
+            task is not None
+            and not task.done()
+            and task is not asyncio.current_task()
+            and not self._untyped
+        ):
             task.cancel()
         if self._deciding is not None and not self._deciding.done():
             self._deciding.cancel()
         if self._cancelling is not None and not self._cancelling.done():
             self._cancelling.cancel()
+        if self._replanning is not None and not self._replanning.done():
+            self._replanning.cancel()
 
 
 def _auditor(settings: GatewaySettings) -> Auditor | None:
@@ -967,6 +1110,9 @@ def _send(endpoint: Endpoint | None, chunks: list[bytes]) -> None:
     else:
         transport.writelines(chunks)
 
+
+#: CancelRequests delivered upstream at once, at most.
+_MAX_CANCELS_IN_FLIGHT = 256
 
 #: Client input buffered behind a held request before the gateway stops reading.
 _HELD_INPUT_LIMIT = 1024 * 1024

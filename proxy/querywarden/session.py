@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -63,12 +62,15 @@ _Entry = tuple[int, str, str, PendingStatement | None]
 # One-byte message types as ints (frame[0] is an int).
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")
 _COPY_DATA, _COPY_DONE, _COPY_FAIL = ord("d"), ord("c"), ord("f")
+_DATA_ROW = ord("D")
 _FRONTEND_TYPES: Final = frozenset(b"QPBDECSHFXdcf")
 # Messages that make the server do work; a connection whose token expired may send none.
 _REQUESTS: Final = frozenset(b"QPBEF")
 # Messages the decision point sees.
 _GATED: Final = frozenset(b"QPF")
 _SYNC_ENTRY: Final = (_S, "", "", None)
+#: The name a sentinel Parse's entry carries: no statement comes of it.
+_REFUSED: Final = "\0refused"
 
 # Messages whose body may be forwarded in pieces before it has fully arrived, so that a
 # huge row or COPY chunk streams through in bounded memory.
@@ -139,6 +141,7 @@ class Session:
         masked: bool = False,
         audit: SessionAudit | None = None,
         clock: Callable[[], float] = time.time,
+        policy_settings: Callable[[], tuple[bool, RowLimit | None]] | None = None,
     ) -> None:
         self.info = info
         self.gate = gate
@@ -168,9 +171,9 @@ class Session:
         self.encoding = encodings.python_codec(info.client_encoding, source="the server")
 
         self.max_client_message = max_client_message
-        self._client_buf = bytearray()
+        self._client_buf = codec.ChunkBuffer()
         self._client_stream_left = 0  # bytes of a streamed CopyData still to forward
-        self._server_buf = bytearray()
+        self._server_buf = codec.ChunkBuffer()
         self._server_stream_left = 0  # bytes of a streamed DataRow/CopyData still to forward
         self._held: tuple[int, bytes, StatementRequest, codec.Parse | None] | None = None
         # What the server still owes, oldest first: (message type, name, extra).
@@ -187,6 +190,7 @@ class Session:
         #: The session's audit recorder: every request is written before it is forwarded.
         self.audit = audit
         sampling = audit is not None and audit.sample_rows > 0
+        self._sampling = sampling
         self._handlers = (
             _SERVER_HANDLERS
             if row_limit is None and not masked and not sampling
@@ -228,6 +232,20 @@ class Session:
         self._cut_error: Callable[[bool], bytes] = _no_cut_error  # what replaces its end
         self._copy_binary = False
         self._suspended_rows: dict[str, int] = {}  # portal -> rows sent before it suspended
+        #: What the policy in force says of this session: (masked, row limit). Asked
+        #: again when the gate's policy generation changes (a reload).
+        self._policy_settings = policy_settings
+        self._generation = _generation_of(gate)
+        #: Prepared statements decided under an older policy: re-decided at their next
+        #: Execute (a reload reaches every statement that runs after it).
+        self._stale: set[str] = set()
+        #: Portal -> statement, as forwarded Binds named them (confirmed or not yet).
+        self._portal_statements: dict[str, str] = {}
+        #: A mask plan being made again (a result named a relation its catalog does not
+        #: know): the shell awaits it and passes it to :meth:`resume_result`; until then
+        #: the result waits, unforwarded.
+        self.awaiting_result: Awaitable[Decision] | None = None
+        self._replanned: MaskPlan | None = None  # the last plan made again
 
     # --- client -> server --------------------------------------------------------------
 
@@ -244,12 +262,14 @@ class Session:
             data = data[n:]
             if not data:
                 return
-        if self._client_buf or self.awaiting is not None or self._cancel_in_flight:
-            self._client_buf += data
+        buf = self._client_buf
+        if buf or self.awaiting is not None or self._cancel_in_flight:
+            buf.append(data)
             if self.awaiting is not None or self._cancel_in_flight:
                 return  # held behind a decision or a cancel; resume() carries on
-            data = bytes(self._client_buf)
-            self._client_buf.clear()
+            if not buf.ready:
+                return  # the message is still incomplete: join its chunks once, later
+            data = buf.take()
         self._process_client(data)
 
     def resume(self, decision: Decision) -> None:
@@ -259,6 +279,10 @@ class Session:
         mtype, frame, request, parse = self._held
         self._held = None
         self.awaiting = None
+        if mtype == _E:
+            self._run_redecided(frame, request, decision)
+            self._continue_client()
+            return
         pending = None
         if self.audit is not None:
             decision, pending = self._audit_request(request, decision)
@@ -277,9 +301,7 @@ class Session:
 
     def _continue_client(self) -> None:
         if self._client_buf and self.awaiting is None and not self._cancel_in_flight:
-            data = bytes(self._client_buf)
-            self._client_buf.clear()
-            self._process_client(data)
+            self._process_client(self._client_buf.take())
 
     def _process_client(self, data: bytes) -> None:
         out = self.to_server
@@ -303,6 +325,7 @@ class Session:
                     return
                 break
             if mtype in _GATED:
+                self._sync_policy()
                 frame = data[pos:end]
                 unsettled = (self._owed_ready or self._unsynced_execute) and mtype != _F
                 risky = unsettled and _may_read_differently(mtype, frame)
@@ -336,6 +359,23 @@ class Session:
             elif mtype in _FRONTEND_TYPES:
                 if mtype in _REQUESTS:
                     self._check_expiry()
+                if mtype == _E:
+                    self._sync_policy()
+                    if self.masked:
+                        self._check_plan(data[pos:end])
+                    redecided = self._redecide(data[pos:end]) if self._stale else None
+                    if redecided is not None:
+                        if pos > run_start:
+                            out.append(data[run_start:pos])
+                        run_start = end
+                        request, outcome = redecided
+                        if isinstance(outcome, Decision):
+                            self._run_redecided(data[pos:end], request, outcome)
+                        else:
+                            self._held = (_E, data[pos:end], request, None)
+                            self.awaiting = outcome
+                        pos = end
+                        continue
                 pending = None
                 if mtype == _E and self._observed:
                     # What goes upstream before the Execute (an audit sentinel, a
@@ -354,7 +394,7 @@ class Session:
         if pos > run_start:
             out.append(data[run_start:pos])
         if pos < size:
-            self._client_buf += data[pos:]
+            self._client_buf.hold(data[pos:])
 
     def _before_execute(self, frame: bytes) -> tuple[PendingStatement | None, list[bytes]]:
         """An Execute in a masked or audited session: its record, and messages to go first.
@@ -376,6 +416,113 @@ class Session:
             if describe is not None:
                 before.append(describe)
         return pending, before
+
+    # Policy reloads: what runs after a reload runs under the new policy.
+
+    def _sync_policy(self) -> None:
+        """Catch up with a policy reload at this request boundary (cheap when none).
+
+        Every statement prepared so far was decided under the old policy: each is decided
+        again at its next Execute. Masking and the row limit switch now, for every request
+        decided from here on; results of earlier requests still arriving have no plan
+        and are masked whole, if the session becomes masked.
+        """
+        generation = _generation_of(self.gate)
+        if generation == self._generation:
+            return
+        self._generation = generation
+        self._stale.update(self.statements)
+        self._stale.update(e[1] for e in self._expected if e[0] == _P and e[1] != _REFUSED)
+        if self._policy_settings is None:
+            return
+        masked, row_limit = self._policy_settings()
+        self.row_limit = row_limit
+        if masked != self.masked:
+            self._drop_layout()
+            if masked:
+                # The requests already in flight were decided without a plan.
+                self._query_plans = deque(None for e in self._expected if e[0] == _Q)
+                self._statement_plans.clear()
+            self.masked = masked
+            self._observed = masked or self.audit is not None
+        if masked or row_limit is not None:
+            # Never back to the plain table: a result being cut must stay cut.
+            self._handlers = _ROW_SERVER_HANDLERS
+
+    def _check_plan(self, frame: bytes) -> None:
+        """Mark the Execute's statement stale when its mask plan's catalog is not current."""
+        is_current = getattr(self.gate, "plan_is_current", None)
+        if is_current is None:
+            return
+        portal = codec.decode_execute_portal(frame, self.encoding)
+        statement = self._portal_statements.get(portal, self.portals.get(portal))
+        if statement is None:
+            return
+        plan = self._statement_plans.get(statement)
+        if plan is not None and not is_current(self.info, plan):
+            self._stale.add(statement)
+
+    def _redecide(
+        self, frame: bytes
+    ) -> tuple[StatementRequest, Decision | Awaitable[Decision]] | None:
+        """Decide again the statement an Execute runs, if it was decided before a reload."""
+        portal = codec.decode_execute_portal(frame, self.encoding)
+        statement = self._portal_statements.get(portal, self.portals.get(portal))
+        if statement is None or statement not in self._stale:
+            return None
+        texts = self._texts_of(statement)
+        if not texts:
+            return None
+        request = StatementRequest("execute", texts[-1], statement_name=statement)
+        outcomes = [
+            self.gate.decide(self.info, StatementRequest("execute", t, statement_name=statement))
+            for t in dict.fromkeys(texts)
+        ]
+        if all(isinstance(o, Decision) for o in outcomes):
+            return request, _all_of([o for o in outcomes if isinstance(o, Decision)])
+        return request, _awaited_all(outcomes)
+
+    def _texts_of(self, statement: str) -> list[str]:
+        """Every text the server may run under a statement name at the next Execute.
+
+        A Parse of the name since the last Sync decides it alone: it replaces the text,
+        or fails and the Execute is skipped. Otherwise it is the confirmed text or that
+        of a Parse still in flight (one that failed left the old text), so all count.
+        """
+        texts: list[str] = []
+        synced = False
+        for entry in reversed(self._expected):
+            if entry[0] == _S:
+                synced = True
+            elif entry[0] == _P and entry[1] == statement:
+                if not synced:
+                    return [entry[2]]
+                texts.append(entry[2])
+        confirmed = self.statements.get(statement)
+        if confirmed is not None:
+            texts.append(confirmed)
+        return texts
+
+    def _run_redecided(self, frame: bytes, request: StatementRequest, decision: Decision) -> None:
+        """Forward an Execute whose statement was decided again, or fail it in place."""
+        if decision.allowed:
+            self._stale.discard(request.statement_name)
+            if self.masked:
+                self._statement_plans[request.statement_name] = decision.mask
+            pending = None
+            if self._observed:
+                pending, before = self._before_execute(frame)
+                self.to_server.extend(before)
+            self.to_server.append(frame)
+            self._track(_E, frame, 0, len(frame), None, pending=pending)
+            return
+        pending = None
+        if self.audit is not None:
+            decision, pending = self._audit_request(request, decision)
+        # A sentinel Parse fails in the Execute's place; the server skips to the Sync.
+        name = f"{SENTINEL_PREFIX}{self._nonce}_stale"
+        sentinel = StatementRequest("parse", "", statement_name=name)
+        self.to_server.append(self._sentinel(_P, sentinel, decision, pending))
 
     def _check_expiry(self) -> None:
         if self.expires_at is not None and self._clock() >= self.expires_at:
@@ -426,7 +573,7 @@ class Session:
         self._refusals[token] = decision
         if mtype == _P:
             sentinel = codec.parse(request.statement_name, token)
-            self._expected.append((_P, "\0refused", "", pending))
+            self._expected.append((_P, _REFUSED, "", pending))
         else:
             # Query and FunctionCall both answer ErrorResponse + ReadyForQuery.
             sentinel = codec.query(token)
@@ -453,15 +600,17 @@ class Session:
             self._observe(mtype, data, pos, end, parse)
         if mtype == _B:
             # The unnamed portal and statement are by far the most common: skip decoding.
-            if data[pos + 5] == 0 and data[pos + 6] == 0:
+            if end - pos > 6 and data[pos + 5] == 0 and data[pos + 6] == 0:
                 expected.append((_B, "", "", None))
+                self._portal_statements[""] = ""
             else:
                 bind = codec.decode_bind_names(data[pos:end], self.encoding)
                 expected.append((_B, bind.portal, bind.statement, None))
+                self._portal_statements[bind.portal] = bind.statement
         elif mtype == _E:
             portal = (
                 ""
-                if data[pos + 5] == 0
+                if end - pos == 10 and data[pos + 5] == 0
                 else codec.decode_execute_portal(data[pos:end], self.encoding)
             )
             expected.append((_E, portal, "", pending))
@@ -491,12 +640,18 @@ class Session:
         """Take bytes from the upstream server and produce what the client should get.
 
         Messages nobody needs to change leave as slices of the bytes received, in runs.
+        A message the gateway must read but cannot is the server's fault (UpstreamError).
         """
-        if self.audit is None:
-            self._receive_server(data)
-            return
         start = len(self.to_client)
-        self._receive_server(data)
+        try:
+            self._receive_server(data)
+        except ProtocolViolation as exc:
+            raise UpstreamError(
+                f"the upstream database sent a malformed message: {exc.message}",
+                sqlstate="08P01",
+            ) from exc
+        if self.audit is None:
+            return
         # The response digest covers every byte this session sent its client so far.
         stream = self._stream_hash
         for chunk in self.to_client[start:]:
@@ -506,6 +661,9 @@ class Session:
             self._record_results()
 
     def _receive_server(self, data: bytes) -> None:
+        if self.awaiting_result is not None:
+            self._server_buf.append(data)  # the result waits for its new plan
+            return
         out = self.to_client
         if self._server_stream_left:
             n = min(self._server_stream_left, len(data))
@@ -515,10 +673,12 @@ class Session:
             data = data[n:]
             if not data:
                 return
-        if self._server_buf:
-            self._server_buf += data
-            data = bytes(self._server_buf)
-            self._server_buf.clear()
+        buf = self._server_buf
+        if buf:
+            buf.append(data)
+            if not buf.ready:
+                return  # the message is still incomplete: join its chunks once, later
+            data = buf.take()
         hook = self.result_hook
         info = self.info
         unpack = codec.TYPE_AND_LENGTH.unpack_from
@@ -531,7 +691,12 @@ class Session:
             if length < 4:
                 raise UpstreamError(f"upstream sent an invalid message length {length}")
             if end > size:
-                if hook is None and mtype in _STREAMABLE and not self.masked:
+                if (
+                    hook is None
+                    and mtype in _STREAMABLE
+                    and not self.masked
+                    and not (mtype == _DATA_ROW and self._sampling and self._samples_row())
+                ):
                     # Forward the part that is here; the rest follows as it arrives (or,
                     # past a row limit, is dropped as it arrives).
                     handler = handlers.get(mtype)
@@ -555,6 +720,10 @@ class Session:
             if replacement is not None:
                 if pos > run_start:
                     out.append(data[run_start:pos])
+                if replacement is _HOLD:
+                    # From here on the result waits (resume_result() goes on with it).
+                    self._server_buf.append(data[pos:])
+                    return
                 if replacement:
                     out.append(replacement)
                 run_start = end
@@ -562,7 +731,7 @@ class Session:
         if pos > run_start:
             out.append(data[run_start:pos])
         if pos < size:
-            self._server_buf += data[pos:]
+            buf.hold(data[pos:])
 
     # Handlers return None to forward the message untouched, or replacement bytes.
 
@@ -584,7 +753,9 @@ class Session:
         return None
 
     def _on_ready_for_query(self, data: bytes, pos: int, end: int) -> bytes | None:
-        status = data[pos + 5 : pos + 6]
+        if end - pos != 6:
+            raise ProtocolViolation(f"ReadyForQuery of length {end - pos - 1}")
+        status = data[pos + 5 : end]
         self.transaction_status = status
         self.mode = "ready"
         expected = self._expected
@@ -602,9 +773,14 @@ class Session:
         if status == b"I" and self.portals:
             # Portals live no longer than their transaction.
             self.portals.clear()
-        if self._refusals:
+        if status == b"I" and not expected and len(self._portal_statements) > 1:
+            self._portal_statements.clear()  # (nothing bound is still in flight)
+        if self._refusals and not expected:
+            # Only once nothing is in flight: a refusal pipelined behind this Sync has
+            # its error still to come.
             self._refusals.clear()
-        if self.row_limit is not None:
+        if self.row_limit is not None or self._cut or self._cancelled:
+            # (A reload may have lifted the limit of a result being cut.)
             self._rows = 0
             self._cut = self._cancelled = False
             if status == b"I":
@@ -766,6 +942,14 @@ class Session:
         """A DataRow or COPY TO STDOUT row: counted against the limit, then masked."""
         if data[pos] == _COPY_DATA and self.mode != "copy_out":
             return None
+        if self._cut:
+            return b""  # also when a reload lifted the limit that cut this result
+        if self.masked and not self._layout_known and data[pos] != _COPY_DATA:
+            layout = self._result_layout(None)
+            if self.awaiting_result is not None:
+                return _HOLD  # before the row is counted: it comes again
+            self._layout = layout
+            self._layout_known = True
         if self.row_limit is not None:
             dropped = self._count_row()
             if dropped is not None:
@@ -784,14 +968,19 @@ class Session:
                 self._cut_result(_binary_copy_error)
                 return b""
             return masked
-        if not self._layout_known:
-            self._layout = self._result_layout(None)
-            self._layout_known = True
         layout = self._layout
         masked = layout.mask_row(data, pos, end) if layout is not None else None
         if self.audit is not None:
             self._sample(masked if masked is not None else data[pos:end])
         return masked
+
+    def _samples_row(self) -> bool:
+        """Whether the DataRow now arriving goes into the audit sample (so it must be whole)."""
+        audit = self.audit
+        if audit is None or not self._expected:
+            return False
+        pending = self._expected[0][3]
+        return pending is not None and len(pending.sample) < audit.sample_rows
 
     def _sample(self, frame: bytes) -> None:
         """Keep the first rows of the current request, as the client gets them."""
@@ -800,7 +989,7 @@ class Session:
             return
         pending = self._expected[0][3]
         if pending is not None and len(pending.sample) < audit.sample_rows:
-            pending.sample.append(_row_values(frame, self.encoding))
+            pending.sample.append(_texts(codec.decode_data_row(frame), self.encoding))
 
     def _count_row(self) -> bytes | None:
         """Count a row against the limit; past it, drop the row (b"")."""
@@ -869,8 +1058,13 @@ class Session:
     def _track_bind(self, frame: bytes) -> None:
         """Remember what a forwarded Bind bound: its statement, result formats and values."""
         bind = codec.decode_bind_names(frame, self.encoding)
-        formats = codec.decode_bind_result_formats(frame) if self.masked else ()
-        values = _bind_values(frame, self.encoding) if self.audit is not None else []
+        parameters = codec.decode_bind_parameters(frame)
+        formats = parameters.result_formats if self.masked else ()
+        values = (
+            _texts(parameters.values, self.encoding, parameters.formats)
+            if self.audit is not None
+            else []
+        )
         self._binds[bind.portal] = _Bound(bind.statement, formats, values)
         if self.masked:
             self._portal_fields.pop(bind.portal, None)
@@ -909,7 +1103,10 @@ class Session:
             self._portal_fields[head[1]] = fields
             return b"" if head[2] == "internal" else None
         if head is not None and head[0] == _Q:
-            self._layout = self._result_layout(fields)
+            layout = self._result_layout(fields)
+            if self.awaiting_result is not None:
+                return _HOLD
+            self._layout = layout
             self._layout_known = True
         return None
 
@@ -952,8 +1149,48 @@ class Session:
         if plan is None or fields is None:
             # Rows the session cannot attribute: send none of their values.
             plan, fields = _MASK_ALL, None
+        elif plan.relations is not None and _unknown_relation(fields, plan.relations):
+            # The result comes from a relation created (or replaced) after the plan's
+            # catalog was read: the plan is made again before any row leaves.
+            if plan is not self._replanned and self._replan(plan):
+                return None
+            # Unknown even to the newest catalog (the session's own uncommitted DDL):
+            # nothing says what its columns carry.
+            plan, fields = _MASK_ALL, None
         layout = RowLayout(fields, formats, plan, self.encoding, self.mask_counts)
         return layout if layout.needed else None
+
+    def _replan(self, plan: MaskPlan) -> bool:
+        """Ask the gate for the plan again, with a newer catalog (False: it cannot)."""
+        replan = getattr(self.gate, "replan", None)
+        if replan is None:
+            return False
+        self.awaiting_result = replan(self.info, plan)
+        return True
+
+    def resume_result(self, decision: Decision) -> None:
+        """Apply the plan :attr:`awaiting_result` made, and go on with the held result."""
+        if self.awaiting_result is None:
+            raise RuntimeError("resume_result() without a held result")
+        self.awaiting_result = None
+        if decision.allowed:
+            plan = decision.mask
+        else:
+            # Under the catalog as it is now the statement is refused: its rows are not
+            # sent, and its end is the refusal.
+            plan = _MASK_ALL
+            self._cut_result(lambda completed: _replan_refusal(decision, completed))
+        self._replanned = plan
+        head = self._expected[0] if self._expected else None
+        if head is not None and head[0] == _Q and self._query_plans:
+            self._query_plans[0] = plan
+        elif head is not None and head[0] == _E:
+            bound = self._binds.get(head[1])
+            if bound is not None:
+                self._statement_plans[bound.statement] = plan
+        held = self._server_buf.take()
+        if held:
+            self.receive_server(held)
 
     def _cancel_is_safe(self) -> bool:
         """Whether a cancel can only stop what the client would see as one failed unit.
@@ -991,6 +1228,8 @@ class Session:
         return None
 
     def _on_copy_out(self, data: bytes, pos: int, end: int) -> bytes | None:
+        if end - pos < 8:
+            raise ProtocolViolation("insufficient data left in message: CopyOutResponse")
         self.mode = "copy_out"
         self._copy_binary = data[pos + 5] == 1
         return None
@@ -1114,49 +1353,70 @@ def _note_completion(pending: PendingStatement, data: bytes, pos: int, end: int)
         pending.command = pending.command or "EMPTY"
 
 
-def _bind_values(frame: bytes, encoding: str) -> list[str | None]:
-    """A Bind's parameter values for the audit record (text, or backslash-x hex).
+def _texts(
+    values: tuple[bytes | None, ...], encoding: str, formats: tuple[int, ...] = ()
+) -> list[str | None]:
+    """Bind or DataRow values for the audit record: text, or a backslash-x hex string.
 
     Text values are read in the session's client encoding, as the server reads them;
-    binary ones are recorded in hex.
+    binary ones (Bind's ``formats``: none, all text; one, for all) are recorded in hex.
     """
-    pos = frame.index(b"\0", 5) + 1
-    pos = frame.index(b"\0", pos) + 1
-    (formats,) = codec.INT16.unpack_from(frame, pos)
-    codes = struct.unpack_from(f"!{formats}h", frame, pos + 2)
-    return _values(frame, pos + 2 + 2 * formats, encoding, codes)
-
-
-def _row_values(frame: bytes, encoding: str) -> list[str | None]:
-    """A DataRow's values for the audit sample: text, or a backslash-x hex string."""
-    return _values(frame, 5, encoding, ())
-
-
-def _values(frame: bytes, pos: int, encoding: str, codes: tuple[int, ...]) -> list[str | None]:
-    """A count of length-prefixed values at ``pos`` (as in Bind and DataRow).
-
-    ``codes`` are Bind's format codes (none: all text; one: for all).
-    """
-    (count,) = codec.INT16.unpack_from(frame, pos)
-    pos += 2
-    values: list[str | None] = []
-    for i in range(count):
-        (length,) = codec.INT32.unpack_from(frame, pos)
-        pos += 4
-        if length < 0:
-            values.append(None)
+    texts: list[str | None] = []
+    for i, raw in enumerate(values):
+        if raw is None:
+            texts.append(None)
             continue
-        raw = frame[pos : pos + length]
-        pos += length
-        code = codes[0] if len(codes) == 1 else codes[i] if i < len(codes) else 0
+        code = formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0
         if code != 1:
             try:
-                values.append(raw.decode(encoding))
+                texts.append(raw.decode(encoding))
                 continue
             except UnicodeDecodeError:
                 pass
-        values.append("\\x" + raw.hex())
-    return values
+        texts.append("\\x" + raw.hex())
+    return texts
+
+
+def _generation_of(gate: StatementGate) -> int:
+    """The gate's policy generation (a gate that never reloads has none: 0)."""
+    generation = getattr(gate, "generation", 0)
+    return generation if isinstance(generation, int) else 0
+
+
+def _all_of(decisions: list[Decision]) -> Decision:
+    """One decision for every text a statement name may hold: all must be allowed."""
+    for decision in decisions:
+        if not decision.allowed:
+            return decision
+    first = decisions[0].mask
+    if all(d.mask is first for d in decisions):
+        return decisions[0]
+    # Which text runs is not known here: its rows are masked whole.
+    return Decision(True, rule=decisions[0].rule)
+
+
+async def _awaited_all(outcomes: list[Decision | Awaitable[Decision]]) -> Decision:
+    return _all_of([o if isinstance(o, Decision) else await o for o in outcomes])
+
+
+def _unknown_relation(fields: list[FieldDescription], relations: frozenset[int]) -> bool:
+    """Whether a column comes from a relation outside ``relations`` (0: no relation)."""
+    return any(f.table_oid and f.table_oid not in relations for f in fields)
+
+
+def _replan_refusal(decision: Decision, completed: bool) -> bytes:
+    ran = (
+        "the statement finished on the server, its rows were withheld"
+        if completed
+        else "the statement was cancelled on the server, no rows were delivered"
+    )
+    return codec.error_response(
+        decision.sqlstate,
+        decision.message,
+        detail="the database's tables or views changed after the statement was allowed, "
+        f"and the gateway refuses it as they are now; {ran}",
+        hint=decision.hint,
+    )
 
 
 def _invalid_text(encoding: str) -> Decision:
@@ -1225,6 +1485,9 @@ _ROW_SERVER_HANDLERS = {
 
 #: What a masked session receives as a notification's payload.
 _WITHHELD_PAYLOAD = "querywarden: payload withheld (masked identity)"
+
+#: A handler's answer that stops the result here until :meth:`Session.resume_result`.
+_HOLD: Final = b"\0querywarden: hold"
 
 #: Masks every value: for rows whose statement or layout the session does not know.
 _MASK_ALL = MaskPlan(origins={}, computed=None, scanner=None, scrub_errors=True, mask_all=True)

@@ -1,9 +1,16 @@
-"""The upstream connector: the gateway's own connection to PostgreSQL.
+"""The upstream connector: every connection the gateway opens to PostgreSQL.
 
 The gateway authenticates upstream with its own credentials (trust, cleartext, md5 or
 SCRAM-SHA-256), with TLS according to ``sslmode``. The client's secret never travels here,
 and nothing of the upstream credentials travels back: upstream authentication errors are
 reported to the client without the server's text.
+
+One :class:`UpstreamTarget`, built from the settings (per role, its credentials), serves
+every connection: the relay's (:func:`connect`), the side connections for the masking
+catalog and EXPLAIN (:func:`side_connection`, asyncpg) and cancel requests
+(:func:`send_cancel`). All TLS comes from :func:`_tls_context_for`, so ``verify-full``
+checks the certificate and its name on each of them, before any password or cancel key
+is sent.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import functools
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import asyncpg
 
 from querywarden import codec
 from querywarden.endpoint import ConnectionClosed, Endpoint
@@ -75,6 +84,47 @@ def _tls_context_for(sslmode: str, sslrootcert: Path | None) -> ssl.SSLContext:
     return context
 
 
+def asyncpg_ssl(target: UpstreamTarget) -> ssl.SSLContext | bool:
+    """The ``ssl=`` argument of asyncpg for ``target``: the relay's TLS context, or False."""
+    if target.sslmode == "disable":
+        return False
+    return _client_tls_context(target)
+
+
+async def side_connection(
+    target: UpstreamTarget, database: str, application_name: str
+) -> asyncpg.Connection:
+    """An asyncpg connection of the gateway's own to the upstream (catalog, EXPLAIN).
+
+    asyncpg treats an SSLContext as ``require``: a server that answers the SSLRequest
+    with N is refused. Under ``prefer`` that answer is libpq's cue to go on without TLS,
+    so the connection is made again in plaintext then; no other failure is retried
+    (a certificate that does not verify is never retried without TLS).
+    """
+    tls = asyncpg_ssl(target)
+
+    async def attempt(tls: ssl.SSLContext | bool) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            host=target.host,
+            port=target.port,
+            user=target.user,
+            password=target.password,
+            database=database,
+            ssl=tls,
+            timeout=target.connect_timeout,
+            server_settings={"application_name": application_name, "search_path": "public"},
+        )
+
+    try:
+        return await attempt(tls)
+    except ConnectionError as exc:
+        # asyncpg's words for an N answer (its TLSUpgradeProto); the handshake has not
+        # started, so nothing was sent in the clear.
+        if target.sslmode != "prefer" or "rejected SSL upgrade" not in str(exc):
+            raise
+    return await attempt(False)
+
+
 async def open_endpoint(target: UpstreamTarget) -> Endpoint:
     """Open a TCP connection to the upstream, bounded by the connect timeout."""
     loop = asyncio.get_running_loop()
@@ -117,23 +167,7 @@ async def _handshake(
     endpoint: Endpoint, target: UpstreamTarget, database: str, params: dict[str, str]
 ) -> UpstreamConnection:
     conn = UpstreamConnection(endpoint)
-    if target.sslmode != "disable":
-        endpoint.write(codec.ssl_request())
-        answer = await endpoint.read()
-        if answer[:1] == b"S" and len(answer) == 1:
-            await endpoint.start_tls(
-                _client_tls_context(target), server_side=False, server_hostname=target.host
-            )
-            conn.tls = True
-        elif answer[:1] == b"N" and len(answer) == 1:
-            if target.sslmode != "prefer":
-                raise UpstreamError(
-                    f"the upstream database does not offer TLS, which sslmode={target.sslmode} "
-                    "requires",
-                    sqlstate="08001",
-                )
-        else:
-            raise UpstreamError("unexpected answer to SSLRequest from upstream", sqlstate="08P01")
+    conn.tls = await _negotiate_tls(endpoint, target)
     startup = {"user": target.user, "database": database, **params}
     endpoint.write(codec.startup_message(startup))
     reader = codec.FrameReader(_HANDSHAKE_MESSAGE_LIMIT)
@@ -166,6 +200,28 @@ async def _handshake(
             continue  # we ask for 3.0 without options; nothing to adapt to
         else:
             raise UpstreamError(f"unexpected message {chr(mtype)!r} from upstream during start-up")
+
+
+async def _negotiate_tls(endpoint: Endpoint, target: UpstreamTarget) -> bool:
+    """SSLRequest, then TLS as ``sslmode`` says; True when the connection is now TLS."""
+    if target.sslmode == "disable":
+        return False
+    endpoint.write(codec.ssl_request())
+    answer = await endpoint.read()
+    if answer[:1] == b"S" and len(answer) == 1:
+        await endpoint.start_tls(
+            _client_tls_context(target), server_side=False, server_hostname=target.host
+        )
+        return True
+    if answer[:1] == b"N" and len(answer) == 1:
+        if target.sslmode != "prefer":
+            raise UpstreamError(
+                f"the upstream database does not offer TLS, which sslmode={target.sslmode} "
+                "requires",
+                sqlstate="08001",
+            )
+        return False
+    raise UpstreamError("unexpected answer to SSLRequest from upstream", sqlstate="08P01")
 
 
 def _answer_authentication(
@@ -228,8 +284,24 @@ def _startup_error(fields: dict[str, str]) -> UpstreamError:
 
 
 async def send_cancel(target: UpstreamTarget, pid: int, secret: bytes) -> None:
-    """Deliver a CancelRequest for an upstream backend (best effort, like libpq)."""
+    """Deliver a CancelRequest for an upstream backend (best effort, like libpq).
+
+    The request travels with the TLS of every other upstream connection (PostgreSQL reads
+    a CancelRequest after an SSLRequest as it reads a StartupMessage, as libpq 17 sends
+    it): under ``verify-full`` the backend's cancel key goes to the verified server only.
+    """
     endpoint = await open_endpoint(target)
+    try:
+        async with asyncio.timeout(target.connect_timeout):
+            await _negotiate_tls(endpoint, target)
+    except (TimeoutError, ConnectionClosed) as exc:
+        endpoint.abort()
+        raise UpstreamError(
+            "the upstream database did not negotiate TLS for a cancel request", sqlstate="08006"
+        ) from exc
+    except BaseException:
+        endpoint.abort()
+        raise
     endpoint.write(codec.cancel_request(pid, secret))
     # The server closes the connection without answering; wait for that, briefly.
     try:

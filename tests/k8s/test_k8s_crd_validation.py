@@ -108,7 +108,7 @@ def crd(k8s: Cluster) -> Iterator[str]:
     """The AccessRule CRD, applied with kubectl and Established; removed afterwards."""
     k8s.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(CRD))
     try:
-        k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
+        k8s.wait_established(CRD_NAME)
         # Established means the API server serves the resource; discovery (which kubectl
         # uses to map the kind) may lag a moment behind it.
         k8s.wait_for(

@@ -1,9 +1,9 @@
 """Packaging around the operator: the image, skaffold, the Collector example, the dashboard.
 
-There is no container engine here, so the Dockerfile is checked for what the chart and
-the sidecar rely on rather than built; skaffold's deploy settings are rendered with the
-real helm; the example Collector configuration is validated by a real Collector as far
-as the test build's components go.
+The Dockerfile is checked here for what the chart and the sidecar rely on (the image
+itself is built and run in tests/test_image.py and test_k8s_image.py); skaffold's deploy
+settings are rendered with the real helm; the example Collector configuration is
+validated by a real Collector as far as the test build's components go.
 """
 
 from __future__ import annotations

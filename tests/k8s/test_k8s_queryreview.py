@@ -66,7 +66,7 @@ REQUESTER = Party(subject="carol", issuer="corp", groups=("dba",))
 
 def apply_review_crd(k8s: Cluster) -> None:
     k8s.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REVIEW_CRD_FILE))
-    k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{REVIEW_CRD_NAME}")
+    k8s.wait_established(REVIEW_CRD_NAME)
     k8s.wait_for(
         lambda: any(r["name"] == REVIEW_PLURAL for r in k8s.get(f"/apis/{REVIEW_API_VERSION}")
                     ["resources"]) or None,

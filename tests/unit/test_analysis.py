@@ -12,6 +12,7 @@ from querywarden.analysis import (
     QualifiedName,
     StatementSummary,
     analyze,
+    sanitized_text,
 )
 
 
@@ -1530,3 +1531,23 @@ def test_large_object_readers_read_pg_largeobject() -> None:
     summary = one("SELECT lo_get(16400)")
     assert QualifiedName("pg_catalog", "pg_largeobject") in summary.reads
     assert not summary.writes
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("SELECT * FROM t WHERE ssn = '123-45-6789'", "SELECT * FROM t WHERE ssn = $1"),
+        ("SELECT $1, 'x' FROM t", "SELECT $1, $2 FROM t"),
+        # What the normalizer leaves: comments, constants in utility statements.
+        ("/* 123-45-6789 */ SELECT 1 -- 123-45-6789", "SELECT $1"),
+        ("SELECT/*x*/1", "SELECT $1"),
+        ("CREATE TABLE t (a text DEFAULT '123-45-6789')", "CREATE TABLE t (a text DEFAULT $1)"),
+        ("PREPARE p AS SELECT $$123-45-6789$$", "PREPARE p AS SELECT $1"),
+        ("SELECT 'é' AS \"ü\"", 'SELECT $1 AS "ü"'),
+        # No sanitized form for text that does not parse: never the text itself.
+        ("SELECT 1 '123-45-6789'", None),
+        ("SELECT '\ud800'", None),
+    ],
+)
+def test_sanitized_text(text: str, expected: str | None) -> None:
+    assert sanitized_text(text) == expected

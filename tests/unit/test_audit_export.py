@@ -439,8 +439,11 @@ def test_server_error_carries_the_sqlstate() -> None:
     a = attrs(span)
     assert a["db.response.status_code"] == "42P01"
     assert a["error.type"] == "42P01"
-    assert a["querywarden.error.message"] == 'relation "nope" does not exist'
+    # The server's message may quote a value: it leaves only with the raw text.
+    assert "querywarden.error.message" not in a
     assert "db.response.returned_rows" not in a
+    (span,) = feed_all(SpanAssembler(query_text="raw"), records)
+    assert attrs(span)["querywarden.error.message"] == 'relation "nope" does not exist'
 
 
 def test_auth_failed_is_a_standalone_span() -> None:
@@ -484,7 +487,7 @@ def test_approval_and_unusual_values() -> None:
         approval={"review_id": "r-9", "approvers": ["dba-1"], "ttl": 300, "scope": {"rows": 10}},
     )
     records.result("s1", 1, rows=2, command="DELETE 2")
-    (span,) = feed_all(SpanAssembler(), records)
+    (span,) = feed_all(SpanAssembler(query_text="raw"), records)
     assert span.name == "DELETE public.t"
     a = attrs(span)
     assert a["client.address"] == "/tmp/.s.PGSQL.5432"
@@ -495,6 +498,71 @@ def test_approval_and_unusual_values() -> None:
     assert a["querywarden.approval.ttl"] == 300
     assert json.loads(a["querywarden.approval.scope"]) == {"rows": 10}
     span.SerializeToString()  # encodable
+
+
+@pytest.mark.parametrize(
+    ("mode", "text", "exported", "name"),
+    [
+        (
+            "normalized",
+            "SELECT * FROM t WHERE ssn = '123-45-6789'",
+            "SELECT * FROM t WHERE ssn = $1",
+            "SELECT public.t",
+        ),
+        ("normalized", "/* 123-45-6789 */ SELECT 1 -- 123-45-6789", "SELECT $1", "SELECT public.t"),
+        # Text that does not parse has no sanitized form: no text, and no name taken from it.
+        ("normalized", "ALICE '123-45-6789'", None, "SELECT public.t"),
+        ("normalized", "SELECT '\ud800'", None, "SELECT public.t"),
+        (
+            "raw",
+            "SELECT * FROM t WHERE ssn = '123-45-6789'",
+            "SELECT * FROM t WHERE ssn = '123-45-6789'",
+            "SELECT public.t",
+        ),
+        ("none", "SELECT * FROM t WHERE ssn = '123-45-6789'", None, "SELECT public.t"),
+    ],
+)
+def test_query_text_is_sanitized_unless_raw(
+    mode: str, text: str, exported: str | None, name: str
+) -> None:
+    records = Records()
+    records.connect("s1")
+    records.request(
+        "s1",
+        1,
+        text,
+        summary={"operations": ["select"], "reads": ["public.t"], "writes": [], "functions": []},
+    )
+    records.result("s1", 1, rows=1, command="SELECT 1")
+    (span,) = feed_all(SpanAssembler(query_text=mode), records)
+    assert attrs(span).get("db.query.text") == exported
+    assert span.name == name
+    if mode != "raw":
+        assert b"123-45-6789" not in span.SerializeToString()
+
+
+def test_a_refusal_reason_quoting_the_input_is_scrubbed_unless_raw() -> None:
+    records = Records()
+    records.connect("s1")
+    reason = """querywarden: syntax error at or near "'123-45-6789'"; the statement was not run"""
+    decision = {"outcome": "refuse", "rule": None, "reason": reason, "sqlstate": "42601"}
+    records.request("s1", 1, "SELECT 1 '123-45-6789'", summary=None, decision=decision)
+    records.result("s1", 1, sqlstate="42601", error=reason)
+    (span,) = feed_all(SpanAssembler(), records)
+    assert "db.query.text" not in attrs(span)
+    assert attrs(span)["querywarden.reason"] == (
+        'querywarden: syntax error at or near "****"; the statement was not run'
+    )
+    assert span.status.message == attrs(span)["querywarden.reason"]
+    assert b"123-45-6789" not in span.SerializeToString()
+    (span,) = feed_all(SpanAssembler(query_text="raw"), records)
+    assert attrs(span)["querywarden.reason"] == reason
+    assert attrs(span)["db.query.text"] == "SELECT 1 '123-45-6789'"
+
+
+def test_an_unknown_query_text_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="query_text"):
+        SpanAssembler(query_text="sanitized")
 
 
 def test_long_text_is_cut() -> None:

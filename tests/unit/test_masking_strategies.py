@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from psycopg.adapt import Loader
 from psycopg.types.json import JsonbBinaryLoader, JsonLoader
@@ -759,6 +759,9 @@ def test_masked_text_never_contains_the_value(
     key=st.sampled_from(sorted(LOADERS)),
     strategy=st.sampled_from(STRATEGIES),
 )
+# An exponent past float4's range reads as infinity; its masked digits must not become a
+# finite number float4 cannot hold (found by hypothesis).
+@example(value=b"1e+400", key=(FLOAT4OID, False), strategy="digits")
 def test_any_bytes_mask_to_a_decodable_value(
     value: bytes, key: tuple[int, bool], strategy: Strategy
 ) -> None:

@@ -159,3 +159,177 @@ def test_whole_schema_objects_and_opaque_sql() -> None:
     )
     assert dynamic.outcome == "deny"
     assert "cannot inspect" in dynamic.reason
+
+
+# --- functions with side effects, and relations that expose other relations' data ------
+
+
+def _engine(**rule: object) -> PolicyEngine:
+    base = {
+        "name": "reader",
+        "subjects": {"groups": ["ai-agents"]},
+        "allow": {"operations": ["select"], "tables": ["public.*", "pg_catalog.*"]},
+    }
+    return PolicyEngine(PolicyDocument.model_validate({"rules": [{**base, **rule}]}))
+
+
+def _decide(engine_: PolicyEngine, sql: str) -> Verdict:
+    return engine_.evaluate(AGENT, "app", analyzer.analyze(sql))
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT pg_stat_reset()",
+        "SELECT pg_catalog.pg_logical_emit_message(false, 'x', 'y')",
+        "SELECT pg_advisory_lock(1)",
+        "SELECT 1 FROM orders WHERE pg_try_advisory_lock(id)",
+        "SELECT * FROM pg_stat_reset_shared('bgwriter')",
+        "SELECT public.transfer(1, 2)",  # not PostgreSQL's: what it does is unseen
+        "SELECT my_function()",
+        "SELECT \"LOWER\"('a')",  # a quoted name keeps its case: not pg_catalog.lower
+        "SELECT txid_current()",  # stable, but assigns a transaction ID
+    ],
+)
+def test_functions_with_side_effects_need_the_operation(sql: str) -> None:
+    result = verdict(AGENT, sql)
+    assert result.outcome == "deny"
+    assert "a function with side effects" in result.reason
+    assert "side_effects" in result.reason
+    assert result.hint is not None and "allow.functions" in result.hint
+    assert verdict(DBA, sql).outcome == "allow"  # '*' covers side_effects
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT now(), random(), clock_timestamp(), gen_random_uuid()",
+        "SELECT lower(name), count(*) FROM orders GROUP BY 1",
+        "SELECT pg_catalog.format_type(23, NULL), pg_table_size('orders')",
+        "SELECT * FROM orders TABLESAMPLE bernoulli (10)",
+        "SELECT currval('s')",
+        "SELECT information_schema._pg_char_max_length(23, -1)",
+    ],
+)
+def test_functions_without_side_effects_are_reads(sql: str) -> None:
+    assert verdict(AGENT, sql).outcome == "allow"
+
+
+def test_side_effects_can_be_reviewed_denied_or_vouched_for() -> None:
+    reviewed = _decide(_engine(review={"operations": ["side_effects"]}), "SELECT pg_stat_reset()")
+    assert reviewed.outcome == "review"
+    assert "pg_stat_reset()" in reviewed.reason and "needs approval" in reviewed.reason
+    denied = _engine(
+        allow={"operations": ["*"], "tables": ["*"]}, deny={"operations": ["side_effects"]}
+    )
+    result = _decide(denied, "SELECT pg_advisory_lock(1)")
+    assert result.outcome == "deny" and "pg_advisory_lock()" in result.reason
+    vouched = _engine(
+        allow={"operations": ["select"], "tables": ["public.*"], "functions": ["public.safe_*"]}
+    )
+    assert _decide(vouched, "SELECT public.safe_total()").outcome == "allow"
+    assert _decide(vouched, "SELECT public.unsafe()").outcome == "deny"
+    # The effects the analyzer already models keep their own operation.
+    assert "UPDATE" in _decide(vouched, "SELECT nextval('s')").reason
+
+
+def test_an_unqualified_call_is_checked_as_every_function_it_could_run() -> None:
+    # PostgreSQL runs the first function of that name along pg_catalog and the search_path;
+    # a denial of any of them refuses the call (a qualified denial was bypassed by the bare
+    # name: str(function) is just "pg_sleep").
+    denied = _engine(
+        allow={"operations": ["select"], "tables": ["*"]},
+        deny={"functions": ["pg_catalog.pg_sleep", "public.leak"]},
+    )
+    for sql in ("SELECT pg_sleep(0)", "SELECT pg_catalog.pg_sleep(0)", "SELECT leak()"):
+        result = _decide(denied, sql)
+        assert result.outcome == "deny", sql
+        assert "is denied by rule" in result.reason
+    # Another schema's function of the same name is not the denied one (it is refused
+    # only as a function PostgreSQL does not define: side_effects).
+    assert "is denied by rule" not in _decide(denied, "SELECT other.leak()").reason
+    # Lifting a protection needs every candidate covered: the bare name could run another
+    # schema's pg_read_file, the qualified call cannot.
+    lifted = _engine(
+        allow={
+            "operations": ["select"],
+            "tables": ["*"],
+            "functions": ["pg_catalog.pg_read_file"],
+        }
+    )
+    assert _decide(lifted, "SELECT pg_catalog.pg_read_file('x')").outcome == "allow"
+    assert _decide(lifted, "SELECT pg_read_file('x')").outcome == "deny"
+
+
+@pytest.mark.parametrize(
+    ("sql", "exposed"),
+    [
+        ("SELECT * FROM pg_catalog.pg_stats WHERE tablename = 'orders'", "pg_catalog.pg_stats"),
+        ("SELECT * FROM pg_stats", "pg_catalog.pg_stats"),
+        ("SELECT * FROM pg_stats_ext_exprs", "pg_catalog.pg_stats_ext_exprs"),
+        ("SELECT stavalues1 FROM pg_statistic", "pg_catalog.pg_statistic"),
+        ("SELECT * FROM pg_catalog.pg_statistic_ext_data", "pg_catalog.pg_statistic_ext_data"),
+        ("SELECT query FROM pg_stat_activity", "pg_catalog.pg_stat_activity"),
+        ("SELECT query FROM public.pg_stat_statements", "public.pg_stat_statements"),
+        ("SELECT data FROM pg_largeobject", "pg_catalog.pg_largeobject"),
+        ("SELECT lo_get(42)", "pg_catalog.pg_largeobject"),
+        ("SELECT * FROM pg_stat_get_activity(NULL)", "pg_stat_get_activity()"),
+        ("SELECT * FROM pg_logical_slot_peek_changes('s', NULL, NULL)", "peek_changes()"),
+        ("SELECT schema_to_xml('pg_catalog', true, false, '')", "pg_catalog.*"),
+        ("SELECT chunk_data FROM pg_toast.pg_toast_16384", "pg_toast.pg_toast_16384"),
+        ("SELECT table_to_xml('pg_statistic', true, false, '')", "pg_catalog.pg_statistic"),
+        ("SELECT query_to_xml('SELECT * FROM pg_stats', true, false, '')", "pg_stats"),
+    ],
+)
+def test_relations_exposing_other_relations_count_as_reading_every_table(
+    sql: str, exposed: str
+) -> None:
+    result = verdict(AGENT, sql)
+    assert result.outcome == "deny"
+    assert result.rule == "built-in"
+    assert exposed in result.reason and "beyond the tables your policy" in result.reason
+    # The dba may read every table, so nothing is hidden from it.
+    assert verdict(DBA, sql).outcome == "allow"
+
+
+def test_exposing_relations_are_lifted_by_an_exact_name_only() -> None:
+    named = _engine(allow={"operations": ["select"], "tables": ["public.*", "pg_catalog.pg_stats"]})
+    assert _decide(named, "SELECT * FROM pg_catalog.pg_stats").outcome == "allow"
+    # Reading everything but one denied table is not reading everything.
+    almost = _engine(
+        allow={"operations": ["select"], "tables": ["*"]}, deny={"tables": ["public.secrets"]}
+    )
+    assert _decide(almost, "SELECT * FROM pg_stats").outcome == "deny"
+    assert _decide(almost, "SELECT * FROM pg_stat_get_activity(NULL)").outcome == "deny"
+    # The TOAST table of public.secrets holds its long values.
+    assert _decide(almost, "SELECT chunk_data FROM pg_toast.pg_toast_16390").outcome == "deny"
+    listed = _engine(
+        allow={"operations": ["select"], "tables": ["*"], "functions": ["pg_stat_get_activity"]},
+        deny={"tables": ["public.secrets"]},
+    )
+    assert _decide(listed, "SELECT * FROM pg_stat_get_activity(NULL)").outcome == "allow"
+
+
+def test_a_masked_identity_does_not_read_everything() -> None:
+    # Masking redacts the statistics' values but not the constants in another session's
+    # statement text: an identity masking applies to is refused pg_stat_activity even
+    # with every table allowed; the exempt group reads it.
+    document = PolicyDocument.model_validate(
+        {
+            "rules": [
+                {
+                    "name": "all",
+                    "subjects": {"groups": ["ai-agents", "dba"]},
+                    "allow": {"operations": ["select"], "tables": ["*"]},
+                }
+            ],
+            "masking": {
+                "columns": [{"table": "public.customers", "column": "ssn", "strategy": "redact"}],
+                "exempt": {"groups": ["dba"]},
+            },
+        }
+    )
+    masking_engine = PolicyEngine(document)
+    summaries = analyzer.analyze("SELECT query FROM pg_stat_activity")
+    assert masking_engine.evaluate(AGENT, "app", summaries).outcome == "deny"
+    assert masking_engine.evaluate(DBA, "app", summaries).outcome == "allow"

@@ -235,7 +235,11 @@ def test_oversized_client_message_is_refused() -> None:
         b"Q\x00\x00\x00\x02",  # length below 4
         b"?\x00\x00\x00\x04",  # not a frontend message type
         codec.message(b"Q", b"no terminator"),
-        codec.message(b"P", b"s\0SELECT 1\0\xff\xff"),  # negative parameter count
+        codec.message(b"P", b"s\0SELECT 1\0\xff\xff"),  # 65535 types announced, none sent
+        codec.message(b"B"),  # no portal name: was read past the frame (IndexError)
+        codec.message(b"E"),  # likewise
+        codec.message(b"E", b"\0"),  # no row count
+        codec.message(b"F", b"\0\0\0\x01\0\0\0\x02"),  # 2 arguments announced, none sent
     ],
 )
 def test_malformed_client_messages_are_protocol_violations(frame: bytes) -> None:

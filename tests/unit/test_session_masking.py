@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from querywarden import codec
+from querywarden.errors import UpstreamError
 from querywarden.hooks import Decision, SessionInfo, StatementRequest
 from querywarden.masking.plan import ColumnMask, MaskPlan
 from querywarden.masking.strategies import MaskSpec
@@ -133,3 +136,17 @@ def test_rows_that_cannot_be_attributed_carry_no_values() -> None:
     out = drain(s.to_client)
     assert b"123-45-6789" not in out
     assert frames(out)[0] == data_row(None)
+
+
+def test_a_malformed_row_from_the_server_is_an_upstream_error() -> None:
+    """A column length past the row's end is refused, not read from the next message."""
+    s = session()
+    s.receive_client(codec.query("SELECT id, ssn FROM t"))
+    drain(s.to_server)
+    s.receive_server(description(*COLUMNS))
+    row = data_row(b"1", b"123-45-6789")
+    lying = row[:-15] + struct.pack("!i", 40) + row[-11:]  # ssn claims 40 bytes
+    with pytest.raises(UpstreamError) as info:
+        s.receive_server(lying + command_complete("SELECT 1") + RFQ_I)
+    assert info.value.sqlstate == "08P01"
+    assert "DataRow ends inside its column 2" in info.value.message

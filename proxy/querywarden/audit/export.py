@@ -19,6 +19,15 @@ carries the same trace and span id as the first time, so a receiver can deduplic
   soon as the result is read, while its session may still be open.
 * ``session.auth_failed`` → a standalone ``querywarden.auth_failed`` span.
 
+What leaves for the Collector is sanitized by default (``query_text="normalized"``, the
+OpenTelemetry database conventions' default): ``db.query.text`` is the statement with
+every constant a ``$n`` and no comments (:func:`querywarden.analysis.sanitized_text`),
+and absent for text that does not parse; the quoted parts of a refusal's reason (the
+parser quotes the input it stopped at) are replaced; the server's error message is left
+out (it may quote a value, or be a function's RAISE of one). ``"raw"`` exports the exact
+text and messages; ``"none"`` no text at all. The exact text stays in the local log,
+which is the record of truth. Bind parameter values and sampled rows are never exported.
+
 Ids: trace id = sha256(session_id)[:16]; session span id = sha256("session:" +
 session_id)[:8]; statement span id = sha256(statement_id)[:8].
 
@@ -54,11 +63,14 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from querywarden import __version__
+from querywarden.analysis import sanitized_text
 from querywarden.audit.log import HEAD_FILE, AuditFormatError
+from querywarden.masking.rows import scrub_quoted
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "QUERY_TEXT_MODES",
     "DirectorySource",
     "ExportError",
     "LogExporter",
@@ -80,6 +92,8 @@ AUTH_FAILED_SPAN_NAME = "querywarden.auth_failed"
 #: db.query.text is cut here: the exact text stays in the log, and a Collector refuses
 #: requests over its body limit (a few MiB by default) however they are batched.
 QUERY_TEXT_LIMIT = 32 * 1024
+#: What ``db.query.text`` carries: the sanitized text (default), the exact text, or none.
+QUERY_TEXT_MODES = ("normalized", "raw", "none")
 #: A request body is closed before it grows past this (below the Collector's defaults).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 #: The longest wait between two attempts while the Collector is unreachable.
@@ -451,8 +465,11 @@ class SpanAssembler:
     memory and the restart offset forever).
     """
 
-    def __init__(self, *, max_open: int = 100_000) -> None:
+    def __init__(self, *, max_open: int = 100_000, query_text: str = "normalized") -> None:
+        if query_text not in QUERY_TEXT_MODES:
+            raise ValueError(f"query_text must be one of {', '.join(QUERY_TEXT_MODES)}")
         self.max_open = max_open
+        self.query_text = query_text
         # Both dicts are in insertion order, which is seq order: the first entry is the
         # oldest, so the restart offset costs O(1).
         self._sessions: dict[str, _OpenSession] = {}
@@ -552,8 +569,7 @@ class SpanAssembler:
         session_id = str(record.get("session_id", ""))
         if not statement_id or statement_id in self._statements:
             return
-        text = record.get("text")
-        text = text if isinstance(text, str) else ""
+        text = self._exported_text(record.get("text"))
         summary = record.get("summary")
         summary = summary if isinstance(summary, Mapping) else None
         operation = operation_name(text, summary)
@@ -589,6 +605,9 @@ class SpanAssembler:
         decision = decision if isinstance(decision, Mapping) else {}
         outcome = decision.get("outcome")
         reason = decision.get("reason")
+        if isinstance(reason, str) and self.query_text != "raw":
+            # A syntax error's reason quotes the input: 'at or near "'123-45-6789'"'.
+            reason = scrub_quoted(reason)
         attrs.add("querywarden.decision", outcome)
         attrs.add("querywarden.rule", decision.get("rule"))
         attrs.add("querywarden.reason", reason)
@@ -616,6 +635,18 @@ class SpanAssembler:
         if refused:
             span.error(str(reason or "refused by policy"))
         self._statements[statement_id] = _OpenStatement(seq, session_id, refused, span)
+
+    def _exported_text(self, text: object) -> str:
+        """What of a request's text may leave: by ``query_text``; "" for nothing.
+
+        The span's name comes from this too: from the raw text, a statement that does not
+        parse would be named by whatever word it starts with.
+        """
+        if not isinstance(text, str) or self.query_text == "none":
+            return ""
+        if self.query_text == "raw":
+            return text
+        return _sanitized(text) or ""
 
     def _result(self, record: Mapping[str, Any], seq: int, now: int) -> bytes | None:
         statement_id = str(record.get("statement_id", ""))
@@ -650,7 +681,11 @@ class SpanAssembler:
         attrs.add("querywarden.audit.result_seq", seq)
         if sqlstate and not pending.refused:
             attrs.add("error.type", sqlstate)
-            attrs.add("querywarden.error.message", record.get("error"))
+            if self.query_text == "raw":
+                # The server's message can quote a value ('invalid input syntax for type
+                # integer: "123-45-6789"') or be a function's RAISE of one, unquoted: it
+                # leaves only with the raw text. The SQLSTATE says what kind of error.
+                attrs.add("querywarden.error.message", record.get("error"))
             span.error(f"SQLSTATE {sqlstate}")
         span.attributes += attrs.data
         return span.encode()
@@ -751,6 +786,16 @@ class SpanAssembler:
 
 
 _POSTGRESQL = _attribute("db.system.name", "postgresql")
+
+
+# A steady workload repeats its texts: one parse per distinct text, not per record
+# (long texts, rarely repeated, are not kept).
+_CACHED_TEXT = 4096
+_cached_sanitized = functools.lru_cache(maxsize=4096)(sanitized_text)
+
+
+def _sanitized(text: str) -> str | None:
+    return _cached_sanitized(text) if len(text) <= _CACHED_TEXT else sanitized_text(text)
 
 
 # --- the offset file ----------------------------------------------------------------------
@@ -946,6 +991,7 @@ class LogExporter:
     known, nothing is closed that way.
 
     ``max_open`` bounds the sessions and requests held open (see :class:`SpanAssembler`);
+    ``query_text`` is what ``db.query.text`` carries (see the module docstring);
     ``source`` replaces the directory as the record source (tests).
     """
 
@@ -961,6 +1007,7 @@ class LogExporter:
         timeout: float = 10.0,
         interrupted_through: int | None = None,
         max_open: int = 100_000,
+        query_text: str = "normalized",
         source: RecordSource | None = None,
     ) -> None:
         base = endpoint.rstrip("/")
@@ -968,6 +1015,8 @@ class LogExporter:
             raise ValueError(f"the OTLP endpoint must be an http(s) URL, not {endpoint!r}")
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
+        if query_text not in QUERY_TEXT_MODES:
+            raise ValueError(f"query_text must be one of {', '.join(QUERY_TEXT_MODES)}")
         self.directory = directory
         self.url = f"{base}/v1/traces"
         self.offset_file = offset_file if offset_file is not None else directory / "otlp.offset"
@@ -977,6 +1026,7 @@ class LogExporter:
         self.timeout = timeout
         self.interrupted_through = interrupted_through
         self.max_open = max_open
+        self.query_text = query_text
         self.source: RecordSource = source if source is not None else DirectorySource(directory)
         # Encoded once, framed around every batch.
         self._resource = _resource(instance_id)
@@ -1034,7 +1084,7 @@ class LogExporter:
     def _export_pending(self, halt: threading.Event | None) -> int:
         if self._assembler is None:
             self._state = read_offset(self.offset_file)
-            self._assembler = SpanAssembler(max_open=self.max_open)
+            self._assembler = SpanAssembler(max_open=self.max_open, query_text=self.query_text)
             self._cursor = self._state.offset
             self._assembler.last_seq = self._cursor
             self._interrupt_done = (
@@ -1246,6 +1296,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--interrupted-through", type=int, default=None)
     parser.add_argument(
+        "--query-text",
+        choices=QUERY_TEXT_MODES,
+        default="normalized",
+        help="db.query.text: sanitized (default), exact, or left out",
+    )
+    parser.add_argument(
         "--header", action="append", default=[], metavar="NAME=VALUE", help="repeatable"
     )
     parser.add_argument("--once", action="store_true", help="one pass, then exit (1 on failure)")
@@ -1258,6 +1314,7 @@ def main(argv: list[str] | None = None) -> int:
         instance_id=args.instance_id,
         headers=headers,
         interrupted_through=args.interrupted_through,
+        query_text=args.query_text,
     )
     if args.once:
         try:

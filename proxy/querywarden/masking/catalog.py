@@ -59,6 +59,15 @@ class SensitiveCatalog:
     column_names: frozenset[str] = frozenset()
     #: Names of pg_catalog's functions: any other function may read sensitive tables.
     builtin_functions: frozenset[str] = frozenset()
+    #: Every relation (table, view, partition...) the snapshot saw, sensitive or not: a
+    #: result whose RowDescription names another one comes from a newer state.
+    relation_oids: frozenset[int] = frozenset()
+    #: What the catalog looked like when the snapshot was read (see ``_FINGERPRINT``).
+    fingerprint: str = ""
+    #: What maskers derived from this snapshot (per identity), kept here so that it lives
+    #: and dies with the snapshot it was derived from: a cache keyed by something else
+    #: (an address, a name) could hand a later snapshot another one's columns.
+    derived: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -73,6 +82,8 @@ class SensitiveCatalog:
         function_views: Iterable[int] = (),
         statistics_columns: Iterable[tuple[int, str, str, int, str]] = (),
         builtin_functions: Iterable[str] = (),
+        relation_oids: Iterable[int] = (),
+        fingerprint: str = "",
     ) -> SensitiveCatalog:
         """Join the policy's columns with catalog rows (see :func:`load_catalog`).
 
@@ -169,6 +180,8 @@ class SensitiveCatalog:
             relations=frozenset(name for name, _ in by_name),
             column_names=frozenset(column for _, column in by_name),
             builtin_functions=frozenset(builtin_functions),
+            relation_oids=frozenset(relation_oids),
+            fingerprint=fingerprint,
         )
 
 
@@ -284,10 +297,43 @@ WHERE c.oid = ANY($1::oid[])
 """
 
 
+# Every relation a RowDescription may name as a column's origin.
+_RELATIONS = "SELECT oid FROM pg_class WHERE relkind IN ('r', 'v', 'm', 'p', 'f')"
+
+# Changes with any DDL that can change what a result column carries: a relation created,
+# dropped, altered or rewritten (its pg_class row gets a new xmin or relfilenode), a
+# view's query replaced (CREATE OR REPLACE VIEW keeps the OID; its pg_rewrite row gets a
+# new xmin), a partition attached or detached.
+_FINGERPRINT = """
+SELECT md5(concat_ws('|',
+    (SELECT string_agg(oid::text || ':' || xmin::text || ':' || relfilenode::text, ','
+                       ORDER BY oid)
+     FROM pg_class WHERE relkind IN ('r', 'v', 'm', 'p', 'f')),
+    (SELECT string_agg(oid::text || ':' || xmin::text, ',' ORDER BY oid) FROM pg_rewrite),
+    (SELECT string_agg(inhrelid::text || ':' || inhparent::text, ','
+                       ORDER BY inhrelid, inhparent) FROM pg_inherits)))
+"""
+
+
+async def read_fingerprint(connection: Any) -> str:
+    """The catalog's fingerprint now (compare with :attr:`SensitiveCatalog.fingerprint`)."""
+    return str(await connection.fetchval(_FINGERPRINT))
+
+
 async def load_catalog(connection: Any, masking: MaskingSection) -> SensitiveCatalog:
-    """Read what :meth:`SensitiveCatalog.build` needs over an asyncpg connection."""
+    """Read what :meth:`SensitiveCatalog.build` needs over an asyncpg connection.
+
+    One repeatable-read transaction: the fingerprint describes exactly the state read.
+    """
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        return await _load_catalog(connection, masking)
+
+
+async def _load_catalog(connection: Any, masking: MaskingSection) -> SensitiveCatalog:
+    fingerprint = await read_fingerprint(connection)
+    relation_oids = [r[0] for r in await connection.fetch(_RELATIONS)]
     if not masking.columns:
-        return SensitiveCatalog()
+        return SensitiveCatalog(relation_oids=frozenset(relation_oids), fingerprint=fingerprint)
     tables = sorted({c.qualified_table for c in masking.columns})
     schemas = [t.split(".", 1)[0] for t in tables]
     relations = [t.split(".", 1)[1] for t in tables]
@@ -310,15 +356,22 @@ async def load_catalog(connection: Any, masking: MaskingSection) -> SensitiveCat
         function_views=function_views,
         statistics_columns=[tuple(r) for r in statistics],
         builtin_functions=[r[0] for r in builtins],
+        relation_oids=relation_oids,
+        fingerprint=fingerprint,
     )
 
 
 class CatalogCache:
-    """One :class:`SensitiveCatalog` per database, loaded on demand and refreshed.
+    """One :class:`SensitiveCatalog` per database, loaded on demand and kept current.
 
-    ``loader(database)`` reads a fresh catalog. A snapshot is used for ``ttl`` seconds,
-    or until :meth:`invalidate` (a session ran DDL). Concurrent requests for the same
-    database share one load. A failed load raises: the caller refuses (fail closed).
+    ``loader(database)`` reads a fresh catalog. A snapshot is used for ``ttl`` seconds at
+    most, and, when a ``fingerprinter(database)`` is given, only while the catalog's
+    fingerprint (checked at most every ``recheck`` seconds) is the one it was read with:
+    DDL run outside the gateway (a migration, the application) is seen within that
+    interval. :meth:`invalidate` (DDL through the gateway) and :meth:`refresh` (a result
+    named a relation the snapshot does not know) read it again at once. Concurrent
+    requests for the same database share one load. A failed load raises: the caller
+    refuses (fail closed).
     """
 
     def __init__(
@@ -326,40 +379,84 @@ class CatalogCache:
         loader: Callable[[str], Awaitable[SensitiveCatalog]],
         *,
         ttl: float = 60.0,
+        fingerprinter: Callable[[str], Awaitable[str]] | None = None,
+        recheck: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._loader = loader
+        self._fingerprinter = fingerprinter
         self.ttl = ttl
+        self.recheck = recheck
         self._clock = clock
-        self._snapshots: dict[str, tuple[float, SensitiveCatalog]] = {}
+        # database -> (read at, last confirmed current at, snapshot)
+        self._snapshots: dict[str, tuple[float, float, SensitiveCatalog]] = {}
         self._loading: dict[str, asyncio.Future[SensitiveCatalog]] = {}
 
     def current(self, database: str) -> SensitiveCatalog | None:
-        """The snapshot if it is still fresh, else None (call :meth:`get`)."""
+        """The snapshot if it is known to be current, else None (call :meth:`get`)."""
         found = self._snapshots.get(database)
-        if found is None or self._clock() - found[0] > self.ttl:
+        if found is None:
             return None
-        return found[1]
+        now = self._clock()
+        if now - found[0] > self.ttl:
+            return None
+        if self._fingerprinter is not None and now - found[1] > self.recheck:
+            return None
+        return found[2]
 
     async def get(self, database: str) -> SensitiveCatalog:
-        """A fresh snapshot, loading it if needed."""
+        """A current snapshot: the one held if the catalog did not change, else a new one."""
         snapshot = self.current(database)
         if snapshot is not None:
             return snapshot
+        return await self._shared(database, self._check_or_load)
+
+    async def refresh(self, database: str, seen: SensitiveCatalog | None) -> SensitiveCatalog:
+        """A snapshot newer than ``seen`` (read now, unless another one already was)."""
+        found = self._snapshots.get(database)
+        if found is not None and found[2] is not seen and self.current(database) is not None:
+            return found[2]
+        pending = self._loading.get(database)
+        if pending is not None:
+            snapshot = await asyncio.shield(pending)
+            if snapshot is not seen:
+                return snapshot
+        self._snapshots.pop(database, None)
+        return await self._shared(database, self._load)
+
+    async def _shared(
+        self, database: str, how: Callable[[str], Awaitable[SensitiveCatalog]]
+    ) -> SensitiveCatalog:
         pending = self._loading.get(database)
         if pending is None:
-            pending = asyncio.ensure_future(self._load(database))
+            pending = asyncio.ensure_future(how(database))
             self._loading[database] = pending
+            pending.add_done_callback(lambda done: self._forget_load(database, done))
         return await asyncio.shield(pending)
 
-    async def _load(self, database: str) -> SensitiveCatalog:
-        try:
+    def _forget_load(self, database: str, done: asyncio.Future[SensitiveCatalog]) -> None:
+        if self._loading.get(database) is done:
+            del self._loading[database]
+
+    async def _check_or_load(self, database: str) -> SensitiveCatalog:
+        found = self._snapshots.get(database)
+        if (
+            found is not None
+            and self._fingerprinter is not None
+            and self._clock() - found[0] <= self.ttl
+        ):
             started = self._clock()
-            snapshot = await self._loader(database)
-            self._snapshots[database] = (started, snapshot)
-            return snapshot
-        finally:
-            self._loading.pop(database, None)
+            if await self._fingerprinter(database) == found[2].fingerprint:
+                if self._snapshots.get(database) is found:
+                    self._snapshots[database] = (found[0], started, found[2])
+                return found[2]
+        return await self._load(database)
+
+    async def _load(self, database: str) -> SensitiveCatalog:
+        started = self._clock()
+        snapshot = await self._loader(database)
+        self._snapshots[database] = (started, started, snapshot)
+        return snapshot
 
     def invalidate(self, database: str | None = None) -> None:
         """Forget the snapshot of ``database`` (all when None): DDL may have changed it."""

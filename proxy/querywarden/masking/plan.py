@@ -68,6 +68,13 @@ class MaskPlan:
     withhold_messages: bool = False
     #: Every value of every column is masked (NULL): rows the session cannot attribute.
     mask_all: bool = False
+    #: The relations the catalog behind this plan knows (None: not checked). A result
+    #: naming another one comes from a newer catalog state: the plan is made again.
+    relations: frozenset[int] | None = field(default=None, repr=False)
+    #: What the plan was made from, to make it again with a newer catalog.
+    catalog: SensitiveCatalog | None = field(default=None, repr=False, compare=False)
+    statements: tuple[StatementSummary, ...] = field(default=(), repr=False, compare=False)
+    search_path: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +94,14 @@ def _spec(strategy: MaskStrategy) -> MaskSpec:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """A catalog's sensitive columns as one identity sees them (by origin and by name)."""
+
+    origins: dict[Origin, ColumnMask]
+    names: set[tuple[str, str]]
+
+
 class Masker:
     """The masking section of a policy, applied per identity and per request."""
 
@@ -99,8 +114,6 @@ class Masker:
         self.section = section
         self.key = key or b""
         self.scanner = ContentScanner(section.detectors) if section.detectors else None
-        self._resolved: dict[tuple[int, str, frozenset[str]], dict[Origin, ColumnMask]] = {}
-        self._names: dict[tuple[int, str, frozenset[str]], set[tuple[str, str]]] = {}
 
     @property
     def active(self) -> bool:
@@ -125,23 +138,24 @@ class Masker:
     def _resolve(
         self, catalog: SensitiveCatalog, principal: Principal
     ) -> tuple[dict[Origin, ColumnMask], set[tuple[str, str]]]:
-        key = (id(catalog), principal.subject, principal.groups)
-        origins = self._resolved.get(key)
-        names = self._names.get(key)
-        if origins is None or names is None:
-            origins, names = {}, set()
-            for origin, column in catalog.by_origin.items():
-                spec = self._for(column, principal)
-                if spec is not None:
-                    origins[origin] = ColumnMask(spec, f"{column.qualified_table}.{column.column}")
-            for name, column in catalog.by_name.items():
-                if self._for(column, principal) is not None:
-                    names.add(name)
-            if len(self._resolved) > 1000:
-                self._resolved.clear()
-                self._names.clear()
-            self._resolved[key] = origins
-            self._names[key] = names
+        # Cached on the catalog snapshot itself, per masker and identity: a new snapshot
+        # (or a reloaded policy's masker) starts empty, and the entries die with it.
+        key = (self, principal.subject, principal.groups)
+        found = catalog.derived.get(key)
+        if isinstance(found, _Resolved):
+            return found.origins, found.names
+        origins: dict[Origin, ColumnMask] = {}
+        names: set[tuple[str, str]] = set()
+        for origin, column in catalog.by_origin.items():
+            spec = self._for(column, principal)
+            if spec is not None:
+                origins[origin] = ColumnMask(spec, f"{column.qualified_table}.{column.column}")
+        for name, column in catalog.by_name.items():
+            if self._for(column, principal) is not None:
+                names.add(name)
+        if len(catalog.derived) > 1000:
+            catalog.derived.clear()
+        catalog.derived[key] = _Resolved(origins, names)
         return origins, names
 
     def plan(
@@ -194,6 +208,10 @@ class Masker:
             scrub_errors=touches or tainted,
             key=self.key,
             withhold_messages=withhold,
+            relations=catalog.relation_oids or None,
+            catalog=catalog,
+            statements=tuple(summaries),
+            search_path=tuple(search_path),
         )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from querywarden import codec
 from querywarden.codec import FieldDescription
+from querywarden.errors import ProtocolViolation
 from querywarden.masking.plan import ColumnMask, MaskPlan
 from querywarden.masking.strategies import (
     JSONBOID,
@@ -124,7 +125,14 @@ class RowLayout:
         return bool(self._all or self._actions)
 
     def mask_row(self, frame: bytes, start: int, end: int) -> bytes | None:
-        """The DataRow at ``frame[start:end]`` masked, or None if nothing changed."""
+        """The DataRow at ``frame[start:end]`` masked, or None if nothing changed.
+
+        ``frame`` holds more than the row: every length is checked against ``end`` (a
+        malformed row from the server is a ProtocolViolation, never the next message's
+        bytes read as a value).
+        """
+        if end - start < 7:
+            raise ProtocolViolation("insufficient data left in message: DataRow")
         (count,) = _COUNT.unpack_from(frame, start + 5)
         if self._all:
             self._counts.values["(unattributed)"] += count
@@ -140,11 +148,15 @@ class RowLayout:
         index = -1
         for action in self._actions:
             index += 1
+            if pos + 4 > end:
+                raise _truncated(index + 1)
             length = unpack(frame, pos)[0]
             if length < 0:
                 pos += 4  # NULL stays NULL
                 continue
             value_end = pos + 4 + length
+            if value_end > end:
+                raise _truncated(index + 1)
             if action is None:
                 pos = value_end
                 continue
@@ -204,6 +216,12 @@ class RowLayout:
 _Action = Masker | tuple[None, Masker | None] | None
 
 
+def _truncated(column: int) -> ProtocolViolation:
+    return ProtocolViolation(
+        f"insufficient data left in message: DataRow ends inside its column {column}"
+    )
+
+
 def _format_of(formats: Sequence[int], index: int, described: int) -> int:
     if not formats:
         return described
@@ -231,6 +249,15 @@ _ECHOING_TEXTS: tuple[str, ...] = ("D", "W", "q")
 _ALL_TEXTS: tuple[str, ...] = ("M", "D", "W", "q", "H")
 
 
+def scrub_quoted(message: str) -> str:
+    """``message`` with what PostgreSQL quotes in it taken out.
+
+    Values, and the parser's ``at or near "..."``: ``"****"`` from the first quote to the
+    last; ``Key (ssn)=(...)`` becomes ``)=(****)``.
+    """
+    return _KEY_VALUES.sub(")=(****)", _QUOTED.sub('"****"', message))
+
+
 def scrub_fields(
     frame: bytes, plan: MaskPlan | None, encoding: str, counts: MaskCounts
 ) -> bytes | None:
@@ -255,7 +282,7 @@ def scrub_fields(
             withheld = _ECHOING_TEXTS
             message = fields.get("M")
             if message is not None:
-                scrubbed = _KEY_VALUES.sub(")=(****)", _QUOTED.sub('"****"', message))
+                scrubbed = scrub_quoted(message)
                 if scrubbed != message:
                     fields["M"] = scrubbed
                     changed = True

@@ -585,7 +585,9 @@ def _float_masker(spec: MaskSpec, type_oid: int, binary: bool, key: bytes) -> Ma
             masked = float(masked_text)
         except ValueError:
             return emit(keyed(value, number))
-        if not valid(masked) and math.isfinite(number):
+        if not valid(masked) and (math.isfinite(number) or math.isfinite(masked)):
+            # Out of the type's range: a finite value overflowed, or a spelling that read
+            # as infinity (1e+400 for a float4) gained finite but unrepresentable digits.
             return emit(keyed(value, number))
         if binary:
             return wire.pack(masked)

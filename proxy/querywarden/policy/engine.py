@@ -3,8 +3,12 @@
 Every element a statement touches (each operation, each relation read or written, each
 function) gets an outcome, and the most restrictive wins: deny > review > allow. Nothing
 is allowed unless a rule that applies to the Principal allows it (default deny); what a
-rule lists under ``review`` is permitted once an approver says yes. Functions are allowed
-unless a built-in or rule denial names them.
+rule lists under ``review`` is permitted once an approver says yes. Calling a function
+with side effects (a volatile function of PostgreSQL's, or any function PostgreSQL does not
+define itself) is the operation ``side_effects``; other functions are allowed unless a
+built-in or rule denial names them. Reading a relation whose rows are other relations'
+data (``pg_stats``) or other sessions' statements (``pg_stat_activity``) counts as reading
+every table, since which rows it returns cannot be known before it runs.
 
 Unqualified relation names are checked against every schema they could resolve to on the
 session's ``search_path`` (``pg_catalog`` first, as PostgreSQL searches it implicitly): a
@@ -20,8 +24,13 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from querywarden.analysis import QualifiedName, StatementSummary
+from querywarden.analysis import MODELED_FUNCTIONS, QualifiedName, StatementSummary
 from querywarden.identity import Principal
+from querywarden.policy.functions import (
+    HARMLESS_VOLATILE,
+    KNOWN_SIDE_EFFECTS,
+    builtin_functions,
+)
 from querywarden.policy.model import PolicyDocument, Rule
 
 Outcome = Literal["allow", "review", "deny"]
@@ -31,6 +40,8 @@ _RANK = {"allow": 0, "review": 1, "deny": 2}
 BUILTIN_DENIED_OPERATIONS = frozenset(
     {"copy_file", "copy_program", "set_role", "set_session_authorization", "alter_system"}
 )
+#: The operation of calling a function with side effects (see :func:`side_effects`).
+SIDE_EFFECTS = "side_effects"
 #: Denied unless a rule that applies explicitly allows them (in allow.functions).
 BUILTIN_DENIED_FUNCTIONS = (
     "pg_read_file",
@@ -48,6 +59,33 @@ BUILTIN_DENIED_FUNCTIONS = (
     "pg_promote",
     "set_config",
 )
+
+_SAMPLED = "sampled values of the columns of every table the upstream role can read"
+_STATEMENTS = "the statement text, constants included, of other sessions"
+#: Relations whose rows are other relations' data or other sessions' statements, and what
+#: they expose. Reading one counts as reading every table: it is refused unless a rule
+#: names it exactly in ``allow.tables`` or nothing is hidden from the identity (a rule
+#: allows ``*``, none denies or reviews a table, and masking does not apply to it). A
+#: WHERE on ``tablename`` does not help: the gateway cannot prove what it filters
+#: (``OR true``, a function, a view).
+EXPOSING_RELATIONS: dict[str, str] = {
+    "pg_catalog.pg_stats": _SAMPLED,
+    "pg_catalog.pg_stats_ext": _SAMPLED,
+    "pg_catalog.pg_stats_ext_exprs": _SAMPLED,
+    "pg_catalog.pg_statistic": _SAMPLED,
+    "pg_catalog.pg_statistic_ext_data": _SAMPLED,
+    "pg_catalog.pg_stat_activity": _STATEMENTS,
+    "*.pg_stat_statements": _STATEMENTS,
+    "pg_catalog.pg_largeobject": "the contents of every large object in the database",
+    "pg_toast.*": "the out-of-line values of other tables' columns (TOAST)",
+}
+#: Functions that return the same (lifted by ``allow.functions`` or reading every table).
+EXPOSING_FUNCTIONS: dict[str, str] = {
+    "pg_stat_get_activity": _STATEMENTS,
+    "pg_stat_get_backend_activity": _STATEMENTS,
+    "pg_stat_statements": _STATEMENTS,
+    "pg_logical_slot_*_changes": "the rows every transaction wrote, decoded from the WAL",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +143,55 @@ def _allowed(patterns: Iterable[str], name: str) -> bool:
     return any(p == "*" or (schema != "*" and p in (f"{schema}.*", "*.*")) for p in patterns)
 
 
-def _function_matches(patterns: Iterable[str], function: QualifiedName) -> bool:
-    # A pattern without a schema matches the function in any schema.
-    full = str(function)
-    return any(
-        fnmatchcase(full, p) or ("." not in p and fnmatchcase(function.name, p)) for p in patterns
-    )
+def _function_matches(
+    patterns: Iterable[str],
+    function: QualifiedName,
+    search_path: Sequence[str],
+    *,
+    every: bool = False,
+) -> bool:
+    """Whether the patterns cover a function call.
+
+    A pattern without a schema covers the name in any schema. An unqualified call runs the
+    function of whichever schema PostgreSQL finds first (pg_catalog, then the search_path),
+    so it is checked as each of them, like a relation: a denial covers it when it covers
+    any of them (``pg_catalog.pg_sleep`` denies ``pg_sleep(1)``); an allowance, which lifts
+    a protection, only when it covers them all (``every``).
+    """
+    patterns = tuple(patterns)
+    if not patterns:
+        return False
+    bare = [p for p in patterns if "." not in p]
+    if any(fnmatchcase(function.name, p) for p in bare):
+        return True
+    qualified = [p for p in patterns if "." in p]
+    names = candidates(function, search_path)
+    found = (any(fnmatchcase(name, p) for p in qualified) for name in names)
+    return all(found) if every else any(found)
+
+
+def side_effects(function: QualifiedName) -> str | None:
+    """Why calling ``function`` can change something, or ``None`` if it cannot.
+
+    PostgreSQL's own functions are judged by their volatility (the table shipped in
+    :mod:`querywarden.policy.functions`); a function PostgreSQL does not define is the
+    user's or an extension's, and what it does cannot be seen. An unqualified name is
+    PostgreSQL's when pg_catalog defines it: the gateway pins ``search_path`` and
+    pg_catalog is searched first.
+    """
+    name = function.name
+    if function.schema is None or function.schema in ("pg_catalog", "information_schema"):
+        qualified = f"{function.schema or 'pg_catalog'}.{name}"
+        known, volatile = builtin_functions()
+        if qualified in known:
+            if function.schema != "information_schema" and name in KNOWN_SIDE_EFFECTS:
+                return KNOWN_SIDE_EFFECTS[name]
+            if qualified in volatile and name not in HARMLESS_VOLATILE:
+                if name in MODELED_FUNCTIONS:
+                    return None  # the summary already says what it does
+                return "PostgreSQL marks it volatile: it can change state"
+            return None
+    return "PostgreSQL does not define it, so querywarden cannot see what it does"
 
 
 def candidates(relation: QualifiedName, search_path: Sequence[str]) -> list[str]:
@@ -215,6 +296,7 @@ class PolicyEngine:
             rules_key = (rules, tuple(id(r) for r in rules), tuple(r.name for r in rules))
             self._rules_keys[id(rules)] = rules_key
         names = rules_key[2]
+        masked = self._masked(principal)
         path_key = search_path if type(search_path) is tuple else tuple(search_path)
         memo = self._memo
         worst: Verdict | None = None
@@ -229,10 +311,11 @@ class PolicyEngine:
                 summary.unbounded_write,
                 summary.opaque,
                 summary.set_parameters,
+                masked,
             )
             verdict = memo.get(key)
             if verdict is None:
-                found = self._evaluate_one(rules, summary, search_path)
+                found = self._evaluate_one(rules, summary, search_path, masked)
                 if found.outcome == "allow":
                     verdict = Verdict("allow", rules[0].name, "allowed", rules=names)
                 else:
@@ -248,8 +331,20 @@ class PolicyEngine:
             return Verdict("allow", rules[0].name, "allowed", rules=names)
         return worst
 
+    def _masked(self, principal: Principal) -> bool:
+        """Whether masking may apply to the identity (overrides aside: the stricter view)."""
+        section = self.policy.masking
+        exempt = section.exempt
+        return bool(section.columns or section.detectors) and not (
+            principal.subject in exempt.users or not principal.groups.isdisjoint(exempt.groups)
+        )
+
     def _evaluate_one(
-        self, rules: list[Rule], summary: StatementSummary, search_path: Sequence[str]
+        self,
+        rules: list[Rule],
+        summary: StatementSummary,
+        search_path: Sequence[str],
+        masked: bool = False,
     ) -> Verdict:
         allowed_summary = _allowed_summary(rules)
         # 1. Built-in denials, unless a rule lifts them explicitly.
@@ -263,8 +358,9 @@ class PolicyEngine:
                     hint=allowed_summary,
                 )
         for function in sorted(summary.functions, key=str):
-            if _function_matches(BUILTIN_DENIED_FUNCTIONS, function) and not any(
-                _function_matches(r.allow.functions, function) for r in rules
+            if _function_matches(BUILTIN_DENIED_FUNCTIONS, function, search_path) and not any(
+                _function_matches(r.allow.functions, function, search_path, every=True)
+                for r in rules
             ):
                 return Verdict(
                     "deny",
@@ -273,6 +369,18 @@ class PolicyEngine:
                     "(file, network, signalling and settings functions)",
                     hint=allowed_summary,
                 )
+        # Every qualified name each relation could be, computed once for steps 1-4.
+        touched = [
+            (access, relation, name)
+            for access, relations in (("read", summary.reads), ("write", summary.writes))
+            for relation in relations
+            for name in candidates(relation, search_path)
+        ]
+        exposing = _exposing(rules, touched, summary.functions, masked, search_path)
+        if exposing is not None:
+            return Verdict(
+                "deny", "built-in", exposing[0], hint=f"{exposing[1]}; {allowed_summary}"
+            )
         # SQL the analyzer cannot see (dynamic text run by a function): only a rule that
         # allows everything may run it.
         if (
@@ -300,13 +408,26 @@ class PolicyEngine:
                     f"{fixed[0].name} and cannot be changed",
                     hint="keep statements within the limit; RESET statement_timeout restores it",
                 )
-        # Every qualified name each relation could be, computed once for steps 2-4.
-        touched = [
-            (access, relation, name)
-            for access, relations in (("read", summary.reads), ("write", summary.writes))
-            for relation in relations
-            for name in candidates(relation, search_path)
+        # A function with side effects is the operation side_effects (named in messages).
+        effects = [
+            (function, why)
+            for function in sorted(summary.functions, key=str)
+            if not any(
+                _function_matches(r.allow.functions, function, search_path, every=True)
+                for r in rules
+            )
+            and (why := side_effects(function)) is not None
         ]
+        operations = summary.operations | {SIDE_EFFECTS} if effects else summary.operations
+        calling = (
+            f"calling {effects[0][0]}(), a function with side effects ({effects[0][1]}),"
+            if effects
+            else ""
+        )
+
+        def what(operation: str) -> str:
+            return calling if operation == SIDE_EFFECTS else _op(operation)
+
         sole_rule = rules[0].name if len(rules) == 1 else None
 
         def refuse(rule: str | None, reason: str) -> Verdict:
@@ -317,23 +438,33 @@ class PolicyEngine:
 
         # 2. Rule denials.
         for rule in rules:
-            for operation in sorted(summary.operations):
+            for operation in sorted(operations):
                 if _operation_covered(rule.deny.operations, operation):
-                    return refuse(rule.name, f"{_op(operation)} is denied by rule {rule.name}")
+                    return refuse(rule.name, f"{what(operation)} is denied by rule {rule.name}")
             for _, _, name in touched:
                 if _denied(rule.deny.tables, name):
                     return refuse(rule.name, f"{name} is denied by rule {rule.name}")
             for function in summary.functions:
-                if _function_matches(rule.deny.functions, function):
+                if _function_matches(rule.deny.functions, function, search_path):
                     return refuse(rule.name, f"calling {function} is denied by rule {rule.name}")
         # 3. Allow: every operation and every relation must be allowed by some rule; what a
         # rule sends to review is permitted, once approved.
-        for operation in sorted(summary.operations - BUILTIN_DENIED_OPERATIONS):
+        for operation in sorted(operations - BUILTIN_DENIED_OPERATIONS):
             if not any(
                 _operation_covered(r.allow.operations, operation)
                 or _operation_covered(r.review.operations, operation)
                 for r in rules
             ):
+                if operation == SIDE_EFFECTS:
+                    return Verdict(
+                        "deny",
+                        sole_rule,
+                        f"{calling} is not allowed for you: no rule allows the operation "
+                        "side_effects",
+                        hint="leave the function out; if its effect is intended, ask for a "
+                        "rule that allows side_effects or lists the function in "
+                        f"allow.functions; {allowed_summary}",
+                    )
                 return refuse(sole_rule, f"{_op(operation)} is not allowed for you by any rule")
         for access, relation, name in touched:
             if not any(
@@ -345,9 +476,9 @@ class PolicyEngine:
                 )
         # 4. Review.
         for rule in rules:
-            for operation in sorted(summary.operations):
+            for operation in sorted(operations):
                 if _operation_covered(rule.review.operations, operation):
-                    return review(rule.name, f"{_op(operation)} needs approval")
+                    return review(rule.name, f"{what(operation)} needs approval")
             for _, _, name in touched:
                 if _denied(rule.review.tables, name):
                     return review(rule.name, f"access to {name} needs approval")
@@ -359,6 +490,82 @@ class PolicyEngine:
                     hint="add a WHERE clause that bounds the rows, or ask an approver",
                 )
         return Verdict("allow", None, "allowed")
+
+
+def _reads_everything(rules: list[Rule], masked: bool) -> bool:
+    """Whether nothing is hidden from the identity: it may read every table, unmasked.
+
+    Masking redacts the statistics' values, but not the constants in another session's
+    statement text, so a masked identity does not read everything.
+    """
+    return (
+        not masked
+        and any("*" in r.allow.tables or "*.*" in r.allow.tables for r in rules)
+        and not any(r.deny.tables or r.review.tables for r in rules)
+    )
+
+
+def _is_wildcard(name: str) -> bool:
+    schema, _, relation = name.partition(".")
+    return schema == "*" or "*" in relation
+
+
+def _could_hold(name: str, pattern: str) -> bool:
+    """Whether relation ``name`` (maybe a whole schema, ``s.*``) is or holds ``pattern``."""
+    if not _is_wildcard(name):
+        return fnmatchcase(name, pattern)
+    schema = name.partition(".")[0]
+    pattern_schema = pattern.partition(".")[0]
+    return schema == "*" or pattern_schema == "*" or fnmatchcase(schema, pattern_schema)
+
+
+def _exposing(
+    rules: list[Rule],
+    touched: list[tuple[str, QualifiedName, str]],
+    functions: Iterable[QualifiedName],
+    masked: bool,
+    search_path: Sequence[str],
+) -> tuple[str, str] | None:
+    """(reason, hint) if the statement reads what exposes other relations' data."""
+    for access, relation, name in touched:
+        if access != "read":  # writing one is an operation the rules decide on
+            continue
+        whole = _is_wildcard(name)
+        for pattern, exposed in EXPOSING_RELATIONS.items():
+            # A whole schema (schema_to_xml('pg_catalog')) holds what is in it; only an
+            # exact name, never a glob, lifts the protection.
+            if _could_hold(name, pattern) and (
+                whole or not any(name in r.allow.tables for r in rules)
+            ):
+                if _reads_everything(rules, masked):
+                    return None
+                shown = name if relation.schema is not None else f"{relation} (as {name})"
+                it = f"it holds {pattern}, which exposes" if whole else "it exposes"
+                lift = (
+                    "name the tables you need"
+                    if whole
+                    else f"an operator can allow it by naming {name} in a rule's allow.tables"
+                )
+                return (
+                    f"reading {shown} is refused by querywarden's built-in protections: "
+                    f"{it} {exposed}, beyond the tables your policy lets you read",
+                    f"query the tables you may read directly (count, min, max, avg ...); {lift}",
+                )
+    for function in sorted(functions, key=str):
+        for pattern, exposed in EXPOSING_FUNCTIONS.items():
+            if _function_matches((pattern,), function, search_path) and not any(
+                _function_matches(r.allow.functions, function, search_path, every=True)
+                for r in rules
+            ):
+                if _reads_everything(rules, masked):
+                    return None
+                return (
+                    f"calling {function}() is refused by querywarden's built-in protections: "
+                    f"it returns {exposed}, beyond the tables your policy lets you read",
+                    "query the tables you may read directly; an operator can allow it by "
+                    f"naming {function.name} in a rule's allow.functions",
+                )
+    return None
 
 
 def _op(operation: str) -> str:

@@ -15,7 +15,7 @@ from querywarden.analysis import AnalysisError, Analyzer, StatementSummary
 from querywarden.approvals.service import ApprovalService
 from querywarden.hooks import ALLOW, Decision, SessionInfo, StatementRequest
 from querywarden.masking.catalog import CatalogCache, SensitiveCatalog
-from querywarden.masking.plan import Masker, MaskRefusal
+from querywarden.masking.plan import Masker, MaskPlan, MaskRefusal
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.model import PolicyDocument
 
@@ -26,6 +26,11 @@ _PARAMETER = re.compile(r"\$[0-9]")
 
 #: ``(session, statement text) -> rows of its largest sequential scan``.
 ScanEstimator = Callable[[SessionInfo, str], Awaitable[int]]
+
+
+#: Statements longer than this (characters) are analyzed in a worker thread, not on the
+#: event loop: above it, parsing takes milliseconds that every other session would wait.
+ANALYZED_ON_THE_LOOP = 256 * 1024
 
 
 class PolicyGate:
@@ -44,6 +49,9 @@ class PolicyGate:
     ) -> None:
         self.engine = policy if isinstance(policy, PolicyEngine) else PolicyEngine(policy)
         self.analyzer = analyzer or Analyzer()
+        #: For the worker thread: a cache of its own would be written from two threads,
+        #: and the shapes of megabyte statements are not worth keeping (no cache at all).
+        self._large_analyzer = Analyzer(max_entries=0)
         #: Estimates full-table scans (EXPLAIN upstream) for fullTableScan reviews.
         self.estimator = estimator
         #: The policy's masking, and where it learns which columns are sensitive.
@@ -53,6 +61,15 @@ class PolicyGate:
         self.approvals = approvals
         #: Sends a message to a session's client at once (the "held" notice).
         self.notify = notify
+        #: Counts policy reloads: sessions compare it with the generation their prepared
+        #: statements, masking and row limit were decided under, and catch up.
+        self.generation = 0
+
+    def reload(self, engine: PolicyEngine, masker: Masker | None) -> None:
+        """Apply a reloaded policy: to every request decided from now on, in every session."""
+        self.engine = engine
+        self.masker = masker
+        self.generation += 1
 
     def masks(self, session: SessionInfo) -> bool:
         """Whether this session's results are masked (decisions then carry a plan)."""
@@ -69,18 +86,19 @@ class PolicyGate:
                 hint="call the function in a SELECT statement instead",
                 rule="built-in",
             )
-        try:
-            summaries = self.analyzer.analyze(request.sql)
-        except AnalysisError as exc:
-            # Fail closed: what the gateway cannot understand does not run.
-            return Decision.refuse(
-                _PREFIX + f"{exc.message}; the statement was not run",
-                sqlstate=exc.sqlstate,
-                hint="send one valid PostgreSQL statement; querywarden parses it as "
-                "PostgreSQL does",
-                rule="analysis",
-            )
-        request.summaries = summaries
+        summaries = request.summaries
+        if summaries is None:
+            if len(request.sql) > ANALYZED_ON_THE_LOOP:
+                # Parsing is linear but not cheap (pglast builds a node per token): a
+                # statement of megabytes would hold the event loop, and every other
+                # session with it, for a second or more. It is parsed in a worker thread;
+                # the session holds this client's later input meanwhile, as for a hold.
+                return self._analyzed_off_the_loop(session, request)
+            try:
+                summaries = self.analyzer.analyze(request.sql)
+            except AnalysisError as exc:
+                return _analysis_refusal(exc)
+            request.summaries = summaries
         if not summaries:
             return ALLOW  # an empty query: the server answers EmptyQueryResponse
         prepared = session.prepared
@@ -126,6 +144,17 @@ class PolicyGate:
             return self._review(session, held, search_path)
         return Decision.refuse(_PREFIX + verdict.reason, hint=verdict.hint, rule=verdict.rule)
 
+    async def _analyzed_off_the_loop(
+        self, session: SessionInfo, request: StatementRequest
+    ) -> Decision:
+        """:meth:`decide` for a large statement, analyzed in a worker thread."""
+        try:
+            request.summaries = await asyncio.to_thread(self._large_analyzer.analyze, request.sql)
+        except AnalysisError as exc:
+            return _analysis_refusal(exc)
+        outcome = self.decide(session, request)
+        return outcome if isinstance(outcome, Decision) else await outcome
+
     def _review(
         self, session: SessionInfo, review: _Review, search_path: Sequence[str]
     ) -> Decision | Awaitable[Decision]:
@@ -147,9 +176,13 @@ class PolicyGate:
     async def _held_then_allowed(
         self, session: SessionInfo, review: _Review, search_path: Sequence[str]
     ) -> Decision:
+        generation = self.generation
         held = await self._hold(session, review)
         if not held.allowed:
             return held
+        reloaded = self._denied_since(session, generation, review.summaries, search_path)
+        if reloaded is not None:
+            return reloaded
         # Approved: the statement still gets what any allowed statement gets (masking).
         allowed = self._allowed(session, review.summaries, search_path, reviewed=True)
         decision = allowed if isinstance(allowed, Decision) else await allowed
@@ -259,12 +292,11 @@ class PolicyGate:
     ) -> Decision | Awaitable[Decision]:
         """The policy allows the request: review scans and attach masking as needed."""
         masked = self.masks(session)
-        if (
-            masked
-            and self.catalogs is not None
-            and any(op.startswith("ddl") for s in summaries for op in s.operations)
+        if self.catalogs is not None and any(
+            op.startswith("ddl") for s in summaries for op in s.operations
         ):
-            # Views and columns may change: the next decision reads the catalog again.
+            # Views and columns may change, whoever changes them: every session's next
+            # decision reads the catalog again.
             self.catalogs.invalidate(session.database)
         scans = None if reviewed else self.engine.scan_review(session.principal, session.database)
         touching = [s for s in summaries if s.reads or s.writes] if scans is not None else []
@@ -298,6 +330,33 @@ class PolicyGate:
             # Fail closed: without the catalog, sensitive columns cannot be recognized.
             return _catalog_unavailable(type(exc).__name__)
         return self._mask(session, catalog, summaries, search_path)
+
+    def plan_is_current(self, session: SessionInfo, plan: MaskPlan) -> bool:
+        """Whether a plan was made with the catalog snapshot known to be current.
+
+        A prepared statement's plan outlives its decision: when the catalog changed (or
+        is due for its fingerprint check), the statement is decided again at its next
+        Execute.
+        """
+        if self.catalogs is None or plan.catalog is None:
+            return True
+        return self.catalogs.current(session.database) is plan.catalog
+
+    async def replan(self, session: SessionInfo, plan: MaskPlan) -> Decision:
+        """Make a mask plan again with a catalog newer than the one it was made with.
+
+        A result named a relation the plan's catalog does not know (DDL since): its rows
+        wait until this returns. The new plan may refuse what the old one allowed.
+        """
+        if self.masker is None:
+            return Decision(True)  # masking is gone (a reload): the session masks whole
+        if self.catalogs is None:
+            return _catalog_unavailable("no catalog source is configured")
+        try:
+            catalog = await self.catalogs.refresh(session.database, plan.catalog)
+        except Exception as exc:
+            return _catalog_unavailable(type(exc).__name__)
+        return self._mask(session, catalog, plan.statements, plan.search_path)
 
     def _mask(
         self,
@@ -351,10 +410,50 @@ class PolicyGate:
                 )
                 if self.approvals is None or not self.approvals.has_approvers:
                     return _needs_review(reason, hint=hint, rule=rule)
-                return await self._hold(
+                generation = self.generation
+                held = await self._hold(
                     session, _Review(summary.text, summaries, reason, hint, rule, rows)
                 )
+                if held.allowed:
+                    path = session.search_path
+                    return self._denied_since(session, generation, summaries, path) or held
+                return held
         return ALLOW
+
+    def _denied_since(
+        self,
+        session: SessionInfo,
+        generation: int,
+        summaries: Sequence[StatementSummary],
+        search_path: Sequence[str],
+    ) -> Decision | None:
+        """The refusal of a policy reloaded while a statement was held, if it denies it.
+
+        An approval covers the review it was asked for, not a denial that came after.
+        """
+        if generation == self.generation:
+            return None
+        verdict = self.engine.evaluate(
+            session.principal, session.database, summaries, search_path=search_path
+        )
+        if verdict.outcome != "deny":
+            return None
+        return Decision.refuse(
+            _PREFIX + f"{verdict.reason} (the policy was reloaded while the statement was "
+            "held for approval; the approval does not lift a denial)",
+            hint=verdict.hint,
+            rule=verdict.rule,
+        )
+
+
+def _analysis_refusal(exc: AnalysisError) -> Decision:
+    # Fail closed: what the gateway cannot understand does not run.
+    return Decision.refuse(
+        _PREFIX + f"{exc.message}; the statement was not run",
+        sqlstate=exc.sqlstate,
+        hint="send one valid PostgreSQL statement; querywarden parses it as PostgreSQL does",
+        rule="analysis",
+    )
 
 
 def _catalog_unavailable(why: str) -> Decision:

@@ -185,7 +185,7 @@ OPERATIONS = frozenset(
         "analyze", "explain", "explain_analyze", "select_into", "row_lock", "alter_system",
         "discard", "checkpoint", "load", "reindex", "cluster", "refresh_materialized_view",
         "comment", "security_label", "create_extension", "fetch", "declare_cursor",
-        "close_cursor", "show",
+        "close_cursor", "show", "side_effects",
     }
 )  # fmt: skip
 
@@ -218,7 +218,8 @@ class AllowSection(_Model):
 
     operations: Operations = []
     tables: list[str] = []
-    #: Functions allowed although a built-in denial covers them (``pg_read_file``, ...).
+    #: Functions allowed although a built-in denial covers them (``pg_read_file``, ...),
+    #: and functions a rule vouches for: calling them is not counted as side_effects.
     functions: list[str] = []
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from querywarden.upstream import UpstreamTarget
+from querywarden.upstream import UpstreamTarget, side_connection
 
 #: How long an estimate stays valid for a statement shape.
 ESTIMATE_TTL = 60.0
@@ -100,20 +100,3 @@ class PlanEstimator:
         for conn in list(self._connections.values()):
             await conn.close()
         self._connections.clear()
-
-
-async def side_connection(
-    target: UpstreamTarget, database: str, application_name: str
-) -> asyncpg.Connection:
-    """An asyncpg connection of the gateway's own to the upstream (catalog, EXPLAIN)."""
-    ssl: Any = False if target.sslmode == "disable" else "prefer"
-    return await asyncpg.connect(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password,
-        database=database,
-        ssl=ssl,
-        timeout=target.connect_timeout,
-        server_settings={"application_name": application_name, "search_path": "public"},
-    )

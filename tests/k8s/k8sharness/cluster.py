@@ -180,6 +180,22 @@ class Cluster:
                 raise TimeoutError(f"{what}: not after {timeout:.0f}s")
             time.sleep(0.2)
 
+    def wait_established(self, crd_name: str, *, timeout: float = 60.0) -> None:
+        """Wait until the API server reports the CRD ``crd_name`` Established.
+
+        Polled here rather than with ``kubectl wait --for=condition=Established``: kubectl
+        fails at once, instead of waiting, when it reads the CRD before the API server has
+        written any condition into its status (seen on a loaded machine).
+        """
+
+        def established() -> bool | None:
+            crd = self.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd_name}")
+            conditions = (crd.get("status") or {}).get("conditions") or []
+            ok = any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+            return True if ok else None
+
+        self.wait_for(established, timeout=timeout, what=f"crd/{crd_name} Established")
+
     # command-line tools ----------------------------------------------------------------
 
     def env(self, **extra: str) -> dict[str, str]:

@@ -13,14 +13,16 @@ import base64
 import secrets
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from image_harness import container, readable_by_image, wait_until_serving
 from k8sharness.cluster import NAMESPACE_LABEL, Cluster, KubeError
 from k8sharness.helm import Helm
 from k8sharness.pki import CertificateAuthority
@@ -63,7 +65,7 @@ def apply_crd(k8s: Cluster) -> None:
     shared one ``kubectl delete crd databaseaccesspolicies.querywarden.io`` removes it.
     """
     k8s.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
+    k8s.wait_established(CRD_NAME)
     k8s.wait_for(
         lambda: k8s.get(f"/apis/{GROUP}/{VERSION}").get("resources") or None,
         what=f"{GROUP}/{VERSION} in discovery",
@@ -265,6 +267,96 @@ class OperatorThread:
         return self._thread.is_alive()
 
 
+class OperatorContainer:
+    """``querywarden operator`` in the built image, as the chart's Deployment runs it.
+
+    The same settings as :class:`OperatorThread`, given as the environment the chart sets
+    (``QUERYWARDEN_OPERATOR_*``); the files they name (kubeconfig, webhook certificate) are
+    mounted read-only at the same paths, owned by the image's user. The container shares
+    the host's network, so the API server and the webhook stay on loopback.
+    """
+
+    def __init__(self, config: OperatorConfig, image: str) -> None:
+        self.config = config
+        self.image = image
+        self.error: BaseException | None = None
+        self._health_port = free_port()
+        self._container: ExitStack | None = None
+        self._running: Any = None
+
+    @classmethod
+    def factory(cls, image: str) -> Callable[[OperatorConfig], OperatorContainer]:
+        """A runner for :func:`installed_operator` that uses ``image``."""
+        return lambda config: cls(config, image)
+
+    def environment(self) -> dict[str, str]:
+        """The settings as environment variables, as the chart's Deployment gives them."""
+        env: dict[str, str] = {}
+        for name, value in self.config.model_dump(exclude_defaults=True).items():
+            if value is None:
+                continue
+            env[f"QUERYWARDEN_OPERATOR_{name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
+        env["QUERYWARDEN_OPERATOR_LIVENESS_ENDPOINT"] = (
+            f"http://127.0.0.1:{self._health_port}/healthz"
+        )
+        return env
+
+    def start(self, timeout: float = 90.0) -> OperatorContainer:
+        """Start the container and wait until its liveness endpoint answers."""
+        files = [
+            path
+            for path in (
+                self.config.kubeconfig,
+                self.config.webhook_cert_file,
+                self.config.webhook_key_file,
+            )
+            if path is not None
+        ]
+        readable_by_image(*files)
+        stack = ExitStack()
+        self._running = stack.enter_context(
+            container(
+                self.image,
+                ["--log-level", "INFO", "operator"],
+                volumes=[(path, str(path), "ro") for path in files],
+                env=self.environment(),
+            )
+        )
+        self._container = stack
+        try:
+            wait_until_serving(self._running, self._healthy, timeout=timeout)
+        except BaseException:
+            stack.close()
+            raise
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self._health_port}/healthz", timeout=2
+            ) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop and remove the container (its logs are gone with it)."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def logs(self) -> str:
+        """What the operator printed so far."""
+        return str(self._running.logs()) if self._running is not None else ""
+
+    @property
+    def alive(self) -> bool:
+        """Whether the container still runs."""
+        return self._running is not None and bool(self._running.running())
+
+
 @dataclass
 class InstalledOperator:
     """The chart installed in ``namespace``, and the operator serving it in-process."""
@@ -275,7 +367,7 @@ class InstalledOperator:
     webhook_configuration: str
     peering: str
     service_account: str
-    operator: OperatorThread
+    operator: OperatorThread | OperatorContainer
     webhook_ca: CertificateAuthority
 
     def webhook_names(self) -> list[str]:
@@ -320,8 +412,14 @@ def installed_operator(
     resync_interval: float = 1.0,
     otlp_endpoint: str | None = None,
     extra_values: Mapping[str, str] | None = None,
+    runner: Callable[[OperatorConfig], OperatorThread | OperatorContainer] = OperatorThread,
+    sidecar_image: str = SIDECAR_IMAGE,
 ) -> Iterator[InstalledOperator]:
-    """``helm install`` the chart, then run the operator in-process as its ServiceAccount."""
+    """``helm install`` the chart, then run the operator as its ServiceAccount.
+
+    ``runner`` runs it: in-process (:class:`OperatorThread`) or in the built image
+    (``OperatorContainer.factory(image)``).
+    """
     apply_crd(k8s)
     namespace = create_namespace(k8s, "qw-system")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -330,8 +428,8 @@ def installed_operator(
     values = {
         "webhook.url": f"https://{host}:{port}/inject",
         "webhook.caBundle": base64.b64encode(ca.cert_pem).decode(),
-        "image.repository": SIDECAR_IMAGE.rsplit(":", 1)[0],
-        "image.tag": SIDECAR_IMAGE.rsplit(":", 1)[1],
+        "image.repository": sidecar_image.rsplit(":", 1)[0],
+        "image.tag": sidecar_image.rsplit(":", 1)[1],
         **(extra_values or {}),
     }
     args = [f"{key}={value}" for key, value in values.items()]
@@ -343,7 +441,7 @@ def installed_operator(
     config = OperatorConfig(
         namespace=namespace,
         kubeconfig=kubeconfig,
-        sidecar_image=SIDECAR_IMAGE,
+        sidecar_image=sidecar_image,
         otlp_endpoint=otlp_endpoint,
         webhook_configuration=cluster_name,
         webhook_host=host,
@@ -361,7 +459,7 @@ def installed_operator(
             else None
         ),
     )
-    operator = OperatorThread(config).start()
+    operator = runner(config).start()
     try:
         yield InstalledOperator(
             k8s=k8s,

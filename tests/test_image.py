@@ -1,0 +1,149 @@
+"""The built image, run as a user runs it: read-only, non-root, from a mounted config.
+
+The first wave's image never started (its package was an empty stub); these tests run the
+image itself with podman, in front of the test PostgreSQL, with a real psql.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import querywarden
+from image_harness import (
+    IMAGE_UID,
+    REPO,
+    built_image,
+    container,
+    podman,
+    readable_by_image,
+    wait_until_serving,
+)
+from querywarden.devcluster import ROLE_PASSWORD, EphemeralCluster, free_port
+from querywarden.identity.dev import mint_token
+
+SITE = "/opt/querywarden/lib/python3.11/site-packages"
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    return built_image()
+
+
+def test_version_is_the_package_version(image: str) -> None:
+    result = podman("run", "--rm", "--read-only", image, "--version")
+    assert result.stdout.strip() == f"querywarden {querywarden.__version__}"
+
+
+def test_the_installed_packages_are_the_sources(image: str) -> None:
+    # Every module of both packages, byte for byte: a stale build/ copy or a stub left by
+    # the dependency layer would differ (the empty __init__.py did).
+    script = (
+        "import hashlib, json, pathlib\n"
+        f"site = pathlib.Path({SITE!r})\n"
+        "print(json.dumps({str(p.relative_to(site)): hashlib.sha256(p.read_bytes()).hexdigest()"
+        " for pkg in ('querywarden', 'querywarden_operator')"
+        " for p in sorted((site / pkg).rglob('*')) if p.is_file() and p.suffix != '.pyc'}))"
+    )
+    result = podman("run", "--rm", "--read-only", "--entrypoint", "python", image, "-c", script)
+    installed = json.loads(result.stdout)
+    packages = ((REPO / "proxy", "querywarden"), (REPO / "operator", "querywarden_operator"))
+    sources = {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for root, package in packages
+        for path in sorted((root / package).rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert installed == sources
+
+
+def test_runs_as_its_own_non_root_user(image: str) -> None:
+    config = json.loads(podman("image", "inspect", image).stdout)[0]["Config"]
+    assert config["User"] == f"{IMAGE_UID}:{IMAGE_UID}"  # numeric, for runAsNonRoot
+    result = podman("run", "--rm", "--read-only", "--entrypoint", "id", image)
+    assert result.stdout.startswith(f"uid={IMAGE_UID}(querywarden) gid={IMAGE_UID}")
+
+
+def test_the_gateway_in_the_image_serves_psql(
+    image: str, pg: EphemeralCluster, tmp_path: Path
+) -> None:
+    config_dir = tmp_path / "config"
+    audit_dir = tmp_path / "audit"
+    config_dir.mkdir()
+    audit_dir.mkdir()
+    port = free_port()
+    (config_dir / "gateway.yaml").write_text(
+        f"""
+listen: {{host: 127.0.0.1, port: {port}, plaintext: loopback}}
+upstream:
+  host: 127.0.0.1
+  port: {pg.port}
+  user: qw_scram
+  passwordFile: upstream-password
+  sslmode: require
+audit:
+  directory: /var/lib/querywarden/audit
+policyFile: policy.yaml
+"""
+    )
+    (config_dir / "upstream-password").write_text(ROLE_PASSWORD + "\n")
+    (config_dir / "policy.yaml").write_text(
+        "identity:\n  issuers:\n    - {name: dev, kind: dev, keyFile: dev-issuer.pem}\n"
+        "rules:\n  - name: carol-reads\n    subjects: {users: [carol]}\n"
+        "    allow: {operations: [select], tables: ['*']}\n"
+        "    deny: {functions: [pg_catalog.pg_sleep]}\n"
+    )
+    key = config_dir / "dev-issuer.pem"
+    token = mint_token("carol", key_file=key)
+    readable_by_image(audit_dir, *config_dir.iterdir())
+    with container(
+        image,
+        ["--log-level", "INFO", "serve", "--config", "/etc/querywarden/gateway.yaml"],
+        volumes=[
+            (config_dir, "/etc/querywarden", "ro"),
+            (audit_dir, "/var/lib/querywarden/audit", "rw"),
+        ],
+    ) as running:
+        dsn = f"host=127.0.0.1 port={port} dbname=app user=carol"
+        wait_until_serving(running, lambda: _psql(dsn, "SELECT 1", token).returncode == 0)
+
+        allowed = _psql(dsn, "SELECT current_user", token)
+        assert allowed.returncode == 0, allowed.stderr
+        assert allowed.stdout.strip() == "qw_scram"
+
+        refused = _psql(dsn, "SELECT pg_sleep(0)", token)
+        assert refused.returncode != 0
+        assert "pg_sleep" in refused.stderr and "carol-reads" in refused.stderr
+
+        anonymous = _psql(dsn, "SELECT 1", "not-a-token")
+        assert anonymous.returncode != 0
+        assert "password authentication failed" in anonymous.stderr or "token" in anonymous.stderr
+    # The container is gone; its audit log, on the volume, holds both statements and
+    # verifies with the host's own copy of the tool.
+    verify = subprocess.run(
+        [sys.executable, "-m", "querywarden", "audit", "verify", str(audit_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    records = "".join(p.read_text(errors="replace") for p in audit_dir.rglob("*") if p.is_file())
+    assert "SELECT current_user" in records
+    assert "SELECT pg_sleep(0)" in records
+
+
+def _psql(dsn: str, sql: str, password: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["psql", dsn, "-X", "-A", "-t", "-c", sql],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "5"},
+        check=False,
+    )
