@@ -301,14 +301,7 @@ def decode_bind_parameters(frame: bytes) -> BindParameters:
     """
     pos = _skip_cstring(frame, 5)  # portal
     pos = _skip_cstring(frame, pos)  # statement
-    nformats, pos = _count(frame, pos, "Bind", "parameter format count")
-    formats, pos = _int16s(frame, pos, nformats, "Bind", "parameter format codes")
-    nparams, pos = _count(frame, pos, "Bind", "parameter count")
-    if nformats > 1 and nformats != nparams:
-        raise ProtocolViolation(
-            f"bind message has {nformats} parameter formats but {nparams} parameters"
-        )
-    values, pos = _values(frame, pos, nparams, "Bind", "parameter")
+    formats, values, pos = _formatted_values(frame, pos, "Bind", "parameter")
     nresults, pos = _count(frame, pos, "Bind", "result format count")
     results, pos = _int16s(frame, pos, nresults, "Bind", "result format codes")
     _expect_end(frame, pos, "Bind")
@@ -386,6 +379,26 @@ def _skip_cstring(frame: bytes, pos: int) -> int:
     return end + 1
 
 
+def _formatted_values(
+    frame: bytes, pos: int, message: str, item: str
+) -> tuple[tuple[int, ...], tuple[bytes | None, ...], int]:
+    """Format codes, then the values they describe, as Bind and FunctionCall carry them.
+
+    Zero codes mean all text, one code applies to every value, otherwise one per value.
+    """
+    nformats, pos = _count(frame, pos, message, f"{item} format count")
+    formats, pos = _int16s(frame, pos, nformats, message, f"{item} format codes")
+    nvalues, pos = _count(frame, pos, message, f"{item} count")
+    if nformats > 1 and nformats != nvalues:
+        # PostgreSQL's words: "bind message has 2 parameter formats but 1 parameters".
+        kind = "bind" if message == "Bind" else "function call"
+        raise ProtocolViolation(
+            f"{kind} message has {nformats} {item} formats but {nvalues} {item}s"
+        )
+    values, pos = _values(frame, pos, nvalues, message, item)
+    return formats, values, pos
+
+
 def _expect_end(frame: bytes, pos: int, message: str) -> None:
     if pos != len(frame):
         raise ProtocolViolation(
@@ -450,14 +463,7 @@ def decode_function_call_oid(frame: bytes) -> int:
     """FunctionCall ('F'): the OID of the function called; the whole frame is checked."""
     if len(frame) < 9:
         raise ProtocolViolation("insufficient data left in message: FunctionCall is truncated")
-    nformats, pos = _count(frame, 9, "FunctionCall", "argument format count")
-    _, pos = _int16s(frame, pos, nformats, "FunctionCall", "argument format codes")
-    nargs, pos = _count(frame, pos, "FunctionCall", "argument count")
-    if nformats > 1 and nformats != nargs:
-        raise ProtocolViolation(
-            f"function call message has {nformats} argument formats but {nargs} arguments"
-        )
-    _, pos = _values(frame, pos, nargs, "FunctionCall", "argument")
+    _, _, pos = _formatted_values(frame, 9, "FunctionCall", "argument")
     _, pos = _count(frame, pos, "FunctionCall", "result format")
     _expect_end(frame, pos, "FunctionCall")
     return int(UINT32.unpack_from(frame, 5)[0])
