@@ -53,9 +53,13 @@ TLS_DIR = f"{CONFIG_DIR}/tls"
 FILES_DIR = f"{CONFIG_DIR}/files"
 AUDIT_DIR = "/var/lib/querywarden/audit"
 TMP_DIR = "/tmp"  # noqa: S108 - an emptyDir of the sidecar's own
-#: The sidecar's own ServiceAccount token (reviews on): not the kubelet's automount path,
-#: which a pod may have switched off, and which is not mounted into injected containers.
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/querywarden/serviceaccount"
+#: Where the sidecar finds its ServiceAccount token, CA and namespace: the path every
+#: in-cluster client (and a policy's Kubernetes issuer, `caFile`/`bearerTokenFile`)
+#: reads. The kubelet's automount never reaches an injected container (admission adds it
+#: before the webhook runs, and a pod may switch it off), so the sidecar gets a projected
+#: volume of its own there, always: the Kubernetes issuer works out of the box, and with
+#: reviews the sidecar creates QueryReviews as the pod's ServiceAccount.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 #: Lifetime of that token; the kubelet renews it at 80 %.
 SERVICE_ACCOUNT_TOKEN_SECONDS = 3600
 
@@ -430,10 +434,9 @@ def sidecar_container(spec: DatabaseAccessPolicySpec, sidecar: EffectiveSidecar)
         }
         for files in sidecar.files
     ]
-    if sidecar.review_policy is not None:
-        mounts.append(
-            {"name": VOLUME_SERVICE_ACCOUNT, "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True}
-        )
+    mounts.append(
+        {"name": VOLUME_SERVICE_ACCOUNT, "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True}
+    )
     mounts += [
         {"name": VOLUME_AUDIT, "mountPath": AUDIT_DIR},
         {"name": VOLUME_TMP, "mountPath": TMP_DIR},
@@ -529,19 +532,17 @@ def sidecar_volumes(
             else {"configMap": {"name": files.config_map_name}}
         )
         volumes.append({"name": VOLUME_FILES_PREFIX + files.name, **source})
-    if sidecar.review_policy is not None:
-        # What the kubelet's automount holds, for the sidecar alone: it creates the
-        # QueryReviews of held statements as the pod's ServiceAccount.
-        volumes.append({"name": VOLUME_SERVICE_ACCOUNT, "projected": {"sources": [
-            {"serviceAccountToken": {
-                "path": "token", "expirationSeconds": SERVICE_ACCOUNT_TOKEN_SECONDS,
-            }},
-            {"configMap": {"name": "kube-root-ca.crt",
-                           "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-            {"downwardAPI": {"items": [
-                {"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}},
-            ]}},
-        ]}})  # fmt: skip
+    # What the kubelet's automount holds, for the sidecar alone (SERVICE_ACCOUNT_DIR).
+    volumes.append({"name": VOLUME_SERVICE_ACCOUNT, "projected": {"sources": [
+        {"serviceAccountToken": {
+            "path": "token", "expirationSeconds": SERVICE_ACCOUNT_TOKEN_SECONDS,
+        }},
+        {"configMap": {"name": "kube-root-ca.crt",
+                       "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [
+            {"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}},
+        ]}},
+    ]}})  # fmt: skip
     volumes += [
         {"name": VOLUME_AUDIT, "emptyDir": {"sizeLimit": sidecar.audit_volume_size}},
         {"name": VOLUME_TMP, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
@@ -580,6 +581,11 @@ def pod_patch(
         )
     container = sidecar_container(spec, sidecar)
     patch_spec: dict[str, Any] = {"volumes": existing + ours}
+    if not pod_spec.get("serviceAccountName"):
+        # The sidecar's projected token needs a named account. The ServiceAccount
+        # admission plugin names "default" before any webhook runs, so this only fills
+        # in what an API server without that plugin leaves out.
+        patch_spec["serviceAccountName"] = pod_service_account(pod)
     if sidecar.native:
         patch_spec["initContainers"] = [container, *(pod_spec.get("initContainers") or [])]
     else:

@@ -84,14 +84,7 @@ def namespace(k8s: Cluster) -> Iterator[str]:
     which costs nothing: the whole cluster is thrown away at the end of the session.
     """
     name = f"qw-test-{secrets.token_hex(4)}"
-    k8s.create(
-        "/api/v1/namespaces",
-        {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": name, "labels": {NAMESPACE_LABEL: name}},
-        },
-    )
+    k8s.create_namespace(name, {NAMESPACE_LABEL: name})
     try:
         yield name
     finally:

@@ -19,7 +19,7 @@ import re
 import secrets
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,30 @@ def tables(pg: EphemeralCluster) -> Iterator[None]:
         pg.psql(f"DROP TABLE IF EXISTS {', '.join(TABLES)}", user="qw_scram")
 
 
-def policy_spec(pg: EphemeralCluster, gateway_port: int, otlp: str, tables: list[str]) -> Any:
+#: The example policy's Kubernetes issuer reads these, as any in-cluster client does.
+SERVICE_ACCOUNT_FILES = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def cluster_issuer(k8s: Cluster, namespace: str) -> dict[str, Any]:
+    """This cluster's service-account issuer, written as examples/policy.yaml writes it."""
+    return {
+        "name": "cluster",
+        "kind": "kubernetes",
+        "issuer": k8s.get("/.well-known/openid-configuration")["issuer"],
+        "audiences": ["querywarden"],
+        "caFile": f"{SERVICE_ACCOUNT_FILES}/ca.crt",
+        "bearerTokenFile": f"{SERVICE_ACCOUNT_FILES}/token",
+        "groupMappings": {f"system:serviceaccount:{namespace}:coder": ["ai-agents"]},
+    }
+
+
+def policy_spec(
+    pg: EphemeralCluster,
+    gateway_port: int,
+    otlp: str,
+    tables: list[str],
+    issuers: Sequence[dict[str, Any]] = (),
+) -> Any:
     return {
         "target": {
             "podSelector": {"matchLabels": LABELS},
@@ -101,7 +124,8 @@ def policy_spec(pg: EphemeralCluster, gateway_port: int, otlp: str, tables: list
                         "name": "dev",
                         "kind": "dev",
                         "keyFile": "/etc/querywarden/files/dev/dev-issuer.pem",
-                    }
+                    },
+                    *issuers,
                 ]
             },
             "rules": [
@@ -214,7 +238,8 @@ def test_the_injected_sidecar_serves_the_rendered_policy(
 
     gateway_port = free_port()
     allowed = ["public.qwop_orders", "public.qwop_customers"]
-    spec = policy_spec(pg, gateway_port, otel_collector.endpoint, allowed)
+    issuers = [cluster_issuer(k8s, namespace)] if k8s.local else []
+    spec = policy_spec(pg, gateway_port, otel_collector.endpoint, allowed, issuers)
     k8s.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(policy("pg", spec)))
     wait_until(
         lambda: (
@@ -263,13 +288,33 @@ def test_the_injected_sidecar_serves_the_rendered_policy(
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="qwop_secrets"):
                 conn.execute("SELECT id FROM public.qwop_secrets")
 
+        if k8s.local:
+            # An agent's pod with a projected token: the policy's Kubernetes issuer,
+            # written as for any in-cluster client, reads the sidecar's own
+            # ServiceAccount files (CA, token for the JWKS) at the standard path.
+            k8s.create(
+                f"/api/v1/namespaces/{namespace}/serviceaccounts",
+                {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coder"}},
+            )
+            projected = k8s.create(
+                f"/api/v1/namespaces/{namespace}/serviceaccounts/coder/token",
+                {
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenRequest",
+                    "spec": {"audiences": ["querywarden"], "expirationSeconds": 600},
+                },
+            )["status"]["token"]
+            assert files.host_path(f"{SERVICE_ACCOUNT_FILES}/token").read_text()
+            with connect(gateway_port, projected, ca) as conn:
+                assert conn.execute("SELECT count(*) FROM public.qwop_orders").fetchone() == (2,)
+
         # A token the gateway does not trust: refused at authentication (and counted).
         with pytest.raises(psycopg.OperationalError):
             connect(gateway_port, "not-a-token", ca)
 
         # A policy change: resource → operator → ConfigMap → (kubelet) → gateway reload.
         spec = policy_spec(
-            pg, gateway_port, otel_collector.endpoint, [*allowed, "public.qwop_secrets"]
+            pg, gateway_port, otel_collector.endpoint, [*allowed, "public.qwop_secrets"], issuers
         )
         k8s.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(policy("pg", spec)))
 

@@ -257,7 +257,7 @@ def test_with_reviews_on_the_sidecar_keeps_reviews_as_queryreviews_of_its_policy
         if "secretKeyRef" in item.get("valueFrom", {}):
             monkeypatch.setenv(item["name"], "someone")
     rendered = gateway_settings(parsed, on)
-    token_dir = "/var/run/secrets/querywarden/serviceaccount"
+    token_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
     assert rendered["approvals"] == {
         "store": "kubernetes",
         "policy": "orders",
@@ -278,7 +278,8 @@ def test_with_reviews_on_the_sidecar_keeps_reviews_as_queryreviews_of_its_policy
     off_volumes = sidecar_volumes(
         "orders", parsed, effective_sidecar(parsed.sidecar, OperatorConfig(), native_supported=True)
     )
-    assert "querywarden-serviceaccount" not in {v["name"] for v in off_volumes}
+    # Without reviews too: a policy's Kubernetes issuer reads the same files.
+    assert "querywarden-serviceaccount" in {v["name"] for v in off_volumes}
     settings_file = tmp_path / "gateway.yaml"
     settings_file.write_text(yaml.safe_dump(rendered))
     loaded = load_settings(settings_file).approvals

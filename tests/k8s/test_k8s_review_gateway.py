@@ -132,14 +132,8 @@ def _start_sidecar(
                {"apiVersion": "v1", "kind": "ServiceAccount",
                 "metadata": {"name": SIDECAR_ACCOUNT}})  # fmt: skip
     bind_cluster_role(k8s, namespace, "approvers", "querywarden-approver", users=["dana"])
-    # The kube-controller-manager's part (none runs here): every namespace gets the
-    # cluster's CA as the kube-root-ca.crt ConfigMap, which the sidecar's projected
-    # ServiceAccount volume includes.
-    assert k8s.ca_file is not None
-    k8s.create(f"/api/v1/namespaces/{namespace}/configmaps", {
-        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kube-root-ca.crt"},
-        "data": {"ca.crt": k8s.ca_file.read_text()},
-    })  # fmt: skip
+    # (kube-root-ca.crt, which the sidecar's projected volume includes, comes with the
+    # namespace: Cluster.create_namespace.)
     port = free_port()
     spec = {
         "target": {
@@ -227,14 +221,14 @@ def test_the_operator_renders_the_kubernetes_review_store(sidecar: Sidecar) -> N
         "policy": POLICY,
         # As mounted (the stand-in moves container paths under its root).
         "serviceAccountDirectory": sidecar.files.relocate(
-            "/var/run/secrets/querywarden/serviceaccount"
+            "/var/run/secrets/kubernetes.io/serviceaccount"
         ),
     }
     assert sidecar.files.env()["POD_NAMESPACE"] == sidecar.namespace
     # The pod switched the kubelet's automount off (database pods often do): the sidecar
     # has a token of its own, for the pod's ServiceAccount, bound to the pod.
     assert sidecar.files.pod["spec"]["automountServiceAccountToken"] is False
-    token_dir = sidecar.files.host_path("/var/run/secrets/querywarden/serviceaccount")
+    token_dir = sidecar.files.host_path("/var/run/secrets/kubernetes.io/serviceaccount")
     assert {p.name for p in token_dir.iterdir() if not p.name.startswith("..")} == {
         "token", "ca.crt", "namespace",
     }  # fmt: skip

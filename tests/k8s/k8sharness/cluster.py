@@ -180,6 +180,47 @@ class Cluster:
                 raise TimeoutError(f"{what}: not after {timeout:.0f}s")
             time.sleep(0.2)
 
+    def create_namespace(self, name: str, labels: Mapping[str, str]) -> None:
+        """Create a namespace as a cluster's controllers complete it.
+
+        They add the ``default`` ServiceAccount and the ``kube-root-ca.crt`` ConfigMap
+        (the cluster's CA) to every namespace; the local control plane runs no
+        controllers, so the harness does it. The sidecar's projected ServiceAccount
+        volume needs both.
+        """
+        self.create(
+            "/api/v1/namespaces",
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": name, "labels": dict(labels)},
+            },
+        )
+        published: list[tuple[str, dict[str, Any]]] = [
+            (
+                "serviceaccounts",
+                {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}},
+            )
+        ]
+        if self.ca_file is not None:
+            published.append(
+                (
+                    "configmaps",
+                    {
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "metadata": {"name": "kube-root-ca.crt"},
+                        "data": {"ca.crt": self.ca_file.read_text()},
+                    },
+                )
+            )
+        for resource, manifest in published:
+            try:
+                self.create(f"/api/v1/namespaces/{name}/{resource}", manifest)
+            except KubeError as exc:
+                if exc.status != 409:  # a real cluster's controller was quicker
+                    raise
+
     def wait_established(self, crd_name: str, *, timeout: float = 60.0) -> None:
         """Wait until the API server reports the CRD ``crd_name`` Established.
 

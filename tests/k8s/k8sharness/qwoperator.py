@@ -101,14 +101,7 @@ def minimal_spec(labels: Mapping[str, str] | None = None, **sidecar: Any) -> dic
 def create_namespace(k8s: Cluster, prefix: str = "qw-op") -> str:
     """A fresh labelled namespace (the caller deletes it)."""
     name = f"{prefix}-{secrets.token_hex(4)}"
-    k8s.create(
-        "/api/v1/namespaces",
-        {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": name, "labels": {NAMESPACE_LABEL: name}},
-        },
-    )
+    k8s.create_namespace(name, {NAMESPACE_LABEL: name})
     return name
 
 
