@@ -20,9 +20,17 @@ from querywarden_operator.spec import CRD_NAME
 NAMESPACE = "qw-system"
 
 
-def template(helm: Helm, *args: str) -> list[dict[str, Any]]:
-    result = helm("template", "qw", str(CHART), "--namespace", NAMESPACE, *args)
+def template(helm: Helm, *args: str, reviews: bool = False) -> list[dict[str, Any]]:
+    """``helm template``; reviews off unless asked (their objects have tests of their own).
+
+    ``reviews=True`` renders the chart's defaults as they are, reviews on.
+    """
+    off = () if reviews or any(a.startswith("reviews.") for a in args) else REVIEWS_OFF
+    result = helm("template", "qw", str(CHART), "--namespace", NAMESPACE, *off, *args)
     return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+REVIEWS_OFF = ("--set", "reviews.enabled=false")
 
 
 def by_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -96,8 +104,6 @@ def test_deployment_environment_is_a_valid_operator_config(
     assert config.liveness_endpoint == "http://0.0.0.0:8080/healthz"
     # The image the operator injects is the one the chart runs.
     assert container["image"] == config.sidecar_image
-    # Reviews are off by default: sidecars keep them in their own SQLite store.
-    assert config.reviews is False
 
 
 def operator_config(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> OperatorConfig:
@@ -108,6 +114,31 @@ def operator_config(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) 
         elif item["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}:
             monkeypatch.setenv(item["name"], NAMESPACE)
     return OperatorConfig()
+
+
+def test_reviews_are_on_by_default_and_off_installs_nothing_for_them(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default install can have statements approved: the QueryReview CRD, its two
+    # webhook configurations, the sidecar RBAC and the operator's setting.
+    defaults = template(helm, reviews=True)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in defaults}
+    assert ("CustomResourceDefinition", "queryreviews.querywarden.io") in kinds
+    assert ("MutatingWebhookConfiguration", f"qw-querywarden-{NAMESPACE}-reviews") in kinds
+    assert ("ValidatingWebhookConfiguration", f"qw-querywarden-{NAMESPACE}-reviews") in kinds
+    assert ("ClusterRole", "querywarden-approver") in kinds
+    container = one(defaults, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert operator_config(container, monkeypatch).reviews is True
+    # Off: none of it.
+    off = template(helm, "--set", "reviews.enabled=false")
+    off_kinds = {(d["kind"], d["metadata"]["name"]) for d in off}
+    assert off_kinds < kinds
+    assert not {k for k in off_kinds if k[0] == "CustomResourceDefinition"}
+    assert not {k for k in off_kinds if "reviews" in k[1] or k[1] == "querywarden-approver"}
+    monkeypatch.delenv("QUERYWARDEN_OPERATOR_REVIEWS", raising=False)
+    monkeypatch.delenv("QUERYWARDEN_OPERATOR_SIDECAR_CLUSTER_ROLE", raising=False)
+    container = one(off, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert operator_config(container, monkeypatch).reviews is False
 
 
 def test_reviews_enabled_makes_the_operator_render_the_kubernetes_review_store(

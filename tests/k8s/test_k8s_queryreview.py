@@ -425,17 +425,20 @@ def _template(helm: Helm, *args: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
-def test_chart_review_parts_are_opt_in(helm: Helm) -> None:
+def test_chart_review_parts_are_on_by_default_and_come_off_whole(helm: Helm) -> None:
     def names(documents: list[dict[str, Any]]) -> set[tuple[str, str]]:
         return {(d["kind"], d["metadata"]["name"]) for d in documents}
 
-    default = names(_template(helm))
-    enabled_documents = _template(
-        helm, "--set", "reviews.enabled=true",
+    account = (
         "--set", "reviews.sidecarServiceAccounts[0].namespace=shop",
         "--set", "reviews.sidecarServiceAccounts[0].name=orders-db",
     )  # fmt: skip
-    added = names(enabled_documents) - default
+    off = names(_template(helm, "--set", "reviews.enabled=false", *account))
+    enabled_documents = _template(helm, *account)  # the chart's default: on
+    assert names(enabled_documents) == names(
+        _template(helm, "--set", "reviews.enabled=true", *account)
+    )
+    added = names(enabled_documents) - off
     assert added == {
         ("CustomResourceDefinition", REVIEW_CRD_NAME),
         ("ClusterRole", "querywarden-approver"),

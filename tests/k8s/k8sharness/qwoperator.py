@@ -423,6 +423,10 @@ def installed_operator(
         "webhook.caBundle": base64.b64encode(ca.cert_pem).decode(),
         "image.repository": sidecar_image.rsplit(":", 1)[0],
         "image.tag": sidecar_image.rsplit(":", 1)[1],
+        # Reviews (the chart's default) install a cluster-wide CRD and the fixed-name
+        # approver ClusterRole, which one test cluster can hold for one release only:
+        # the tests of reviews turn them on (and apply the CRD themselves).
+        "reviews.enabled": "false",
         **(extra_values or {}),
     }
     args = [f"{key}={value}" for key, value in values.items()]
