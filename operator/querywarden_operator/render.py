@@ -122,6 +122,8 @@ class EffectiveSidecar:
     resources: Resources
     audit_volume_size: str | int
     files: tuple[MountedFiles, ...] = ()
+    #: An existing PersistentVolumeClaim for the audit log (None: an emptyDir).
+    audit_claim_name: str | None = None
     #: The DatabaseAccessPolicy whose QueryReviews hold the sidecar's reviews; None: the
     #: sidecar keeps them in its own SQLite store.
     review_policy: str | None = None
@@ -154,6 +156,7 @@ def effective_sidecar(
         resources=sidecar.resources or config.sidecar_resources,
         audit_volume_size=sidecar.audit_volume_size,
         files=tuple(sidecar.files),
+        audit_claim_name=sidecar.audit_claim_name,
         review_policy=policy_name if config.reviews else None,
     )
 
@@ -275,9 +278,14 @@ def config_hash(spec: DatabaseAccessPolicySpec, sidecar: EffectiveSidecar) -> st
     The policy document is not in it: the gateway reloads that live.
     """
     container = sidecar_container(spec, sidecar)
-    material = yaml.safe_dump(
-        {"settings": gateway_settings(spec, sidecar), "container": container}, sort_keys=True
-    )
+    restart_bound: dict[str, Any] = {
+        "settings": gateway_settings(spec, sidecar),
+        "container": container,
+    }
+    if sidecar.audit_claim_name is not None:
+        # (Only when set: every existing pod's hash stays what it was.)
+        restart_bound["audit"] = _audit_source(sidecar)
+    material = yaml.safe_dump(restart_bound, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -544,7 +552,7 @@ def sidecar_volumes(
         ]}},
     ]}})  # fmt: skip
     volumes += [
-        {"name": VOLUME_AUDIT, "emptyDir": {"sizeLimit": sidecar.audit_volume_size}},
+        {"name": VOLUME_AUDIT, **_audit_source(sidecar)},
         {"name": VOLUME_TMP, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
     ]
     return volumes
@@ -555,6 +563,17 @@ def has_sidecar(pod: Mapping[str, Any]) -> bool:
     spec = pod.get("spec") or {}
     containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
     return any(c.get("name") == SIDECAR_NAME for c in containers)
+
+
+def _audit_source(sidecar: EffectiveSidecar) -> dict[str, Any]:
+    """Where the audit log lives: the named claim, or an emptyDir.
+
+    An emptyDir goes with the pod; the sidecar drains what it has not exported yet to the
+    Collector when it is stopped (within the pod's termination grace period).
+    """
+    if sidecar.audit_claim_name is not None:
+        return {"persistentVolumeClaim": {"claimName": sidecar.audit_claim_name}}
+    return {"emptyDir": {"sizeLimit": sidecar.audit_volume_size}}
 
 
 def pod_patch(
@@ -573,6 +592,10 @@ def pod_patch(
     pod_spec = pod.get("spec") or {}
     ours = sidecar_volumes(policy_name, spec, sidecar)
     existing = list(pod_spec.get("volumes") or [])
+    if any(v.get("name") == VOLUME_AUDIT for v in existing):
+        # The pod's own audit volume (a StatefulSet's claim template): the sidecar
+        # writes its log there, where it outlives the pod.
+        ours = [v for v in ours if v["name"] != VOLUME_AUDIT]
     taken = {v.get("name") for v in existing} & {v["name"] for v in ours}
     if taken:
         raise InjectionError(

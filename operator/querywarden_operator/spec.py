@@ -342,6 +342,12 @@ class Sidecar(_Model):
     resources: Resources | None = None
     #: Size bound of the emptyDir that holds the audit log until it is exported.
     audit_volume_size: Quantity = "1Gi"
+    #: An existing PersistentVolumeClaim for the audit log instead of the emptyDir, so
+    #: that records not yet exported survive the pod (one pod: a claim is per pod). A pod
+    #: that brings its own volume named ``querywarden-audit`` (a StatefulSet's
+    #: volumeClaimTemplates entry of that name, one claim per replica) keeps it, and the
+    #: sidecar writes there; this field is then not needed.
+    audit_claim_name: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)
     #: Secrets and ConfigMaps mounted for the policy's files.
     files: list[MountedFiles] = Field(
         [],

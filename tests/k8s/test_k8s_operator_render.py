@@ -442,6 +442,31 @@ def test_sidecar_volumes() -> None:
     assert volumes["querywarden-audit"]["emptyDir"] == {"sizeLimit": "1Gi"}
 
 
+def test_the_audit_log_can_outlive_the_pod() -> None:
+    # An existing claim, named in the spec: the log is on it, and changing it is a
+    # restart of the sidecar.
+    claimed = sidecar(sidecar__auditClaimName="orders-audit")
+    patch = pod_patch(POD, "orders-db", spec(), claimed)
+    assert patch is not None
+    volumes = {v["name"]: v for v in patch["spec"]["volumes"]}
+    assert volumes["querywarden-audit"] == {
+        "name": "querywarden-audit",
+        "persistentVolumeClaim": {"claimName": "orders-audit"},
+    }
+    assert config_hash(spec(), claimed) != config_hash(spec(), sidecar())
+    # A pod that brings its own querywarden-audit volume (a StatefulSet's claim
+    # template) keeps it, and the sidecar mounts it.
+    own = {"name": "querywarden-audit", "persistentVolumeClaim": {"claimName": "audit-db-0"}}
+    pod = {**POD, "spec": {**POD["spec"], "volumes": [*POD["spec"]["volumes"], own]}}
+    patch = pod_patch(pod, "orders-db", spec(), sidecar())
+    assert patch is not None
+    audit = [v for v in patch["spec"]["volumes"] if v["name"] == "querywarden-audit"]
+    assert audit == [own]
+    (container,) = patch["spec"]["initContainers"][:1]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["querywarden-audit"] == "/var/lib/querywarden/audit"
+
+
 def test_never_injected_twice_and_name_clashes_refused() -> None:
     patch = pod_patch(POD, "orders-db", spec(), sidecar())
     assert patch is not None
