@@ -308,11 +308,6 @@ def decode_bind_parameters(frame: bytes) -> BindParameters:
     return BindParameters(formats, values, results)
 
 
-def decode_bind_result_formats(frame: bytes) -> tuple[int, ...]:
-    """Bind ('B'): the result-column format codes (empty: all text; one: for all)."""
-    return decode_bind_parameters(frame).result_formats
-
-
 def decode_data_row(frame: bytes) -> tuple[bytes | None, ...]:
     """DataRow ('D'): the column values (None for NULL), checked against the frame."""
     count, pos = _count(frame, 5, "DataRow", "column count")

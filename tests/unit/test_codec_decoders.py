@@ -70,8 +70,8 @@ DECODERS: dict[str, tuple[Callable[[bytes], object], st.SearchStrategy[bytes]]] 
         codec.decode_bind_parameters,
         values_st.map(lambda v: bind_frame((0,) * len(v), v, (0, 1))),
     ),
-    "bind_result_formats": (
-        codec.decode_bind_result_formats,
+    "bind_text_parameters": (
+        codec.decode_bind_parameters,
         values_st.map(lambda v: bind_frame((), v, (1,))),
     ),
     "describe": (

@@ -176,13 +176,9 @@ class PolicyGate:
     async def _held_then_allowed(
         self, session: SessionInfo, review: _Review, search_path: Sequence[str]
     ) -> Decision:
-        generation = self.generation
-        held = await self._hold(session, review)
+        held = await self._hold(session, review, search_path)
         if not held.allowed:
             return held
-        reloaded = self._denied_since(session, generation, review.summaries, search_path)
-        if reloaded is not None:
-            return reloaded
         # Approved: the statement still gets what any allowed statement gets (masking).
         allowed = self._allowed(session, review.summaries, search_path, reviewed=True)
         decision = allowed if isinstance(allowed, Decision) else await allowed
@@ -190,7 +186,20 @@ class PolicyGate:
             return Decision(True, rule=held.rule, mask=decision.mask, approval=held.approval)
         return decision
 
-    async def _hold(self, session: SessionInfo, held: _Review) -> Decision:
+    async def _hold(
+        self, session: SessionInfo, held: _Review, search_path: Sequence[str]
+    ) -> Decision:
+        """Wait for an approver's decision; a reload that denies the statement meanwhile wins.
+
+        An approval covers the review it was asked for, not a denial that came after.
+        """
+        generation = self.generation
+        decision = await self._ask_approver(session, held)
+        if not decision.allowed:
+            return decision
+        return self._denied_since(session, generation, held.summaries, search_path) or decision
+
+    async def _ask_approver(self, session: SessionInfo, held: _Review) -> Decision:
         """Wait for an approver's decision on this exact statement (or use a grant)."""
         from querywarden.approvals.model import ReviewSummary
 
@@ -410,14 +419,11 @@ class PolicyGate:
                 )
                 if self.approvals is None or not self.approvals.has_approvers:
                     return _needs_review(reason, hint=hint, rule=rule)
-                generation = self.generation
-                held = await self._hold(
-                    session, _Review(summary.text, summaries, reason, hint, rule, rows)
+                return await self._hold(
+                    session,
+                    _Review(summary.text, summaries, reason, hint, rule, rows),
+                    session.search_path,
                 )
-                if held.allowed:
-                    path = session.search_path
-                    return self._denied_since(session, generation, summaries, path) or held
-                return held
         return ALLOW
 
     def _denied_since(
@@ -427,10 +433,7 @@ class PolicyGate:
         summaries: Sequence[StatementSummary],
         search_path: Sequence[str],
     ) -> Decision | None:
-        """The refusal of a policy reloaded while a statement was held, if it denies it.
-
-        An approval covers the review it was asked for, not a denial that came after.
-        """
+        """The refusal of a policy reloaded since ``generation``, if it denies the statement."""
         if generation == self.generation:
             return None
         verdict = self.engine.evaluate(
