@@ -18,7 +18,7 @@ import socket
 import ssl
 import sys
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -835,13 +835,7 @@ class ClientConnection(Endpoint):
     def _on_client_data(self, data: bytes) -> None:
         session = self.session
         assert session is not None
-        try:
-            session.receive_client(data)
-        except QuerywardenError as exc:
-            self.shutdown(exc.message, sqlstate=exc.sqlstate)
-            return
-        except Exception as exc:
-            self._internal_error(exc)
+        if not self._step(session.receive_client, data):
             return
         # Client input only ever produces bytes for the upstream (refusals included).
         chunks = session.to_server
@@ -864,13 +858,7 @@ class ClientConnection(Endpoint):
     def _on_server_data(self, data: bytes) -> None:
         session = self.session
         assert session is not None
-        try:
-            session.receive_server(data)
-        except QuerywardenError as exc:
-            self.shutdown(exc.message, sqlstate=exc.sqlstate)
-            return
-        except Exception as exc:
-            self._internal_error(exc)
+        if not self._step(session.receive_server, data):
             return
         # Server input only ever produces bytes for the client.
         chunks = session.to_client
@@ -900,10 +888,7 @@ class ClientConnection(Endpoint):
         try:
             while session.awaiting_result is not None and not self.closed:
                 decision = await _settle(session.awaiting_result)
-                try:
-                    session.resume_result(decision)
-                except QuerywardenError as exc:
-                    self.shutdown(exc.message, sqlstate=exc.sqlstate)
+                if not self._step(session.resume_result, decision):
                     return
                 self._flush()
                 if session.cancel_wanted:
@@ -932,13 +917,7 @@ class ClientConnection(Endpoint):
             self._cancelling = None
         if self.closed:
             return
-        try:
-            session.cancel_delivered()
-        except QuerywardenError as exc:
-            self.shutdown(exc.message, sqlstate=exc.sqlstate)
-            return
-        except Exception as exc:
-            self._internal_error(exc)
+        if not self._step(session.cancel_delivered):
             return
         self._flush()
         if session.awaiting is not None and self._deciding is None:
@@ -961,13 +940,7 @@ class ClientConnection(Endpoint):
                     decision = await _settle(self._decision)
                 finally:
                     self._decision = None
-                try:
-                    session.resume(decision)
-                except QuerywardenError as exc:
-                    self.shutdown(exc.message, sqlstate=exc.sqlstate)
-                    return
-                except Exception as exc:
-                    self._internal_error(exc)
+                if not self._step(session.resume, decision):
                     return
                 self._flush()
         finally:
@@ -1006,6 +979,22 @@ class ClientConnection(Endpoint):
 
     def _send_fatal(self, sqlstate: str, text: str) -> None:
         self.write(codec.error_response(sqlstate, text, severity="FATAL"))
+
+    def _step(self, call: Callable[..., None], *args: object) -> bool:
+        """Run one step of the session; False when it ended the session.
+
+        The session's own errors carry what the client should see; anything else is a
+        fault in the gateway (XX000, see :meth:`_internal_error`).
+        """
+        try:
+            call(*args)
+        except QuerywardenError as exc:
+            self.shutdown(exc.message, sqlstate=exc.sqlstate)
+            return False
+        except Exception as exc:
+            self._internal_error(exc)
+            return False
+        return True
 
     def _internal_error(self, exc: Exception) -> None:
         """A fault in the gateway itself (session, gate, hooks): end this session only.
