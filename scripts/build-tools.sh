@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the tools the Kubernetes test harness runs (tests/k8s, docs/test-harness.md):
-# kube-apiserver, etcd, kubectl, helm and an OpenTelemetry Collector, from their official
+# kube-apiserver, etcd, kubectl, helm, an OpenTelemetry Collector, and the node's kubelet,
+# kube-controller-manager, kube-scheduler and kube-proxy (tests/node), from their official
 # Go modules at the versions pinned in tools/versions.env. No Docker, no release
 # downloads: only the Go module proxy and the machine's Go toolchain.
 #
@@ -10,7 +11,8 @@
 #                                                tools/versions.env (needs the module proxy)
 #   scripts/build-tools.sh --print-bin-dir       print where the binaries go
 #
-# TOOL is one of: kube-apiserver etcd kubectl helm otelcol.
+# TOOL is one of: kube-apiserver etcd kubectl helm otelcol kubelet kube-controller-manager
+# kube-scheduler kube-proxy.
 #
 # Binaries go to ${QUERYWARDEN_TOOLS_DIR:-$HOME/.cache/querywarden/tools}/bin. Each has a
 # stamp (stamps/TOOL) holding its pinned version and a hash of the wrapper module it was
@@ -26,7 +28,9 @@ source "$TOOLS_SRC/versions.env"
 TOOLS_DIR=${QUERYWARDEN_TOOLS_DIR:-$HOME/.cache/querywarden/tools}
 BIN=$TOOLS_DIR/bin
 STAMPS=$TOOLS_DIR/stamps
-ALL_TOOLS=(etcd kube-apiserver kubectl helm otelcol)
+ALL_TOOLS=(etcd kube-apiserver kubectl helm otelcol kubelet kube-controller-manager kube-scheduler kube-proxy)
+# The Kubernetes commands built from tools/kube (k8s.io/kubernetes/cmd/NAME).
+KUBE_COMMANDS=(kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler kube-proxy)
 # Part of every stamp: bump it when a change to this script changes what gets built
 # (flags, ldflags), so that caches built the old way are rebuilt.
 RECIPE=1
@@ -112,7 +116,7 @@ kube_ldflags() { # the ldflags hack/lib/version.sh passes, for both version pack
     printf '%s' "$flags"
 }
 
-build_kube() { # TOOL (kube-apiserver | kubectl)
+build_kube() { # TOOL (one of KUBE_COMMANDS)
     local tool=$1 dir=$TOOLS_SRC/kube key
     key=$(stamp_key "$KUBERNETES_VERSION" tools/kube/go.mod tools/kube/go.sum)
     fresh "$tool" "$key" && {
@@ -223,8 +227,8 @@ build_otelcol() {
 build() { # TOOL
     CURRENT=$1
     case $1 in
-    kube-apiserver) build_kube kube-apiserver ;;
     kubectl) build_kubectl ;;
+    kube-apiserver | kubelet | kube-controller-manager | kube-scheduler | kube-proxy) build_kube "$1" ;;
     etcd) build_etcd ;;
     helm) build_helm ;;
     otelcol) build_otelcol ;;
@@ -256,8 +260,11 @@ repin_kube() {
     done
     ((${#args[@]} > 10)) || die "found no staging replace directives in $gomod"
     new_module "$dir" kube
-    (cd "$dir" && go mod edit "${args[@]}" \
-        -tool=k8s.io/kubernetes/cmd/kube-apiserver -tool=k8s.io/kubernetes/cmd/kubectl && go mod tidy)
+    local command
+    for command in "${KUBE_COMMANDS[@]}"; do
+        args+=("-tool=k8s.io/kubernetes/cmd/$command")
+    done
+    (cd "$dir" && go mod edit "${args[@]}" && go mod tidy)
 }
 
 repin_etcd() {

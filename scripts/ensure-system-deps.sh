@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs the system packages querywarden's demo, tests and benchmark need, when missing:
 # PostgreSQL server binaries and clients (psql, pgbench) from Debian's packages, and
-# pgbouncer for the benchmark (pass --bench), podman and mmdebstrap for the image (--image). Idempotent; prints nothing when all is there.
+# pgbouncer for the benchmark (pass --bench), podman and mmdebstrap for the image (--image),
+# and what the test node runs besides the Kubernetes binaries (--node): containerd, the CNI
+# plugins, catatonit (the pause image), iptables and conntrack (kube-proxy).
+# Idempotent; prints nothing when all is there.
 set -euo pipefail
 
 need=()
@@ -21,6 +24,15 @@ if [[ "${1:-}" == "--image" ]]; then
   command -v podman >/dev/null 2>&1 || need+=(podman)
   command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
   command -v runc >/dev/null 2>&1 || [[ -x /usr/sbin/runc ]] || need+=(runc)
+fi
+if [[ "${1:-}" == "--node" ]]; then
+  command -v containerd >/dev/null 2>&1 || need+=(containerd)
+  [[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local && -x /usr/lib/cni/portmap ]] \
+    || need+=(containernetworking-plugins)
+  [[ -x /usr/bin/catatonit ]] || need+=(catatonit)
+  command -v iptables >/dev/null 2>&1 || [[ -x /usr/sbin/iptables ]] || need+=(iptables)
+  command -v conntrack >/dev/null 2>&1 || [[ -x /usr/sbin/conntrack ]] || need+=(conntrack)
+  command -v curl >/dev/null 2>&1 || need+=(curl)
 fi
 [[ ${#need[@]} -eq 0 ]] && exit 0
 

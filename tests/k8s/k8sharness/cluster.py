@@ -25,7 +25,7 @@ import kubernetes.client
 import kubernetes.config
 import yaml
 
-from k8sharness.pki import CertificateAuthority, write_service_account_key
+from k8sharness.pki import CertificateAuthority, IssuedCertificate, write_service_account_key
 from k8sharness.processes import ManagedProcess, free_port
 from k8sharness.tools import tool
 
@@ -279,6 +279,43 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def write_kubeconfig(
+    path: Path, *, server: str, ca_pem: bytes, identity: IssuedCertificate, user: str
+) -> None:
+    """A kubeconfig (mode 0600) for ``server`` that authenticates with a client certificate."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "querywarden-test",
+                        "cluster": {"server": server, "certificate-authority-data": _b64(ca_pem)},
+                    }
+                ],
+                "users": [
+                    {
+                        "name": user,
+                        "user": {
+                            "client-certificate-data": _b64(identity.cert_file.read_bytes()),
+                            "client-key-data": _b64(identity.key_file.read_bytes()),
+                        },
+                    }
+                ],
+                "contexts": [
+                    {
+                        "name": "querywarden-test",
+                        "context": {"cluster": "querywarden-test", "user": user},
+                    }
+                ],
+                "current-context": "querywarden-test",
+            }
+        )
+    )
+    path.chmod(0o600)
+
+
 class LocalControlPlane:
     """etcd and kube-apiserver on free loopback ports, with a throwaway PKI, in ``workdir``.
 
@@ -392,43 +429,13 @@ class LocalControlPlane:
         )
 
         kubeconfig = work / "kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [
-                        {
-                            "name": "querywarden-test",
-                            "cluster": {
-                                "server": server,
-                                "certificate-authority-data": _b64(ca.cert_pem),
-                            },
-                        }
-                    ],
-                    "users": [
-                        {
-                            "name": "querywarden-test-admin",
-                            "user": {
-                                "client-certificate-data": _b64(admin.cert_file.read_bytes()),
-                                "client-key-data": _b64(admin.key_file.read_bytes()),
-                            },
-                        }
-                    ],
-                    "contexts": [
-                        {
-                            "name": "querywarden-test",
-                            "context": {
-                                "cluster": "querywarden-test",
-                                "user": "querywarden-test-admin",
-                            },
-                        }
-                    ],
-                    "current-context": "querywarden-test",
-                }
-            )
+        write_kubeconfig(
+            kubeconfig,
+            server=server,
+            ca_pem=ca.cert_pem,
+            identity=admin,
+            user="querywarden-test-admin",
         )
-        kubeconfig.chmod(0o600)
         cluster = Cluster.from_kubeconfig(str(kubeconfig), local=True)
         self.cluster = cluster
         cluster.ca_file = ca.cert_file

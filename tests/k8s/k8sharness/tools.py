@@ -13,6 +13,10 @@ PIN_OF = {
     "etcd": "ETCD_VERSION",
     "kube-apiserver": "KUBERNETES_VERSION",
     "kubectl": "KUBERNETES_VERSION",
+    "kubelet": "KUBERNETES_VERSION",
+    "kube-controller-manager": "KUBERNETES_VERSION",
+    "kube-scheduler": "KUBERNETES_VERSION",
+    "kube-proxy": "KUBERNETES_VERSION",
     "helm": "HELM_VERSION",
     "otelcol": "OTELCOL_BUILDER_VERSION",
 }
