@@ -20,16 +20,7 @@ import pytest
 from k8sharness.cluster import NAMESPACE_LABEL, Cluster, LocalControlPlane
 from k8sharness.collector import Collector
 from k8sharness.helm import Helm
-from k8sharness.tools import ToolsMissing, tool
-
-
-def require_tools(*names: str) -> None:
-    """Fail the test (not skip it) when a tool is not built at its pinned version."""
-    try:
-        for name in names:
-            tool(name)
-    except ToolsMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
+from k8sharness.tools import require_tools
 
 
 @pytest.fixture(scope="session")

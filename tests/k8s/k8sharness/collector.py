@@ -82,18 +82,26 @@ class Collector:
         self.config_file = workdir / "otelcol.yaml"
         self.process: ManagedProcess | None = None
 
-    def config(self) -> dict[str, Any]:
-        """The Collector configuration this harness runs."""
+    def config(self, *, listen: str | None = None, directory: str | None = None) -> dict[str, Any]:
+        """The Collector configuration this harness runs.
+
+        ``listen`` and ``directory`` are for a Collector that runs elsewhere (a pod): the
+        OTLP/HTTP address it listens on, and where it sees this harness's directory.
+        """
         exporters: dict[str, Any] = {
             # Flush often: tests poll the files and should not wait a second per batch.
-            f"file/{signal}": {"path": str(path), "format": "json", "flush_interval": "100ms"}
+            f"file/{signal}": {
+                "path": f"{directory}/{path.name}" if directory else str(path),
+                "format": "json",
+                "flush_interval": "100ms",
+            }
             for signal, path in self.files.items()
         }
         exporters["debug"] = {"verbosity": "basic"}
         return {
             "receivers": {
                 # HTTP only, on our port: the gRPC default (4317) may be taken on a dev machine.
-                "otlp": {"protocols": {"http": {"endpoint": f"127.0.0.1:{self.port}"}}}
+                "otlp": {"protocols": {"http": {"endpoint": listen or f"127.0.0.1:{self.port}"}}}
             },
             "exporters": exporters,
             "service": {

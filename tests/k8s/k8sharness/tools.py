@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[3]
 VERSIONS_FILE = REPO / "tools" / "versions.env"
 
@@ -60,3 +62,12 @@ def tool(name: str) -> Path:
     if not (first == f"version {pinned}" or (name == "kubectl" and first.startswith("system "))):
         raise ToolsMissing(f"{name} in {binary} was built for {first!r}, not {pinned}: {hint}")
     return binary
+
+
+def require_tools(*names: str) -> None:
+    """Fail the test (not skip it) when a tool is not built at its pinned version."""
+    try:
+        for name in names:
+            tool(name)
+    except ToolsMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
