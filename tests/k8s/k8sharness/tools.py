@@ -15,6 +15,7 @@ PIN_OF = {
     "kubectl": "KUBERNETES_VERSION",
     "helm": "HELM_VERSION",
     "otelcol": "OTELCOL_BUILDER_VERSION",
+    "coredns": "COREDNS_VERSION",
 }
 
 
