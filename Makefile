@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit bench system-deps tools image clean lock
+.PHONY: demo test lint typecheck unit bench system-deps tools image node-images clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 system-deps:
 	@bash scripts/ensure-system-deps.sh
 
-# kube-apiserver, etcd, kubectl, helm and an OpenTelemetry Collector, built from their
+# kube-apiserver, etcd, kubectl, helm, an OpenTelemetry Collector and CoreDNS, built from their
 # official Go modules into ~/.cache/querywarden/tools (skipped when already built).
 tools:
 	@bash scripts/build-tools.sh
@@ -30,6 +30,14 @@ tools:
 image:
 	@bash scripts/ensure-system-deps.sh --image
 	@bash scripts/build-image.sh
+
+# The images the test node's pods run besides the querywarden image: pause, PostgreSQL 15,
+# the Collector and CoreDNS (scripts/build-node-images.sh; the last two from the binaries
+# of scripts/build-tools.sh). Each is skipped when nothing it is made of changed.
+node-images:
+	@bash scripts/ensure-system-deps.sh --image
+	@bash scripts/build-tools.sh otelcol coredns
+	@bash scripts/build-node-images.sh
 
 demo: $(STAMP) system-deps
 	$(BIN)/querywarden demo

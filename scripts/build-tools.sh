@@ -4,6 +4,8 @@
 # kube-controller-manager, kube-scheduler and kube-proxy (tests/node), from their official
 # Go modules at the versions pinned in tools/versions.env. No Docker, no release
 # downloads: only the Go module proxy and the machine's Go toolchain.
+# Also CoreDNS (tools/coredns), the cluster DNS of the test node's images
+# (scripts/build-node-images.sh).
 #
 # Usage:
 #   scripts/build-tools.sh [--force] [TOOL...]   build what is missing or stale (default: all)
@@ -11,8 +13,8 @@
 #                                                tools/versions.env (needs the module proxy)
 #   scripts/build-tools.sh --print-bin-dir       print where the binaries go
 #
-# TOOL is one of: kube-apiserver etcd kubectl helm otelcol kubelet kube-controller-manager
-# kube-scheduler kube-proxy.
+# TOOL is one of: kube-apiserver etcd kubectl helm otelcol coredns kubelet
+# kube-controller-manager kube-scheduler kube-proxy.
 #
 # Binaries go to ${QUERYWARDEN_TOOLS_DIR:-$HOME/.cache/querywarden/tools}/bin. Each has a
 # stamp (stamps/TOOL) holding its pinned version and a hash of the wrapper module it was
@@ -28,7 +30,7 @@ source "$TOOLS_SRC/versions.env"
 TOOLS_DIR=${QUERYWARDEN_TOOLS_DIR:-$HOME/.cache/querywarden/tools}
 BIN=$TOOLS_DIR/bin
 STAMPS=$TOOLS_DIR/stamps
-ALL_TOOLS=(etcd kube-apiserver kubectl helm otelcol kubelet kube-controller-manager kube-scheduler kube-proxy)
+ALL_TOOLS=(etcd kube-apiserver kubectl helm otelcol coredns kubelet kube-controller-manager kube-scheduler kube-proxy)
 # The Kubernetes commands built from tools/kube (k8s.io/kubernetes/cmd/NAME).
 KUBE_COMMANDS=(kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler kube-proxy)
 # Part of every stamp: bump it when a change to this script changes what gets built
@@ -224,6 +226,26 @@ build_otelcol() {
     finish otelcol "$key" --version
 }
 
+build_coredns() {
+    local dir=$TOOLS_SRC/coredns key
+    key=$(stamp_key "$COREDNS_VERSION" tools/coredns/go.mod tools/coredns/go.sum tools/coredns/main.go)
+    fresh coredns "$key" && {
+        log "coredns $COREDNS_VERSION: up to date"
+        return
+    }
+    check_pin "$dir" github.com/coredns/coredns "$COREDNS_VERSION"
+    local info commit released
+    info=$(module_info github.com/coredns/coredns "$COREDNS_VERSION")
+    read -r released commit <<<"$info"
+    # CoreDNS's Makefile stamps the commit the same way; `coredns -version` prints it after
+    # the version (coremain.CoreVersion, a constant of the release).
+    log "coredns $COREDNS_VERSION: building tools/coredns (coremain with the plugins in main.go)"
+    (cd "$dir" && go build -ldflags "-s -w${commit:+ -X github.com/coredns/coredns/coremain.GitCommit=$commit}" \
+        -o "$BIN/.coredns.tmp" .)
+    mv -f "$BIN/.coredns.tmp" "$BIN/coredns"
+    finish coredns "$key" -version
+}
+
 build() { # TOOL
     CURRENT=$1
     case $1 in
@@ -232,6 +254,7 @@ build() { # TOOL
     etcd) build_etcd ;;
     helm) build_helm ;;
     otelcol) build_otelcol ;;
+    coredns) build_coredns ;;
     *) die "unknown tool '$1' (expected one of: ${ALL_TOOLS[*]})" ;;
     esac
     CURRENT=""
@@ -280,6 +303,13 @@ repin_etcd() {
     (cd "$dir" && go mod edit "${args[@]}" && go mod tidy)
 }
 
+repin_coredns() {
+    # Like etcd: main.go is ours (the chosen plugins), so only the release is required.
+    log "repin coredns: github.com/coredns/coredns $COREDNS_VERSION"
+    new_module "$TOOLS_SRC/coredns" coredns
+    (cd "$TOOLS_SRC/coredns" && go mod edit "-require=github.com/coredns/coredns@$COREDNS_VERSION" && go mod tidy)
+}
+
 repin_tool_module() { # NAME MODULE VERSION PACKAGE
     log "repin $1: $2 $3"
     new_module "$TOOLS_SRC/$1" "$1"
@@ -293,6 +323,7 @@ repin() {
     repin_tool_module helm helm.sh/helm/v4 "$HELM_VERSION" helm.sh/helm/v4/cmd/helm
     repin_tool_module otelcol go.opentelemetry.io/collector/cmd/builder "$OTELCOL_BUILDER_VERSION" \
         go.opentelemetry.io/collector/cmd/builder
+    repin_coredns
     CURRENT=""
     log "repinned; review the diff under tools/ and run scripts/build-tools.sh"
 }

@@ -24,6 +24,8 @@ if [[ "${1:-}" == "--image" ]]; then
   command -v podman >/dev/null 2>&1 || need+=(podman)
   command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
   command -v runc >/dev/null 2>&1 || [[ -x /usr/sbin/runc ]] || need+=(runc)
+  # setcap: the node's CoreDNS image gives its binary cap_net_bind_service (build-node-images.sh).
+  command -v setcap >/dev/null 2>&1 || [[ -x /usr/sbin/setcap ]] || need+=(libcap2-bin)
 fi
 if [[ "${1:-}" == "--node" ]]; then
   command -v containerd >/dev/null 2>&1 || need+=(containerd)

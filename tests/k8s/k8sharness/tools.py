@@ -21,6 +21,7 @@ PIN_OF = {
     "kube-proxy": "KUBERNETES_VERSION",
     "helm": "HELM_VERSION",
     "otelcol": "OTELCOL_BUILDER_VERSION",
+    "coredns": "COREDNS_VERSION",
 }
 
 
