@@ -250,6 +250,7 @@ class Cluster:
         stdin: str | None = None,
         check: bool = True,
         env: Mapping[str, str] | None = None,
+        timeout: float = COMMAND_TIMEOUT,
     ) -> subprocess.CompletedProcess[str]:
         """Run a tool with KUBECONFIG pointing here; with ``check``, fail with its output."""
         result = subprocess.run(
@@ -257,7 +258,7 @@ class Cluster:
             input=stdin,
             capture_output=True,
             text=True,
-            timeout=COMMAND_TIMEOUT,
+            timeout=timeout,
             env=self.env(**(env or {})),
             check=False,
         )
@@ -269,10 +270,14 @@ class Cluster:
         return result
 
     def kubectl(
-        self, *args: str, stdin: str | None = None, check: bool = True
+        self,
+        *args: str,
+        stdin: str | None = None,
+        check: bool = True,
+        timeout: float = COMMAND_TIMEOUT,
     ) -> subprocess.CompletedProcess[str]:
         """Run the pinned kubectl against this cluster."""
-        return self.run(tool("kubectl"), *args, stdin=stdin, check=check)
+        return self.run(tool("kubectl"), *args, stdin=stdin, check=check, timeout=timeout)
 
 
 def _b64(data: bytes) -> str:

@@ -57,7 +57,7 @@ GATEWAY_HOST = f"app-db-0.app-db.{SHOP}.svc.cluster.local"
 COLLECTOR_ENDPOINT = f"http://otel-collector.{OBSERVABILITY}.svc.cluster.local:4318"
 POSTGRES_IMAGE = "localhost/querywarden-postgres:15"
 OTELCOL_IMAGE = "localhost/querywarden-otelcol:dev"
-ROLLOUT_TIMEOUT = "240s"
+ROLLOUT_TIMEOUT = 240.0
 
 INIT_SQL = """
 CREATE ROLE gateway LOGIN PASSWORD 'gateway-password';
@@ -169,7 +169,24 @@ class Installation:
         self.k8s.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
 
     def rollout(self, namespace: str, what: str) -> None:
-        self.k8s.kubectl("-n", namespace, "rollout", "status", what, f"--timeout={ROLLOUT_TIMEOUT}")
+        self.k8s.kubectl(
+            "-n", namespace, "rollout", "status", what, f"--timeout={ROLLOUT_TIMEOUT:.0f}s",
+            timeout=ROLLOUT_TIMEOUT + 10,
+        )  # fmt: skip
+
+    def diagnose(self) -> str:
+        """What a user would look at when something does not come up."""
+        out = []
+        for args in (
+            ("get", "pods", "-A", "-o", "wide"),
+            ("get", "events", "-A", "--sort-by=.lastTimestamp"),
+            ("-n", SHOP, "describe", "pod", "app-db-0"),
+            ("-n", SHOP, "logs", "app-db-0", "--all-containers", "--tail=60"),
+            ("-n", SYSTEM, "logs", f"deployment/{RELEASE}", "--tail=60"),
+        ):
+            result = self.k8s.kubectl(*args, check=False)
+            out.append(f"$ kubectl {' '.join(args)}\n{result.stdout}{result.stderr}")
+        return "\n".join(out)
 
     def pod(self, namespace: str, name: str) -> dict[str, Any]:
         found: dict[str, Any] = self.k8s.get(f"/api/v1/namespaces/{namespace}/pods/{name}")
@@ -250,6 +267,21 @@ def installed(node: Node, workdir: Path) -> Iterator[Installation]:
     (plugin_dir / "kubectl-querywarden").symlink_to(PLUGIN)
     gateway_ca = CertificateAuthority(workdir / "node-gateway-pki", "shop-gateway-ca")
     setup = Installation(node, k8s, helm, collector, gateway_ca, plugin_dir)
+    try:
+        install(setup)
+    except BaseException:
+        print(setup.diagnose())
+        raise
+    try:
+        yield setup
+    finally:
+        print(f"\nnode e2e set-up: {setup.timings}; node start: {node.timings}")
+
+
+def install(setup: Installation) -> None:
+    """What a user does, in order: the chart, a Collector, the database, the agent."""
+    k8s, helm, collector, gateway_ca = setup.k8s, setup.helm, setup.collector, setup.gateway_ca
+    collector_dir = collector.workdir
     started = time.monotonic()
 
     # 1. The chart, as the README says, with the image loaded into the node.
@@ -341,11 +373,16 @@ def installed(node: Node, workdir: Path) -> Iterator[Installation]:
                 "template": {
                     "metadata": {"labels": DB_LABELS},
                     "spec": {
+                        # The volume writable by the image's postgres user (uid 999).
+                        "securityContext": {"fsGroup": 999},
                         "containers": [{
                             "name": "postgres",
                             "image": POSTGRES_IMAGE,
                             "env": [
                                 {"name": "POSTGRES_DB", "value": "app"},
+                                # A subdirectory of the volume, as the official image's
+                                # docs advise: PostgreSQL must own its data directory.
+                                {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
                                 {"name": "POSTGRES_PASSWORD", "valueFrom": {"secretKeyRef": {
                                     "name": "app-db-postgres", "key": "password"}}},
                             ],
@@ -399,10 +436,6 @@ def installed(node: Node, workdir: Path) -> Iterator[Installation]:
     setup.rollout(SHOP, "statefulset/app-db")
     k8s.kubectl("-n", AGENTS, "wait", "pod/client", "--for=condition=Ready", "--timeout=120s")
     setup.timings["database and client ready"] = time.monotonic() - started
-    try:
-        yield setup
-    finally:
-        print(f"\nnode e2e set-up: {setup.timings}; node start: {node.timings}")
 
 
 def test_the_chart_runs_the_operator_and_the_webhook_injects_a_native_sidecar(
