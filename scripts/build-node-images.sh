@@ -208,13 +208,15 @@ files_coredns() { tool_binary coredns "$COREDNS_VERSION"; }
 # --------------------------------------------------------------------------------------
 
 inputs() { # NAME: the hash the image's label must hold
-  local name=$1 files
-  files=$("files_$name")
+  local name=$1 listed
+  local -a files=()
+  listed=$("files_$name")
+  [[ -z $listed ]] || mapfile -t files <<<"$listed"
   {
     printf 'image %s\nsuite %s\n' "$(image_of "$name")" "$SUITE"
     "containerfile_$name"
     declare -f "context_$name"
-    [[ -z $files ]] || sha256sum $files
+    ((${#files[@]} == 0)) || sha256sum "${files[@]}"
   } | sha256sum | cut -c1-32
 }
 
