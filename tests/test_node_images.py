@@ -10,6 +10,7 @@ network namespace of its own, to glibc's resolver in a container that shares it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -155,17 +156,12 @@ def test_postgres_runs_as_the_numeric_postgres_user() -> None:
 
 
 def test_postgres_initialises_an_empty_dir_and_serves_scram_over_tcp(tmp_path: Path) -> None:
-    # An emptyDir: root's, mode 0777; as non-root, PGDATA is a directory inside it.
+    # An emptyDir at PGDATA, as a pod mounts one: root's, mode 0777.
     volume = tmp_path / "emptydir"
     volume.mkdir()
     volume.chmod(0o777)
     port = free_port()
-    env = {
-        "POSTGRES_PASSWORD": PASSWORD,
-        "POSTGRES_USER": "app",
-        "POSTGRES_DB": "appdb",
-        "PGDATA": f"{PGDATA}/pgdata",
-    }
+    env = {"POSTGRES_PASSWORD": PASSWORD, "POSTGRES_USER": "app", "POSTGRES_DB": "appdb"}
     volumes = [
         (volume, PGDATA, "rw"),
         (_init_scripts(tmp_path), "/docker-entrypoint-initdb.d", "ro"),
@@ -194,8 +190,11 @@ def test_postgres_initialises_an_empty_dir_and_serves_scram_over_tcp(tmp_path: P
         assert wrong.returncode != 0
         assert 'password authentication failed for user "app"' in wrong.stderr
 
+        # Not root, the postgres user cannot own the volume's root: the cluster is in a
+        # directory of its own inside.
         assert _users(running) == {"postgres"}
-        assert (volume / "pgdata").stat().st_uid == POSTGRES_UID
+        assert f"the cluster goes into {PGDATA}/pgdata" in running.logs()
+        assert (volume / "pgdata" / "PG_VERSION").stat().st_uid == POSTGRES_UID
 
         # podman stop sends the image's STOPSIGNAL, SIGINT: a fast shutdown.
         assert _stop(running, None, within=5) == 0
@@ -236,17 +235,37 @@ def test_postgres_started_as_root_takes_over_a_root_owned_volume(tmp_path: Path)
     assert (stat.st_uid, stat.st_gid, stat.st_mode & 0o777) == (POSTGRES_UID, POSTGRES_UID, 0o700)
 
 
-def test_postgres_as_non_root_says_why_it_cannot_use_a_root_owned_pgdata(tmp_path: Path) -> None:
-    volume = tmp_path / "emptydir"
+def test_postgres_as_non_root_uses_a_volume_its_group_may_write(tmp_path: Path) -> None:
+    # A PersistentVolume with fsGroup: 999: root's, group 999, setgid, group-writable.
+    volume = tmp_path / "volume"
     volume.mkdir()
-    volume.chmod(0o777)
+    os.chown(volume, 0, POSTGRES_UID)
+    volume.chmod(0o2775)
+    port = free_port()
+    with container(
+        POSTGRES,
+        _postgres_args(port),
+        volumes=[(volume, PGDATA, "rw")],
+        env={"POSTGRES_PASSWORD": PASSWORD},
+        read_only=False,
+        tmpfs=(),
+    ) as running:
+        _wait_for_postgres(running, port)
+        assert (volume / "pgdata" / "PG_VERSION").stat().st_uid == POSTGRES_UID
+
+
+def test_postgres_as_non_root_says_why_it_cannot_use_a_volume(tmp_path: Path) -> None:
+    # A fresh PersistentVolume without fsGroup: root's, mode 0755.
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    volume.chmod(0o755)
     result = podman(
         *("run", "--rm", "--network", "none", "--volume", f"{volume}:{PGDATA}:rw"),
         *("--env", f"POSTGRES_PASSWORD={PASSWORD}", POSTGRES),
         check=False,
     )
     assert result.returncode == 1
-    assert "set PGDATA to a subdirectory of the volume" in result.stderr
+    assert f"give the pod fsGroup: {POSTGRES_UID}, or start the container as root" in result.stderr
     assert list(volume.iterdir()) == []
 
 
