@@ -93,9 +93,9 @@ files_pause() { :; }
 # - no "main" cluster is made at install (createcluster.d): the entrypoint runs initdb;
 # - the binaries of /usr/lib/postgresql/15/bin come first on PATH (psql is the real one,
 #   not Debian's pg_wrapper);
-# - left out to save about 140 MB: documentation, manual pages, translations, and the JIT
-#   (llvmjit.so, its bitcode, libLLVM and libz3, which only it needs); without llvmjit.so
-#   the server plans without JIT, as with jit = off;
+# - left out: documentation, manual pages, translations, and the JIT (llvmjit.so and its
+#   bitcode, libLLVM and libz3, which only it needs: about 150 MB); without llvmjit.so the
+#   server plans without JIT, as with jit = off;
 # - no private key: ssl-cert's snakeoil key, made at install and the same in every copy of
 #   the image, is removed (the server does not use TLS unless configured to).
 
@@ -184,9 +184,9 @@ files_otelcol() { tool_binary otelcol "$OTELCOL_BUILDER_VERSION"; }
 # keep it too): a non-root process gets NET_BIND_SERVICE from its binary because
 # containerd sets no ambient capabilities, so listing the capability in the pod (as
 # CoreDNS's and kubeadm's manifests do: drop ALL, add NET_BIND_SERVICE) is not enough
-# alone. The pod must leave NET_BIND_SERVICE in the bounding set: with `drop: [ALL]` and
-# nothing added, the binary does not even start ("operation not permitted"). Otherwise
-# listen on a high port (`.:1053` in the Corefile and the Service's targetPort).
+# alone. In turn the pod must leave NET_BIND_SERVICE in the bounding set, as those
+# manifests do: with `drop: [ALL]` and nothing added the binary does not even start
+# ("operation not permitted"), whatever port it would listen on.
 
 containerfile_coredns() {
   cat <<'EOF'
@@ -208,13 +208,15 @@ files_coredns() { tool_binary coredns "$COREDNS_VERSION"; }
 # --------------------------------------------------------------------------------------
 
 inputs() { # NAME: the hash the image's label must hold
-  local name=$1 files
-  files=$("files_$name")
+  local name=$1 listed
+  local -a files=()
+  listed=$("files_$name")
+  [[ -z $listed ]] || mapfile -t files <<<"$listed"
   {
     printf 'image %s\nsuite %s\n' "$(image_of "$name")" "$SUITE"
     "containerfile_$name"
     declare -f "context_$name"
-    [[ -z $files ]] || sha256sum $files
+    ((${#files[@]} == 0)) || sha256sum "${files[@]}"
   } | sha256sum | cut -c1-32
 }
 

@@ -80,13 +80,20 @@ def container(
     volumes: Sequence[tuple[Path, str, str]] = (),
     env: dict[str, str] | None = None,
     tmpfs: Sequence[str] = ("/tmp",),
+    read_only: bool = True,
+    network: str = "host",
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Container]:
-    """Run ``image`` detached on the host network, read-only; removed afterwards.
+    """Run ``image`` detached, by default on the host network and read-only; removed afterwards.
 
-    ``volumes`` are (host path, container path, options) bind mounts.
+    ``volumes`` are (host path, container path, options) bind mounts; ``extra_args`` more
+    options of ``podman run`` (``--user``, ...).
     """
     name = f"qw-test-{uuid.uuid4().hex[:10]}"
-    command = ["run", "--detach", "--name", name, "--network", "host", "--read-only"]
+    command = ["run", "--detach", "--name", name, "--network", network]
+    if read_only:
+        command.append("--read-only")
+    command += extra_args
     for path in tmpfs:
         command += ["--tmpfs", path]
     for host, inside, options in volumes:

@@ -12,20 +12,22 @@
 #     foreground. The image's STOPSIGNAL is SIGINT, postgres's fast shutdown (SIGTERM is
 #     its "smart" one, which waits for every client to disconnect).
 #
-# Who runs it. The image's USER is postgres, 999:999, so pods with runAsNonRoot work.
-# PostgreSQL insists on owning its data directory (initdb chmods it to 0700, the server
-# refuses one it does not own), and a fresh volume's root belongs to root: an emptyDir is
-# root's with mode 0777, a new PersistentVolume root's, with fsGroup giving the group
-# write access but never the ownership. So:
+# Who runs it, and where the data goes. The image's USER is postgres, 999:999, so pods
+# with runAsNonRoot work. PostgreSQL insists on owning its data directory (initdb chmods it
+# to 0700, the server refuses one it does not own), and a fresh volume's root is root's:
+# an emptyDir is root's with mode 0777, a new PersistentVolume root's, fsGroup giving the
+# group write access, never the ownership. So:
+#   - started as 999 (the default) with PGDATA the root of such a volume, one 999 may write
+#     but not own, the cluster goes into the subdirectory pgdata of it, as the official
+#     image's documentation advises doing by hand (PGDATA=/var/lib/postgresql/data/pgdata).
+#     An emptyDir at /var/lib/postgresql/data thus just works; another volume needs
+#     fsGroup: 999. Each later start finds the cluster there (PG_VERSION) again;
 #   - started as root (runAsUser: 0, or `podman run --user 0`), it creates and chowns
 #     PGDATA and /run/postgresql to 999:999 and re-executes itself as 999:999 through
-#     setpriv (util-linux): any volume works, the database never runs as root;
-#   - started as 999 (the default), PGDATA must be 999's or not exist yet in a directory
-#     999 may write. With a volume, point PGDATA at a subdirectory of it, e.g. volume at
-#     /var/lib/postgresql/data and PGDATA=/var/lib/postgresql/data/pgdata (an emptyDir is
-#     world-writable; other volumes need fsGroup: 999), as the official image's
-#     documentation advises. The entrypoint says so instead of letting initdb fail.
-# Other uids are not supported (initdb needs the uid in /etc/passwd).
+#     setpriv (util-linux): any volume works, the cluster is PGDATA itself, and the
+#     database never runs as root.
+# The first is the robust default: no root and no capabilities in the pod. Other uids are
+# not supported (initdb wants the uid in /etc/passwd).
 set -eu
 
 : "${PGDATA:=/var/lib/postgresql/data}"
@@ -49,6 +51,11 @@ if [ "$1" != postgres ]; then
     exec "$@" # psql, bash, ...: as the image's user, nothing prepared
 fi
 
+# A cluster an earlier start as 999 made in the volume's subdirectory (see above).
+if [ ! -s "$PGDATA/PG_VERSION" ] && [ -s "$PGDATA/pgdata/PG_VERSION" ]; then
+    PGDATA=$PGDATA/pgdata
+fi
+
 if [ "$(id -u)" = 0 ]; then
     mkdir -p "$PGDATA" /run/postgresql
     # Only what is not the postgres user's already: a big existing cluster costs nothing.
@@ -63,9 +70,13 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     mkdir -p "$PGDATA" 2>/dev/null || true
     owner=$(stat -c %u "$PGDATA" 2>/dev/null) || die "cannot create PGDATA $PGDATA as uid $(id -u)"
     if [ "$owner" != "$(id -u)" ]; then
-        die "PGDATA $PGDATA belongs to uid $owner, not to uid $(id -u), and PostgreSQL must own it:" \
-            "set PGDATA to a subdirectory of the volume (e.g. $PGDATA/pgdata)," \
-            "or start the container as root to have it chowned"
+        if [ ! -w "$PGDATA" ] || [ ! -x "$PGDATA" ]; then
+            die "PGDATA $PGDATA is uid $owner's and uid $(id -u) may not write in it:" \
+                "give the pod fsGroup: $PG_GID, or start the container as root to have it chowned"
+        fi
+        log "PGDATA $PGDATA is uid $owner's (a volume's root): the cluster goes into $PGDATA/pgdata"
+        PGDATA=$PGDATA/pgdata
+        mkdir -p "$PGDATA"
     fi
     if [ -z "${POSTGRES_PASSWORD:-}" ] && [ "$POSTGRES_HOST_AUTH_METHOD" != trust ]; then
         die "POSTGRES_PASSWORD is not set (or set POSTGRES_HOST_AUTH_METHOD=trust to go without)"
