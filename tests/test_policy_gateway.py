@@ -74,6 +74,35 @@ def test_agent_reads_and_is_refused_with_rule_reason_and_hint(policed: RunningGa
         assert conn.execute("SELECT count(*) FROM qw_orders").fetchone() == (2,)
 
 
+def test_an_unqualified_name_refused_as_pg_catalog_says_to_qualify_it(
+    make_gateway: Callable[..., RunningGateway], tables: None
+) -> None:
+    # The chart's example policy allowed only public.*: every unqualified table name was
+    # refused "as pg_catalog.<name>", and the hint did not say why or what to write.
+    rules = [
+        {
+            "name": "public-only",
+            "subjects": {"groups": ["ai-agents"]},
+            "allow": {"operations": ["select"], "tables": ["public.*"]},
+        }
+    ]
+    policy = PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": rules}
+    )
+    gateway = make_gateway(gate=PolicyGate(policy))
+    with psycopg.connect(gateway.dsn("alice"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+            conn.execute("SELECT sum(amount) FROM qw_orders")
+        diag = refused.value.diag
+        assert diag.message_primary is not None
+        assert "qw_orders (as pg_catalog.qw_orders)" in diag.message_primary
+        assert diag.message_hint is not None
+        assert diag.message_hint.startswith("write the name schema-qualified, public.qw_orders:"), (
+            diag.message_hint
+        )
+        assert conn.execute("SELECT sum(amount) FROM public.qw_orders").fetchone() == (30,)
+
+
 def test_unparseable_sql_is_refused_not_forwarded(policed: RunningGateway) -> None:
     with psycopg.connect(policed.dsn("alice"), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.SyntaxError) as info:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from querywarden.approvals.kube_store import to_review
+from querywarden_operator import sidecar_binding
 from querywarden_operator.config import OperatorConfig
 from querywarden_operator.kube import KubeApiError, KubeClient, object_path
 from querywarden_operator.render import (
@@ -29,8 +30,6 @@ from querywarden_operator.render import (
     pod_service_account,
     render_configmap,
     render_network_policy,
-    render_sidecar_role_binding,
-    sidecar_role_binding_name,
     webhook_configuration,
     webhook_entry,
 )
@@ -220,17 +219,7 @@ def _with_pods(
 ) -> PolicyStatus:
     policy = PolicyRef.from_body(body)
     current_hash = config_hash(spec, sidecar)
-    pods = ctx.kube.list(
-        object_path("v1", "pods", policy.namespace),
-        label_selector=spec.target.pod_selector.as_query(),
-    )
-    # The API server applied the selector; applying it here too keeps a selector the
-    # query syntax cannot say exactly from counting the wrong pods.
-    selected = [
-        p
-        for p in pods
-        if spec.target.pod_selector.matches((p.get("metadata") or {}).get("labels") or {})
-    ]
+    selected = _selected_pods(ctx, policy, spec)
     found = census(selected, policy.name, current_hash)
     if ctx.config.reviews:
         prune_reviews(ctx, policy, spec, at=at)
@@ -238,10 +227,10 @@ def _with_pods(
     if ctx.config.reviews and cluster_role is not None:
         # Before the pods need it where possible: on every reconcile and resync, so a
         # pod with a new ServiceAccount is bound within resyncInterval.
-        ctx.kube.apply(
-            _role_binding_path(policy),
-            render_sidecar_role_binding(
-                policy, cluster_role, (pod_service_account(p) for p in selected)
+        sidecar_binding.write(
+            ctx.kube, policy, cluster_role,
+            sidecar_binding.recount(
+                lambda: (pod_service_account(p) for p in _selected_pods(ctx, policy, spec)), at
             ),
         )  # fmt: skip
     annotations = (body.get("metadata") or {}).get("annotations") or {}
@@ -264,37 +253,38 @@ def _with_pods(
     )
 
 
-def _role_binding_path(policy: PolicyRef) -> str:
-    """Where the policy's sidecar RoleBinding lives."""
-    return object_path(
-        "rbac.authorization.k8s.io/v1", "rolebindings", policy.namespace,
-        sidecar_role_binding_name(policy.name),
-    )  # fmt: skip
+def _selected_pods(
+    ctx: Context, policy: PolicyRef, spec: DatabaseAccessPolicySpec
+) -> list[dict[str, Any]]:
+    """The pods the policy selects, as stored now."""
+    pods = ctx.kube.list(
+        object_path("v1", "pods", policy.namespace),
+        label_selector=spec.target.pod_selector.as_query(),
+    )
+    # The API server applied the selector; applying it here too keeps a selector the
+    # query syntax cannot say exactly from counting the wrong pods.
+    return [
+        p
+        for p in pods
+        if spec.target.pod_selector.matches((p.get("metadata") or {}).get("labels") or {})
+    ]
 
 
 def bind_pod_account(ctx: Context, policy_body: Mapping[str, Any], pod: Mapping[str, Any]) -> None:
     """Add a pod's ServiceAccount to its policy's sidecar RoleBinding, as it is admitted.
 
     The resync would bind it within ``resyncInterval``; doing it at admission means the
-    sidecar can open reviews from its first statement. Best effort: a failure is logged
-    and the resync catches up; the pod is never held back for it.
+    sidecar can open reviews from its first statement (:mod:`sidecar_binding` keeps a
+    recount racing with this from undoing it). Best effort: a failure is logged and the
+    resync catches up; the pod is never held back for it.
     """
     cluster_role = ctx.config.sidecar_cluster_role
     if not ctx.config.reviews or cluster_role is None:
         return
     policy = PolicyRef.from_body(policy_body)
-    path = _role_binding_path(policy)
     account = pod_service_account(pod)
     try:
-        current = ctx.kube.get(path) or {}
-        bound = {
-            str(s.get("name"))
-            for s in current.get("subjects") or []
-            if s.get("kind") == "ServiceAccount" and s.get("namespace") == policy.namespace
-        }
-        if account in bound:
-            return
-        ctx.kube.apply(path, render_sidecar_role_binding(policy, cluster_role, bound | {account}))
+        sidecar_binding.write(ctx.kube, policy, cluster_role, sidecar_binding.admit(account, now()))
     except KubeApiError as exc:
         log.warning(
             "policy %s/%s: binding ServiceAccount %s for the sidecar failed (the resync "

@@ -360,14 +360,17 @@ class Sidecar(_Model):
 
 
 #: A rule's upstreamRole must name one of target.roles.
+#: (Each rule guards ``has(self.policy)``: a spec may leave the policy out, and CEL fails
+#: a rule that selects a field of an absent object, with "no such key: policy".)
 _ROLES_KNOWN = (
-    "!has(self.policy.rules) || self.policy.rules.all(r, !has(r.upstreamRole) || "
+    "!has(self.policy) || !has(self.policy.rules) || self.policy.rules.all(r, "
+    "!has(r.upstreamRole) || "
     "(has(self.target.roles) && self.target.roles.exists(x, x.name == r.upstreamRole)))"
 )
 _KEYED = "['hash', 'digits']"
 #: hash and digits need the masking key.
 _KEY_GIVEN = (
-    "has(self.target.maskingKey) || !has(self.policy.masking) "
+    "has(self.target.maskingKey) || !has(self.policy) || !has(self.policy.masking) "
     "|| !has(self.policy.masking.columns) || !self.policy.masking.columns.exists(c, "
     f"(has(c.strategy) && c.strategy in {_KEYED}) || (has(c.overrides) && "
     f"c.overrides.exists(o, has(o.strategy) && o.strategy in {_KEYED})))"

@@ -466,13 +466,36 @@ class PolicyEngine:
                         f"allow.functions; {allowed_summary}",
                     )
                 return refuse(sole_rule, f"{_op(operation)} is not allowed for you by any rule")
-        for access, relation, name in touched:
-            if not any(
+
+        def permitted(name: str) -> bool:
+            return any(
                 _allowed(r.allow.tables, name) or _allowed(r.review.tables, name) for r in rules
-            ):
-                shown = name if relation.schema is not None else f"{relation} (as {name})"
-                return refuse(
-                    sole_rule, f"{access} access to {shown} is not allowed for you by any rule"
+            )
+
+        for access, relation, name in touched:
+            if not permitted(name):
+                if relation.schema is not None:
+                    return refuse(
+                        sole_rule, f"{access} access to {name} is not allowed for you by any rule"
+                    )
+                # An unqualified name is checked as everything PostgreSQL could resolve it
+                # to; when another of those is allowed, qualifying the name is the way out.
+                meant = next(
+                    (n for _, r, n in touched if r == relation and n != name and permitted(n)),
+                    None,
+                )
+                reason = (
+                    f"{access} access to {relation} (as {name}) is not allowed for you by any rule"
+                )
+                if meant is None:
+                    return refuse(sole_rule, reason)
+                return Verdict(
+                    "deny",
+                    sole_rule,
+                    reason,
+                    hint=f"write the name schema-qualified, {meant}: unqualified, PostgreSQL "
+                    f"would take {name} if it existed (pg_catalog is searched first), which "
+                    f"no rule lets you read; {allowed_summary}",
                 )
         # 4. Review.
         for rule in rules:
