@@ -35,7 +35,7 @@ image:
 # the Collector and CoreDNS (scripts/build-node-images.sh; the last two from the binaries
 # of scripts/build-tools.sh). Each is skipped when nothing it is made of changed.
 node-images:
-	@bash scripts/ensure-system-deps.sh --image
+	@bash scripts/ensure-system-deps.sh --image --node
 	@bash scripts/build-tools.sh otelcol coredns
 	@bash scripts/build-node-images.sh
 
@@ -49,7 +49,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) system-deps tools image lint typecheck
+test: $(STAMP) system-deps tools image node-images lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -4,8 +4,18 @@
 # pgbouncer for the benchmark (pass --bench), podman and mmdebstrap for the image (--image),
 # and what the test node runs besides the Kubernetes binaries (--node): containerd, the CNI
 # plugins, catatonit (the pause image), iptables and conntrack (kube-proxy).
-# Idempotent; prints nothing when all is there.
+# Flags combine (--image --node). Idempotent; prints nothing when all is there.
 set -euo pipefail
+
+bench="" image="" node=""
+for flag in "$@"; do
+  case $flag in
+  --bench) bench=1 ;;
+  --image) image=1 ;;
+  --node) node=1 ;;
+  *) echo "ensure-system-deps: unknown flag $flag (expected --bench, --image, --node)" >&2; exit 2 ;;
+  esac
+done
 
 need=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
@@ -15,10 +25,10 @@ command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 if ! command -v pgbench >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1; then
   need+=(postgresql-contrib)
 fi
-if [[ "${1:-}" == "--bench" ]] && ! command -v pgbouncer >/dev/null 2>&1 && [[ ! -x /usr/sbin/pgbouncer ]]; then
+if [[ -n $bench ]] && ! command -v pgbouncer >/dev/null 2>&1 && [[ ! -x /usr/sbin/pgbouncer ]]; then
   need+=(pgbouncer)
 fi
-if [[ "${1:-}" == "--image" ]]; then
+if [[ -n $image ]]; then
   # The container image: podman builds and runs it; mmdebstrap makes its base where no
   # registry serves python:3.11-slim; runc runs it on cgroup v1 hosts (crun refuses them).
   command -v podman >/dev/null 2>&1 || need+=(podman)
@@ -27,7 +37,7 @@ if [[ "${1:-}" == "--image" ]]; then
   # setcap: the node's CoreDNS image gives its binary cap_net_bind_service (build-node-images.sh).
   command -v setcap >/dev/null 2>&1 || [[ -x /usr/sbin/setcap ]] || need+=(libcap2-bin)
 fi
-if [[ "${1:-}" == "--node" ]]; then
+if [[ -n $node ]]; then
   command -v containerd >/dev/null 2>&1 || need+=(containerd)
   [[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local && -x /usr/lib/cni/portmap ]] \
     || need+=(containernetworking-plugins)
