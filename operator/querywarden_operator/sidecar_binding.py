@@ -116,10 +116,20 @@ def write(
             if read.resource_version is None:
                 kube.request("POST", path.rsplit("/", 1)[0], manifest)
             else:
-                # A replace carrying the resourceVersion read fails (409) if the binding
-                # changed since (a server-side apply would not check it).
-                manifest["metadata"]["resourceVersion"] = read.resource_version
-                kube.request("PUT", path, manifest)
+                # A merge patch carrying the resourceVersion read fails (409) if the
+                # binding changed since; it replaces the subjects list whole. (patch is
+                # the verb the chart grants on RoleBindings; no update.)
+                kube.merge_patch(
+                    path,
+                    {
+                        "metadata": {
+                            "resourceVersion": read.resource_version,
+                            "annotations": manifest["metadata"]["annotations"],
+                        },
+                        "roleRef": manifest["roleRef"],
+                        "subjects": manifest["subjects"],
+                    },
+                )
             return
         except KubeApiError as exc:
             if exc.status != 409:  # 409: changed (or created) since we read it

@@ -1,4 +1,4 @@
-"""The real node (k8sharness.node): one per session, shared by the tests in this folder.
+"""The real node (k8sharness.node): one per test module that asks for it.
 
 Starting it takes about a minute (most of it loading the images into containerd); the
 tests here then work as a user of a cluster does: helm, kubectl and pods.
@@ -56,9 +56,13 @@ def image_archives(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.tar"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def node(workdir: Path) -> Iterator[Node]:
-    """A one-node cluster: control plane, kubelet, containerd, kube-proxy, CoreDNS."""
+    """A one-node cluster: control plane, kubelet, containerd, kube-proxy, CoreDNS.
+
+    Module-scoped: it stops (and gives back its CPU and memory) once the module using it
+    is done, instead of idling through the rest of the test session.
+    """
     require_tools(*NODE_TOOLS)
     if os.geteuid() != 0:
         pytest.fail("the node tests need root (network namespaces, containerd)", pytrace=False)
