@@ -55,6 +55,7 @@ test: $(STAMP) system-deps tools image node-images lint typecheck
 bench: $(STAMP)
 	@bash scripts/ensure-system-deps.sh --bench
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --agent
 	$(BIN)/python bench/identity_latency.py
 	$(BIN)/python bench/analysis_bench.py
 	$(BIN)/python bench/masking_bench.py

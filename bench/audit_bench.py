@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -36,43 +35,13 @@ from run import (
     log,
     parse_pgbench,
     spawn_gateway,
+    start_collector,
     stop_process,
     terminate_on_sigterm,
     wait_ready,
 )
 
-TOOLS = Path(os.environ.get("QUERYWARDEN_TOOLS_DIR", Path.home() / ".cache/querywarden/tools"))
 TARGET_RATIO = 0.9
-
-
-def start_collector(workdir: Path) -> tuple[subprocess.Popen[bytes] | None, str | None]:
-    """The Collector from the tools cache with an OTLP/HTTP receiver, or (None, None)."""
-    binary = TOOLS / "bin" / "otelcol"
-    if not binary.exists():
-        return None, None
-    port = devcluster.free_port()
-    config = {
-        "receivers": {"otlp": {"protocols": {"http": {"endpoint": f"127.0.0.1:{port}"}}}},
-        "exporters": {"file": {"path": str(workdir / "spans.jsonl")}},
-        "service": {
-            "pipelines": {
-                "traces": {"receivers": ["otlp"], "exporters": ["file"]},
-                "metrics": {"receivers": ["otlp"], "exporters": ["file"]},
-            },
-            "telemetry": {"metrics": {"level": "none"}},
-        },
-    }
-    path = workdir / "otelcol.yaml"
-    path.write_text(yaml.safe_dump(config))
-    logfile = (workdir / "otelcol.log").open("wb")
-    proc = subprocess.Popen(
-        [str(binary), "--config", str(path)],
-        stdout=logfile,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    logfile.close()
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def start_gateway(

@@ -50,6 +50,7 @@ except ImportError:  # not installed in this interpreter: use the source tree
 
 DATABASE = devcluster.DATABASE
 UPSTREAM_USER = "qw_scram"
+TOOLS = Path(os.environ.get("QUERYWARDEN_TOOLS_DIR", Path.home() / ".cache/querywarden/tools"))
 BENCH_USER = "bench"
 BENCH_PASSWORD = "bench-pw"
 MODES = ("simple", "prepared")
@@ -93,6 +94,27 @@ def cpu_seconds(pid: int) -> tuple[float, float] | None:
         return None
     fields = text[text.rindex(")") + 2 :].split()
     return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of a process and its live children (the gateway's audit
+    exporter runs as one): what serving the benchmark costs, wherever it runs."""
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    user, system = own
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pid:
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:  # ppid
+            user += int(fields[11]) / _CLK_TCK
+            system += int(fields[12]) / _CLK_TCK
+    return user, system
 
 
 def machine_cpu() -> tuple[int, int]:
@@ -182,7 +204,48 @@ class Target:
         return env
 
 
-def gateway_credentials(workdir: Path) -> tuple[dict[str, Any], str]:
+def start_collector(workdir: Path) -> tuple[subprocess.Popen[bytes] | None, str | None]:
+    """The Collector from the tools cache with an OTLP/HTTP receiver, or (None, None)."""
+    binary = TOOLS / "bin" / "otelcol"
+    if not binary.exists():
+        return None, None
+    port = devcluster.free_port()
+    config = {
+        "receivers": {"otlp": {"protocols": {"http": {"endpoint": f"127.0.0.1:{port}"}}}},
+        "exporters": {"file": {"path": str(workdir / "spans.jsonl")}},
+        "service": {
+            "pipelines": {
+                "traces": {"receivers": ["otlp"], "exporters": ["file"]},
+                "metrics": {"receivers": ["otlp"], "exporters": ["file"]},
+            },
+            "telemetry": {"metrics": {"level": "none"}},
+        },
+    }
+    path = workdir / "otelcol.yaml"
+    path.write_text(yaml.safe_dump(config))
+    logfile = (workdir / "otelcol.log").open("wb")
+    proc = subprocess.Popen(
+        [str(binary), "--config", str(path)],
+        stdout=logfile,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    logfile.close()
+    return proc, f"http://127.0.0.1:{port}"
+
+
+#: ``--agent``: what an AI agent's identity has on, beyond the policy decision. The
+#: column pgbench -S reads is masked (so every result row is rewritten), the content
+#: detectors run on any other text column, and everything is audited.
+AGENT_MASKING = {
+    "columns": [{"table": "public.pgbench_accounts", "column": "abalance", "strategy": "null"}],
+    "detectors": ["ssn", "credit_card", "api_key", "jwt", "private_key"],
+}
+
+
+def gateway_credentials(
+    workdir: Path, *, masking: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], str]:
     """Settings that let the client ``bench`` in, and the token it presents as password.
 
     A policy trusting a local development issuer, with a read-only rule for ``bench``, and
@@ -202,16 +265,24 @@ def gateway_credentials(workdir: Path) -> tuple[dict[str, Any], str]:
         "deny": {"tables": ["public.secrets"]},
         "review": {"operations": ["update", "delete"], "unboundedWrite": True},
     }
-    document = {"identity": {"issuers": [issuer]}, "rules": [rule]}
+    document: dict[str, Any] = {"identity": {"issuers": [issuer]}, "rules": [rule]}
+    if masking is not None:
+        document["masking"] = masking
     policy.write_text(yaml.safe_dump(document, sort_keys=False))
     return {"policyFile": str(policy)}, token
 
 
 def start_gateway(
-    workdir: Path, cluster: devcluster.EphemeralCluster
+    workdir: Path, cluster: devcluster.EphemeralCluster, *, agent_audit: dict[str, Any] | None
 ) -> tuple[subprocess.Popen[bytes], int, str]:
-    """Start ``querywarden serve``; return the process, its port and the client password."""
-    auth, password = gateway_credentials(workdir)
+    """Start ``querywarden serve``; return the process, its port and the client password.
+
+    With ``agent_audit`` (``--agent``) the bench identity is masked and audited as given.
+    """
+    masking = AGENT_MASKING if agent_audit is not None else None
+    auth, password = gateway_credentials(workdir, masking=masking)
+    if agent_audit is not None:
+        auth["audit"] = agent_audit
     proc, port = spawn_gateway(workdir, cluster, "gateway", auth)
     return proc, port, password
 
@@ -375,7 +446,7 @@ def pgbench(
         "-T",
         str(int(duration)),
     ]
-    cpu_before = cpu_seconds(target.pid) if target.pid else None
+    cpu_before = tree_cpu_seconds(target.pid) if target.pid else None
     busy_before, total_before = machine_cpu()
     start = time.perf_counter()
     result = subprocess.run(
@@ -383,7 +454,7 @@ def pgbench(
     )
     seconds = time.perf_counter() - start
     busy_after, total_after = machine_cpu()
-    cpu_after = cpu_seconds(target.pid) if target.pid else None
+    cpu_after = tree_cpu_seconds(target.pid) if target.pid else None
     if result.returncode != 0:
         raise RuntimeError(
             f"pgbench against {target.name} failed ({result.returncode}):\n"
@@ -778,6 +849,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--pgbouncer", default=None, help="pgbouncer binary")
     parser.add_argument(
+        "--agent",
+        action="store_true",
+        help="the bench identity as an AI agent's: masked, audited (batched fsync) and "
+        "exported over OTLP to a real Collector",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="afterwards, one extra gateway run per mode under py-spy (not in the figures)",
@@ -870,8 +947,21 @@ def run(
     if init.returncode != 0:
         raise RuntimeError(f"pgbench -i failed:\n{init.stdout}\n{init.stderr}")
 
+    agent_audit: dict[str, Any] | None = None
+    if args.agent:
+        collector, endpoint = start_collector(workdir)
+        if collector is None or endpoint is None:
+            raise RuntimeError("--agent needs the Collector of `make tools` (otelcol)")
+        stack.callback(stop_process, collector, "collector")
+        agent_audit = {
+            "directory": str(workdir / "audit"),
+            "fsync": "batch",
+            "otlpEndpoint": endpoint,
+        }
+        log(f"agent identity: masking {AGENT_MASKING['columns']}, audit to {endpoint}")
+    results["agent"] = args.agent
     log("starting the gateway and pgbouncer ...")
-    gw_proc, gw_port, gw_password = start_gateway(workdir, cluster)
+    gw_proc, gw_port, gw_password = start_gateway(workdir, cluster, agent_audit=agent_audit)
     stack.callback(stop_process, gw_proc, "gateway")
     bouncer_proc, bouncer_port = start_pgbouncer(pgbouncer_bin, workdir, cluster, args.clients)
     stack.callback(stop_process, bouncer_proc, "pgbouncer")

@@ -226,6 +226,39 @@ def test_receiver_down_mid_run_then_back(audit_dir: Path, receiver: OtlpReceiver
     assert spans[answered_late[0]].attributes["db.response.returned_rows"] == 1
 
 
+@pytest.mark.parametrize("drain", [0.0, 10.0])
+def test_shutdown_drains_the_backlog_within_the_drain_time(
+    audit_dir: Path, receiver: OtlpReceiver, drain: float
+) -> None:
+    # A pod deleted while its exporter is behind: the log on an emptyDir goes with the
+    # pod, so what is not sent while the gateway stops is lost. The last pass used to
+    # send one batch; it now keeps going for up to the drain time.
+    log = AuditLog(audit_dir, fsync="batch")
+    gateway = Gateway(log)
+    sessions = ["d1", "d2", "d3"]
+    for sid in sessions:
+        gateway.connect(sid)
+    gateway.traffic(0, 150, sessions)
+    for sid in sessions:
+        gateway.end(sid)
+    log.sync()
+    exporter = LogExporter(audit_dir, receiver.endpoint, instance_id="gw-test", batch_max=16)
+
+    async def shutdown_before_the_first_pass() -> None:
+        stop = asyncio.Event()
+        stop.set()
+        await asyncio.wait_for(exporter.run(interval=INTERVAL, stop=stop, drain=drain), 30)
+
+    try:
+        asyncio.run(shutdown_before_the_first_pass())
+    finally:
+        log.close()
+    if drain:
+        check_complete(receiver, gateway)
+    else:  # no drain time: one batch, as before
+        assert 0 < len(receiver.spans()) <= 16
+
+
 def test_exporter_replaced_mid_run_loses_nothing(audit_dir: Path, receiver: OtlpReceiver) -> None:
     log = AuditLog(audit_dir, fsync="batch")
     gateway = Gateway(log)

@@ -576,6 +576,25 @@ def _audit_source(sidecar: EffectiveSidecar) -> dict[str, Any]:
     return {"emptyDir": {"sizeLimit": sidecar.audit_volume_size}}
 
 
+#: The pod's own default (Kubernetes): seconds from SIGTERM to SIGKILL.
+DEFAULT_GRACE_SECONDS = 30
+#: Of the grace period, what the database container (stopped first, with a native
+#: sidecar) and the gateway's session shutdown are left.
+DRAIN_RESERVE_SECONDS = 5
+
+
+def _drain_env(pod_spec: Mapping[str, Any]) -> dict[str, str]:
+    """How long the sidecar drains its audit export on shutdown: within the pod's grace.
+
+    An emptyDir audit log is deleted with the pod; the kubelet kills the sidecar when the
+    pod's terminationGracePeriodSeconds are up, so the drain must end before that.
+    """
+    grace = pod_spec.get("terminationGracePeriodSeconds")
+    seconds = DEFAULT_GRACE_SECONDS if grace is None else int(grace)
+    drain = max(1, seconds - DRAIN_RESERVE_SECONDS)
+    return {"name": "QUERYWARDEN_AUDIT__DRAIN_TIMEOUT", "value": f"{drain}s"}
+
+
 def pod_patch(
     pod: Mapping[str, Any],
     policy_name: str,
@@ -603,6 +622,7 @@ def pod_patch(
             "which the querywarden sidecar needs"
         )
     container = sidecar_container(spec, sidecar)
+    container["env"] = [*container["env"], _drain_env(pod_spec)]
     patch_spec: dict[str, Any] = {"volumes": existing + ours}
     if not pod_spec.get("serviceAccountName"):
         # The sidecar's projected token needs a named account. The ServiceAccount

@@ -174,6 +174,11 @@ class AuditSettings(_Section):
     #: Where the export runs: ``thread`` (inside the gateway process) or ``process`` (a
     #: child process, off the relay's interpreter lock; restarted if it dies).
     exporter: Literal["thread", "process"] = "thread"
+    #: On shutdown the exporter keeps sending what the Collector has not received yet for
+    #: up to this long. Keep it below the time the gateway gets to stop (a pod's
+    #: terminationGracePeriodSeconds; the operator sets it from the pod's) so that a log
+    #: on an emptyDir is out before the pod and the volume go.
+    drain_timeout: Duration = timedelta(seconds=20)
     #: What exported spans carry as ``db.query.text``: ``normalized`` (constants become
     #: ``$n``, comments go; the exact text stays in the log), ``raw`` (the exact text,
     #: and the server's error messages), or ``none``.

@@ -73,6 +73,8 @@ log = logging.getLogger("querywarden.server")
 
 # Keep per-connection buffering small: a slow client pauses the upstream, not our memory.
 _WRITE_HIGH_WATER = 256 * 1024
+#: Beyond the exporter's drain time: for its last batch and for the process to exit.
+_DRAIN_MARGIN = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,7 @@ class Gateway:
         self._audit_start_seq = self.auditor.log.last_seq if self.auditor else 0
         self._exporter: asyncio.Task[None] | None = None
         self._exporter_stop = asyncio.Event()
+        self._drain_seconds = settings.audit.drain_timeout.total_seconds()
         self.tls_context = _server_tls_context(settings)
         if self.tls_context is None and settings.listen.plaintext == "never":
             raise ValueError("listen.plaintext is 'never' but no tls.certFile/tls.keyFile is set")
@@ -191,7 +194,9 @@ class Gateway:
                     interrupted_through=self._audit_start_seq,
                     query_text=audit.export_query_text,
                 )
-                self._exporter = loop.create_task(exporter.run(stop=self._exporter_stop))
+                self._exporter = loop.create_task(
+                    exporter.run(stop=self._exporter_stop, drain=self._drain_seconds)
+                )
         sock = self._server.sockets[0].getsockname()
         log.info("querywarden listening on %s:%s", sock[0], sock[1])
         return str(sock[0]), int(sock[1])
@@ -215,6 +220,8 @@ class Gateway:
             str(self._audit_start_seq),
             "--query-text",
             self.settings.audit.export_query_text,
+            "--drain",
+            str(self._drain_seconds),
         ]
         while not self._exporter_stop.is_set():
             process = await asyncio.create_subprocess_exec(*command)
@@ -226,10 +233,10 @@ class Gateway:
                 log.warning("the audit exporter exited (%s); restarting it", process.returncode)
                 await asyncio.sleep(1.0)
                 continue
-            # Stopping: let it finish its batch and make a last pass.
+            # Stopping: let it finish its batch and drain what is left.
             process.terminate()
             try:
-                await asyncio.wait_for(exited, timeout=10)
+                await asyncio.wait_for(exited, timeout=self._drain_seconds + _DRAIN_MARGIN)
             except TimeoutError:
                 process.kill()
                 await exited
@@ -422,7 +429,9 @@ class Gateway:
         if self._exporter is not None:
             self._exporter_stop.set()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._exporter, timeout=grace)
+                await asyncio.wait_for(
+                    self._exporter, timeout=self._drain_seconds + 2 * _DRAIN_MARGIN
+                )
         with contextlib.suppress(Exception):
             await self.approvals.store.close()
         if self.auditor is not None:

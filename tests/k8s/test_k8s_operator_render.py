@@ -364,6 +364,22 @@ def test_native_sidecar_goes_first_among_init_containers() -> None:
     }
 
 
+def test_the_sidecars_audit_drain_fits_in_the_pods_grace_period() -> None:
+    # On a real node, a pod deleted under load lost the records its exporter had not sent
+    # (the last pass sent one batch); the drain now runs until the pod's grace is nearly up.
+    def drain(pod: dict[str, Any]) -> str:
+        patch = pod_patch(pod, "orders-db", spec(), sidecar(native=True))
+        assert patch is not None
+        env = {e["name"]: e.get("value") for e in patch["spec"]["initContainers"][0]["env"]}
+        return str(env["QUERYWARDEN_AUDIT__DRAIN_TIMEOUT"])
+
+    assert drain(POD) == "25s"  # Kubernetes' default grace: 30 s
+    longer = {**POD, "spec": {**POD["spec"], "terminationGracePeriodSeconds": 120}}
+    assert drain(longer) == "115s"
+    brief = {**POD, "spec": {**POD["spec"], "terminationGracePeriodSeconds": 2}}
+    assert drain(brief) == "1s"
+
+
 def test_without_native_sidecars_the_gateway_is_a_regular_container() -> None:
     # The cluster cannot: even a policy asking for a native sidecar gets a regular one
     # (an init container that never ends would keep the pod from starting).

@@ -1166,13 +1166,15 @@ class LogExporter:
             raise ExportError(f"{self.url} could not be reached: {exc}") from exc
         _check_partial_success(payload, self.url)
 
-    async def run(self, *, interval: float = 1.0, stop: asyncio.Event) -> None:
+    async def run(self, *, interval: float = 1.0, stop: asyncio.Event, drain: float = 0.0) -> None:
         """Export every ``interval`` seconds until ``stop`` is set; never drop a record.
 
         Each pass runs in a thread of its own (HTTP and disk reads stay off the event
         loop). After a failure the wait doubles, up to 30 s; the records wait in the log.
-        When ``stop`` is set mid-pass, the pass ends after its current batch; a last
-        pass is made if the Collector was reachable.
+        When ``stop`` is set mid-pass, the pass ends after its current batch; then, if the
+        Collector was reachable, a last pass sends what is left for up to ``drain``
+        seconds (at least one batch). A pod's log on an emptyDir goes with the pod: the
+        drain, within its termination grace period, is what gets the rest out.
         """
         loop = asyncio.get_running_loop()
         # A thread of its own: a pass waiting on an unreachable Collector must not hold
@@ -1187,11 +1189,18 @@ class LogExporter:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(stopping), timeout=delay)
             if self.failures == 0:
-                # Shutting down with the Collector up: send what the last moments wrote.
-                # With halt set, a long catch-up stops after one batch.
-                halt.set()
-                with contextlib.suppress(Exception):
-                    await loop.run_in_executor(executor, self._export, halt)
+                # Shutting down with the Collector up: send what is left, batch by batch,
+                # until it is all out or the drain time is up (then after one more batch).
+                halt.clear()
+                if drain <= 0:
+                    halt.set()
+                timer = loop.call_later(drain, halt.set) if drain > 0 else None
+                try:
+                    with contextlib.suppress(Exception):
+                        await loop.run_in_executor(executor, self._export, halt)
+                finally:
+                    if timer is not None:
+                        timer.cancel()
         finally:
             halt.set()
             stopping.cancel()
@@ -1296,6 +1305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--interrupted-through", type=int, default=None)
     parser.add_argument(
+        "--drain", type=float, default=0.0, help="seconds to keep sending after SIGTERM"
+    )
+    parser.add_argument(
         "--query-text",
         choices=QUERY_TEXT_MODES,
         default="normalized",
@@ -1329,7 +1341,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await exporter.run(interval=args.interval, stop=stop)
+        await exporter.run(interval=args.interval, stop=stop, drain=args.drain)
 
     asyncio.run(serve())
     return 0
