@@ -420,7 +420,9 @@ class Node:
 
     def _start(self) -> Cluster:
         t = time.monotonic()
+        sweep_abandoned()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._claim()
         self.network.create()
         certs = NodeCertificates.issue(self.workdir / "pki", self.node_ip)
         t = self._timed("network and certificates", t)
@@ -715,8 +717,24 @@ class Node:
             _collect(errors, self.processes.pop().stop)
         _collect(errors, lambda: unmount_under(self.workdir))
         _collect(errors, self.network.remove)
+        if not errors:
+            (OWNERS / f"{self.network.name}.json").unlink(missing_ok=True)
         if errors:
             raise errors[0]
+
+    def _claim(self) -> None:
+        """Record who runs this node, so a later run can clean up if we are killed."""
+        OWNERS.mkdir(parents=True, exist_ok=True)
+        (OWNERS / f"{self.network.name}.json").write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "netns": self.network.name,
+                    "host_link": self.network.host_link,
+                    "workdir": str(self.workdir),
+                }
+            )
+        )
 
     def logs(self, name: str, lines: int = 60) -> str:
         """The last lines of a component's log (``kubelet``, ``containerd``, ...)."""
@@ -829,6 +847,42 @@ def render_dns_manifests(corefile: str) -> list[dict[str, Any]]:
             },
         },
     ]
+
+
+#: One file per running node: whose it is and what it holds (``Node._claim``).
+OWNERS = Path("/run/querywarden-test-nodes")
+
+
+def sweep_abandoned() -> None:
+    """Tear down what nodes of killed test runs left: their processes, mounts, namespace.
+
+    A run stopped by SIGKILL (a CI timeout) cannot clean up after itself; its containers
+    would keep running and its network namespace stay. A node whose owner is gone is
+    taken apart here, before a new one starts.
+    """
+    if not OWNERS.is_dir():
+        return
+    for claim in OWNERS.glob("*.json"):
+        try:
+            owner = json.loads(claim.read_text())
+        except (OSError, ValueError):
+            continue
+        if Path(f"/proc/{owner.get('pid')}").exists():
+            continue  # alive: someone else's running node
+        workdir = Path(str(owner["workdir"]))
+        # Containers first: killing a container's first process ends its PID namespace.
+        for state in workdir.glob("containerd/runc/*/*/state.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError):
+                os.kill(int(json.loads(state.read_text())["init_process_pid"]), signal.SIGKILL)
+        netns = str(owner["netns"])
+        for pid in run(["ip", "netns", "pids", netns], check=False).split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.5)
+        unmount_under(workdir)
+        run(["ip", "link", "del", str(owner["host_link"])], check=False)
+        run(["ip", "netns", "del", netns], check=False)
+        claim.unlink(missing_ok=True)
 
 
 def unmount_under(directory: Path) -> None:
