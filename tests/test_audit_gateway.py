@@ -274,8 +274,9 @@ def test_the_gateway_exports_spans_from_its_log(
     assert refused.attributes["querywarden.rule"] == "agents-rw"
 
 
-def test_the_exporter_can_run_as_a_child_process(
-    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
+@pytest.mark.parametrize("exporter", ["process", "thread"])
+def test_the_exporter_runs_as_a_child_process_or_a_thread(
+    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path, exporter: str
 ) -> None:
     with OtlpReceiver() as receiver:
         gw = make_gateway(
@@ -283,7 +284,7 @@ def test_the_exporter_can_run_as_a_child_process(
             audit={
                 "directory": str(tmp_path / "audit"),
                 "otlpEndpoint": receiver.endpoint,
-                "exporter": "process",
+                "exporter": exporter,
             },
         )
         with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:

@@ -100,6 +100,9 @@ class _Resolved:
 
     origins: dict[Origin, ColumnMask]
     names: set[tuple[str, str]]
+    #: The tables of ``names``: worked out once per snapshot and identity, not per
+    #: statement (the set can hold every column of a large schema).
+    relations: frozenset[str]
 
 
 class Masker:
@@ -135,15 +138,13 @@ class Masker:
                 return None if override.strategy == "none" else _spec(override)
         return _spec(column)
 
-    def _resolve(
-        self, catalog: SensitiveCatalog, principal: Principal
-    ) -> tuple[dict[Origin, ColumnMask], set[tuple[str, str]]]:
+    def _resolve(self, catalog: SensitiveCatalog, principal: Principal) -> _Resolved:
         # Cached on the catalog snapshot itself, per masker and identity: a new snapshot
         # (or a reloaded policy's masker) starts empty, and the entries die with it.
         key = (self, principal.subject, principal.groups)
         found = catalog.derived.get(key)
         if isinstance(found, _Resolved):
-            return found.origins, found.names
+            return found
         origins: dict[Origin, ColumnMask] = {}
         names: set[tuple[str, str]] = set()
         for origin, column in catalog.by_origin.items():
@@ -155,8 +156,9 @@ class Masker:
                 names.add(name)
         if len(catalog.derived) > 1000:
             catalog.derived.clear()
-        catalog.derived[key] = _Resolved(origins, names)
-        return origins, names
+        resolved = _Resolved(origins, names, frozenset(table for table, _ in names))
+        catalog.derived[key] = resolved
+        return resolved
 
     def plan(
         self,
@@ -166,8 +168,8 @@ class Masker:
         search_path: Sequence[str],
     ) -> MaskPlan | MaskRefusal:
         """The plan for a request, or why masking cannot let it run."""
-        origins, names = self._resolve(catalog, principal)
-        relations = {table for table, _ in names}
+        resolved = self._resolve(catalog, principal)
+        origins, names, relations = resolved.origins, resolved.names, resolved.relations
         tainted = False
         touches = False
         withhold = False
@@ -237,7 +239,7 @@ class _Findings:
         self,
         summary: StatementSummary,
         names: set[tuple[str, str]],
-        relations: set[str],
+        relations: frozenset[str],
         search_path: Sequence[str],
     ) -> None:
         self.summary = summary
@@ -290,7 +292,7 @@ class _Findings:
         column: str,
         targets: Iterable[QualifiedName],
         names: set[tuple[str, str]],
-        relations: set[str],
+        relations: frozenset[str],
         search_path: Sequence[str],
     ) -> str | None:
         for target in targets:
