@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 import pytest
 
 from querywarden import codec
 from querywarden.errors import UpstreamError
 from querywarden.hooks import Decision, SessionInfo, StatementRequest
+from querywarden.masking import compiled
 from querywarden.masking.plan import ColumnMask, MaskPlan
 from querywarden.masking.strategies import MaskSpec
 from querywarden.session import Session
@@ -28,6 +30,17 @@ PLAN = MaskPlan(
 class MaskingGate:
     def decide(self, session: SessionInfo, request: StatementRequest) -> Decision:
         return Decision(True, mask=PLAN)
+
+
+@pytest.fixture(autouse=True, params=["on", "off"], ids=["native", "python"])
+def row_masker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every session here masks with the compiled row masker, then with the reference."""
+    before = compiled.enabled()
+    compiled.select(request.param)
+    try:
+        yield
+    finally:
+        compiled.select("on" if before else "off")
 
 
 def description(*columns: tuple[str, int, int, int, int]) -> bytes:
