@@ -5,7 +5,7 @@
 //! module walks runs of DataRow messages and rebuilds the rows that change, calling back
 //! into Python only for what it does not implement itself (keyed strategies, the content
 //! detectors once a value may hold a secret). Its output must be byte for byte the
-//! reference's, with the same exceptions and the same counts: `tests/test_native_masking.py`
+//! reference's, with the same exceptions and the same counts: `tests/unit/test_native_masking.py`
 //! checks that on random and adversarial input.
 
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};

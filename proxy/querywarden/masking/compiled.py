@@ -4,7 +4,7 @@
 Python loop in ``rows.py`` is the reference and the fallback, and ``querywarden_native``
 (Rust, ``native/``) runs the same loop over whole runs of DataRows, calling back into
 Python only for what it does not implement itself. Both give the same bytes, errors and
-counts (``tests/test_native_masking.py``).
+counts (``tests/unit/test_native_masking.py``).
 
 The gateway setting ``performance.native`` (``QUERYWARDEN_PERFORMANCE__NATIVE``) picks one
 for the process: ``auto`` (the default) uses the compiled one when it is installed, ``on``

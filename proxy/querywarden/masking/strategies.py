@@ -226,7 +226,7 @@ def compiled_op(masker: Masker, spec: MaskSpec, *, type_oid: int, encoding: str)
     keep_last, filler, strip_blanks)`` and ``("email", filler, strip_blanks, masker)`` for
     plain text types in UTF-8 (email calls ``masker`` for a non-ASCII domain, whose letters
     only Python's Unicode tables decide). Everything else is ``("call", masker)``: the
-    compiled loop calls back. ``tests/test_native_masking.py`` holds the two to the same
+    compiled loop calls back. ``tests/unit/test_native_masking.py`` holds the two to the same
     bytes.
     """
     if masker is _null:
