@@ -714,7 +714,7 @@ class Session:
                         sqlstate="54000",
                     )
                 break
-            if mtype == _DATA_ROW and masked:
+            if mtype == _DATA_ROW and masked and self._layout is not None:
                 layout = self._run_layout(hook)
                 if layout is not None:
                     # The rows of a result arrive in runs: one call masks the whole run.
