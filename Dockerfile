@@ -10,6 +10,11 @@
 # pip's configuration (index, CA bundle) may come in as the build secret `pip.conf`, as
 # behind a corporate proxy; a secret is never stored in a layer.
 ARG BASE_IMAGE=python:3.11-slim
+#
+# The compiled row masker (native/, querywarden_native) is not built here: Debian
+# bookworm's Rust is older than PyO3 needs and no crates registry is reachable from the
+# build. The image masks with the pure-Python reference (performance.native: auto says so
+# at start); see docs/architecture.md, "The compiled row masker".
 
 FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -6,6 +6,9 @@ PYTHON  ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
+NATIVE  := $(VENV)/.native-stamp
+NATIVE_SOURCES := native/Cargo.toml native/Cargo.lock native/pyproject.toml \
+	native/querywarden_native.pyi $(wildcard native/src/*.rs)
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint typecheck unit bench system-deps tools image node-images clean lock
@@ -14,6 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The compiled row masker (querywarden_native, Rust + PyO3): pip builds it with maturin
+# (pinned in native/pyproject.toml, from PyPI) and cargo (crates from crates.io, pinned by
+# native/Cargo.lock); built again whenever its sources change. Without it the gateway
+# masks with the pure-Python reference; the tests require it.
+$(NATIVE): $(STAMP) $(NATIVE_SOURCES)
+	@command -v cargo >/dev/null || { echo "cargo (Rust) is needed to build native/"; exit 1; }
+	$(BIN)/pip install -q --force-reinstall --no-deps ./native
 	touch $@
 
 system-deps:
@@ -39,7 +51,7 @@ node-images:
 	@bash scripts/build-tools.sh otelcol coredns
 	@bash scripts/build-node-images.sh
 
-demo: $(STAMP) system-deps
+demo: $(NATIVE) system-deps
 	$(BIN)/querywarden demo
 
 lint: $(STAMP)
@@ -49,10 +61,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) system-deps tools image node-images lint typecheck
+test: $(NATIVE) system-deps tools image node-images lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(NATIVE)
 	@bash scripts/ensure-system-deps.sh --bench
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/run.py --agent
@@ -66,4 +78,4 @@ lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .querywarden
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .querywarden native/target

@@ -1,11 +1,13 @@
 """Masking throughput: a million rows with two masked columns, against the same rows
 unmasked through the gateway and directly from PostgreSQL, in one run.
 
-One gateway process serves two identities: ``bench`` (masked: ``ssn`` partial, ``email``
-email strategy, plus the content detectors) and ``bench-exempt`` (in the policy's
-exemption: the same relay and policy checks, no masking). psql reads
-``SELECT id, name, ssn, email FROM qm_bench`` (1,000,000 rows) to /dev/null, alternating
-targets; the gateway's peak RSS growth is measured as in bench/run.py.
+Two gateway processes with the same policy, one masking rows with the compiled row masker
+(``performance.native: on``) and one with the pure-Python reference (``off``), serve two
+identities: ``bench`` (masked: ``ssn`` partial, ``email`` email strategy, plus the content
+detectors) and ``bench-exempt`` (in the policy's exemption: the same relay and policy
+checks, no masking). psql reads ``SELECT id, name, ssn, email FROM qm_bench`` (1,000,000
+rows) to /dev/null, alternating targets; each gateway's peak RSS growth is measured as in
+bench/run.py.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ THROUGHPUT_TARGET = 0.5
 
 
 def start_masking_gateway(
-    workdir: Path, cluster: devcluster.EphemeralCluster
+    workdir: Path, cluster: devcluster.EphemeralCluster, name: str, native: str
 ) -> tuple[subprocess.Popen[bytes], int, dict[str, str]]:
     """``querywarden serve`` with a masking policy; return it, its port and two tokens."""
     key_file = workdir / "dev-issuer.pem"
@@ -77,9 +79,17 @@ def start_masking_gateway(
     }
     (workdir / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
     proc, port = spawn_gateway(
-        workdir, cluster, "gateway", {"policyFile": str(workdir / "policy.yaml")}
+        workdir,
+        cluster,
+        name,
+        {"policyFile": str(workdir / "policy.yaml"), "performance": {"native": native}},
     )
     return proc, port, tokens
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages (other work on the machine shows here too)."""
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 def read_all(psql: Path, target: Target) -> dict[str, Any]:
@@ -124,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start()
         psql = cluster.bindir / "psql"
         load = background_load()
+        loadavg_before = loadavg()
         log(f"background CPU load: {load:.0%}; seeding {ROWS} rows ...")
         cluster.psql(
             "CREATE TABLE qm_bench (id int, name text, ssn text, email text);"
@@ -134,13 +145,17 @@ def main(argv: list[str] | None = None) -> int:
             "GRANT SELECT ON qm_bench TO PUBLIC;"
         )
         cluster.psql("VACUUM ANALYZE qm_bench")
-        proc, port, tokens = start_masking_gateway(workdir, cluster)
+        proc, port, tokens = start_masking_gateway(workdir, cluster, "gateway", "on")
         stack.callback(stop_process, proc, "gateway")
         wait_ready(proc, "gateway", port, [workdir / "gateway.log"])
+        ref, ref_port, _ = start_masking_gateway(workdir, cluster, "gateway-python", "off")
+        stack.callback(stop_process, ref, "gateway-python")
+        wait_ready(ref, "gateway-python", ref_port, [workdir / "gateway-python.log"])
         targets = [
             Target("direct", cluster.port, UPSTREAM_USER, devcluster.ROLE_PASSWORD),
             Target("unmasked", port, "bench-exempt", tokens["bench-exempt"], proc.pid),
             Target("masked", port, "bench", tokens["bench"], proc.pid),
+            Target("masked-python", ref_port, "bench", tokens["bench"], ref.pid),
         ]
         runs: list[dict[str, Any]] = []
         for i in range(args.repeats):
@@ -148,26 +163,36 @@ def main(argv: list[str] | None = None) -> int:
             for target in order:
                 run = read_all(psql, target)
                 runs.append(run)
-                log(f"{target.name:<9} {run['seconds']:.2f} s  {run.get('rss_growth_mb', '')}")
-    medians = {
-        t: statistics.median(r["seconds"] for r in runs if r["target"] == t)
-        for t in ("direct", "unmasked", "masked")
+                log(f"{target.name:<13} {run['seconds']:.2f} s  {run.get('rss_growth_mb', '')}")
+        load_after = background_load()
+        loadavg_after = loadavg()
+    names = [t.name for t in targets]
+    medians = {t: statistics.median(r["seconds"] for r in runs if r["target"] == t) for t in names}
+    growths = {
+        t: max(r.get("rss_growth_mb", 0.0) for r in runs if r["target"] == t) for t in names[1:]
     }
-    growth = max(r.get("rss_growth_mb", 0.0) for r in runs)
+    growth = max(growths.values())
     ratio = medians["unmasked"] / medians["masked"]
     summary = {
         "started": started.isoformat(timespec="seconds"),
         "rows": ROWS,
         "median_seconds": medians,
         "masked_throughput_vs_unmasked": round(ratio, 3),
-        "peak_rss_growth_mb": growth,
+        "reference_masked_throughput_vs_unmasked": round(
+            medians["unmasked"] / medians["masked-python"], 3
+        ),
+        "peak_rss_growth_mb": growths,
         "background_load": load,
+        "background_load_after": load_after,
+        "loadavg_before": loadavg_before,
+        "loadavg_after": loadavg_after,
         "runs": runs,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
     verdict = "met" if ratio >= THROUGHPUT_TARGET else "NOT met"
     print(
         f"masked throughput {ratio:.2f} x unmasked (target {THROUGHPUT_TARGET}): {verdict}; "
+        f"reference {summary['reference_masked_throughput_vs_unmasked']:.2f} x; "
         f"peak RSS growth {growth} MB (target < {RSS_TARGET_MB})"
     )
     args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from byte_tap import ByteTap
 from gateway_harness import DATABASE, POLICY, RunningGateway, token_for
 from masking_corpus import CORPUS, SEED, UPDATES, leak_patterns
 from querywarden.devcluster import EphemeralCluster
+from querywarden.masking import compiled
 from querywarden.policy import PolicyDocument
 
 HASH_KEY = "test-masking-key-0123456789abcdef"
@@ -76,19 +77,34 @@ def seeded(pg: EphemeralCluster) -> Iterator[None]:
     pg.psql("DROP TABLE qm_customers, qm_orders, qm_people CASCADE")
 
 
+@pytest.fixture(scope="module", params=["on", "off"], ids=["native", "python"])
+def row_masker(request: pytest.FixtureRequest) -> str:
+    """``performance.native``: every test here runs with the compiled row masker and with
+    the pure-Python reference (``on`` fails if the compiled one is not built).
+    """
+    mode: str = request.param
+    return mode
+
+
 def masking_gateway(
-    make_gateway: Callable[..., RunningGateway], rules: list[dict[str, Any]]
+    make_gateway: Callable[..., RunningGateway], rules: list[dict[str, Any]], row_masker: str
 ) -> RunningGateway:
     """A gateway with the test policy's masking section and ``rules``."""
     policy = PolicyDocument.model_validate(
         {"identity": POLICY.identity.model_dump(by_alias=True), "rules": rules, "masking": MASKING}
     )
-    return make_gateway(policy=policy, masking={"hashKey": HASH_KEY})
+    gw = make_gateway(
+        policy=policy, masking={"hashKey": HASH_KEY}, performance={"native": row_masker}
+    )
+    assert compiled.enabled() == (row_masker == "on")
+    return gw
 
 
 @pytest.fixture
-def masked(make_gateway: Callable[..., RunningGateway], seeded: None) -> Iterator[RunningGateway]:
-    gw = masking_gateway(make_gateway, RULES)
+def masked(
+    make_gateway: Callable[..., RunningGateway], seeded: None, row_masker: str
+) -> Iterator[RunningGateway]:
+    gw = masking_gateway(make_gateway, RULES, row_masker)
     tap = ByteTap(gw.host, gw.port)
     gw.extra["tap"] = tap
     try:
@@ -297,7 +313,10 @@ def test_binary_values_decode_as_their_types(masked: RunningGateway) -> None:
 
 
 def test_views_mask_the_columns_that_carry_sensitive_values(
-    make_gateway: Callable[..., RunningGateway], seeded: None, pg: EphemeralCluster
+    make_gateway: Callable[..., RunningGateway],
+    seeded: None,
+    pg: EphemeralCluster,
+    row_masker: str,
 ) -> None:
     pg.psql(
         "CREATE VIEW qm_filtered_view AS SELECT id, name FROM qm_customers WHERE ssn LIKE '1%';"
@@ -307,7 +326,7 @@ def test_views_mask_the_columns_that_carry_sensitive_values(
         "GRANT SELECT ON qm_filtered_view, qm_function_view TO PUBLIC"
     )
     try:
-        gw = masking_gateway(make_gateway, RULES)
+        gw = masking_gateway(make_gateway, RULES, row_masker)
         with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
             # id and name pass clean columns through: untouched, and usable in WHERE.
             row = conn.execute("SELECT id, name, ssn FROM qm_customer_view WHERE id = 1").fetchone()
@@ -385,7 +404,10 @@ WIDE_RULES = [
 
 
 def test_side_channels_do_not_carry_masked_values(
-    make_gateway: Callable[..., RunningGateway], seeded: None, pg: EphemeralCluster
+    make_gateway: Callable[..., RunningGateway],
+    seeded: None,
+    pg: EphemeralCluster,
+    row_masker: str,
 ) -> None:
     pg.psql(
         "CREATE FUNCTION qm_shout(int) RETURNS int LANGUAGE plpgsql AS $$ BEGIN "
@@ -394,7 +416,7 @@ def test_side_channels_do_not_carry_masked_values(
         "RAISE EXCEPTION '%', (SELECT api_key FROM qm_customers WHERE id = $1); END $$"
     )
     try:
-        gw = masking_gateway(make_gateway, WIDE_RULES)
+        gw = masking_gateway(make_gateway, WIDE_RULES, row_masker)
         with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
             received: list[str] = []
             conn.add_notify_handler(lambda n: received.append(n.payload))

@@ -148,6 +148,15 @@ class MaskingSettings(_Section):
         return key.encode() if key else None
 
 
+class PerformanceSettings(_Section):
+    """How the gateway runs its hot loops; the bytes clients get are the same either way."""
+
+    #: The compiled row masker (``querywarden_native``): ``auto`` uses it when it is
+    #: installed, ``on`` requires it (the gateway does not start without it), ``off`` uses
+    #: the pure-Python reference.
+    native: Literal["auto", "on", "off"] = "auto"
+
+
 class AuditSettings(_Section):
     """The audit log (off unless ``directory`` is set) and its export over OTLP."""
 
@@ -249,6 +258,7 @@ class GatewaySettings(BaseSettings):
     upstream: UpstreamSettings = UpstreamSettings.model_validate({})
     limits: LimitSettings = LimitSettings.model_validate({})
     masking: MaskingSettings = MaskingSettings.model_validate({})
+    performance: PerformanceSettings = PerformanceSettings.model_validate({})
     audit: AuditSettings = AuditSettings.model_validate({})
     admin: AdminSettings = AdminSettings.model_validate({})
     approvals: ApprovalStoreSettings = ApprovalStoreSettings.model_validate({})

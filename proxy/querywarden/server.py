@@ -40,6 +40,7 @@ from querywarden.errors import (
 from querywarden.hooks import Decision, ResultHook, SessionInfo, StatementGate
 from querywarden.identity import Authenticator, Credentials, Principal
 from querywarden.identity.authenticator import TokenAuthenticator
+from querywarden.masking import compiled
 from querywarden.masking.catalog import (
     CatalogCache,
     SensitiveCatalog,
@@ -99,6 +100,8 @@ class Gateway:
         result_hook: ResultHook | None = None,
     ) -> None:
         self.settings = settings
+        compiled.select(settings.performance.native)  # one row masker per process
+        log.info("masking rows with the %s row masker", compiled.describe())
         if policy is None:
             # No policy trusts no issuer: every connection is refused (fail closed).
             policy = load_policy(settings.policy_file) if settings.policy_file else PolicyDocument()

@@ -683,6 +683,7 @@ class Session:
         info = self.info
         unpack = codec.TYPE_AND_LENGTH.unpack_from
         handlers = self._handlers
+        masked = self.masked  # (changed by client input only)
         size = len(data)
         pos = run_start = 0
         while size - pos >= 5:
@@ -713,6 +714,18 @@ class Session:
                         sqlstate="54000",
                     )
                 break
+            if mtype == _DATA_ROW and masked and self._layout is not None:
+                layout = self._run_layout(hook)
+                if layout is not None:
+                    # The rows of a result arrive in runs: one call masks the whole run.
+                    stop, rows = layout.mask_rows(data, pos, size)
+                    if rows is not None:
+                        if pos > run_start:
+                            out.append(data[run_start:pos])
+                        out.append(rows)
+                        run_start = stop
+                    pos = stop
+                    continue
             handler = handlers.get(mtype)
             replacement = handler(self, data, pos, end) if handler is not None else None
             if replacement is None and hook is not None and mtype in RESULT_MESSAGE_TYPES:
@@ -973,6 +986,23 @@ class Session:
         if self.audit is not None:
             self._sample(masked if masked is not None else data[pos:end])
         return masked
+
+    def _run_layout(self, hook: ResultHook | None) -> RowLayout | None:
+        """The layout that may mask the DataRows from here on as a run, or None.
+
+        A run skips :meth:`_on_row` for each row: the result's layout must be known, and
+        no row cut, counted against a limit, sampled or shown to a hook (None: the rows go
+        one by one).
+        """
+        if (
+            not self._layout_known
+            or hook is not None
+            or self._cut
+            or self.row_limit is not None
+            or (self._sampling and self._samples_row())
+        ):
+            return None
+        return self._layout
 
     def _samples_row(self) -> bool:
         """Whether the DataRow now arriving goes into the audit sample (so it must be whole)."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 import pytest
 
 from querywarden import codec
 from querywarden.errors import UpstreamError
 from querywarden.hooks import Decision, SessionInfo, StatementRequest
+from querywarden.masking import compiled
 from querywarden.masking.plan import ColumnMask, MaskPlan
 from querywarden.masking.strategies import MaskSpec
 from querywarden.session import Session
@@ -28,6 +30,17 @@ PLAN = MaskPlan(
 class MaskingGate:
     def decide(self, session: SessionInfo, request: StatementRequest) -> Decision:
         return Decision(True, mask=PLAN)
+
+
+@pytest.fixture(autouse=True, params=["on", "off"], ids=["native", "python"])
+def row_masker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every session here masks with the compiled row masker, then with the reference."""
+    before = compiled.enabled()
+    compiled.select(request.param)
+    try:
+        yield
+    finally:
+        compiled.select("on" if before else "off")
 
 
 def description(*columns: tuple[str, int, int, int, int]) -> bytes:
@@ -150,3 +163,34 @@ def test_a_malformed_row_from_the_server_is_an_upstream_error() -> None:
         s.receive_server(lying + command_complete("SELECT 1") + RFQ_I)
     assert info.value.sqlstate == "08P01"
     assert "DataRow ends inside its column 2" in info.value.message
+
+
+def test_runs_of_rows_split_anywhere_mask_as_whole_rows() -> None:
+    # Whole rows of a read go through RowLayout.mask_rows as one run; a row cut by the
+    # read waits for the next one. Every split gives the client the same bytes.
+    rows = [(b"%d" % i, b"123-45-67%02d" % i if i % 3 else None) for i in range(40)]
+    reply = (
+        description(*COLUMNS)
+        + b"".join(data_row(*row) for row in rows)
+        + command_complete("SELECT 40")
+        + RFQ_I
+    )
+    expected = [data_row(key, None if ssn is None else b"****") for key, ssn in rows]
+    for cut in range(0, len(reply) + 1, 5):
+        s = session()
+        s.receive_client(codec.query("SELECT id, ssn FROM t"))
+        s.receive_server(reply[:cut])
+        s.receive_server(reply[cut:])
+        out = frames(drain(s.to_client))
+        assert [f for f in out if f[:1] == b"D"] == expected, cut
+        assert s.mask_counts.rows == 26
+        assert s.mask_counts.values["public.t.ssn"] == 26
+
+
+def test_a_malformed_row_in_a_run_ends_the_session() -> None:
+    s = session()
+    s.receive_client(codec.query("SELECT id, ssn FROM t"))
+    good = data_row(b"1", b"123-45-6789")
+    bad = good[:7] + struct.pack("!i", 50) + good[11:]  # the first value runs past the row
+    with pytest.raises(UpstreamError, match="DataRow ends inside its column 1"):
+        s.receive_server(description(*COLUMNS) + good + bad + good)

@@ -295,6 +295,18 @@ class ContentScanner:
         needs = [_MIN_DIGITS.get(d.name, 3) for d in chosen if d.digit_run]
         self._min_digits = min(needs) if needs else None
 
+    @property
+    def prefilter(self) -> tuple[tuple[bytes, ...], int | None]:
+        """What every match of this scanner's detectors contains, in a wire value.
+
+        (ASCII literals, fewest ASCII digits): a value holding none of the literals and
+        fewer digits than that (None: no digit-run detector) cannot match, so
+        :meth:`scan_bytes` returns None for it. The compiled row masker skips the call on
+        such values.
+        """
+        literals = dict.fromkeys(hint for _, hints, _ in self._hints_bytes for hint in hints)
+        return tuple(literals), self._min_digits
+
     def _clean(self, value: AnyStr, any_hint: re.Pattern[AnyStr] | None, digits: int) -> bool:
         """Whether no detector can match: no literal hint, too few digits for the rest."""
         if self._min_digits is not None and digits >= self._min_digits:

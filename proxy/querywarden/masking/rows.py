@@ -2,9 +2,14 @@
 
 A :class:`RowLayout` is built once per result from its RowDescription (or from a
 Describe's, with the Bind's formats), the request's :class:`MaskPlan` and the client
-encoding; then every DataRow of the result goes through :meth:`RowLayout.mask_row`,
-which rewrites only the values it must and returns ``None`` when the row is unchanged
-(the common case for rows whose masked values are NULL or whose text is clean).
+encoding; then every DataRow of the result goes through :meth:`RowLayout.mask_row`, or a
+run of consecutive DataRows through :meth:`RowLayout.mask_rows`, which rewrite only the
+values they must and return ``None`` when nothing changed (the common case for rows whose
+masked values are NULL or whose text is clean).
+
+The loops here are the reference implementation. A layout made while the compiled row
+masker is selected (:mod:`querywarden.masking.compiled`) hands the same per-column
+decisions to ``querywarden_native`` and delegates both methods to it.
 """
 
 from __future__ import annotations
@@ -14,25 +19,35 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
 
 from querywarden import codec
 from querywarden.codec import FieldDescription
 from querywarden.errors import ProtocolViolation
+from querywarden.masking import compiled
+from querywarden.masking.detectors import ContentScanner
 from querywarden.masking.plan import ColumnMask, MaskPlan
 from querywarden.masking.strategies import (
     JSONBOID,
     JSONOID,
     XMLOID,
+    CompiledOp,
     MaskSpec,
+    compiled_op,
     is_text_like,
     make_masker,
 )
+
+if TYPE_CHECKING:
+    from querywarden_native import RowMasker
 
 _LENGTH = struct.Struct("!i")
 _REDACT = MaskSpec("redact")
 _DOCUMENT_TYPES = frozenset({JSONOID, JSONBOID, XMLOID})
 _COUNT = struct.Struct("!h")
 _NULL = b"\xff\xff\xff\xff"
+_DATA_ROW = ord("D")
 
 Masker = Callable[[bytes | None], bytes | None]
 
@@ -57,9 +72,9 @@ class RowLayout:
         "_actions",
         "_all",
         "_counts",
-        "_encoding",
         "_names",
-        "_scanner",
+        "_native",
+        "_scan",
         "_tally",
         "width",
     )
@@ -71,18 +86,30 @@ class RowLayout:
         plan: MaskPlan,
         encoding: str,
         counts: MaskCounts,
+        *,
+        native: bool | None = None,
     ) -> None:
+        """Decide what each column needs, once per result.
+
+        ``native``: use the compiled row masker (None: as
+        :func:`querywarden.masking.compiled.select` chose; True needs it installed).
+        """
         # Without a description (or with a plan that says so) every value goes: NULL is
         # valid for any type, so the client can still decode the rows.
         self._all = fields is None or plan.mask_all
         fields = fields or ()
         self.width = len(fields)
         self._counts = counts
-        self._encoding = encoding
-        self._scanner = plan.scanner
+        scanner = plan.scanner
+        # Not a bound method: the compiled masker holds it, and must not hold the layout.
+        self._scan = None if scanner is None else partial(_scan, scanner, encoding, counts)
+        if native is None:
+            native = compiled.enabled()
         #: Per column up to the last one that needs work: None (pass), a masker (mask),
         #: or (None, document masker or None) to scan with the content detectors.
         actions: list[_Action] = []
+        #: The same decisions for the compiled row masker (built only when it is used).
+        ops: list[CompiledOp | None] = []
         self._names: list[str] = []
         for index, f in enumerate(fields):
             binary = _format_of(formats, index, f.format) == 1
@@ -94,16 +121,19 @@ class RowLayout:
                 mask = plan.computed
             self._names.append(mask.name if mask is not None else "")
             if mask is not None:
-                actions.append(
-                    make_masker(
-                        mask.spec,
-                        type_oid=f.type_oid,
-                        binary=binary,
-                        key=plan.key,
-                        encoding=encoding,
-                    )
+                masker = make_masker(
+                    mask.spec,
+                    type_oid=f.type_oid,
+                    binary=binary,
+                    key=plan.key,
+                    encoding=encoding,
                 )
-            elif self._scanner is not None and is_text_like(f.type_oid):
+                actions.append(masker)
+                if native:
+                    ops.append(
+                        compiled_op(masker, mask.spec, type_oid=f.type_oid, encoding=encoding)
+                    )
+            elif scanner is not None and is_text_like(f.type_oid):
                 # Structured text (json, jsonb, xml): a replacement inside could break its
                 # syntax, so a value a detector flags is masked whole, type-validly.
                 document = None
@@ -112,12 +142,28 @@ class RowLayout:
                         _REDACT, type_oid=f.type_oid, binary=binary, key=plan.key, encoding=encoding
                     )
                 actions.append((None, document))
+                ops.append(("scan", document))
             else:
                 actions.append(None)
+                ops.append(None)
         while actions and actions[-1] is None:
             actions.pop()  # columns after the last interesting one are copied untouched
         self._actions = tuple(actions)
         self._tally = [0] * len(actions)
+        self._native: RowMasker | None = None
+        if native and self.needed:
+            if compiled.ROW_MASKER is None:
+                raise RuntimeError("the compiled row masker (querywarden_native) is not installed")
+            hints, min_digits = scanner.prefilter if scanner is not None else ((), None)
+            self._native = compiled.ROW_MASKER(
+                self.width,
+                self._all,
+                ops[: len(actions)],
+                self._scan,
+                hints,
+                min_digits,
+                counts,
+            )
 
     @property
     def needed(self) -> bool:
@@ -131,6 +177,8 @@ class RowLayout:
         malformed row from the server is a ProtocolViolation, never the next message's
         bytes read as a value).
         """
+        if self._native is not None:
+            return self._native.mask_row(frame, start, end)
         if end - start < 7:
             raise ProtocolViolation("insufficient data left in message: DataRow")
         (count,) = _COUNT.unpack_from(frame, start + 5)
@@ -166,7 +214,7 @@ class RowLayout:
                 if not length:
                     pos = value_end
                     continue
-                found = self._scan(value)
+                found = self._scan(value)  # type: ignore[misc]
                 if found is None:
                     pos = value_end
                     continue
@@ -192,25 +240,62 @@ class RowLayout:
         self._counts.rows += 1
         return b"D" + pack(len(body) + 6) + _COUNT.pack(count) + body
 
+    def mask_rows(self, frame: bytes, start: int, end: int) -> tuple[int, bytes | None]:
+        """Mask the run of whole DataRows that starts at ``frame[start]``.
+
+        The run ends before the first message in ``frame[start:end]`` that is not a
+        DataRow, is not whole before ``end``, or has a length under 4 (the caller's
+        framing reports that one). Returns where the run stopped and the run's bytes with
+        every row masked as :meth:`mask_row` masks it, or None if no row changed. A
+        malformed row raises as in :meth:`mask_row`; the rows before it are lost with it.
+        """
+        if self._native is not None:
+            return self._native.mask_rows(frame, start, end)
+        unpack = _LENGTH.unpack_from
+        mask_row = self.mask_row
+        out: list[bytes] | None = None
+        pos = copied = start  # frame[copied:pos] is not in ``out`` yet
+        while end - pos >= 5 and frame[pos] == _DATA_ROW:
+            length = unpack(frame, pos + 1)[0]
+            row_end = pos + 1 + length
+            if length < 4 or row_end > end:
+                break
+            masked = mask_row(frame, pos, row_end)
+            if masked is not None:
+                if out is None:
+                    out = []
+                out.append(frame[copied:pos])
+                out.append(masked)
+                copied = row_end
+            pos = row_end
+        if out is None:
+            return pos, None
+        out.append(frame[copied:pos])
+        return pos, b"".join(out)
+
     def flush(self) -> None:
         """Add this layout's counts of masked values to the session's."""
         values = self._counts.values
-        for index, n in enumerate(self._tally):
+        if self._native is not None:
+            tally = self._native.take_tally()
+        else:
+            tally, self._tally = self._tally, [0] * len(self._tally)
+        for index, n in enumerate(tally):
             if n:
                 values[self._names[index]] += n
-                self._tally[index] = 0
 
-    def _scan(self, value: bytes) -> bytes | None:
-        assert self._scanner is not None
-        # jsonb's binary form is a version byte and the JSON text: both scan as text,
-        # and a replacement inside never touches the version byte.
-        found = self._scanner.scan_bytes(value, self._encoding)
-        if found is None:
-            return None
-        masked, names = found
-        for name in names:
-            self._counts.values[f"detector:{name}"] += 1
-        return masked
+
+def _scan(scanner: ContentScanner, encoding: str, counts: MaskCounts, value: bytes) -> bytes | None:
+    """A scanned value with the detectors' matches replaced (and counted), or None."""
+    # jsonb's binary form is a version byte and the JSON text: both scan as text, and a
+    # replacement inside never touches the version byte.
+    found = scanner.scan_bytes(value, encoding)
+    if found is None:
+        return None
+    masked, names = found
+    for name in names:
+        counts.values[f"detector:{name}"] += 1
+    return masked
 
 
 _Action = Masker | tuple[None, Masker | None] | None

@@ -205,6 +205,51 @@ def make_masker(
     return _null
 
 
+#: Plain text types whose wire value is the text itself, in text and in binary format
+#: (bpchar: with its padding blanks, stripped before masking).
+_PLAIN_WIRE_TEXT: Final = frozenset({TEXTOID, VARCHAROID, BPCHAROID, NAMEOID, UNKNOWNOID})
+
+#: keep_first/keep_last beyond this go to the Python masker (the compiled one takes machine
+#: integers; no text has a billion characters to keep anyway).
+_COMPILED_MAX_KEEP: Final = 1 << 30
+
+#: What the compiled row masker does for one column (see :func:`compiled_op`).
+CompiledOp = tuple[object, ...]
+
+
+def compiled_op(masker: Masker, spec: MaskSpec, *, type_oid: int, encoding: str) -> CompiledOp:
+    """How the compiled row masker (``querywarden_native``) applies ``masker``.
+
+    ``masker`` is what :func:`make_masker` returned for these arguments. The forms the
+    compiled loop reproduces byte for byte: ``("null",)`` (every value NULL),
+    ``("constant", bytes)`` (every non-NULL value the same), ``("partial", keep_first,
+    keep_last, filler, strip_blanks)`` and ``("email", filler, strip_blanks, masker)`` for
+    plain text types in UTF-8 (email calls ``masker`` for a non-ASCII domain, whose letters
+    only Python's Unicode tables decide). Everything else is ``("call", masker)``: the
+    compiled loop calls back. ``tests/unit/test_native_masking.py`` holds the two to the same
+    bytes.
+    """
+    if masker is _null:
+        return ("null",)
+    if getattr(masker, "__code__", None) is _CONSTANT_CODE:
+        # A closure of _constant: its answer does not depend on the value.
+        return ("constant", masker(b""))
+    keep = max(spec.keep_first, spec.keep_last)
+    if (
+        type_oid in _PLAIN_WIRE_TEXT
+        and codecs.lookup(encoding).name == "utf-8"
+        and keep < _COMPILED_MAX_KEEP
+    ):
+        # _text_finisher of a plain type: encode(codec, "replace"), piece by piece the same.
+        filler = spec.replacement.encode("utf-8", "replace")
+        strip = type_oid == BPCHAROID
+        if spec.strategy == "partial":
+            return ("partial", spec.keep_first, spec.keep_last, filler, strip)
+        if spec.strategy == "email":
+            return ("email", filler, strip, masker)
+    return ("call", masker)
+
+
 @lru_cache(maxsize=1024)
 def _cached_masker(
     spec: MaskSpec, type_oid: int, binary: bool, key: bytes, encoding: str
@@ -221,6 +266,9 @@ def _constant(result: bytes) -> Masker:
         return None if value is None else result
 
     return mask
+
+
+_CONSTANT_CODE: Final = _constant(b"").__code__
 
 
 # --- keyed primitives --------------------------------------------------------------------
