@@ -673,6 +673,17 @@ def disk_full_scenario(directory: Path, filler: Path, fsync: FsyncMode) -> None:
         with pytest.raises(AuditWriteError):  # still full: refused again, still consistent
             log.append("statement.request", session_id="s1", text=padding)
         assert log.last_seq == good
+        # A deferred result and the request it rides with: both refused, the chain back
+        # where it was (the result is lost, and said so in the log).
+        if fsync == "batch":
+            log.append_deferred("statement.result", session_id="s1", text=padding)
+            assert log.last_seq == good + 1
+            with pytest.raises(AuditWriteError):
+                log.append("statement.request", session_id="s1", text=padding)
+        else:  # always: nothing is deferred, the record is refused at once
+            with pytest.raises(AuditWriteError):
+                log.append_deferred("statement.result", session_id="s1", text=padding)
+        assert log.last_seq == good
         segment = segments(directory)[-1]
         data = segment.read_bytes()
         assert data.endswith(b"\n"), "a partial record was left in the segment"
@@ -817,3 +828,63 @@ def test_timestamps_are_formatted_as_datetime_formats_them() -> None:
     assert _format_ts(1_779_000_000.5) == "2026-05-17T06:40:00.500000Z"
     assert _format_ts(1_779_000_000.75) == "2026-05-17T06:40:00.750000Z"
     assert _format_ts(1_779_000_001.0) == "2026-05-17T06:40:01.000000Z"
+
+
+# --- deferred records (a statement's result rides with the next record) ---------------------
+
+
+def test_a_deferred_record_goes_out_with_the_next_one(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, fsync="batch", fsync_interval=60)
+    try:
+        log.append("statement.request", n=1)
+        log.append_deferred("statement.result", n=1)
+        (segment,) = segments(tmp_path)
+        assert len(lines_of(segment)) == 1  # not in the file yet
+        log.append("statement.request", n=2)
+        records = [json.loads(line) for line in lines_of(segment)]
+        assert [(r["seq"], r["type"]) for r in records] == [
+            (1, "statement.request"), (2, "statement.result"), (3, "statement.request"),
+        ]  # fmt: skip
+        # One chain, in order.
+        assert records[2]["prev"] == hashlib.sha256(lines_of(segment)[1]).hexdigest()
+    finally:
+        log.close()
+    assert verify(tmp_path).ok
+
+
+def test_a_deferred_record_reaches_the_file_by_the_next_sync(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, fsync="batch", fsync_interval=0.05)
+    try:
+        log.append_deferred("statement.result", n=1)
+        deadline = time.monotonic() + 5
+        while not (segments(tmp_path) and segments(tmp_path)[0].stat().st_size):
+            assert time.monotonic() < deadline, "the background sync did not write it"
+            time.sleep(0.01)
+        assert json.loads(lines_of(segments(tmp_path)[0])[0])["type"] == "statement.result"
+    finally:
+        log.close()
+    report = verify(tmp_path)
+    assert report.ok and report.records == 1
+
+
+def test_deferred_records_close_their_segment_on_rotation(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, fsync="batch", fsync_interval=60, max_segment_bytes=400)
+    try:
+        for n in range(12):
+            log.append("statement.request", n=n, pad="x" * 40)
+            log.append_deferred("statement.result", n=n, pad="y" * 40)
+    finally:
+        log.close()
+    seqs = [r["seq"] for r in read_records(tmp_path)]
+    assert seqs == list(range(1, 25))
+    assert len(segments(tmp_path)) > 2
+    assert verify(tmp_path).ok
+
+
+def test_always_mode_writes_a_deferred_record_at_once(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, fsync="always")
+    try:
+        log.append_deferred("statement.result", n=1)
+        assert len(lines_of(segments(tmp_path)[0])) == 1
+    finally:
+        log.close()

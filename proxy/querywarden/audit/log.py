@@ -287,6 +287,13 @@ class AuditLog:
         self._retention_due = False
         self._closed = False
         self._stopping = False
+        # Deferred records (append_deferred): in the chain, not yet in the file. They go
+        # out with the next record written, or at the next sync, in the same write.
+        self._deferred: list[bytes] = []
+        self._deferred_bytes = 0
+        #: (seq, hash, segment) before the first deferred record: where the chain goes
+        #: back to if writing them fails.
+        self._deferred_base: tuple[int, str, str] | None = None
 
         try:
             self._open()
@@ -458,8 +465,23 @@ class AuditLog:
         The record is ``{"seq", "ts", "type", "prev", **fields}``; ``fields`` must be JSON
         values (TypeError/ValueError otherwise, nothing written). Raises
         :class:`AuditWriteError` when the record could not be written; the log is then left
-        as it was before the call.
+        as it was before the call (deferred records before it, which went in the same
+        write, are lost with it: an error is logged).
         """
+        return self._append(type_, fields, defer=False)
+
+    def append_deferred(self, type_: str, **fields: Any) -> int:
+        """Add a record to the chain now and write it with the next one (or the next sync).
+
+        For records nothing waits on: a statement's result is recorded after the client
+        has it, so it is not write-ahead, and riding with the next request record saves a
+        ``write`` per statement. It reaches the file within ``fsync_interval`` at the
+        latest (the background sync writes what is deferred). In ``always`` mode the
+        record is written at once. Raises TypeError/ValueError for bad fields.
+        """
+        return self._append(type_, fields, defer=not self._always)
+
+    def _append(self, type_: str, fields: dict[str, Any], *, defer: bool) -> int:
         if not _RESERVED.isdisjoint(fields):
             raise TypeError(f"append() fields may not set {sorted(_RESERVED & fields.keys())}")
         # Encode outside the lock: records with sampled rows can be large.
@@ -477,15 +499,36 @@ class AuditLog:
                 f'"prev":"{self._last_hash}"{tail}'
             ).encode("ascii")
             data = line + b"\n"
-            if self._size > 0 and (
-                self._size + len(data) > self._max_segment_bytes
+            if self._size + self._deferred_bytes > 0 and (
+                self._size + self._deferred_bytes + len(data) > self._max_segment_bytes
                 or (
                     self._segment_started is not None
                     and now - self._segment_started >= self._max_segment_age
                 )
             ):
+                # What is deferred belongs to the segment being closed.
+                self._write_deferred()
                 self._rotate(seq)
-            self._write(data)
+            if defer:
+                if self._deferred_base is None:
+                    self._deferred_base = (self._last_seq, self._last_hash, self._last_segment)
+                self._deferred.append(data)
+                self._deferred_bytes += len(data)
+                if self._segment_started is None:
+                    self._segment_started = now
+                if self._last_seq == self._head_seq:
+                    self._dirty_since = time.monotonic()
+                    self._cond.notify()
+                self._last_seq, self._last_hash, self._last_segment = (
+                    seq,
+                    record_hash(line),
+                    self._segment,
+                )
+                return seq
+            if self._deferred:
+                self._write_with_deferred(data)
+            else:
+                self._write(data)
             if self._always:
                 try:
                     os.fsync(self._fd)
@@ -521,6 +564,54 @@ class AuditLog:
         except OSError as exc:
             self._rollback()
             raise AuditWriteError(f"cannot write the audit record: {exc}") from exc
+
+    def _write_with_deferred(self, data: bytes) -> None:
+        """Write the deferred records and ``data`` in one ``write`` (``_lock`` held)."""
+        deferred = b"".join(self._deferred)
+        try:
+            self._write(deferred + data)
+        except AuditWriteError:
+            self._drop_deferred()
+            raise
+        self._size += len(deferred)
+        self._deferred.clear()
+        self._deferred_bytes = 0
+        self._deferred_base = None
+
+    def _write_deferred_or_note(self) -> None:
+        """For the sync: write what is deferred; a failure is logged, not raised.
+
+        The records are gone either way, and the sync still makes the rest durable.
+        """
+        with contextlib.suppress(AuditWriteError):
+            self._write_deferred()
+
+    def _write_deferred(self) -> None:
+        """Write what is deferred now (``_lock`` held); on failure it is lost (logged)."""
+        if not self._deferred:
+            return
+        data = b"".join(self._deferred)
+        try:
+            self._write(data)
+        except AuditWriteError:
+            self._drop_deferred()
+            raise
+        self._size += len(data)
+        self._deferred.clear()
+        self._deferred_bytes = 0
+        self._deferred_base = None
+
+    def _drop_deferred(self) -> None:
+        """Take the deferred records out of the chain again: they could not be written."""
+        assert self._deferred_base is not None
+        logger.error(
+            "audit: %d deferred record(s) (statement results) could not be written and are "
+            "lost", len(self._deferred),
+        )  # fmt: skip
+        self._last_seq, self._last_hash, self._last_segment = self._deferred_base
+        self._deferred.clear()
+        self._deferred_bytes = 0
+        self._deferred_base = None
 
     def _rollback(self) -> None:
         """Cut the current segment back to its last complete record."""
@@ -570,6 +661,8 @@ class AuditLog:
             with self._lock:
                 if self._fd is None:
                     return
+                # Deferred records first: HEAD must name a record that is in the file.
+                self._write_deferred_or_note()
                 seq, digest, segment = self._last_seq, self._last_hash, self._last_segment
                 started = time.monotonic()
                 # fsync a duplicate: a rotation may close the original meanwhile, and the

@@ -14,6 +14,7 @@ gets a :class:`SessionAudit`, which the session calls at the two moments that ma
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -94,6 +95,14 @@ class Auditor:
             if not self.fail_open:
                 raise
             log.error("audit record %s could not be written (failOpen: going on)", type_)
+
+    def write_deferred(self, type_: str, **fields: Any) -> None:
+        """Append a record that nothing waits on.
+
+        It goes out with the next record written (or at the log's next sync, within
+        ``fsyncInterval``): one ``write`` for both.
+        """
+        self.log.append_deferred(type_, **fields)
 
     def auth_failed(
         self, *, client_address: str, user: str, database: str, reason: str, sqlstate: str
@@ -218,7 +227,9 @@ class SessionAudit:
             if masked:
                 metrics.masked(masked)
         try:
-            self._auditor.write(
+            # Not write-ahead (the client has the result already): it rides with the
+            # next request record, which saves a write per statement.
+            self._auditor.write_deferred(
                 "statement.result",
                 session_id=self.session_id,
                 statement_id=pending.statement_id,
@@ -252,6 +263,17 @@ class SessionAudit:
 
 
 def _summary(summaries: Sequence[StatementSummary]) -> dict[str, list[str]]:
+    return _merged(tuple(summaries))
+
+
+@functools.lru_cache(maxsize=1024)
+def _merged(summaries: tuple[StatementSummary, ...]) -> dict[str, list[str]]:
+    """The request record's ``summary``, once per distinct analysis.
+
+    Clients repeat their statements (the analysis itself is memoized per text), and
+    merging builds a pydantic model: about 8 µs a request record, saved. The dict is
+    only ever encoded, never changed.
+    """
     merged = ReviewSummary.from_analysis(summaries)
     return {
         "operations": list(merged.operations),
