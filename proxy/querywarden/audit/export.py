@@ -57,6 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -962,7 +963,10 @@ def _leading_seq(line: bytes) -> int | None:
 
 def _record(line: bytes, segment: str, number: int | None) -> dict[str, Any]:
     try:
-        record = json.loads(line)
+        # orjson: a record parses in about a third of json.loads' time, and the exporter
+        # parses every record of the log. (It is stricter: no NaN, no integers past 64
+        # bits; the log writes neither.)
+        record = orjson.loads(line)
     except ValueError as exc:
         raise AuditFormatError(f"{segment}{_where(number)}: not a valid audit record") from exc
     if not isinstance(record, dict) or type(record.get("seq")) is not int:
