@@ -470,6 +470,33 @@ def pgbench(
     return result.stdout, seconds, proxy_cpu, machine
 
 
+def latency_p50_us(binary: Path, target: Target, seconds: int, workdir: Path) -> float:
+    """Median latency of ``pgbench -S`` with one client, from its per-transaction log.
+
+    One client: what an agent's single connection sees, without queueing behind others.
+    """
+    prefix = workdir / f"latency-{target.name}"
+    result = subprocess.run(
+        [str(binary), "-n", "-S", "-c", "1", "-T", str(seconds), "-l",
+         f"--log-prefix={prefix}"],
+        capture_output=True, text=True, env=target.env(), timeout=seconds + 120,
+        cwd=workdir, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"pgbench -c 1 against {target.name} failed:\n{result.stderr}")
+    latencies = [
+        int(line.split()[2])  # client, transaction, latency (µs), ...
+        for log_file in workdir.glob(f"{prefix.name}.*")
+        for line in log_file.read_text().splitlines()
+        if line.strip()
+    ]
+    for log_file in workdir.glob(f"{prefix.name}.*"):
+        log_file.unlink()
+    if not latencies:
+        raise RuntimeError(f"pgbench -l against {target.name} logged no transactions")
+    return float(statistics.median(latencies))
+
+
 def run_pgbench_rounds(
     binary: Path, targets: list[Target], args: argparse.Namespace, background: list[float]
 ) -> list[PgbenchRun]:
@@ -1013,6 +1040,9 @@ def run(
         "rss_growth_mb": growth,
         "rss_target_met": growth < RSS_TARGET_MB,
     }
+    log("p50 latency at one client (pgbench -S -c 1 -T 10, per-transaction log) ...")
+    p50 = {t.name: latency_p50_us(pgbench_bin, t, 10, workdir) for t in (direct, gateway)}
+    results["latency_p50_us"] = p50
     results.update(
         pgbench_runs=[asdict(r) for r in runs],
         summary=[asdict(s) for s in summaries],
@@ -1029,6 +1059,11 @@ def run(
     )
     print(format_table(summaries))
     print()
+    print(
+        f"p50 latency at one client: direct {p50['direct']:.0f} us, gateway "
+        f"{p50['gateway']:.0f} us (+{p50['gateway'] - p50['direct']:.0f} us; target +60 us "
+        "with everything on)"
+    )
     print(
         f"1M rows ({STREAM_SQL!r}, psql > /dev/null): gateway "
         f"{statistics.median(r.seconds for r in gw_streams):.2f} s, direct "
