@@ -24,12 +24,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from querywarden.audit.log import (
+    _ENCODER,
     GENESIS_HASH,
     AuditFormatError,
     AuditLog,
     AuditWriteError,
+    encode_fields,
     follow,
     read_records,
     segment_name,
@@ -888,3 +892,40 @@ def test_always_mode_writes_a_deferred_record_at_once(tmp_path: Path) -> None:
         assert len(lines_of(segments(tmp_path)[0])) == 1
     finally:
         log.close()
+
+
+# --- the fast record encoding and its reference ---------------------------------------------
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(), _json_values, max_size=8))
+def test_fast_encoding_says_what_the_reference_says(fields: dict[str, Any]) -> None:
+    fast = encode_fields(fields)
+    reference = _ENCODER.encode(fields)
+    assert fast.isascii()  # a line never carries a Unicode line separator
+    assert json.loads(fast) == json.loads(reference)
+    if not json.dumps(fields, ensure_ascii=False).isascii():
+        assert fast == reference  # non-ASCII content: the reference's bytes exactly
+
+
+def test_a_gateway_record_with_non_ascii_text_is_escaped_as_the_reference_does(
+    tmp_path: Path,
+) -> None:
+    with AuditLog(tmp_path) as log:
+        log.append_record("statement.request", {"text": "SELECT 'é\u2028'", "n": 1})
+        log.append("statement.request", text="SELECT 'é\u2028'", n=1)
+    first, second = lines_of(segments(tmp_path)[0])
+    assert (
+        first.split(b'"prev"')[1].split(b",", 1)[1] == second.split(b'"prev"')[1].split(b",", 1)[1]
+    )
+    assert b"\\u2028" in first and first.isascii()

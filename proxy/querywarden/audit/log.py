@@ -38,6 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+
 __all__ = [
     "GENESIS_HASH",
     "HEAD_FILE",
@@ -83,6 +85,25 @@ class AuditFormatError(ValueError):
 def segment_name(first_seq: int) -> str:
     """The file name of the segment whose first record is ``first_seq``."""
     return f"audit-{first_seq:020d}.jsonl"
+
+
+def encode_fields(fields: dict[str, Any]) -> str:
+    """A record's fields as the JSON object text the log writes: compact, ASCII only.
+
+    orjson, several times faster than json's C encoder on the gateway's records, when its
+    output is ASCII; otherwise (non-ASCII text, which the log escapes as JSON ``u`` escapes so
+    that no reader splits a line on a Unicode line separator; or anything orjson
+    refuses) the reference encoder, whose output it then is exactly. orjson writes NaN
+    and infinities as null where the reference refuses them: callers pass finite
+    numbers only (:meth:`AuditLog.append_record`).
+    """
+    try:
+        data = orjson.dumps(fields)
+    except TypeError:  # orjson.JSONEncodeError: a non-str key, an unknown type ...
+        return _ENCODER.encode(fields)
+    if data.isascii():
+        return data.decode("ascii")
+    return _ENCODER.encode(fields)
 
 
 def record_hash(line: bytes) -> str:
@@ -481,11 +502,22 @@ class AuditLog:
         """
         return self._append(type_, fields, defer=not self._always)
 
-    def _append(self, type_: str, fields: dict[str, Any], *, defer: bool) -> int:
+    def append_record(self, type_: str, fields: dict[str, Any], *, defer: bool = False) -> int:
+        """:meth:`append` (or, deferred, :meth:`append_deferred`) for the gateway's records.
+
+        Their fields hold only finite numbers, so they are encoded with orjson (see
+        :func:`encode_fields`).
+        """
+        return self._append(type_, fields, defer=defer and not self._always, fast=True)
+
+    def _append(
+        self, type_: str, fields: dict[str, Any], *, defer: bool, fast: bool = False
+    ) -> int:
         if not _RESERVED.isdisjoint(fields):
             raise TypeError(f"append() fields may not set {sorted(_RESERVED & fields.keys())}")
         # Encode outside the lock: records with sampled rows can be large.
-        tail = "," + _ENCODER.encode(fields)[1:] if fields else "}"
+        body = encode_fields(fields) if fast else _ENCODER.encode(fields)
+        tail = "," + body[1:] if fields else "}"
         type_json = _ENCODER.encode(type_)
         with self._lock:
             if self._closed or self._fd is None:

@@ -90,7 +90,7 @@ class Auditor:
     def write(self, type_: str, **fields: Any) -> None:
         """Append one record; raises AuditWriteError unless the settings fail open."""
         try:
-            self.log.append(type_, **fields)
+            self.log.append_record(type_, fields)
         except AuditWriteError:
             if not self.fail_open:
                 raise
@@ -102,7 +102,7 @@ class Auditor:
         It goes out with the next record written (or at the log's next sync, within
         ``fsyncInterval``): one ``write`` for both.
         """
-        self.log.append_deferred(type_, **fields)
+        self.log.append_record(type_, fields, defer=True)
 
     def auth_failed(
         self, *, client_address: str, user: str, database: str, reason: str, sqlstate: str
