@@ -54,8 +54,40 @@ def test_the_cache_is_the_snapshots_own() -> None:
     catalog = snapshot(16384)
     summaries = Analyzer().analyze("SELECT ssn FROM people")
     masker.plan(AGENT, catalog, summaries, ["public"])
-    assert len(catalog.derived) == 1
+    assert owners(catalog) == {masker}
     # Another masker (a reloaded policy) does not reuse what this one derived.
     other = Masker(SECTION, None)
     other.plan(AGENT, catalog, summaries, ["public"])
-    assert len(catalog.derived) == 2
+    assert owners(catalog) == {masker, other}
+
+
+def owners(catalog: SensitiveCatalog) -> set[object]:
+    """The maskers that cached something on ``catalog`` (resolved columns or plans)."""
+    return {key[1] if key[0] == "plan" else key[0] for key in catalog.derived}  # type: ignore[index]
+
+
+def test_a_statement_shape_is_planned_once_per_identity_and_search_path() -> None:
+    masker = Masker(SECTION, None)
+    catalog = snapshot(16384)
+    analyzer = Analyzer()
+    # The same shape with other constants: equal summaries, the same plan object.
+    first = masker.plan(
+        AGENT, catalog, analyzer.analyze("SELECT ssn FROM people WHERE id = 1"), ["public"]
+    )
+    again = masker.plan(
+        AGENT, catalog, analyzer.analyze("SELECT ssn FROM people WHERE id = 2"), ["public"]
+    )
+    assert isinstance(first, MaskPlan) and again is first
+    # Anything the plan is made of differs: planned anew.
+    elsewhere = masker.plan(
+        AGENT, catalog, analyzer.analyze("SELECT ssn FROM people WHERE id = 1"), ["other"]
+    )
+    assert elsewhere is not first and isinstance(elsewhere, MaskPlan)
+    assert set(elsewhere.origins) == {(16384, 2)}  # resolved the same, planned again
+    dba = Principal(subject="dba", issuer="dev", groups=frozenset({"dba"}))
+    assert (
+        masker.plan(
+            dba, catalog, analyzer.analyze("SELECT ssn FROM people WHERE id = 1"), ["public"]
+        )
+        is not first
+    )

@@ -38,6 +38,11 @@ _OUTPUT_CLAUSES = frozenset({"select", "returning"})
 _COMPUTED = MaskSpec("redact")
 #: Statements that run code of their own (PL/pgSQL and the like): opaque to the analyzer.
 _OPAQUE_CODE = frozenset({"do", "call"})
+#: Entries a catalog snapshot keeps for the maskers (resolved columns, plans) before
+#: starting over: a bound on memory for clients that never repeat a statement shape.
+_DERIVED_LIMIT = 4096
+#: Marks a plan's cache key apart from :meth:`Masker._resolve`'s.
+_PLAN = "plan"
 #: Functions whose arguments leave the session unmasked (a notification's payload).
 _UNMASKED_CHANNELS = frozenset({"pg_notify"})
 
@@ -154,7 +159,7 @@ class Masker:
         for name, column in catalog.by_name.items():
             if self._for(column, principal) is not None:
                 names.add(name)
-        if len(catalog.derived) > 1000:
+        if len(catalog.derived) > _DERIVED_LIMIT:
             catalog.derived.clear()
         resolved = _Resolved(origins, names, frozenset(table for table, _ in names))
         catalog.derived[key] = resolved
@@ -167,7 +172,36 @@ class Masker:
         summaries: Sequence[StatementSummary],
         search_path: Sequence[str],
     ) -> MaskPlan | MaskRefusal:
-        """The plan for a request, or why masking cannot let it run."""
+        """The plan for a request, or why masking cannot let it run.
+
+        Made once per statement shape: an agent repeats the same statements with other
+        constants, which analyze to the same summaries but for their text. Cached on the
+        catalog snapshot (as
+        :meth:`_resolve` is), per masker, identity, summaries and search_path: everything
+        the plan is made of. Plans are immutable.
+        """
+        summaries = tuple(summaries)
+        path = tuple(search_path)
+        # A summary carries its statement's text, which the plan does not use: keyed
+        # without it, the same shape with other constants finds the same plan.
+        shape = tuple(s._replace(text="") for s in summaries)
+        key = (_PLAN, self, principal.subject, principal.groups, shape, path)
+        found = catalog.derived.get(key)
+        if isinstance(found, MaskPlan | MaskRefusal):
+            return found
+        made = self._plan(principal, catalog, summaries, path)
+        if len(catalog.derived) > _DERIVED_LIMIT:
+            catalog.derived.clear()
+        catalog.derived[key] = made
+        return made
+
+    def _plan(
+        self,
+        principal: Principal,
+        catalog: SensitiveCatalog,
+        summaries: tuple[StatementSummary, ...],
+        search_path: tuple[str, ...],
+    ) -> MaskPlan | MaskRefusal:
         resolved = self._resolve(catalog, principal)
         origins, names, relations = resolved.origins, resolved.names, resolved.relations
         tainted = False
