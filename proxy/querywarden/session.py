@@ -211,6 +211,7 @@ class Session:
         self._described: set[tuple[str, str]] = set()  # Describes the client asked for
         self._layout: RowLayout | None = None
         self._layout_known = False
+        self._layouts: dict[tuple[object, ...], tuple[MaskPlan, RowLayout]] = {}
         #: Set when the shell should cancel the running statement upstream; the shell
         #: clears it and calls :meth:`cancel_delivered` once the server has the request.
         self.cancel_wanted = False
@@ -1187,7 +1188,18 @@ class Session:
             # Unknown even to the newest catalog (the session's own uncommitted DDL):
             # nothing says what its columns carry.
             plan, fields = _MASK_ALL, None
-        layout = RowLayout(fields, formats, plan, self.encoding, self.mask_counts)
+        # The same statement shape gets the same plan object (plans are cached) and the
+        # same description: its layout (maskers, compiled ops) is made once per session.
+        # A layout keeps nothing of a result once flushed, so it serves the next one.
+        key = (id(plan), tuple(fields) if fields is not None else None, formats, self.encoding)
+        cached = self._layouts.get(key)
+        if cached is not None and cached[0] is plan:
+            layout = cached[1]
+        else:
+            layout = RowLayout(fields, formats, plan, self.encoding, self.mask_counts)
+            if len(self._layouts) >= _LAYOUT_CACHE:
+                self._layouts.clear()
+            self._layouts[key] = (plan, layout)  # the plan kept alive: its id stays its own
         return layout if layout.needed else None
 
     def _replan(self, plan: MaskPlan) -> bool:
@@ -1520,4 +1532,6 @@ _WITHHELD_PAYLOAD = "querywarden: payload withheld (masked identity)"
 _HOLD: Final = b"\0querywarden: hold"
 
 #: Masks every value: for rows whose statement or layout the session does not know.
+#: Row layouts a session keeps for the statement shapes it repeats.
+_LAYOUT_CACHE = 64
 _MASK_ALL = MaskPlan(origins={}, computed=None, scanner=None, scrub_errors=True, mask_all=True)
