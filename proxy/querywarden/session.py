@@ -913,9 +913,31 @@ class Session:
     def _on_close_complete(self, data: bytes, pos: int, end: int) -> bytes | None:
         entry = self._pop_expected(_C)
         if entry is not None:
-            table = self.statements if entry[2] == "S" else self.portals
-            table.pop(entry[1], None)
+            name = entry[1]
+            # What the session noted about the name goes too, or a client that prepares
+            # and closes statements under fresh names would grow it for as long as it is
+            # connected. Unless the name is being defined again behind the Close: a Parse
+            # (Bind) sent after it already noted the new statement's (portal's) text,
+            # plan and description.
+            if entry[2] == "S":
+                self.statements.pop(name, None)
+                if not self._in_flight(_P, name):
+                    self._audit_texts.pop(name, None)
+                    self._statement_plans.pop(name, None)
+                    self._statement_fields.pop(name, None)
+                    self._stale.discard(name)
+            else:
+                self.portals.pop(name, None)
+                if not self._in_flight(_B, name):
+                    self._binds.pop(name, None)
+                    self._portal_fields.pop(name, None)
+                    self._suspended_rows.pop(name, None)
+                    self._portal_statements.pop(name, None)
         return None
+
+    def _in_flight(self, mtype: int, name: str) -> bool:
+        """Whether a message of ``mtype`` for ``name`` still waits for its answer."""
+        return any(e[0] == mtype and e[1] == name for e in self._expected)
 
     def _on_describe_done(self, data: bytes, pos: int, end: int) -> bytes | None:
         # RowDescription or NoData ends a Describe; in a simple Query it is just a result.

@@ -194,3 +194,73 @@ def test_a_malformed_row_in_a_run_ends_the_session() -> None:
     bad = good[:7] + struct.pack("!i", 50) + good[11:]  # the first value runs past the row
     with pytest.raises(UpstreamError, match="DataRow ends inside its column 1"):
         s.receive_server(description(*COLUMNS) + good + bad + good)
+
+
+def close_complete() -> bytes:
+    return codec.message(b"3")
+
+
+def test_closed_statements_leave_nothing_behind() -> None:
+    # A client preparing every statement under a fresh name and closing it (drivers with
+    # a statement cache do) grew the session's notes of texts, plans and descriptions
+    # for as long as it stayed connected.
+    s = session()
+    for n in range(200):
+        name = f"s{n}"
+        s.receive_client(
+            codec.parse(name, "SELECT id, ssn FROM t")
+            + codec.describe("S", name)
+            + codec.message(b"B", codec.cstr("") + codec.cstr(name) + b"\0\0\0\0\0\0")
+            + execute()
+            + codec.message(b"C", b"S" + codec.cstr(name))
+            + SYNC
+        )
+        drain(s.to_server)
+        s.receive_server(
+            codec.message(b"1")
+            + codec.message(b"t", b"\0\0")
+            + description(*COLUMNS)
+            + codec.message(b"2")
+            + data_row(b"1", b"123-45-6789")
+            + command_complete("SELECT 1")
+            + close_complete()
+            + RFQ_I
+        )
+        assert b"123-45-6789" not in drain(s.to_client)
+    assert len(s._audit_texts) <= 1 and len(s._statement_plans) <= 1
+    assert len(s._statement_fields) <= 1 and not s.statements
+
+
+def test_a_name_defined_again_behind_its_close_keeps_the_new_statement() -> None:
+    s = session()
+    s.receive_client(codec.parse("q", "SELECT id FROM t") + SYNC)
+    drain(s.to_server)
+    s.receive_server(codec.message(b"1") + RFQ_I)
+    drain(s.to_client)
+    # Close q and define it again in one pipeline: the CloseComplete arrives while the
+    # new Parse is still owed; what the session noted for the new q must stay.
+    s.receive_client(
+        codec.message(b"C", b"S" + codec.cstr("q"))
+        + codec.parse("q", "SELECT id, ssn FROM t")
+        + codec.describe("S", "q")
+        + SYNC
+    )
+    drain(s.to_server)
+    s.receive_server(
+        close_complete()
+        + codec.message(b"1")
+        + codec.message(b"t", b"\0\0")
+        + description(*COLUMNS)
+        + RFQ_I
+    )
+    drain(s.to_client)
+    assert s._statement_plans.get("q") is PLAN
+    s.receive_client(
+        codec.message(b"B", codec.cstr("") + codec.cstr("q") + b"\0\0\0\0\0\0") + execute() + SYNC
+    )
+    drain(s.to_server)
+    s.receive_server(
+        codec.message(b"2") + data_row(b"1", b"123-45-6789") + command_complete("SELECT 1") + RFQ_I
+    )
+    out = drain(s.to_client)
+    assert b"123-45-6789" not in out and data_row(b"1", b"****") in out
