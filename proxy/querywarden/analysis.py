@@ -26,6 +26,7 @@ statements, cursors, channels and grantees, which would confuse ``public.t`` wit
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -1749,8 +1750,21 @@ def sanitized_text(sql: str) -> str | None:
     """
     try:
         normalized: str = _pg.normalize(sql)
-        tokens = _pg.scan(normalized)
     except Exception:  # a parse error, or input the C library refuses: nothing to show
+        return None
+    return _sanitized_normalized(normalized)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sanitized_normalized(normalized: str) -> str | None:
+    """The rest of :func:`sanitized_text`, a function of the normalized text alone.
+
+    Statements of one shape normalize to the same text whatever their constants, so this
+    part (the scanner pass, three quarters of the cost) runs once per shape.
+    """
+    try:
+        tokens = _pg.scan(normalized)
+    except Exception:
         return None
     # Scanner offsets are character offsets into the text, ends inclusive.
     numbers = [
