@@ -557,10 +557,7 @@ class AuditLog:
                     self._segment,
                 )
                 return seq
-            if self._deferred:
-                self._write_with_deferred(data)
-            else:
-                self._write(data)
+            self._write_deferred(then=data)
             if self._always:
                 try:
                     os.fsync(self._fd)
@@ -597,19 +594,6 @@ class AuditLog:
             self._rollback()
             raise AuditWriteError(f"cannot write the audit record: {exc}") from exc
 
-    def _write_with_deferred(self, data: bytes) -> None:
-        """Write the deferred records and ``data`` in one ``write`` (``_lock`` held)."""
-        deferred = b"".join(self._deferred)
-        try:
-            self._write(deferred + data)
-        except AuditWriteError:
-            self._drop_deferred()
-            raise
-        self._size += len(deferred)
-        self._deferred.clear()
-        self._deferred_bytes = 0
-        self._deferred_base = None
-
     def _write_deferred_or_note(self) -> None:
         """For the sync: write what is deferred; a failure is logged, not raised.
 
@@ -618,17 +602,23 @@ class AuditLog:
         with contextlib.suppress(AuditWriteError):
             self._write_deferred()
 
-    def _write_deferred(self) -> None:
-        """Write what is deferred now (``_lock`` held); on failure it is lost (logged)."""
+    def _write_deferred(self, then: bytes = b"") -> None:
+        """Write what is deferred, and ``then`` after it, in one ``write`` (``_lock`` held).
+
+        On failure nothing of it stays in the file, the deferred records are lost (logged)
+        and AuditWriteError is raised.
+        """
         if not self._deferred:
+            if then:
+                self._write(then)
             return
-        data = b"".join(self._deferred)
+        deferred = b"".join(self._deferred)
         try:
-            self._write(data)
+            self._write(deferred + then)
         except AuditWriteError:
             self._drop_deferred()
             raise
-        self._size += len(data)
+        self._size += len(deferred)
         self._deferred.clear()
         self._deferred_bytes = 0
         self._deferred_base = None

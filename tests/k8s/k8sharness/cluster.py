@@ -280,6 +280,34 @@ class Cluster:
         return self.run(tool("kubectl"), *args, stdin=stdin, check=check, timeout=timeout)
 
 
+def bind_anonymous_discovery(cluster: Cluster) -> None:
+    """Let anyone read the service-account issuer's discovery document and JWKS.
+
+    As managed clusters do: a relying party (the gateway) verifies tokens without
+    credentials of its own.
+    """
+    cluster.create(
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": ANONYMOUS_DISCOVERY_BINDING},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:service-account-issuer-discovery",
+            },
+            "subjects": [
+                {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Group",
+                    "name": "system:unauthenticated",
+                }
+            ],
+        },
+    )
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -444,26 +472,7 @@ class LocalControlPlane:
         cluster = Cluster.from_kubeconfig(str(kubeconfig), local=True)
         self.cluster = cluster
         cluster.ca_file = ca.cert_file
-        cluster.create(
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRoleBinding",
-                "metadata": {"name": ANONYMOUS_DISCOVERY_BINDING},
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "ClusterRole",
-                    "name": "system:service-account-issuer-discovery",
-                },
-                "subjects": [
-                    {
-                        "apiGroup": "rbac.authorization.k8s.io",
-                        "kind": "Group",
-                        "name": "system:unauthenticated",
-                    }
-                ],
-            },
-        )
+        bind_anonymous_discovery(cluster)
         return cluster
 
     def stop(self) -> None:

@@ -41,10 +41,10 @@ from typing import Any
 import yaml
 
 from k8sharness.cluster import (
-    ANONYMOUS_DISCOVERY_BINDING,
     API_SERVER_HOSTS,
     Cluster,
     KubeError,
+    bind_anonymous_discovery,
     write_kubeconfig,
 )
 from k8sharness.pki import CertificateAuthority, IssuedCertificate, write_service_account_key
@@ -522,26 +522,7 @@ class Node:
         cluster = Cluster.from_kubeconfig(str(kubeconfig), local=True)
         cluster.ca_file = certs.ca.cert_file
         self.cluster = cluster
-        cluster.create(
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRoleBinding",
-                "metadata": {"name": ANONYMOUS_DISCOVERY_BINDING},
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "ClusterRole",
-                    "name": "system:service-account-issuer-discovery",
-                },
-                "subjects": [
-                    {
-                        "apiGroup": "rbac.authorization.k8s.io",
-                        "kind": "Group",
-                        "name": "system:unauthenticated",
-                    }
-                ],
-            },
-        )
+        bind_anonymous_discovery(cluster)
         controller_kubeconfig = self._kubeconfig(
             "controller-manager", certs, certs.controller_manager
         )
