@@ -144,6 +144,12 @@ def run_raw(port: int, user: str, token: str, query: bytes) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--native",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the gateway's performance.native (the compiled row masker)",
+    )
     parser.add_argument("--serve-allow-all", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_allow_all:
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "CREATE TABLE qm_bench (id int, name text, ssn text, email text);"
             "GRANT SELECT ON qm_bench TO PUBLIC;"
         )
-        proc, port, tokens = start_masking_gateway(workdir, cluster)
+        proc, port, tokens = start_masking_gateway(workdir, cluster, "gateway", args.native)
         stack.callback(stop_process, proc, "gateway")
         wait_ready(proc, "gateway", port, [workdir / "gateway.log"])
         exempt = dsn(port, "bench-exempt", tokens["bench-exempt"])

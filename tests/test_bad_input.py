@@ -520,3 +520,25 @@ def test_query_in_a_non_utf8_client_encoding_is_not_a_protocol_violation(
             "caf\u00e9",
             "na\u00efve",
         )
+
+
+def test_large_statements_are_collected_and_run_whole(gateway: RunningGateway) -> None:
+    """A Query or Parse of megabytes (collected by the read, not joined) runs as sent.
+
+    Text split across reads, multi-byte characters cut by a read, a parameterized Parse,
+    and text that is not valid UTF-8 (refused with 22021; the session goes on).
+    """
+    with connect(gateway) as conn:
+        sql = "SELECT length('" + "é" * 2_000_000 + "')"
+        assert conn.execute(sql).fetchone() == (2_000_000,)
+        sql = "SELECT length(%s::text || '" + "ü" * 1_500_000 + "')"
+        assert conn.execute(sql, ["ab"], prepare=True).fetchone() == (1_500_002,)
+    with RawClient.to(gateway) as client:
+        client.login("alice")
+        client.send(codec.message(b"Q", b"SELECT '" + b"\xff" * 2_000_000 + b"'\0"))
+        messages = client.read_until(b"Z")
+        errors = [m for m in messages if m.mtype == b"E"]
+        assert [e.sqlstate for e in errors] == ["22021"], [m.mtype for m in messages]
+        if messages[-1].mtype != b"Z":
+            messages += client.read_until(b"Z")  # read_until stops at an error too
+        assert data_rows(client.simple_query("SELECT 1")) == [["1"]]

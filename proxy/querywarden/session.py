@@ -68,6 +68,10 @@ _FRONTEND_TYPES: Final = frozenset(b"QPBDECSHFXdcf")
 _REQUESTS: Final = frozenset(b"QPBEF")
 # Messages the decision point sees.
 _GATED: Final = frozenset(b"QPF")
+#: A Query or Parse longer than this (bytes) is collected chunk by chunk as it arrives
+#: (codec.LargeText): joined and decoded in one step, it would stall every other session.
+LARGE_MESSAGE: Final = 1024 * 1024
+_COLLECTED: Final = frozenset(b"QP")
 _SYNC_ENTRY: Final = (_S, "", "", None)
 #: The name a sentinel Parse's entry carries: no statement comes of it.
 _REFUSED: Final = "\0refused"
@@ -175,7 +179,12 @@ class Session:
         self._client_stream_left = 0  # bytes of a streamed CopyData still to forward
         self._server_buf = codec.ChunkBuffer()
         self._server_stream_left = 0  # bytes of a streamed DataRow/CopyData still to forward
-        self._held: tuple[int, bytes, StatementRequest, codec.Parse | None] | None = None
+        #: A held request: (type, the message, or its chunks when it was large, ...).
+        self._held: tuple[int, bytes | list[bytes], StatementRequest, codec.Parse | None] | None = (
+            None
+        )
+        #: A Query or Parse over LARGE_MESSAGE bytes, collected as it arrives.
+        self._large: codec.LargeText | None = None
         # What the server still owes, oldest first: (message type, name, extra).
         self._expected: deque[_Entry] = deque()
         self._nonce = secrets.token_hex(6)
@@ -263,6 +272,16 @@ class Session:
             data = data[n:]
             if not data:
                 return
+        large = self._large
+        if large is not None:
+            data = large.feed(data)
+            if not large.complete:
+                return
+            if not self._cancel_in_flight:
+                self._large = None
+                self._run_large(large)
+            if not data:
+                return
         buf = self._client_buf
         if buf or self.awaiting is not None or self._cancel_in_flight:
             buf.append(data)
@@ -281,6 +300,7 @@ class Session:
         self._held = None
         self.awaiting = None
         if mtype == _E:
+            assert isinstance(frame, bytes)
             self._run_redecided(frame, request, decision)
             self._continue_client()
             return
@@ -289,8 +309,12 @@ class Session:
             decision, pending = self._audit_request(request, decision)
         if decision.allowed:
             self._note_plan(mtype, parse, decision.mask)
-            self.to_server.append(frame)
-            self._track(mtype, frame, 0, len(frame), parse, pending=pending)
+            if isinstance(frame, list):
+                self.to_server.extend(frame)  # a large message leaves as its chunks
+                self._track(mtype, b"", 0, 0, parse, pending=pending)
+            else:
+                self.to_server.append(frame)
+                self._track(mtype, frame, 0, len(frame), parse, pending=pending)
         else:
             self._refuse(mtype, request, decision, pending)
         self._continue_client()
@@ -301,6 +325,10 @@ class Session:
         self._continue_client()
 
     def _continue_client(self) -> None:
+        large = self._large
+        if large is not None and large.complete and not self._cancel_in_flight:
+            self._large = None
+            self._run_large(large)
         if self._client_buf and self.awaiting is None and not self._cancel_in_flight:
             self._process_client(self._client_buf.take())
 
@@ -319,6 +347,13 @@ class Session:
             if length + 1 > limit and not streaming_copy:
                 raise codec.MessageTooLarge(mtype, length + 1, limit)
             if end > size:
+                if length + 1 > LARGE_MESSAGE and mtype in _COLLECTED:
+                    # Collected chunk by chunk, its text decoded as it comes (see
+                    # codec.LargeText); decided once whole, as any other.
+                    if pos > run_start:
+                        out.append(data[run_start:pos])
+                    self._large = codec.LargeText(data[pos:], self.encoding)
+                    return
                 if streaming_copy:
                     # Forward the part of a large CopyData that is here; the rest streams.
                     out.append(data[run_start:])
@@ -396,6 +431,51 @@ class Session:
             out.append(data[run_start:pos])
         if pos < size:
             self._client_buf.hold(data[pos:])
+
+    def _run_large(self, large: codec.LargeText) -> None:
+        """Decide on a whole large Query or Parse, as :meth:`_process_client` on any other.
+
+        Its chunks go upstream as they are, never joined, and only once it is allowed.
+        """
+        mtype = large.mtype
+        self._sync_policy()
+        unsettled = self._owed_ready or self._unsynced_execute
+        risky = unsettled and large.unusual
+        if risky and not self._unsynced_execute:
+            # Read once the server's ReadyForQuery has said how, as any such text is:
+            # joined, it waits at the head of the buffered input (a rare, slow path).
+            self._client_buf.hold(b"".join(large.chunks))
+            return
+        self._check_expiry()
+        parse: codec.Parse | None = None
+        try:
+            name, sql, types = large.request()
+        except codec.InvalidText:
+            # The server refuses such text too (22021) and the session goes on.
+            name, sql = large.refused_request()
+            kind: Literal["query", "parse"] = "query" if mtype == _Q else "parse"
+            request = StatementRequest(kind, sql, statement_name=name)
+            outcome: Decision | Awaitable[Decision] = _invalid_text(self.encoding)
+        else:
+            if mtype == _Q:
+                request = StatementRequest("query", sql)
+            else:
+                parse = codec.Parse(name, sql, types)
+                request = StatementRequest("parse", sql, statement_name=name)
+            outcome = _PIPELINED_TEXT if risky else self.gate.decide(self.info, request)
+        pending = None
+        if self.audit is not None and isinstance(outcome, Decision):
+            outcome, pending = self._audit_request(request, outcome)
+        if not isinstance(outcome, Decision):
+            self._held = (mtype, large.chunks, request, parse)
+            self.awaiting = outcome
+        elif outcome.allowed:
+            if self.masked:
+                self._note_plan(mtype, parse, outcome.mask)
+            self.to_server.extend(large.chunks)
+            self._track(mtype, b"", 0, 0, parse, pending=pending)
+        else:
+            self._refuse(mtype, request, outcome, pending)
 
     def _before_execute(self, frame: bytes) -> tuple[PendingStatement | None, list[bytes]]:
         """An Execute in a masked or audited session: its record, and messages to go first.

@@ -10,9 +10,18 @@ from __future__ import annotations
 import time
 
 from querywarden import codec
-from querywarden.hooks import AllowAll
-from querywarden.session import Session
-from unit.test_session import INFO, RFQ_I, command_complete, data_row, drain
+from querywarden.hooks import ALLOW, AllowAll, Decision, SessionInfo, StatementRequest
+from querywarden.session import SENTINEL_PREFIX, Session
+from unit.test_session import (
+    INFO,
+    RFQ_I,
+    SELECT_REPLY,
+    SYNC,
+    Refuse,
+    command_complete,
+    data_row,
+    drain,
+)
 from unit.test_session_masking import COLUMNS, MaskingGate, description
 
 CHUNK = 64 * 1024
@@ -78,3 +87,89 @@ def test_cpu_grows_linearly_with_message_size() -> None:
     small = _cpu_to_feed(4 * 1024 * 1024)
     large = _cpu_to_feed(32 * 1024 * 1024)
     assert large < 50 * max(small, 0.005), (small, large)
+
+
+# A Query or Parse over session.LARGE_MESSAGE is collected as its chunks: never joined,
+# its text decoded as it comes, forwarded (as the chunks received) only once decided.
+
+LARGE = 4 * 1024 * 1024
+SYNC_AND_QUERY = SYNC + codec.query("SELECT 2")
+
+
+def test_a_large_query_is_never_joined_and_leaves_as_its_chunks() -> None:
+    session = Session(INFO, AllowAll())
+    query = big_query(LARGE)
+    for i in range(0, len(query) - CHUNK, CHUNK):
+        session.receive_client(query[i : i + CHUNK])
+        assert session.to_server == []  # nothing leaves before the decision
+    session.receive_client(query[len(query) // CHUNK * CHUNK :] + SYNC_AND_QUERY)
+    sent = drain(session.to_server)
+    assert sent == query + SYNC_AND_QUERY
+    assert session._client_buf.copied == 0
+
+
+def test_a_large_refused_query_leaves_none_of_its_bytes() -> None:
+    session = Session(INFO, Refuse())
+    query = codec.query("SELECT 'forbidden" + "x" * LARGE + "'")
+    feed(session.receive_client, query + codec.query("SELECT 2"))
+    sent = drain(session.to_server)
+    assert b"forbidden" not in sent and b"xxxx" not in sent
+    token = codec.decode_query(sent[: -len(codec.query("SELECT 2"))])
+    assert token.startswith(SENTINEL_PREFIX)
+    assert sent.endswith(codec.query("SELECT 2"))
+
+
+def test_a_large_parse_is_decided_on_its_whole_text() -> None:
+    seen: list[StatementRequest] = []
+
+    class Record:
+        def decide(self, session: SessionInfo, request: StatementRequest) -> Decision:
+            seen.append(request)
+            return ALLOW
+
+    session = Session(INFO, Record())
+    sql = "SELECT $1::text || '" + "é" * LARGE + "'"
+    message = codec.parse("big", sql, (25,))
+    feed(session.receive_client, message)
+    assert drain(session.to_server) == message
+    assert [(r.kind, r.statement_name, r.sql) for r in seen] == [("parse", "big", sql)]
+
+
+def test_a_large_query_held_for_a_decision_waits_whole() -> None:
+    pending: list[object] = []
+
+    class Later:
+        def decide(self, session: SessionInfo, request: StatementRequest) -> object:
+            pending.append(request.sql)
+            return object()
+
+    session = Session(INFO, Later())  # type: ignore[arg-type]
+    query = big_query(LARGE)
+    feed(session.receive_client, query + codec.query("SELECT 2"))
+    assert session.awaiting is not None and session.to_server == []
+    session.resume(ALLOW)
+    assert drain(session.to_server) == query  # the next Query is decided on its own
+    assert pending[-1] == "SELECT 2"
+
+
+def test_a_large_invalid_query_is_refused_as_a_small_one_is() -> None:
+    session = Session(INFO, AllowAll())
+    query = codec.message(b"Q", b"SELECT '" + b"\xff" * LARGE + b"'\0")
+    feed(session.receive_client, query)
+    sent = drain(session.to_server)
+    assert b"\xff" not in sent
+    assert codec.decode_query(sent).startswith(SENTINEL_PREFIX)
+
+
+def test_a_large_unusual_query_behind_a_running_one_waits_for_its_answer() -> None:
+    session = Session(INFO, AllowAll())
+    session.receive_client(codec.query("SELECT 1"))
+    drain(session.to_server)
+    query = codec.query("SELECT '" + "é" * LARGE + "'")
+    feed(session.receive_client, query)
+    assert session.to_server == []  # read once the ReadyForQuery says how
+    session.receive_server(SELECT_REPLY)
+    assert session.input_released
+    session.input_released = False
+    session.receive_client(b"")
+    assert drain(session.to_server) == query
