@@ -81,9 +81,10 @@ struct RowMasker {
     ops: Vec<Op>,
     tally: Vec<u64>,
     scan: Option<Py<PyAny>>,
-    hints: Vec<Vec<u8>>,
-    /// Whether a hint starts with this byte: one table look-up per byte of a scanned value.
-    hint_starts: Vec<bool>,
+    /// The hints by their first byte: at each byte of a scanned value only the hints that
+    /// start with it are compared (a value made of a byte that starts one hint costs one
+    /// comparison per byte, not one per hint).
+    hints_by_first: Vec<Vec<Vec<u8>>>,
     min_digits: Option<usize>,
     counts: Py<PyAny>,
 }
@@ -251,8 +252,9 @@ impl RowMasker {
             }
         }
         value.iter().enumerate().any(|(at, byte)| {
-            self.hint_starts[usize::from(*byte)]
-                && self.hints.iter().any(|hint| value[at..].starts_with(hint))
+            self.hints_by_first[usize::from(*byte)]
+                .iter()
+                .any(|hint| value[at..].starts_with(hint))
         })
     }
 
@@ -500,9 +502,9 @@ impl RowMasker {
         if hints.iter().any(Vec::is_empty) {
             return Err(PyValueError::new_err("a detector hint must not be empty"));
         }
-        let mut hint_starts = vec![false; 256];
-        for hint in &hints {
-            hint_starts[usize::from(hint[0])] = true;
+        let mut hints_by_first: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 256];
+        for hint in hints {
+            hints_by_first[usize::from(hint[0])].push(hint);
         }
         Ok(Self {
             width,
@@ -510,8 +512,7 @@ impl RowMasker {
             tally: vec![0; ops.len()],
             ops,
             scan,
-            hints,
-            hint_starts,
+            hints_by_first,
             min_digits,
             counts,
         })
