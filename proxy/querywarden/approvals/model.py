@@ -56,6 +56,10 @@ UNLIMITED_USES = -1
 # --- errors -------------------------------------------------------------------------------
 
 
+#: One statement's (operations, reads, writes, functions), as the analyzer found them.
+SummaryParts = tuple[Iterable[str], Iterable[object], Iterable[object], Iterable[object]]
+
+
 class ApprovalError(Exception):
     """Base class of the approval errors; the message is meant for the person acting."""
 
@@ -167,15 +171,20 @@ class ReviewSummary(_Model):
     @classmethod
     def from_analysis(cls, summaries: Iterable[StatementSummary]) -> ReviewSummary:
         """Merge the analyzer's summaries of the statements of one request."""
+        return cls.merge((s.operations, s.reads, s.writes, s.functions) for s in summaries)
+
+    @classmethod
+    def merge(cls, parts: Iterable[SummaryParts]) -> ReviewSummary:
+        """Merge (operations, reads, writes, functions) of each statement of one request."""
         operations: set[str] = set()
         reads: set[str] = set()
         writes: set[str] = set()
         functions: set[str] = set()
-        for s in summaries:
-            operations |= s.operations
-            reads |= {str(r) for r in s.reads}
-            writes |= {str(w) for w in s.writes}
-            functions |= {str(f) for f in s.functions}
+        for ops, read, written, called in parts:
+            operations |= set(ops)
+            reads |= {str(r) for r in read}
+            writes |= {str(w) for w in written}
+            functions |= {str(f) for f in called}
         return cls(
             operations=tuple(sorted(operations)),
             reads=tuple(sorted(reads)),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from querywarden.analysis import StatementSummary
-from querywarden.approvals.model import ReviewSummary
+from querywarden.approvals.model import ReviewSummary, SummaryParts
 from querywarden.audit.log import AuditLog, AuditWriteError
 from querywarden.hooks import Decision, SessionInfo, StatementRequest
 
@@ -263,18 +263,20 @@ class SessionAudit:
 
 
 def _summary(summaries: Sequence[StatementSummary]) -> dict[str, list[str]]:
-    return _merged(tuple(summaries))
+    # Keyed by what the summary is made of, not by the summaries themselves: they carry
+    # their statement's text, which differs with every constant.
+    return _merged(tuple((s.operations, s.reads, s.writes, s.functions) for s in summaries))
 
 
 @functools.lru_cache(maxsize=1024)
-def _merged(summaries: tuple[StatementSummary, ...]) -> dict[str, list[str]]:
-    """The request record's ``summary``, once per distinct analysis.
+def _merged(parts: tuple[SummaryParts, ...]) -> dict[str, list[str]]:
+    """The request record's ``summary``, once per statement shape.
 
-    Clients repeat their statements (the analysis itself is memoized per text), and
-    merging builds a pydantic model: about 8 µs a request record, saved. The dict is
-    only ever encoded, never changed.
+    Clients repeat their statements with other constants, and merging builds a pydantic
+    model: about 8 µs a request record, saved. The dict is only ever encoded, never
+    changed.
     """
-    merged = ReviewSummary.from_analysis(summaries)
+    merged = ReviewSummary.merge(parts)
     return {
         "operations": list(merged.operations),
         "reads": list(merged.reads),
