@@ -31,7 +31,8 @@ $(NATIVE): $(STAMP) $(NATIVE_SOURCES)
 system-deps:
 	@bash scripts/ensure-system-deps.sh
 
-# kube-apiserver, etcd, kubectl, helm, an OpenTelemetry Collector and CoreDNS, built from their
+# kube-apiserver, etcd, kubectl, helm, an OpenTelemetry Collector, CoreDNS and the test
+# node's kubelet, kube-controller-manager, kube-scheduler and kube-proxy, built from their
 # official Go modules into ~/.cache/querywarden/tools (skipped when already built).
 tools:
 	@bash scripts/build-tools.sh
