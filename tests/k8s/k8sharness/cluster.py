@@ -415,7 +415,7 @@ class LocalControlPlane:
         )
         self.processes.append(etcd)
         etcd.wait_until(
-            lambda: _get(f"{etcd_url}/health").get("health") == "true",
+            lambda: http_get(f"{etcd_url}/health").get("health") == "true",
             timeout=START_TIMEOUT,
             what="healthy",
         )
@@ -456,7 +456,7 @@ class LocalControlPlane:
         context = ssl.create_default_context(cafile=str(ca.cert_file))
         context.load_cert_chain(admin.cert_file, admin.key_file)
         apiserver.wait_until(
-            lambda: _get(f"{server}/readyz", context=context, raw=True) == b"ok",
+            lambda: http_get(f"{server}/readyz", context=context, raw=True) == b"ok",
             timeout=START_TIMEOUT,
             what="ready (/readyz)",
         )
@@ -495,7 +495,8 @@ class LocalControlPlane:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _get(url: str, *, context: ssl.SSLContext | None = None, raw: bool = False) -> Any:
+def http_get(url: str, *, context: ssl.SSLContext | None = None, raw: bool = False) -> Any:
+    """GET ``url`` directly (never through a proxy): its JSON, or its bytes with ``raw``."""
     opener = _OPENER
     if context is not None:
         opener = urllib.request.build_opener(

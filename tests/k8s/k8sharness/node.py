@@ -45,10 +45,11 @@ from k8sharness.cluster import (
     Cluster,
     KubeError,
     bind_anonymous_discovery,
+    http_get,
     write_kubeconfig,
 )
 from k8sharness.pki import CertificateAuthority, IssuedCertificate, write_service_account_key
-from k8sharness.processes import ManagedProcess, ProcessFailed
+from k8sharness.processes import ManagedProcess
 from k8sharness.tools import tool
 
 NODE_NAME = "qw-node"
@@ -302,19 +303,9 @@ class ContainerRuntime:
         self.ctr("images", "import", "--no-unpack=false", "--snapshotter", "overlayfs",
                  str(archive), timeout=300)  # fmt: skip
 
-    def images(self) -> list[str]:
-        """The image references containerd knows in ``k8s.io``."""
-        return self.ctr("images", "ls", "-q").split()
-
     def kill_all(self) -> None:
-        """SIGKILL every container (killing a task's first process ends its PID namespace)."""
-        if self.process is None or not self.process.alive():
-            return
-        for line in self.ctr("tasks", "ls", check=False).splitlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 2 and fields[1].isdigit():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(fields[1]), signal.SIGKILL)
+        """SIGKILL every container (see :func:`kill_containers`)."""
+        kill_containers(self.workdir)
 
     def stop(self) -> None:
         """Stop containerd, then the shims it started (each in a session of its own)."""
@@ -514,7 +505,7 @@ class Node:
         context.load_cert_chain(certs.admin.cert_file, certs.admin.key_file)
         server = f"https://{self.node_ip}:{API_PORT}"
         apiserver.wait_until(
-            lambda: _https_get(f"{server}/readyz", context) == b"ok",
+            lambda: http_get(f"{server}/readyz", context=context, raw=True) == b"ok",
             timeout=START_TIMEOUT,
             what="ready (/readyz)",
         )
@@ -851,10 +842,7 @@ def sweep_abandoned() -> None:
         if Path(f"/proc/{owner.get('pid')}").exists():
             continue  # alive: someone else's running node
         workdir = Path(str(owner["workdir"]))
-        # Containers first: killing a container's first process ends its PID namespace.
-        for state in workdir.glob("containerd/runc/*/*/state.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError):
-                os.kill(int(json.loads(state.read_text())["init_process_pid"]), signal.SIGKILL)
+        kill_containers(workdir / "containerd")  # first: nothing restarts them after
         netns = str(owner["netns"])
         for pid in run(["ip", "netns", "pids", netns], check=False).split():
             with contextlib.suppress(ProcessLookupError, ValueError):
@@ -864,6 +852,18 @@ def sweep_abandoned() -> None:
         run(["ip", "link", "del", str(owner["host_link"])], check=False)
         run(["ip", "netns", "del", netns], check=False)
         claim.unlink(missing_ok=True)
+
+
+def kill_containers(runtime_dir: Path) -> None:
+    """SIGKILL every container runc runs for the containerd in ``runtime_dir``.
+
+    From runc's own state files (its root is ours, see ``ContainerRuntime``), so it works
+    whether containerd still runs or not. Killing a container's first process ends its
+    PID namespace, and every process in it.
+    """
+    for state in runtime_dir.glob("runc/*/*/state.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError):
+            os.kill(int(json.loads(state.read_text())["init_process_pid"]), signal.SIGKILL)
 
 
 def unmount_under(directory: Path) -> None:
@@ -895,16 +895,6 @@ def _collect(errors: list[BaseException], step: Any) -> None:
         errors.append(exc)
 
 
-def _https_get(url: str, context: ssl.SSLContext) -> bytes:
-    import urllib.request
-
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
-    )
-    with opener.open(url, timeout=5) as response:
-        return bytes(response.read())
-
-
 def _toml(document: dict[str, Any]) -> str:
     """Just enough TOML for containerd's configuration: tables, strings, bools, lists."""
     lines: list[str] = []
@@ -932,6 +922,3 @@ def _toml(document: dict[str, Any]) -> str:
 
     table([], document)
     return "\n".join(lines)
-
-
-__all__ = ["KubeError", "Node", "NodeError", "ProcessFailed"]

@@ -186,6 +186,8 @@ class Installation:
         ):
             result = self.k8s.kubectl(*args, check=False)
             out.append(f"$ kubectl {' '.join(args)}\n{result.stdout}{result.stderr}")
+        for component in ("kubelet", "containerd"):
+            out.append(f"--- {component} (last lines)\n{self.node.logs(component, 30)}")
         return "\n".join(out)
 
     def pod(self, namespace: str, name: str) -> dict[str, Any]:
