@@ -20,9 +20,12 @@ import pytest
 from byte_tap import ByteTap
 from gateway_harness import DATABASE, POLICY, RunningGateway, token_for
 from masking_corpus import CORPUS, SEED, UPDATES, leak_patterns
+from querywarden import codec
 from querywarden.devcluster import EphemeralCluster
 from querywarden.masking import compiled
 from querywarden.policy import PolicyDocument
+from raw_client import Message, RawClient
+from wire_client import SYNC, bind, execute
 
 HASH_KEY = "test-masking-key-0123456789abcdef"
 
@@ -450,3 +453,84 @@ def test_side_channels_do_not_carry_masked_values(
             assert received.count(withheld) == 3  # two allowed pg_notify calls, one NOTIFY
     finally:
         pg.psql("DROP FUNCTION qm_shout(int), qm_fail(int)")
+
+
+# --- which statement a result belongs to ----------------------------------------------
+# A result is masked by the plan of the statement that produced it. The gateway learns
+# which one from the server's answers, in order (ParseComplete, BindComplete), never from
+# what the client sent last: a pipeline may define the unnamed statement or portal again
+# before the first one's rows arrive, and a Parse the server rejects leaves the old
+# statement in place.
+
+_SSN_SQL = "SELECT ssn FROM qm_customers"
+_HARMLESS_SQL = "SELECT name FROM qm_customers"
+
+
+def _agent_rows(masked: RunningGateway, *frames: bytes) -> tuple[list[Message], bytes]:
+    """Send ``frames`` as an agent in one write; the messages up to the last ReadyForQuery."""
+    syncs = sum(1 for f in frames if f[:1] == b"S")
+    with RawClient.to(masked) as client:
+        client.login("alice")
+        client.send(b"".join(frames))
+        messages: list[Message] = []
+        while sum(1 for m in messages if m.mtype == b"Z") < syncs:
+            message = client.read_message()
+            assert message is not None, [m.mtype for m in messages]
+            messages.append(message)
+    raw = b"".join(m.frame for m in messages)
+    return messages, raw
+
+
+def test_a_pipeline_that_redefines_the_unnamed_statement_masks_each_result_by_its_own(
+    masked: RunningGateway,
+) -> None:
+    messages, raw = _agent_rows(
+        masked,
+        codec.parse("", _SSN_SQL),
+        bind(),
+        execute(),
+        codec.parse("", _HARMLESS_SQL),
+        bind(),
+        execute(),
+        SYNC,
+    )
+    assert [m.mtype for m in messages].count(b"C") == 2, [m.mtype for m in messages]
+    assert b"Ada" in raw  # the second statement ran and was not masked
+    assert leaks(raw) == []
+
+
+def test_a_pipeline_that_rebinds_the_unnamed_portal_masks_each_result_by_its_own(
+    masked: RunningGateway,
+) -> None:
+    messages, raw = _agent_rows(
+        masked,
+        codec.parse("secret", _SSN_SQL),
+        codec.parse("harmless", _HARMLESS_SQL),
+        SYNC,
+        bind("", "secret"),
+        execute(),
+        bind("", "harmless"),
+        execute(),
+        SYNC,
+    )
+    assert [m.mtype for m in messages].count(b"C") == 2, [m.mtype for m in messages]
+    assert leaks(raw) == []
+
+
+def test_a_rejected_parse_leaves_the_statement_and_its_masking_as_they_were(
+    masked: RunningGateway,
+) -> None:
+    messages, raw = _agent_rows(
+        masked,
+        codec.parse("s1", _SSN_SQL),
+        SYNC,
+        codec.parse("s1", _HARMLESS_SQL),  # already exists: the server rejects it
+        SYNC,
+        bind("", "s1"),
+        execute(),
+        SYNC,
+    )
+    errors = [m.fields for m in messages if m.mtype == b"E"]
+    assert [e["C"] for e in errors] == ["42P05"], errors
+    assert [m.mtype for m in messages].count(b"D") > 0  # the old statement's rows came
+    assert leaks(raw) == []

@@ -135,7 +135,7 @@ def test_a_real_syntax_error_is_not_mistaken_for_a_refusal() -> None:
     drain(session.to_server)
     genuine = codec.error_response("42601", 'syntax error at or near "SELEC"')
     # The sentinel's error arrives first, then the genuine one, each with its own RFQ.
-    token = f"{SENTINEL_PREFIX}{session._nonce}_1"
+    token = f"{SENTINEL_PREFIX}{session.policy.nonce}_1"
     session.receive_server(syntax_error_at(token) + RFQ_I + genuine + RFQ_I)
     out = drain(session.to_client)
     assert out.endswith(genuine + RFQ_I)

@@ -227,8 +227,8 @@ def test_closed_statements_leave_nothing_behind() -> None:
             + RFQ_I
         )
         assert b"123-45-6789" not in drain(s.to_client)
-    assert len(s._audit_texts) <= 1 and len(s._statement_plans) <= 1
-    assert len(s._statement_fields) <= 1 and not s.statements
+    # Every statement's text, plan and description live on its record: Close drops it.
+    assert not s.records.statements and not s.records.portals and not s.statements
 
 
 def test_a_name_defined_again_behind_its_close_keeps_the_new_statement() -> None:
@@ -254,7 +254,7 @@ def test_a_name_defined_again_behind_its_close_keeps_the_new_statement() -> None
         + RFQ_I
     )
     drain(s.to_client)
-    assert s._statement_plans.get("q") is PLAN
+    assert s.records.statements["q"].plan is PLAN
     s.receive_client(
         codec.message(b"B", codec.cstr("") + codec.cstr("q") + b"\0\0\0\0\0\0") + execute() + SYNC
     )

@@ -116,7 +116,7 @@ def run(make: Callable[[], Session], request_cuts: list[int], reply_cuts: list[i
     sent = _feed(session.receive_client, REQUEST, request_cuts, session.to_server)
     received = _feed(session.receive_server, REPLY, reply_cuts, session.to_client)
     session.close_audit()
-    audit = session.audit
+    audit = session.auditing.audit if session.auditing is not None else None
     records = audit.records if isinstance(audit, MemoryAudit) else None
     return sent, received, records, session.transaction_status, session.expected_responses
 
