@@ -66,7 +66,7 @@ class AuditStage:
         ``hide_values``: the values may be masked ones (``WHERE id = $1`` is fine, but a
         value compared with or stored into a masked column is as sensitive as the column).
         """
-        name, values = (portal.statement, portal.values) if portal is not None else ("", [])
+        name, values = (portal.statement, list(portal.values)) if portal is not None else ("", [])
         request = StatementRequest(
             "execute", statement.text if statement is not None else "", statement_name=name
         )

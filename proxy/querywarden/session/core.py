@@ -811,7 +811,7 @@ class Session:
                 self._owed_ready -= 1
                 self.input_released = not self._owed_ready and bool(self._client_buf)
                 break
-        if status == b"I":
+        if status == b"I" and self.records.portals:
             self.records.transaction_ended(owed)
         if not owed:
             # Only once nothing is in flight: a refusal pipelined behind this Sync has

@@ -10,7 +10,8 @@ portals, forgets all of it in one step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from querywarden.session.owed import B, OwedQueue, P
@@ -38,25 +39,39 @@ class Statement:
     stale: bool = False
 
 
-@dataclass(slots=True, eq=False)
 class Portal:
-    """A bound portal ("" is the unnamed one)."""
+    """A bound portal ("" is the unnamed one).
 
-    #: The statement its Bind named.
-    statement: str
-    #: The Bind's result format codes (masked sessions).
-    formats: tuple[int, ...] = ()
-    #: The Bind's parameter values, as text, for the audit record (audited sessions).
-    values: list[str | None] = field(default_factory=list)
-    #: Its result's description, from a Describe the server answered.
-    fields: list[FieldDescription] | None = None
-    #: Whether a Describe of it was sent since its Bind.
-    described: bool = False
-    #: Whether the server confirmed the Bind (BindComplete).
-    confirmed: bool = False
-    #: Rows it sent before it was suspended (an Execute with a row count): a row limit
-    #: counts on from there at its next Execute.
-    suspended_rows: int = 0
+    A plain class rather than a dataclass: one is made for every Bind, and the relay's
+    per-message cost is what this saves.
+    """
+
+    __slots__ = (
+        "confirmed",
+        "described",
+        "fields",
+        "formats",
+        "statement",
+        "suspended_rows",
+        "values",
+    )
+
+    def __init__(self, statement: str) -> None:
+        #: The statement its Bind named.
+        self.statement = statement
+        #: The Bind's result format codes (masked sessions).
+        self.formats: tuple[int, ...] = ()
+        #: The Bind's parameter values, as text, for the audit record (audited sessions).
+        self.values: Sequence[str | None] = ()
+        #: Its result's description, from a Describe the server answered.
+        self.fields: list[FieldDescription] | None = None
+        #: Whether a Describe of it was sent since its Bind.
+        self.described = False
+        #: Whether the server confirmed the Bind (BindComplete).
+        self.confirmed = False
+        #: Rows it sent before it was suspended (an Execute with a row count): a row
+        #: limit counts on from there at its next Execute.
+        self.suspended_rows = 0
 
 
 class Records:
