@@ -73,6 +73,7 @@ bench: $(NATIVE)
 	$(BIN)/python bench/analysis_bench.py
 	$(BIN)/python bench/masking_bench.py
 	$(BIN)/python bench/audit_bench.py
+	$(BIN)/python bench/large_message_bench.py --repeats 2
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:
