@@ -18,7 +18,10 @@ import psycopg
 import pytest
 
 from gateway_harness import DATABASE, POLICY, RunningGateway, token_for
+from querywarden import codec
 from querywarden.devcluster import EphemeralCluster
+from raw_client import Message, RawClient
+from wire_client import SYNC, bind, execute
 
 HASH_KEY = "test-reload-masking-key-0123456789"
 SSN = "123-45-6789"
@@ -227,3 +230,86 @@ def test_a_statement_held_for_approval_across_a_reload_that_denies_it_does_not_r
     assert "qr_notes is denied" in str(held.error)
     assert pg.psql("SELECT count(*) FROM qr_notes WHERE id = 4").strip() == "1"
     pg.psql("DELETE FROM qr_notes WHERE id = 4")  # the other tests count three rows
+
+
+@pytest.fixture
+def detecting(
+    make_gateway: Callable[..., RunningGateway], tables: None, pg: EphemeralCluster, tmp_path: Path
+) -> Iterator[tuple[RunningGateway, Callable[[], None]]]:
+    """A masking gateway whose SSN detector sees ``qr_free.note``, and how to reload it."""
+    pg.psql(
+        "DROP TABLE IF EXISTS qr_free; CREATE TABLE qr_free (id int, note text);"
+        f"INSERT INTO qr_free VALUES (1, 'call me, ssn {SSN}'); GRANT ALL ON qr_free TO PUBLIC;"
+    )
+    document = policy(masked=True)
+    document["rules"][0]["allow"]["operations"] = ["select", "copy_out"]
+    document["masking"]["detectors"] = ["ssn"]
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps(document))
+    gw = make_gateway(policyFile=str(policy_file), masking={"hashKey": HASH_KEY})
+
+    def change() -> None:
+        document["rules"][0]["deny"]["tables"].append("public.qr_notes")  # any change will do
+        policy_file.write_text(json.dumps(document))
+        assert gw.call(_reload(gw))
+
+    yield gw, change
+    pg.psql("DROP TABLE qr_free")
+
+
+def _run_ambiguous(
+    gw: RunningGateway, change: Callable[[], None], confirmed: str, other: str
+) -> list[Message]:
+    """Prepare ``confirmed`` as s1, reload, then pipeline a Parse of ``other`` under the
+    same name (the server rejects the duplicate) with an Execute of s1. After the reload
+    both texts are decided, each with its own masking plan: which applies is not known.
+    """
+    with RawClient.to(gw) as client:
+        client.login("alice")
+        client.send(codec.parse("s1", confirmed) + SYNC)
+        assert [m.mtype for m in client.read_until(b"Z")] == [b"1", b"Z"]
+        change()
+        client.send(codec.parse("s1", other) + SYNC + bind("", "s1") + execute() + SYNC)
+        messages: list[Message] = []
+        while sum(m.mtype == b"Z" for m in messages) < 2:
+            message = client.read_message()
+            assert message is not None, [m.mtype for m in messages]
+            messages.append(message)
+    return messages
+
+
+def test_copy_rows_of_a_statement_whose_masking_is_ambiguous_after_a_reload_are_withheld(
+    detecting: tuple[RunningGateway, Callable[[], None]],
+) -> None:
+    # DataRows of such a statement are masked whole; COPY rows, one line of text each,
+    # cannot be: none may pass, or the content detectors would be skipped for them.
+    gw, change = detecting
+    copy = "COPY (SELECT note FROM qr_free) TO STDOUT"
+    with RawClient.to(gw) as client:
+        client.login("alice")
+        plain = b"".join(m.frame for m in client.simple_query(copy))
+    assert SSN.encode() not in plain and b"call me" in plain  # the detector at work
+    messages = _run_ambiguous(gw, change, copy, "COPY (SELECT note || '' FROM qr_free) TO STDOUT")
+    assert SSN.encode() not in b"".join(m.frame for m in messages)
+    errors = [m.fields for m in messages if m.mtype == b"E"]
+    assert [e["C"] for e in errors] == ["42P05", "42501"], errors
+    assert "cannot tell which masking applies" in errors[1]["M"]
+
+
+def test_an_error_of_a_statement_whose_masking_is_ambiguous_after_a_reload_is_scrubbed(
+    detecting: tuple[RunningGateway, Callable[[], None]],
+) -> None:
+    # The server's error quotes the value it could not convert: with no plan to say what
+    # is safe, it is scrubbed as a masked column's error would be.
+    gw, change = detecting
+    messages = _run_ambiguous(
+        gw, change, "SELECT note::int FROM qr_free", "SELECT note::bigint FROM qr_free"
+    )
+    assert SSN.encode() not in b"".join(m.frame for m in messages)
+    errors = [m.fields for m in messages if m.mtype == b"E"]
+    assert [e["C"] for e in errors] == ["42P05", "22P02"], errors
+    assert "invalid input syntax" in errors[1]["M"]
+
+
+async def _reload(gw: RunningGateway) -> bool:
+    return gw.gateway.reload_policy()

@@ -11,6 +11,7 @@ from querywarden import codec
 from querywarden.errors import UpstreamError
 from querywarden.hooks import Decision, SessionInfo, StatementRequest
 from querywarden.masking import compiled
+from querywarden.masking.detectors import ContentScanner
 from querywarden.masking.plan import ColumnMask, MaskPlan
 from querywarden.masking.strategies import MaskSpec
 from querywarden.session import Session
@@ -264,3 +265,58 @@ def test_a_name_defined_again_behind_its_close_keeps_the_new_statement() -> None
     )
     out = drain(s.to_client)
     assert b"123-45-6789" not in out and data_row(b"1", b"****") in out
+
+
+# --- COPY TO STDOUT rows with no plan to scan them by ------------------------------------
+
+
+def _scanning_plan() -> MaskPlan:
+    """A plan with no masked column whose content detectors look for SSNs (a new object
+    each call: two texts of one statement name get two plans)."""
+    return MaskPlan(origins={}, computed=None, scanner=ContentScanner(["ssn"]), scrub_errors=True)
+
+
+class PlanPerTextGate:
+    """Every text gets its own plan, as the real gate's plans differ by statement shape."""
+
+    generation = 0
+
+    def decide(self, session: SessionInfo, request: StatementRequest) -> Decision:
+        return Decision(True, mask=_scanning_plan())
+
+
+def test_copy_rows_whose_plan_is_not_known_are_withheld_not_sent_unscanned() -> None:
+    # After a reload, an Execute of a name that may run either of two texts (a Parse of
+    # the name that the server may reject, and the confirmed one) is decided for both;
+    # with two different plans, which one applies is not known. DataRows are then
+    # masked whole; COPY rows cannot be masked column by column, so none may pass.
+    gate = PlanPerTextGate()
+    s = Session(INFO, gate, masked=True)
+    s.receive_client(codec.parse("s1", "COPY (SELECT notes FROM t) TO STDOUT") + SYNC)
+    drain(s.to_server)
+    s.receive_server(codec.message(b"1") + RFQ_I)
+    drain(s.to_client)
+    gate.generation += 1  # a policy reload
+    s.receive_client(
+        codec.parse("s1", "COPY (SELECT note FROM t) TO STDOUT")
+        + SYNC
+        + bind("", "s1")
+        + execute()
+        + SYNC
+    )
+    drain(s.to_server)
+    s.receive_server(
+        codec.error_response("42P05", 'prepared statement "s1" already exists')
+        + RFQ_I
+        + codec.message(b"2")
+        + codec.message(b"H", b"\0\0\x01\0\0")  # CopyOutResponse, text, one column
+        + codec.message(b"d", b"my ssn is 123-45-6789\n")
+        + codec.message(b"c")
+        + command_complete("COPY 1")
+        + RFQ_I
+    )
+    out = drain(s.to_client)
+    assert b"123-45-6789" not in out
+    errors = [codec.decode_fields(f) for f in frames(out) if f[:1] == b"E"]
+    assert [e["C"] for e in errors] == ["42P05", "42501"], errors
+    assert out.endswith(RFQ_I)

@@ -826,7 +826,7 @@ class Session:
         owed = self.owed
         masking = self.masking
         frame = data[pos:end]
-        plan = masking.head_plan(owed.head(), self.records) if masking.masked else None
+        plan = masking.result_plan(owed.head(), self.records) if masking.masked else None
         self.mode = "ready"
         if b"VFATAL\0" in frame or b"VPANIC\0" in frame:
             # The server says why it is closing; the shell need not add its own FATAL.
@@ -849,7 +849,7 @@ class Session:
         masking = self.masking
         if not masking.masked:
             return None
-        return masking.scrub(data[pos:end], masking.head_plan(self.owed.head(), self.records))
+        return masking.scrub(data[pos:end], masking.result_plan(self.owed.head(), self.records))
 
     def _on_notification(self, data: bytes, pos: int, end: int) -> bytes | None:
         if not self.masking.masked:
@@ -936,9 +936,13 @@ class Session:
                 auditing.sample(self.owed.head(), data[pos:end])
             return None
         if kind == _COPY_DATA:
-            masked_row = masking.copy_row(
-                data[pos:end], masking.head_plan(self.owed.head(), self.records)
-            )
+            plan = masking.result_plan(self.owed.head(), self.records)
+            if plan is None or plan.mask_all:
+                # A COPY row is one line of text: it cannot be masked column by column,
+                # so with no plan to say which values are safe, none is sent.
+                self._cut(_unplanned_copy_error)
+                return b""
+            masked_row = masking.copy_row(data[pos:end], plan)
             if masked_row is not None and self._copy_binary:
                 # A binary row's fields have lengths: a replacement would corrupt it.
                 self._cut(_binary_copy_error)
@@ -1101,6 +1105,20 @@ def _replan_refusal(decision: Decision, completed: bool) -> bytes:
         detail="the database's tables or views changed after the statement was allowed, "
         f"and the gateway refuses it as they are now; {ran}",
         hint=decision.hint,
+    )
+
+
+def _unplanned_copy_error(completed: bool) -> bytes:
+    return codec.error_response(
+        "42501",
+        "querywarden: the gateway cannot tell which masking applies to this COPY's rows "
+        "(the statement may run either of two texts, or was decided before masking "
+        "applied to this session), and COPY rows cannot be masked whole; the rows were "
+        "withheld",
+        detail="the rest of the COPY was withheld"
+        + ("; the statement finished on the server" if completed else ""),
+        hint="prepare the statement again under a new name (or send it as a simple "
+        "Query), so the gateway decides and masks exactly the text that runs",
     )
 
 

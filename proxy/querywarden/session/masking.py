@@ -100,6 +100,19 @@ class MaskingStage:
             return statement.plan if statement is not None else None
         return None
 
+    def result_plan(self, head: Owed | None, records: Records) -> MaskPlan | None:
+        """The plan for what answers the request now running (rows, errors, notices).
+
+        A Query or Execute with no plan of its own (decided before a reload turned masking
+        on, or a statement name that may run either of two texts with different plans)
+        gets :data:`MASK_ALL`: nothing says which of its values are safe. Other requests
+        (a Parse, a Bind) have no result to mask: None.
+        """
+        if head is None or head.kind not in (Q, E):
+            return None
+        plan = self.head_plan(head, records)
+        return MASK_ALL if plan is None else plan
+
     def description(
         self, head: Owed | None, fields: list[FieldDescription], records: Records
     ) -> bool:
@@ -183,10 +196,8 @@ class MaskingStage:
                 statement.plan = plan
         return plan
 
-    def copy_row(self, frame: bytes, plan: MaskPlan | None) -> bytes | None:
+    def copy_row(self, frame: bytes, plan: MaskPlan) -> bytes | None:
         """A COPY TO STDOUT row with detector matches replaced (None: as it is)."""
-        if plan is None:
-            return None
         return scan_copy_row(frame, plan, self.encoding, self.counts)
 
     def scrub(self, frame: bytes, plan: MaskPlan | None) -> bytes | None:
