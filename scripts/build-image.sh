@@ -7,6 +7,10 @@
 #   through ensurepip, CA certificates), so the same Dockerfile builds without a registry.
 # - pip's configuration on this machine (index and CA bundle, from `pip config` and PIP_*)
 #   reaches the build as the secret `pip.conf`; nothing of it stays in a layer.
+# - The compiled row masker (native/, querywarden_native) is built on this machine as a
+#   wheel (build/native-wheel/) and installed in the image: Debian bookworm's Rust is too
+#   old for PyO3 and the build reaches no crates registry. This machine is bookworm too,
+#   so the wheel links against the image's glibc; the build fails if it does not load.
 # - Skipped when an image built from the same inputs exists (label querywarden.inputs).
 #
 # Environment: QW_IMAGE (default localhost/querywarden:dev), QW_IMAGE_FORCE=1 to rebuild.
@@ -22,14 +26,20 @@ debian_base=localhost/querywarden-base:bookworm-python3.11
 inputs=$(
   {
     sha256sum Dockerfile .dockerignore pyproject.toml constraints.txt README.md LICENSE
-    git ls-files -co --exclude-standard proxy operator | grep -v -e '__pycache__' -e '\.pyc$' \
-      | sort | xargs sha256sum
+    git ls-files -co --exclude-standard proxy operator native \
+      | grep -v -e '__pycache__' -e '\.pyc$' -e '^native/target/' | sort | xargs sha256sum
   } | sha256sum | cut -c1-32
 )
 if [[ "${QW_IMAGE_FORCE:-}" != 1 ]] \
   && [[ "$(podman image inspect --format '{{ index .Labels "querywarden.inputs" }}' "$image" 2>/dev/null)" == "$inputs" ]]; then
   exit 0
 fi
+
+# The native wheel, from the same sources the venv's build uses (cargo reuses native/target).
+pip=${QW_PIP:-.venv/bin/pip}
+[[ -x "$pip" ]] || { echo "no $pip: run make first (the image's native wheel is built with it)"; exit 1; }
+rm -rf build/native-wheel
+"$pip" wheel --quiet --no-deps --wheel-dir build/native-wheel ./native
 
 base=""
 if podman image exists "$upstream_base" \

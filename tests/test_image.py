@@ -124,6 +124,9 @@ policyFile: policy.yaml
         anonymous = _psql(dsn, "SELECT 1", "not-a-token")
         assert anonymous.returncode != 0
         assert "password authentication failed" in anonymous.stderr or "token" in anonymous.stderr
+        # The image carries the compiled row masker (built on the host as a wheel), and
+        # the gateway says at start that it masks with it (performance.native: auto).
+        assert "masking rows with the compiled (querywarden_native) row masker" in running.logs()
     # The container is gone; its audit log, on the volume, holds both statements and
     # verifies with the host's own copy of the tool.
     verify = subprocess.run(
