@@ -122,6 +122,20 @@ POLICY_RULES: dict[str, list[dict[str, str]]] = {
     ],
     # Unique names: the lists are maps keyed by name (POLICY_LIST_MAPS).
     "PolicyDocument": [],
+    "NotifyDestination": [
+        _cel(
+            "[has(self.url), has(self.urlFile), has(self.urlEnv)].filter(x, x).size() == 1",
+            "a notify destination needs exactly one of url, urlFile, urlEnv",
+        ),
+        _cel(
+            "!has(self.url) || self.url.startsWith('https://') || self.url.startsWith('http://')",
+            "a notify destination's url must be http(s)://",
+        ),
+        _cel(
+            "!(has(self.secretFile) && has(self.secretEnv))",
+            "a notify destination takes at most one of secretFile, secretEnv",
+        ),
+    ],
 }
 #: Model validators the CRD does not repeat, and why (the operator's pydantic
 #: validation still refuses them, with a False Rendered condition).
@@ -137,6 +151,7 @@ OPERATOR_ONLY: dict[str, str] = {
 POLICY_LIST_MAPS: dict[tuple[str, str], str] = {
     ("PolicyDocument", "rules"): "name",
     ("IdentitySection", "issuers"): "name",
+    ("ApprovalSettings", "notify"): "name",
 }
 #: (model, field) → bounds the CRD adds (the CEL cost budget needs bounded lists).
 POLICY_LIMITS: dict[tuple[str, str], dict[str, int]] = {
@@ -144,6 +159,7 @@ POLICY_LIMITS: dict[tuple[str, str], dict[str, int]] = {
     ("IdentitySection", "issuers"): {"maxItems": 32},
     ("MaskingSection", "columns"): {"maxItems": 512},
     ("MaskedColumn", "overrides"): {"maxItems": 32},
+    ("ApprovalSettings", "notify"): {"maxItems": 16},
     ("Rule", "upstreamRole"): {"maxLength": 63},
 }
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from querywarden import codec, encodings
 from querywarden.approvals.api import AdminApi, bearer_authenticate
 from querywarden.approvals.model import Review
+from querywarden.approvals.notify import Notifier
 from querywarden.approvals.service import ApprovalService
 from querywarden.approvals.store import SqliteReviewStore
 from querywarden.audit.recorder import Auditor, AuditWriteError, SessionAudit
@@ -113,6 +114,8 @@ class Gateway:
         self.catalogs = CatalogCache(self._load_catalog, fingerprinter=self._catalog_fingerprint)
         self.auditor = _auditor(settings)
         self.approvals = self._approval_service(policy)
+        #: Posts review events to the policy's approvals.notify destinations (once started).
+        self._notifier: Notifier | None = None
         self._admin: AdminApi | None = None
         #: Where the admin API listens, once started (None: no admin API).
         self.admin_address: tuple[str, int] | None = None
@@ -167,6 +170,7 @@ class Gateway:
             self._policy_stamp = _file_stamp(self.settings.policy_file)
             self._watcher = loop.create_task(self._watch_policy())
         self.approvals.start()
+        self._start_notifier(self.policy)
         admin = self.settings.admin
         if admin.port is not None:
             context = None
@@ -302,7 +306,9 @@ class Gateway:
         return await bearer_authenticate(self.authenticator)(token)
 
     def _review_event(self, kind: str, review: Review) -> None:
-        """Every review event goes to the audit log."""
+        """Every review event goes to the audit log, and to whoever the policy notifies."""
+        if self._notifier is not None:
+            self._notifier.on_event(kind, review)  # queued: it never blocks the event
         if self.auditor is None:
             return
         try:
@@ -321,6 +327,38 @@ class Gateway:
             )
         except AuditWriteError:
             log.error("audit: review event %s of %s could not be recorded", kind, review.id)
+
+    def _start_notifier(self, policy: PolicyDocument) -> None:
+        """Post review events as ``policy`` says, from now on (called on the loop).
+
+        A reload replaces the notifier; the old one gets a moment to post what it has
+        queued.
+        """
+        old, self._notifier = self._notifier, None
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.close())
+        approvals = policy.approvals
+        if not approvals.notify:
+            return
+        self._notifier = Notifier(
+            approvals.notify,
+            pending_ttl=approvals.pending_ttl.total_seconds(),
+            console_url=approvals.console_url,
+            approve_command=self.approvals.approve_command,
+            record=self._record_notification,
+        )
+        self._notifier.start()
+
+    def _record_notification(self, type_: str, fields: dict[str, object]) -> None:
+        """A delivered (or given up) notification goes to the audit log."""
+        if self.auditor is None:
+            return
+        try:
+            self.auditor.write(type_, **fields)
+        except AuditWriteError:
+            log.error(
+                "audit: %s of review %s could not be recorded", type_, fields.get("review_id")
+            )
 
     def _notify(self, session: SessionInfo, message: bytes) -> None:
         """Send a message (a NoticeResponse) to a session's client now."""
@@ -375,6 +413,7 @@ class Gateway:
         # Approvers added or removed by the reload apply at once: the service is always
         # there, and the gate holds statements only while the policy names approvers.
         self.approvals.settings = policy.approvals
+        self._start_notifier(policy)
         if isinstance(self.gate, PolicyGate):
             self.gate.reload(self.engine, masker)
         log.info(
@@ -435,6 +474,9 @@ class Gateway:
                 await asyncio.wait_for(
                     self._exporter, timeout=self._drain_seconds + 2 * _DRAIN_MARGIN
                 )
+        if self._notifier is not None:
+            with contextlib.suppress(Exception):
+                await self._notifier.close()
         with contextlib.suppress(Exception):
             await self.approvals.store.close()
         if self.auditor is not None:

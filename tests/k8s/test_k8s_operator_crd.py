@@ -229,6 +229,21 @@ REFUSED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "exactly one of secretName and configMapName",
     ),
     ("bad secret name", _set("target.credentials.secretName", "Not_A_Name"), "should match"),
+    (
+        "notify with two urls",
+        _set("policy.approvals", {"notify": [{"name": "n", "url": "https://h", "urlEnv": "H"}]}),
+        "exactly one of url, urlFile, urlEnv",
+    ),
+    (
+        "notify without a url",
+        _set("policy.approvals", {"notify": [{"name": "n", "kind": "slack"}]}),
+        "exactly one of url, urlFile, urlEnv",
+    ),
+    (
+        "notify to a file url",
+        _set("policy.approvals", {"notify": [{"name": "n", "url": "file:///etc/passwd"}]}),
+        "must be http(s)://",
+    ),
 ]  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from pglast import parser as _pg_parser
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from querywarden.approvals.notify import NotifyDestination
 from querywarden.config import Duration
 
 if TYPE_CHECKING:
@@ -114,6 +115,11 @@ class ApprovalSettings(_Model):
     #: approval whose grant has expired); then it is deleted from the store. Its events
     #: stay in the audit log.
     retention: Duration = timedelta(days=7)
+    #: Where review events are posted as they happen (approvals/notify.py).
+    notify: list[NotifyDestination] = []
+    #: The base URL of the console approvers decide in; notifications link to
+    #: ``<consoleUrl>/reviews/<id>``. Without it they name the CLI command instead.
+    console_url: str | None = None
 
     @model_validator(mode="after")
     def _pending_outlives_hold(self) -> ApprovalSettings:
