@@ -19,7 +19,13 @@ from querywarden.policy import PolicyDocument
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="querywarden", description=__doc__)
+    # Plain text: --help prints this as is (the module docstring is reStructuredText).
+    parser = argparse.ArgumentParser(
+        prog="querywarden",
+        description="querywarden, a PostgreSQL security gateway: it authenticates every "
+        "connection, decides every statement by policy (allow, refuse, or hold for an "
+        "approver), masks sensitive values and keeps a tamper-evident audit log.",
+    )
     parser.add_argument("--version", action="version", version=f"querywarden {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
