@@ -38,6 +38,8 @@ class Demo:
     process: subprocess.Popen[str]
     banner: str
     cwd: Path
+    #: Seconds from the command to the banner's last line.
+    started_in: float
     tokens: dict[str, str] = field(default_factory=dict)
 
     def line(self, pattern: str) -> re.Match[str]:
@@ -105,7 +107,7 @@ def start_demo(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Demo
     if "Press Ctrl-C" not in banner:
         process.kill()
         pytest.fail(f"the demo did not start:\n{banner}")
-    return Demo(process, banner, cwd)
+    return Demo(process, banner, cwd, time.monotonic() - started)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +196,8 @@ def test_port_zero_opens_only_free_ports_and_prints_each(demo: Demo) -> None:
 
 
 def test_banner_shows_every_guarantee_with_its_paths(demo: Demo) -> None:
+    # From a directory with no state (a fresh clone), up in well under the minute promised.
+    assert demo.started_in < 60, demo.started_in
     state = demo.cwd / ".querywarden"
     audit = state / "audit"
     assert f"The policy is {state / 'policy.yaml'}" in demo.banner

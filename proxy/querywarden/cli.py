@@ -61,12 +61,20 @@ def _build_parser() -> argparse.ArgumentParser:
     add_review_commands(commands)
     commands.add_parser("operator", help="run the Kubernetes operator and its admission webhook")
     demo = commands.add_parser("demo", help="run PostgreSQL and the gateway on this machine")
-    demo.add_argument("--port", type=int, default=6432, help="gateway port (default 6432)")
     demo.add_argument(
-        "--admin-port", type=int, default=None, help="reviews API port (default: --port + 1)"
+        "--port", type=int, default=6432, help="gateway port (default 6432; 0: any free port)"
     )
     demo.add_argument(
-        "--state-dir", type=Path, default=Path(".querywarden"), help="where demo keys live"
+        "--admin-port",
+        type=int,
+        default=None,
+        help="reviews API port (default: --port + 1; any free port with --port 0)",
+    )
+    demo.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".querywarden"),
+        help="where the demo keeps its keys, policy file and audit log (default .querywarden)",
     )
     return parser
 
