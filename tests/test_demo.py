@@ -315,6 +315,11 @@ def test_policy_file_edits_apply_to_the_running_demo(demo: Demo) -> None:
         reloaded = _eventually(lambda: demo.psql("agent", "SELECT * FROM orders").returncode == 0)
         assert reloaded, "the edited policy file was not applied"
         assert len(demo.psql("agent", "SELECT * FROM orders").stdout.splitlines()) == 1000
+        # A broken edit keeps the last good policy (the one allowing 5000 rows).
+        policy_file.write_text("rules: [this is not a policy\n")
+        time.sleep(3)  # the demo checks the file every second
+        assert demo.psql("agent", "SELECT * FROM orders").returncode == 0
+        assert demo.psql("agent", "SELECT * FROM api_keys").returncode != 0
     finally:
         policy_file.write_text(original)
     restored = _eventually(lambda: demo.psql("agent", "SELECT * FROM orders").returncode != 0)
@@ -349,12 +354,18 @@ def test_without_a_collector_the_log_alone_and_the_reviews_api_on_port_plus_one(
     tmp_path: Path,
 ) -> None:
     port = _free_pair()
+    # A policy file the user edited in an earlier run is kept beside the fresh one.
+    (tmp_path / ".querywarden").mkdir()
+    (tmp_path / ".querywarden" / "policy.yaml").write_text("# my edit\n")
     demo = start_demo(tmp_path, "--port", str(port), env={"QUERYWARDEN_TOOLS_DIR": str(tmp_path)})
     try:
         assert demo.port("gateway") == port
         assert demo.port("reviews API") == port + 1
         assert "OpenTelemetry Collector (OTLP/HTTP)" not in demo.banner
         assert "the log alone, no export: no OpenTelemetry Collector is built" in demo.banner
+        state = tmp_path / ".querywarden"
+        assert (state / "policy.yaml.previous").read_text() == "# my edit\n"
+        assert "ai-agents-read" in (state / "policy.yaml").read_text()
         # Before anyone connects, verify says there is nothing to verify yet ...
         verify = demo.audit_command("verify")
         empty = demo.run(verify)
