@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -173,6 +175,31 @@ def test_verify_command_ok_and_broken(audit_dir: Path) -> None:
         f"({first.name} line 1): seq 1 was altered",
         "  checked before the problem: 1 records, seq 1..1",
     ]
+
+
+def test_verify_says_when_there_is_nothing_to_verify(tmp_path: Path) -> None:
+    # Run as a user runs it: a wrong path must not read as a verified log.
+    opened = tmp_path / "opened"
+    with AuditLog(opened):
+        pass  # the gateway opened its log, nobody connected yet
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    cases = {
+        tmp_path / "missing": f"no audit log: {tmp_path / 'missing'} does not exist",
+        tmp_path / "file": f"no audit log: {tmp_path / 'file'} is not a directory",
+        tmp_path / "empty": f"no audit records in {tmp_path / 'empty'}: nothing to verify",
+        opened: f"no audit records in {opened}: nothing to verify",
+    }
+    for directory, expected in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "querywarden", "audit", "verify", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, (directory, result.stdout, result.stderr)
+        assert result.stdout.startswith(expected), result.stdout
+        assert "ok" not in result.stdout.split()
 
 
 def test_replay_shows_the_session_as_the_client_saw_it(audit_dir: Path) -> None:

@@ -19,7 +19,13 @@ from querywarden.policy import PolicyDocument
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="querywarden", description=__doc__)
+    # Plain text: --help prints this as is (the module docstring is reStructuredText).
+    parser = argparse.ArgumentParser(
+        prog="querywarden",
+        description="querywarden, a PostgreSQL security gateway: it authenticates every "
+        "connection, decides every statement by policy (allow, refuse, or hold for an "
+        "approver), masks sensitive values and keeps a tamper-evident audit log.",
+    )
     parser.add_argument("--version", action="version", version=f"querywarden {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,12 +61,20 @@ def _build_parser() -> argparse.ArgumentParser:
     add_review_commands(commands)
     commands.add_parser("operator", help="run the Kubernetes operator and its admission webhook")
     demo = commands.add_parser("demo", help="run PostgreSQL and the gateway on this machine")
-    demo.add_argument("--port", type=int, default=6432, help="gateway port (default 6432)")
     demo.add_argument(
-        "--admin-port", type=int, default=None, help="reviews API port (default: --port + 1)"
+        "--port", type=int, default=6432, help="gateway port (default 6432; 0: any free port)"
     )
     demo.add_argument(
-        "--state-dir", type=Path, default=Path(".querywarden"), help="where demo keys live"
+        "--admin-port",
+        type=int,
+        default=None,
+        help="reviews API port (default: --port + 1; any free port with --port 0)",
+    )
+    demo.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".querywarden"),
+        help="where the demo keeps its keys, policy file and audit log (default .querywarden)",
     )
     return parser
 

@@ -24,9 +24,32 @@ _TEXT_WIDTH = 100  # statement text in a tail line
 _CELL_WIDTH = 40  # a sampled value in a replay table
 
 
+#: ``audit verify`` exit codes: intact, broken, nothing there to verify.
+VERIFY_OK, VERIFY_BROKEN, VERIFY_NOTHING = 0, 1, 2
+
+
 def verify_command(directory: Path, out: TextIO) -> int:
-    """Check the chain and HEAD of the log in ``directory``: 0 when intact, 1 otherwise."""
+    """Check the chain and HEAD of the log in ``directory``.
+
+    Exit code 0 when intact, 1 when broken, 2 when there is no log to check: a missing
+    directory or one without records is most likely the wrong path, and "ok" would let a
+    script believe a log was verified that was never there.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        print(f"no audit log: {directory} does not exist", file=out)
+        return VERIFY_NOTHING
+    if not directory.is_dir():
+        print(f"no audit log: {directory} is not a directory", file=out)
+        return VERIFY_NOTHING
     report = verify(directory)
+    if report.ok and report.records == 0:
+        print(
+            f"no audit records in {directory}: nothing to verify "
+            "(is it the gateway's audit.directory, and has anyone connected yet?)",
+            file=out,
+        )
+        return VERIFY_NOTHING
     span = (
         f"seq {report.first_seq}..{report.last_seq}" if report.first_seq is not None else "no seq"
     )
@@ -34,10 +57,10 @@ def verify_command(directory: Path, out: TextIO) -> int:
         print(
             f"ok: {report.records} records, {span}, chain and HEAD intact ({directory})", file=out
         )
-        return 0
+        return VERIFY_OK
     print(f"FAILED: {report.problem}", file=out)
     print(f"  checked before the problem: {report.records} records, {span}", file=out)
-    return 1
+    return VERIFY_BROKEN
 
 
 # --- replay -------------------------------------------------------------------------------
@@ -340,7 +363,7 @@ def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     check.set_defaults(handler=_handle_verify)
     replay = commands.add_parser("replay", help="print a session as its client experienced it")
     replay.add_argument("directory", type=Path, help="the audit directory")
-    replay.add_argument("session_id", help="the session id (see `audit tail`)")
+    replay.add_argument("session_id", help="the session id (audit tail shows them)")
     replay.set_defaults(handler=_handle_replay)
     tail = commands.add_parser("tail", help="print records, one per line")
     tail.add_argument("directory", type=Path, help="the audit directory")
