@@ -20,6 +20,28 @@ if TYPE_CHECKING:
     from querywarden.masking.plan import MaskPlan
 
 
+@dataclass(slots=True)
+class WireState:
+    """Where the session's server connection stands as a request is decided.
+
+    The session keeps it current; a gate reads it to know whether what the session did
+    before is settled: committed, and so visible to another connection.
+    """
+
+    #: The transaction status of the server's last ReadyForQuery: b"I", b"T" or b"E".
+    transaction_status: bytes = b"I"
+    #: Whether requests before this one are still in flight (their effects are unknown).
+    in_flight: bool = False
+
+    @property
+    def settled(self) -> bool:
+        """Outside a transaction block with nothing in flight.
+
+        Every earlier change is then committed (temporary objects and settings aside).
+        """
+        return self.transaction_status == b"I" and not self.in_flight
+
+
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     """What the hooks know about the connection a statement came from."""
@@ -39,6 +61,8 @@ class SessionInfo:
     prepared: dict[str, StatementSummary] = field(default_factory=dict)
     #: The session's client_encoding (PostgreSQL's name), fixed for the whole session.
     client_encoding: str = "UTF8"
+    #: Where its server connection stands (see :class:`WireState`).
+    wire: WireState = field(default_factory=WireState)
 
 
 RequestKind = Literal["query", "parse", "function_call", "execute"]
@@ -109,6 +133,9 @@ class Decision:
     mask: MaskPlan | None = None
     #: For a statement an approver allowed: the review (for the audit record).
     approval: dict[str, object] | None = None
+    #: For a refusal the server itself made (the gateway checked the statement on a side
+    #: connection): its ErrorResponse fields by code, sent to the client as they are.
+    server_error: dict[str, str] | None = None
 
     @classmethod
     def refuse(

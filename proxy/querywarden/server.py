@@ -53,6 +53,7 @@ from querywarden.policy import PolicyDocument, load_policy
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
 from querywarden.policy.plans import PlanEstimator
+from querywarden.policy.prechecks import Check, Checked, ServerCheck
 from querywarden.session import RowLimit, Session
 from querywarden.startup import (
     CancelRequested,
@@ -111,6 +112,7 @@ class Gateway:
         self.authenticator = authenticator or TokenAuthenticator(policy.identity)
         # The policy's rules decide; without rules nothing is allowed (default deny).
         self.plans = PlanEstimator()
+        self.checks = ServerCheck()
         self.catalogs = CatalogCache(self._load_catalog, fingerprinter=self._catalog_fingerprint)
         self.auditor = _auditor(settings)
         self.approvals = self._approval_service(policy)
@@ -126,6 +128,7 @@ class Gateway:
             catalogs=self.catalogs,
             approvals=self.approvals,
             notify=self._notify,
+            checker=self._server_check,
         )
         self.result_hook = result_hook
         #: Records up to here were written before this gateway started: sessions still
@@ -389,6 +392,11 @@ class Gateway:
         target = self.upstream_target_for(session.principal, session.database)
         return await self.plans.largest_scan(target, session.database, sql)
 
+    async def _server_check(self, session: SessionInfo, check: Check) -> Checked:
+        # As the session's own connection: the same upstream, role and database.
+        target = self.upstream_target_for(session.principal, session.database)
+        return await self.checks.run(target, session.database, check)
+
     # policy reload ---------------------------------------------------------------------
 
     def reload_policy(self) -> bool:
@@ -448,6 +456,8 @@ class Gateway:
             delivery.cancel()
         with contextlib.suppress(Exception):
             await self.plans.close()
+        with contextlib.suppress(Exception):
+            await self.checks.close()
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):

@@ -18,6 +18,7 @@ from querywarden.masking.catalog import CatalogCache, SensitiveCatalog
 from querywarden.masking.plan import Masker, MaskPlan, MaskRefusal
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.model import PolicyDocument
+from querywarden.policy.prechecks import HOLD, Check, Checked, check_before_hold
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,9 @@ _PARAMETER = re.compile(r"\$[0-9]")
 
 #: ``(session, statement text) -> rows of its largest sequential scan``.
 ScanEstimator = Callable[[SessionInfo, str], Awaitable[int]]
+
+#: ``(session, check) -> what the server would do``, asked before a statement is held.
+ServerChecker = Callable[[SessionInfo, Check], Awaitable[Checked]]
 
 
 #: Statements longer than this (characters) are analyzed in a worker thread, not on the
@@ -46,6 +50,7 @@ class PolicyGate:
         catalogs: CatalogCache | None = None,
         approvals: ApprovalService | None = None,
         notify: Callable[[SessionInfo, bytes], None] | None = None,
+        checker: ServerChecker | None = None,
     ) -> None:
         self.engine = policy if isinstance(policy, PolicyEngine) else PolicyEngine(policy)
         self.analyzer = analyzer or Analyzer()
@@ -61,6 +66,8 @@ class PolicyGate:
         self.approvals = approvals
         #: Sends a message to a session's client at once (the "held" notice).
         self.notify = notify
+        #: Asks the server whether a statement would run before a human is asked.
+        self.checker = checker
         #: Counts policy reloads: sessions compare it with the generation their prepared
         #: statements, masking and row limit were decided under, and catch up.
         self.generation = 0
@@ -140,7 +147,14 @@ class PolicyGate:
             _note_prepared(session, summaries)
             return self._allowed(session, summaries, search_path)
         if verdict.outcome == "review":
-            held = _Review(request.sql, summaries, verdict.reason, verdict.hint, verdict.rule)
+            held = _Review(
+                request.sql,
+                summaries,
+                verdict.reason,
+                verdict.hint,
+                verdict.rule,
+                kind=request.kind,
+            )
             return self._review(session, held, search_path)
         return Decision.refuse(_PREFIX + verdict.reason, hint=verdict.hint, rule=verdict.rule)
 
@@ -176,6 +190,20 @@ class PolicyGate:
     async def _held_then_allowed(
         self, session: SessionInfo, review: _Review, search_path: Sequence[str]
     ) -> Decision:
+        checked = await self._server_check(session, review, search_path)
+        if checked.outcome == "refused" and checked.error is not None:
+            return _server_refusal(checked.error)
+        if checked.outcome == "no-op":
+            allowed = self._allowed(session, review.summaries, search_path, reviewed=True)
+            decision = allowed if isinstance(allowed, Decision) else await allowed
+            if not decision.allowed:
+                return decision
+            # What let it run unreviewed, for the audit record.
+            note: dict[str, object] = {
+                "how": "not held",
+                "why": "DROP IF EXISTS of objects that do not exist",
+            }
+            return Decision(True, rule=review.rule, mask=decision.mask, approval=note)
         held = await self._hold(session, review, search_path)
         if not held.allowed:
             return held
@@ -185,6 +213,25 @@ class PolicyGate:
         if decision.allowed:
             return Decision(True, rule=held.rule, mask=decision.mask, approval=held.approval)
         return decision
+
+    async def _server_check(
+        self, session: SessionInfo, review: _Review, search_path: Sequence[str]
+    ) -> Checked:
+        """What the server would do with a statement about to be held (prechecks.py)."""
+        checker = self.checker
+        if checker is None:
+            return HOLD
+        check = check_before_hold(
+            review.kind, review.text, review.summaries, session.wire, search_path
+        )
+        if check is None:
+            return HOLD
+        try:
+            return await checker(session, check)
+        except Exception as exc:
+            # Fail closed: a statement the server could not check is held as before.
+            log.warning("checks: could not check a statement before holding it: %r", exc)
+            return HOLD
 
     async def _hold(
         self, session: SessionInfo, held: _Review, search_path: Sequence[str]
@@ -495,6 +542,8 @@ class _Review:
     hint: str | None
     rule: str | None
     estimate: int | None = None
+    #: The request's protocol path (StatementRequest.kind).
+    kind: str = "query"
 
 
 def _approval(review: Any, how: str) -> dict[str, object]:
@@ -507,6 +556,19 @@ def _approval(review: Any, how: str) -> dict[str, object]:
         "decided": review.decided.isoformat() if review.decided else None,
         "grant_expires": review.grant_expires.isoformat() if review.grant_expires else None,
     }
+
+
+def _server_refusal(fields: dict[str, str]) -> Decision:
+    """The server's own error for a statement it would refuse at once (nothing was held)."""
+    return Decision(
+        False,
+        fields.get("C", "XX000"),
+        fields.get("M", ""),
+        fields.get("D"),
+        fields.get("H"),
+        rule="server-check",
+        server_error=fields,
+    )
 
 
 def _needs_review(reason: str, *, hint: str | None, rule: str | None) -> Decision:

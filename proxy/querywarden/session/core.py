@@ -319,6 +319,7 @@ class Session:
                     request, parse = self._undecodable(mtype, frame), None
                     outcome: Decision | Awaitable[Decision] = invalid_text(self.encoding)
                 else:
+                    self.info.wire.in_flight = bool(self._owed_ready or self._unsynced_execute)
                     outcome = PIPELINED_TEXT if risky else self.policy.decide(request)
                 pending = None
                 if self.auditing is not None and isinstance(outcome, Decision):
@@ -402,6 +403,7 @@ class Session:
             else:
                 parse = codec.Parse(name, sql, types)
                 request = StatementRequest("parse", sql, statement_name=name)
+            self.info.wire.in_flight = bool(unsettled)
             outcome = PIPELINED_TEXT if risky else self.policy.decide(request)
         pending = None
         if self.auditing is not None and isinstance(outcome, Decision):
@@ -801,6 +803,7 @@ class Session:
             raise ProtocolViolation(f"ReadyForQuery of length {end - pos - 1}")
         status = data[pos + 5 : end]
         self.transaction_status = status
+        self.info.wire.transaction_status = status
         self.mode = "ready"
         owed = self.owed
         while owed:

@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Awaitable
 from typing import Final
 
-from querywarden import codec
+from querywarden import codec, encodings
 from querywarden.hooks import Decision, SessionInfo, StatementGate, StatementRequest
 from querywarden.masking.plan import MaskPlan
 from querywarden.session.owed import P, Q
@@ -84,10 +84,21 @@ class PolicyStage:
         for token, decision in self._refusals.items():
             if f'"{token}"' in text:
                 del self._refusals[token]
+                if decision.server_error is not None:
+                    return self._server_error(decision.server_error)
                 return codec.error_response(
                     decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint
                 )
         return None
+
+    def _server_error(self, fields: dict[str, str]) -> bytes:
+        """The server's own ErrorResponse, in the session's client encoding."""
+        python_codec = encodings.python_codec(self.info.client_encoding, source="the server")
+        parts = [
+            code.encode("ascii") + value.encode(python_codec, "replace") + b"\0"
+            for code, value in fields.items()
+        ]
+        return codec.message(b"E", b"".join(parts) + b"\0")
 
     def settled(self) -> None:
         """Nothing is in flight: no sentinel's error is still to come."""
