@@ -11,7 +11,7 @@ NATIVE_SOURCES := native/Cargo.toml native/Cargo.lock native/pyproject.toml \
 	native/querywarden_native.pyi $(wildcard native/src/*.rs)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit bench system-deps tools image node-images clean lock
+.PHONY: demo test lint typecheck unit bench system-deps browser tools image node-images clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ $(NATIVE): $(STAMP) $(NATIVE_SOURCES)
 
 system-deps:
 	@bash scripts/ensure-system-deps.sh
+
+# Chromium and its WebDriver, from Debian's packages: the approvals console's browser test.
+browser:
+	@bash scripts/ensure-system-deps.sh --browser
 
 # kube-apiserver, etcd, kubectl, helm, an OpenTelemetry Collector, CoreDNS and the test
 # node's kubelet, kube-controller-manager, kube-scheduler and kube-proxy, built from their
@@ -62,7 +66,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(NATIVE) system-deps tools image node-images lint typecheck
+test: $(NATIVE) system-deps browser tools image node-images lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(NATIVE)

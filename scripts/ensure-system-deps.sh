@@ -3,17 +3,19 @@
 # PostgreSQL server binaries and clients (psql, pgbench) from Debian's packages, and
 # pgbouncer for the benchmark (pass --bench), podman and mmdebstrap for the image (--image),
 # and what the test node runs besides the Kubernetes binaries (--node): containerd, the CNI
-# plugins, catatonit (the pause image), iptables and conntrack (kube-proxy).
+# plugins, catatonit (the pause image), iptables and conntrack (kube-proxy); Chromium and
+# its WebDriver for the approvals console's browser tests (--browser).
 # Flags combine (--image --node). Idempotent; prints nothing when all is there.
 set -euo pipefail
 
-bench="" image="" node=""
+bench="" image="" node="" browser=""
 for flag in "$@"; do
   case $flag in
   --bench) bench=1 ;;
   --image) image=1 ;;
   --node) node=1 ;;
-  *) echo "ensure-system-deps: unknown flag $flag (expected --bench, --image, --node)" >&2; exit 2 ;;
+  --browser) browser=1 ;;
+  *) echo "ensure-system-deps: unknown flag $flag (expected --bench, --image, --node, --browser)" >&2; exit 2 ;;
   esac
 done
 
@@ -45,6 +47,10 @@ if [[ -n $node ]]; then
   command -v iptables >/dev/null 2>&1 || [[ -x /usr/sbin/iptables ]] || need+=(iptables)
   command -v conntrack >/dev/null 2>&1 || [[ -x /usr/sbin/conntrack ]] || need+=(conntrack)
   command -v curl >/dev/null 2>&1 || need+=(curl)
+fi
+if [[ -n $browser ]]; then
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 fi
 [[ ${#need[@]} -eq 0 ]] && exit 0
 

@@ -186,6 +186,7 @@ class Gateway:
                 host=admin.host,
                 port=admin.port,
                 ssl_context=context,
+                audit_directory=self.auditor.directory if self.auditor is not None else None,
             )
             self.admin_address = await self._admin.start()
         audit = self.settings.audit

@@ -153,7 +153,9 @@ class MemoryAudit(SessionAudit):
         masking: dict[str, int] | None,
         stream_digest: str,
         stream_bytes: int,
+        masked: bool = False,
     ) -> None:
+        assert masked == (masking is not None)  # samples are shown only when masked
         self.results.append(Finished(pending, masking, stream_digest, stream_bytes))
 
     def end(self, masking: dict[str, int]) -> None:

@@ -6,7 +6,14 @@
     GET  /reviews/{id}                                                Review
     POST /reviews/{id}/approve  {"comment": str, "uses"?: int, "ttl"?: "30m"}   Review
     POST /reviews/{id}/deny     {"comment": str}                                Review
+    GET  /me                                                          who the token is
+    GET  /sessions[?limit=N]                                          {"sessions": [...]}
+    GET  /sessions/{id}                                               the session's replay
     GET  /healthz               (no token)                            {"ok": true}
+    GET  /console[/...]         (no token: the page asks for one)     the approvals console
+
+The sessions endpoints are for approvers only and read the gateway's audit log
+(:mod:`querywarden.approvals.replay` says what they show and what they never show).
 
 Every other request carries ``Authorization: Bearer <token>``, a token of an issuer the
 policy trusts (approvers authenticate exactly as clients do). Errors are JSON
@@ -29,6 +36,8 @@ import ssl
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from http import HTTPStatus
+from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -41,7 +50,9 @@ from querywarden.approvals.model import (
     ReviewDecision,
     ReviewNotFound,
 )
+from querywarden.approvals.replay import recent_sessions, replay
 from querywarden.approvals.service import ApprovalService
+from querywarden.audit.log import AuditFormatError, read_records
 from querywarden.config import Duration
 from querywarden.errors import AuthenticationFailed
 from querywarden.identity.principal import Authenticator, Credentials, Principal
@@ -61,6 +72,23 @@ _REQUEST_TIMEOUT = 10.0
 #: Time requests in flight get to finish when the API closes.
 _CLOSE_GRACE = 2.0
 _DURATION: TypeAdapter[timedelta] = TypeAdapter(Duration)
+#: The console's files (package data), by the name the page asks for.
+_CONSOLE_FILES: dict[str, str] = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+}
+#: The console runs only its own script and style, talks only to this API, and is never
+#: framed: an injected value could not run or send anything anywhere.
+_CONSOLE_HEADERS: dict[str, str] = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+_MAX_SESSIONS = 200
 
 
 def bearer_authenticate(
@@ -121,8 +149,10 @@ class AdminApi:
         host: str,
         port: int,
         ssl_context: ssl.SSLContext | None = None,
+        audit_directory: Path | None = None,
     ) -> None:
         self._service = service
+        self._audit_directory = audit_directory
         self._authenticate = authenticate
         self._host = host
         self._port = port
@@ -172,6 +202,10 @@ class AdminApi:
             except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
                 return
             try:
+                static = _console_file(request)
+                if static is not None:
+                    await _respond_bytes(writer, HTTPStatus.OK, *static, _CONSOLE_HEADERS)
+                    return
                 status, body = await self._dispatch(request)
                 await _respond(writer, status, body)
             except _HttpError as exc:
@@ -197,6 +231,25 @@ class AdminApi:
         if parts == ["healthz"]:
             _allow(request, "GET")
             return HTTPStatus.OK, {"ok": True}
+        if parts == ["me"]:
+            _allow(request, "GET")
+            principal = await self._principal(request)
+            return HTTPStatus.OK, {
+                "subject": principal.subject,
+                "issuer": principal.issuer,
+                "groups": sorted(principal.groups),
+                "approver": self._service.is_approver(principal),
+            }
+        if parts and parts[0] == "sessions" and len(parts) <= 2:
+            _allow(request, "GET")
+            principal = await self._principal(request)
+            try:
+                self._service.require_approver(principal)
+            except NotAnApprover as exc:
+                raise _HttpError(HTTPStatus.FORBIDDEN, str(exc)) from exc
+            return HTTPStatus.OK, await self._sessions(
+                request, parts[1] if len(parts) == 2 else None
+            )
         if not parts or parts[0] != "reviews" or len(parts) > 3:
             raise _HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {request.path}")
         if len(parts) == 3 and parts[2] not in ("approve", "deny"):
@@ -226,6 +279,29 @@ class AdminApi:
             raise _HttpError(HTTPStatus.CONFLICT, str(exc)) from exc
         except (ApprovalError, ValueError) as exc:
             raise _HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
+
+    async def _sessions(self, request: _Request, session_id: str | None) -> dict[str, Any]:
+        """Recent sessions, or one session's replay, from the audit log (approvers only)."""
+        directory = self._audit_directory
+        if directory is None:
+            raise _HttpError(
+                HTTPStatus.NOT_FOUND, "the audit log is off: there are no sessions to replay"
+            )
+        if session_id is None:
+            limits = request.query.get("limit", ["50"])
+            if not limits[-1].isdigit():
+                raise ValueError("limit must be a number")
+            limit = min(int(limits[-1]), _MAX_SESSIONS)
+            found = await asyncio.to_thread(
+                _read_log, directory, lambda r: recent_sessions(r, limit=limit)
+            )
+            return {"sessions": found}
+        session: dict[str, Any] | None = await asyncio.to_thread(
+            _read_log, directory, lambda r: replay(r, session_id)
+        )
+        if session is None:
+            raise _HttpError(HTTPStatus.NOT_FOUND, f"no session {session_id} in the audit log")
+        return session
 
     async def _principal(self, request: _Request) -> Principal:
         challenge = {"WWW-Authenticate": 'Bearer realm="querywarden"'}
@@ -294,6 +370,29 @@ class AdminApi:
         return review.to_json()
 
 
+def _read_log(directory: Path, view: Callable[[Any], Any]) -> Any:
+    """``view`` over the audit log's records (in a worker thread: the log may be large)."""
+    try:
+        return view(read_records(directory))
+    except (OSError, AuditFormatError) as exc:
+        raise _HttpError(
+            HTTPStatus.SERVICE_UNAVAILABLE, f"cannot read the audit log: {exc}"
+        ) from exc
+
+
+def _console_file(request: _Request) -> tuple[str, bytes] | None:
+    """The console file a GET under /console asks for (the page for any other path)."""
+    path = request.path
+    if path != "/console" and not path.startswith("/console/"):
+        return None
+    _allow(request, "GET")
+    name = path.removeprefix("/console").strip("/")
+    if name not in _CONSOLE_FILES:
+        name = "index.html"  # /console, /console/reviews/<id>, /console/sessions/<id>
+    payload = resources.files("querywarden.approvals").joinpath("console", name).read_bytes()
+    return _CONSOLE_FILES[name], payload
+
+
 # --- HTTP/1.1 framing ---------------------------------------------------------------------
 
 
@@ -356,9 +455,19 @@ async def _respond(
     headers: dict[str, str] | None = None,
 ) -> None:
     payload = json.dumps(body, ensure_ascii=False).encode()
+    await _respond_bytes(writer, status, "application/json; charset=utf-8", payload, headers)
+
+
+async def _respond_bytes(
+    writer: asyncio.StreamWriter,
+    status: HTTPStatus,
+    content_type: str,
+    payload: bytes,
+    headers: dict[str, str] | None = None,
+) -> None:
     head = [
         f"HTTP/1.1 {status.value} {status.phrase}",
-        "Content-Type: application/json; charset=utf-8",
+        f"Content-Type: {content_type}",
         f"Content-Length: {len(payload)}",
         "Cache-Control: no-store",
         "Connection: close",

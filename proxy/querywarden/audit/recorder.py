@@ -215,17 +215,22 @@ class SessionAudit:
         masking: dict[str, int] | None,
         stream_digest: str,
         stream_bytes: int,
+        masked: bool = False,
     ) -> None:
-        """Write the result record of a request the server has answered."""
+        """Write the result record of a request the server has answered.
+
+        ``masked`` says whether the session's results were masked: the sample rows are
+        then what a masked client saw, which the approvals console may show.
+        """
         before = pending.masking_before
         delta = {k: v - before.get(k, 0) for k, v in (masking or {}).items()}
         duration_ms = round((time.monotonic() - pending.started) * 1000, 3)
         metrics = self._auditor.metrics
         if metrics is not None:
             metrics.statement_latency(duration_ms, pending.outcome)
-            masked = sum(delta.values())
-            if masked:
-                metrics.masked(masked)
+            values = sum(delta.values())
+            if values:
+                metrics.masked(values)
         try:
             # Not write-ahead (the client has the result already): it rides with the
             # next request record, which saves a write per statement.
@@ -241,6 +246,7 @@ class SessionAudit:
                 masking={k: v for k, v in delta.items() if v},
                 response={"stream_bytes": stream_bytes, "stream_digest": stream_digest},
                 sample=pending.sample,
+                masked=masked,
             )
         except AuditWriteError:
             # The statement has run: there is nothing left to refuse. The next request's

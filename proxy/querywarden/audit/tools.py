@@ -149,6 +149,7 @@ _RESULT_FIELDS = {
     "masking",
     "response",
     "sample",
+    "masked",
 }
 _END_FIELDS = {"session_id", "duration_ms", "statements", "refused", "masking"}
 

@@ -156,7 +156,11 @@ class AuditStage:
         finished, self._finished = self._finished, []
         for pending in finished:
             self.audit.finish(
-                pending, masking=masking, stream_digest=digest, stream_bytes=self._stream_bytes
+                pending,
+                masking=masking,
+                stream_digest=digest,
+                stream_bytes=self._stream_bytes,
+                masked=masking is not None,
             )
 
     def close(self, owed: OwedQueue, masking: dict[str, int] | None) -> None:
