@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from gateway_harness import POLICY, RunningGateway
-from querywarden.devcluster import EphemeralCluster
+from querywarden.devcluster import DATABASE, EphemeralCluster
 from querywarden.policy import PolicyDocument
 from querywarden.policy.gate import PolicyGate
 
@@ -74,11 +74,7 @@ def test_agent_reads_and_is_refused_with_rule_reason_and_hint(policed: RunningGa
         assert conn.execute("SELECT count(*) FROM qw_orders").fetchone() == (2,)
 
 
-def test_an_unqualified_name_refused_as_pg_catalog_says_to_qualify_it(
-    make_gateway: Callable[..., RunningGateway], tables: None
-) -> None:
-    # The chart's example policy allowed only public.*: every unqualified table name was
-    # refused "as pg_catalog.<name>", and the hint did not say why or what to write.
+def _public_only(make_gateway: Callable[..., RunningGateway]) -> RunningGateway:
     rules = [
         {
             "name": "public-only",
@@ -89,18 +85,74 @@ def test_an_unqualified_name_refused_as_pg_catalog_says_to_qualify_it(
     policy = PolicyDocument.model_validate(
         {"identity": POLICY.identity.model_dump(by_alias=True), "rules": rules}
     )
-    gateway = make_gateway(gate=PolicyGate(policy))
+    return make_gateway(gate=PolicyGate(policy))
+
+
+def test_a_public_only_policy_reads_unqualified_tables(
+    make_gateway: Callable[..., RunningGateway], tables: None
+) -> None:
+    # Issue 17: `tables: ["public.*"]` refused `SELECT ... FROM qw_orders`, checked as
+    # pg_catalog.qw_orders too, so every policy had to allow pg_catalog.* as well. pg_catalog
+    # has no qw_orders: PostgreSQL can only find public.qw_orders, and so does the gateway.
+    gateway = _public_only(make_gateway)
     with psycopg.connect(gateway.dsn("alice"), autocommit=True) as conn:
+        assert conn.execute("SELECT sum(amount) FROM qw_orders").fetchone() == (30,)
+        # A name pg_catalog does have is still that relation, and stays refused.
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
-            conn.execute("SELECT sum(amount) FROM qw_orders")
+            conn.execute("SELECT relname FROM pg_class")
         diag = refused.value.diag
         assert diag.message_primary is not None
-        assert "qw_orders (as pg_catalog.qw_orders)" in diag.message_primary
+        assert "pg_class (as pg_catalog.pg_class)" in diag.message_primary
         assert diag.message_hint is not None
-        assert diag.message_hint.startswith("write the name schema-qualified, public.qw_orders:"), (
-            diag.message_hint
+        assert diag.message_hint.startswith(
+            "write the name schema-qualified, public.pg_class: unqualified, it is "
+            "pg_catalog.pg_class: PostgreSQL searches pg_catalog first"
+        ), diag.message_hint
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="built-in protections"):
+            conn.execute("SELECT * FROM pg_stats")
+        assert conn.execute("SELECT count(*) FROM public.qw_orders").fetchone() == (2,)
+
+
+def test_the_gateway_resolves_names_with_the_servers_own_catalog_list(
+    pg: EphemeralCluster, make_gateway: Callable[..., RunningGateway], tables: None
+) -> None:
+    # A relation that only this server's pg_catalog has (as a newer PostgreSQL's would be:
+    # the shipped lists do not know it) must still be checked as pg_catalog's. Made in
+    # both the database the gateway reads its list from and the one the session uses.
+    databases = ("postgres", DATABASE)
+    for database in databases:
+        pg.psql(
+            "SET allow_system_table_mods = on; CREATE TABLE pg_catalog.qw_newer (x int)",
+            database=database,
         )
-        assert conn.execute("SELECT sum(amount) FROM public.qw_orders").fetchone() == (30,)
+    try:
+        gateway = _public_only(make_gateway)
+        known = gateway.gateway.catalog_relations
+        assert known is not None and "qw_newer" in known and "pg_class" in known
+        with psycopg.connect(gateway.dsn("alice"), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+                conn.execute("SELECT * FROM qw_newer")
+            assert "qw_newer (as pg_catalog.qw_newer)" in str(refused.value)
+            assert conn.execute("SELECT count(*) FROM qw_orders").fetchone() == (2,)
+    finally:
+        for database in databases:
+            pg.psql(
+                "SET allow_system_table_mods = on; DROP TABLE pg_catalog.qw_newer",
+                database=database,
+            )
+
+
+def test_a_denied_table_hint_says_it_is_denied(policed: RunningGateway) -> None:
+    with psycopg.connect(policed.dsn("alice"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as denied:
+            conn.execute("SELECT * FROM qw_secrets")
+        diag = denied.value.diag
+        assert diag.message_primary == (
+            "querywarden: public.qw_secrets is denied by rule ai-agents-read"
+        )
+        assert diag.message_hint is not None
+        assert diag.message_hint.startswith("leave public.qw_secrets out: it is not available")
+        assert diag.message_hint.endswith(", except public.qw_secrets"), diag.message_hint
 
 
 def test_unparseable_sql_is_refused_not_forwarded(policed: RunningGateway) -> None:
