@@ -420,3 +420,18 @@ def test_a_refused_operation_says_what_to_do_instead(sql: str, instead: str) -> 
     assert verdict.outcome == "deny", sql
     assert verdict.hint is not None and verdict.hint.startswith(instead), verdict.hint
     assert "allowed for you: SELECT on public.*" in verdict.hint
+
+
+def test_an_exposing_relation_hint_does_not_imply_pg_catalog_star_covers_it() -> None:
+    verdict = _decide(_engine(), "SELECT * FROM pg_stats")
+    assert verdict.outcome == "deny" and verdict.rule == "built-in"
+    assert verdict.hint is not None
+    assert "SELECT on public.*, pg_catalog.* (rule reader)" in verdict.hint
+    assert verdict.hint.endswith(
+        "; but never pg_catalog.pg_stats, which the built-in protections refuse"
+    )
+    whole = _decide(_engine(), "SELECT schema_to_xml('pg_catalog', true, false, '')")
+    assert whole.hint is not None
+    assert whole.hint.endswith(
+        "; but never all of pg_catalog.* at once, which the built-in protections refuse"
+    )

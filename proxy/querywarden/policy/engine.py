@@ -450,7 +450,12 @@ class PolicyEngine:
         exposing = _exposing(rules, touched, summary.functions, masked, search_path)
         if exposing is not None:
             return Verdict(
-                "deny", "built-in", exposing[0], hint=f"{exposing[1]}; {allowed_summary}"
+                "deny",
+                "built-in",
+                exposing[0],
+                # A rule may allow pg_catalog.*: say the summary does not cover this one.
+                hint=f"{exposing[1]}; {allowed_summary}; but never {exposing[2]}, which the "
+                "built-in protections refuse",
             )
         # SQL the analyzer cannot see (dynamic text run by a function): only a rule that
         # allows everything may run it.
@@ -631,8 +636,8 @@ def _exposing(
     functions: Iterable[QualifiedName],
     masked: bool,
     search_path: Sequence[str],
-) -> tuple[str, str] | None:
-    """(reason, hint) if the statement reads what exposes other relations' data."""
+) -> tuple[str, str, str] | None:
+    """(reason, hint, what) if the statement reads what exposes other relations' data."""
     for access, relation, name in touched:
         if access != "read":  # writing one is an operation the rules decide on
             continue
@@ -656,6 +661,7 @@ def _exposing(
                     f"reading {shown} is refused by querywarden's built-in protections: "
                     f"{it} {exposed}, beyond the tables your policy lets you read",
                     f"query the tables you may read directly (count, min, max, avg ...); {lift}",
+                    f"all of {name} at once" if whole else name,
                 )
     for function in sorted(functions, key=str):
         for pattern, exposed in EXPOSING_FUNCTIONS.items():
@@ -670,6 +676,7 @@ def _exposing(
                     f"it returns {exposed}, beyond the tables your policy lets you read",
                     "query the tables you may read directly; an operator can allow it by "
                     f"naming {function.name} in a rule's allow.functions",
+                    f"{function}()",
                 )
     return None
 
