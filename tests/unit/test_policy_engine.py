@@ -406,7 +406,8 @@ def test_a_denied_table_hint_does_not_imply_it_is_allowed() -> None:
     [
         ("COPY orders TO STDOUT", "use SELECT ... and read the rows"),
         ("COPY orders FROM STDIN", "use INSERT ... VALUES with parameters"),
-        ("COPY orders TO '/tmp/x'", "use SELECT ... and read the rows"),
+        ("COPY orders TO '/tmp/x'", "read rows with SELECT ... and write them with INSERT"),
+        ("COPY orders FROM PROGRAM 'id'", "read rows with SELECT ... and write them"),
         ("SET work_mem = '1GB'", "leave the setting out"),
         ("SET search_path TO hr", "write table names schema-qualified"),
         ("PREPARE q AS SELECT 1", "use the protocol's prepared statements"),

@@ -62,6 +62,10 @@ BUILTIN_DENIED_FUNCTIONS = (
 )
 
 _READ_ROWS = "use SELECT ... and read the rows (with LIMIT or an aggregate for large tables)"
+_SERVER_SIDE = (
+    "read rows with SELECT ... and write them with INSERT ...: the server's files and "
+    "programs are not reachable through the gateway"
+)
 _DRIVER_PREPARED = (
     "use the protocol's prepared statements, which your driver does for you (parameters "
     "such as %s or $1), or send the statement itself"
@@ -73,8 +77,8 @@ _LEAVE_SETTINGS = (
 #: What an agent can do instead of an operation it is refused (the first part of the hint).
 INSTEAD: dict[str, str] = {
     "copy_out": _READ_ROWS,
-    "copy_file": _READ_ROWS + "; the server's files are never readable through the gateway",
-    "copy_program": _READ_ROWS + "; programs on the server never run through the gateway",
+    "copy_file": _SERVER_SIDE,
+    "copy_program": _SERVER_SIDE,
     "copy_in": "use INSERT ... VALUES with parameters (your driver's executemany for many rows)",
     "prepare": _DRIVER_PREPARED,
     "execute": _DRIVER_PREPARED,
