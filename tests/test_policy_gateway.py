@@ -109,8 +109,9 @@ def test_a_public_only_policy_reads_unqualified_tables(
         assert "pg_class (as pg_catalog.pg_class)" in diag.message_primary
         assert diag.message_hint is not None
         assert diag.message_hint.startswith(
-            "write the name schema-qualified, public.pg_class: unqualified, it is "
-            "pg_catalog.pg_class: PostgreSQL searches pg_catalog first"
+            "unqualified, pg_class is pg_catalog.pg_class (PostgreSQL searches pg_catalog "
+            "first), which no rule lets you read; if you meant public.pg_class, write it "
+            "schema-qualified;"
         ), diag.message_hint
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="built-in protections"):
             conn.execute("SELECT * FROM pg_stats")

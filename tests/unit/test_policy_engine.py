@@ -360,9 +360,10 @@ def test_an_unqualified_catalog_name_is_still_checked_as_pg_catalogs() -> None:
     assert "pg_class (as pg_catalog.pg_class)" in refused.reason
     assert refused.hint is not None
     assert refused.hint.startswith(
-        "write the name schema-qualified, public.pg_class: unqualified, it is "
-        "pg_catalog.pg_class: PostgreSQL searches pg_catalog first"
-    )
+        "unqualified, pg_class is pg_catalog.pg_class (PostgreSQL searches pg_catalog first), "
+        "which no rule lets you read; if you meant public.pg_class, write it schema-qualified; "
+        "allowed for you: SELECT on public.* (rule reader)"
+    ), refused.hint
     # The statistics stay behind the built-in protection, qualified or not.
     for sql in ("SELECT * FROM pg_stats", "SELECT query FROM pg_stat_activity"):
         verdict = _decide(public_only, sql)
@@ -375,7 +376,11 @@ def test_every_schema_on_the_search_path_stays_a_candidate() -> None:
     refused = public_only.evaluate(AGENT, "app", summaries, search_path=("hr", "public"))
     assert refused.outcome == "deny"
     assert "orders (as hr.orders)" in refused.reason
-    assert refused.hint is not None and "could be hr.orders" in refused.hint
+    assert refused.hint is not None
+    assert refused.hint.startswith(
+        "unqualified, orders could be hr.orders (a schema on your search_path), which no rule "
+        "lets you read; if you meant public.orders, write it schema-qualified;"
+    ), refused.hint
 
 
 def test_an_unknown_catalog_checks_every_name_as_pg_catalogs_too() -> None:

@@ -586,8 +586,8 @@ class PolicyEngine:
                     "deny",
                     sole_rule,
                     reason,
-                    hint=f"write the name schema-qualified, {meant}: unqualified, it "
-                    f"{_could_be(name)}, which no rule lets you read; {allowed_summary}",
+                    hint=f"{_could_be(relation, name)}, which no rule lets you read; if you "
+                    f"meant {meant}, write it schema-qualified; {allowed_summary}",
                 )
         # 4. Review.
         for rule in rules:
@@ -685,11 +685,11 @@ def _exposing(
     return None
 
 
-def _could_be(name: str) -> str:
+def _could_be(relation: QualifiedName, name: str) -> str:
     """Why an unqualified name is also checked as ``name`` (for the qualify hint)."""
     if name.startswith("pg_catalog."):
-        return f"is {name}: PostgreSQL searches pg_catalog first, and it has that relation"
-    return f"could be {name} (a schema on your search_path)"
+        return f"unqualified, {relation} is {name} (PostgreSQL searches pg_catalog first)"
+    return f"unqualified, {relation} could be {name} (a schema on your search_path)"
 
 
 def _op(operation: str) -> str:
