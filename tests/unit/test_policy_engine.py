@@ -441,3 +441,13 @@ def test_an_exposing_relation_hint_does_not_imply_pg_catalog_star_covers_it() ->
     assert whole.hint.endswith(
         "; but never all of pg_catalog.* at once, which the built-in protections refuse"
     )
+
+
+def test_a_refused_catalog_read_says_what_describing_the_schema_needs() -> None:
+    verdict = _decide(_engine(allow=PUBLIC_ONLY), "SELECT relname FROM pg_catalog.pg_class")
+    assert verdict.outcome == "deny"
+    assert verdict.reason == "read access to pg_catalog.pg_class is not allowed for you by any rule"
+    assert verdict.hint is not None and verdict.hint.startswith(
+        "describing the schema (psql's \\d, a driver's introspection) needs a rule that allows "
+        "pg_catalog.*: ask an operator; allowed for you: SELECT on public.*"
+    ), verdict.hint

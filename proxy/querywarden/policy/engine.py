@@ -568,9 +568,18 @@ class PolicyEngine:
         for access, relation, name in touched:
             if not permitted(name):
                 if relation.schema is not None:
-                    return refuse(
-                        sole_rule, f"{access} access to {name} is not allowed for you by any rule"
-                    )
+                    reason = f"{access} access to {name} is not allowed for you by any rule"
+                    if relation.schema in ("pg_catalog", "information_schema"):
+                        # Most often a client describing the schema (psql's \d).
+                        return Verdict(
+                            "deny",
+                            sole_rule,
+                            reason,
+                            hint=f"describing the schema (psql's \\d, a driver's "
+                            f"introspection) needs a rule that allows {relation.schema}.*: "
+                            f"ask an operator; {allowed_summary}",
+                        )
+                    return refuse(sole_rule, reason)
                 # An unqualified name is checked as everything PostgreSQL could resolve it
                 # to; when another of those is allowed, qualifying the name is the way out.
                 meant = next(
