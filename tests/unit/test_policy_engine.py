@@ -451,3 +451,16 @@ def test_a_refused_catalog_read_says_what_describing_the_schema_needs() -> None:
         "describing the schema (psql's \\d, a driver's introspection) needs a rule that allows "
         "pg_catalog.*: ask an operator; allowed for you: SELECT on public.*"
     ), verdict.hint
+
+
+@pytest.mark.parametrize(
+    ("sql", "hint"),
+    [
+        ("SELECT pg_read_file('x')", "leave pg_read_file() out: it is not available through"),
+        ("SELECT pg_sleep(1)", "leave pg_sleep() out: it is not available to you;"),
+    ],
+)
+def test_a_refused_function_hint_says_to_leave_it_out(sql: str, hint: str) -> None:
+    verdict = _decide(_engine(allow=PUBLIC_ONLY, deny={"functions": ["pg_sleep"]}), sql)
+    assert verdict.outcome == "deny"
+    assert verdict.hint is not None and verdict.hint.startswith(hint), verdict.hint

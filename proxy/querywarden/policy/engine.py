@@ -442,7 +442,8 @@ class PolicyEngine:
                     "built-in",
                     f"calling {function} is refused by querywarden's built-in protections "
                     "(file, network, signalling and settings functions)",
-                    hint=allowed_summary,
+                    hint=f"leave {function}() out: it is not available through the gateway; "
+                    f"{allowed_summary}",
                 )
         # Every qualified name each relation could be, computed once for steps 1-4.
         touched = [
@@ -537,7 +538,13 @@ class PolicyEngine:
                     )
             for function in summary.functions:
                 if _function_matches(rule.deny.functions, function, search_path):
-                    return refuse(rule.name, f"calling {function} is denied by rule {rule.name}")
+                    return Verdict(
+                        "deny",
+                        rule.name,
+                        f"calling {function} is denied by rule {rule.name}",
+                        hint=f"leave {function}() out: it is not available to you; "
+                        f"{allowed_summary}",
+                    )
         # 3. Allow: every operation and every relation must be allowed by some rule; what a
         # rule sends to review is permitted, once approved.
         for operation in sorted(operations - BUILTIN_DENIED_OPERATIONS):
