@@ -152,13 +152,16 @@ def _check(args: argparse.Namespace) -> int:
     from querywarden.analysis import AnalysisError, Analyzer
     from querywarden.identity import Principal
     from querywarden.policy.engine import PolicyEngine
-    from querywarden.policy.relations import load_snapshot
+    from querywarden.policy.relations import builtin_catalog_relations, load_snapshot
 
     document = _load_policy_or_report(args.policy)
     if document is None:
         return 2
     try:
-        catalog = load_snapshot(args.catalog) if args.catalog else None
+        # Added to the shipped lists, as the gateway adds its upstream's list to them.
+        catalog = (
+            load_snapshot(args.catalog) | builtin_catalog_relations() if args.catalog else None
+        )
     except (ValueError, OSError) as exc:
         print(f"querywarden: invalid catalog snapshot {args.catalog}: {exc}", file=sys.stderr)
         return 2

@@ -53,6 +53,7 @@ from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
 from querywarden.policy.plans import PlanEstimator
 from querywarden.policy.relations import CATALOG_QUERY as CATALOG_RELATIONS_QUERY
+from querywarden.policy.relations import builtin_catalog_relations
 from querywarden.session import RowLimit, Session
 from querywarden.startup import (
     CancelRequested,
@@ -375,7 +376,13 @@ class Gateway:
             except Exception as exc:  # any failure: stay strict, and say why
                 log.warning("cannot read pg_catalog's relations from %s: %s", database, exc)
                 continue
-            self._use_catalog_relations(frozenset(row[0] for row in rows))
+            names = frozenset(row[0] for row in rows)
+            if "pg_class" not in names:  # not a catalog we can trust to be complete
+                log.warning("pg_catalog's relations read from %s lack pg_class", database)
+                continue
+            # With the shipped lists: a name one of them has stays a candidate, so the
+            # server's answer can only add candidates, never remove one.
+            self._use_catalog_relations(names | builtin_catalog_relations())
             return True
         return False
 
