@@ -213,6 +213,47 @@ def test_check_evaluates_a_statement_offline() -> None:
         assert reason in json.loads(side.stdout)["reason"]
 
 
+def test_check_resolves_unqualified_names_as_the_server_would(tmp_path: Path) -> None:
+    public_only = tmp_path / "policy.yaml"
+    public_only.write_text(
+        "rules:\n"
+        "  - name: public-only\n"
+        "    subjects: {groups: [ai-agents]}\n"
+        "    allow: {operations: [select], tables: ['public.*']}\n"
+    )
+    base = [*QUERYWARDEN, "check", "--policy", str(public_only), "--sub", "a"]
+
+    def check(*args: str) -> dict[str, str]:
+        done = subprocess.run(
+            [*base, "--groups", "ai-agents", "--json", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode in (0, 1), done.stderr
+        verdict: dict[str, str] = json.loads(done.stdout)
+        return verdict
+
+    # The shipped list of pg_catalog's relations: orders is public.orders only.
+    assert check("SELECT * FROM orders")["outcome"] == "allow"
+    assert "(as pg_catalog.pg_class)" in check("SELECT * FROM pg_class")["reason"]
+    # A snapshot of another server's catalog (scripts/catalog_relations.py --output).
+    snapshot = tmp_path / "catalog.json"
+    snapshot.write_text(json.dumps({"postgresql": "99", "relations": ["pg_class", "orders"]}))
+    refused = check("--catalog", str(snapshot), "SELECT * FROM orders")
+    assert refused["outcome"] == "deny"
+    assert "orders (as pg_catalog.orders)" in refused["reason"]
+    snapshot.write_text("{}")
+    broken = subprocess.run(
+        [*base, "--catalog", str(snapshot), "SELECT 1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert broken.returncode == 2
+    assert "invalid catalog snapshot" in broken.stderr
+
+
 def test_policy_validate(tmp_path: Path) -> None:
     ok = subprocess.run(
         [*QUERYWARDEN, "policy", "validate", str(EXAMPLE_POLICY)],

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import socketserver
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from gateway_harness import POLICY, RunningGateway
-from querywarden.devcluster import EphemeralCluster
+from querywarden.devcluster import DATABASE, EphemeralCluster, free_port
 from querywarden.policy import PolicyDocument
 from querywarden.policy.gate import PolicyGate
 
@@ -74,11 +78,7 @@ def test_agent_reads_and_is_refused_with_rule_reason_and_hint(policed: RunningGa
         assert conn.execute("SELECT count(*) FROM qw_orders").fetchone() == (2,)
 
 
-def test_an_unqualified_name_refused_as_pg_catalog_says_to_qualify_it(
-    make_gateway: Callable[..., RunningGateway], tables: None
-) -> None:
-    # The chart's example policy allowed only public.*: every unqualified table name was
-    # refused "as pg_catalog.<name>", and the hint did not say why or what to write.
+def _public_only(make_gateway: Callable[..., RunningGateway]) -> RunningGateway:
     rules = [
         {
             "name": "public-only",
@@ -89,18 +89,75 @@ def test_an_unqualified_name_refused_as_pg_catalog_says_to_qualify_it(
     policy = PolicyDocument.model_validate(
         {"identity": POLICY.identity.model_dump(by_alias=True), "rules": rules}
     )
-    gateway = make_gateway(gate=PolicyGate(policy))
+    return make_gateway(gate=PolicyGate(policy))
+
+
+def test_a_public_only_policy_reads_unqualified_tables(
+    make_gateway: Callable[..., RunningGateway], tables: None
+) -> None:
+    # Issue 17: `tables: ["public.*"]` refused `SELECT ... FROM qw_orders`, checked as
+    # pg_catalog.qw_orders too, so every policy had to allow pg_catalog.* as well. pg_catalog
+    # has no qw_orders: PostgreSQL can only find public.qw_orders, and so does the gateway.
+    gateway = _public_only(make_gateway)
     with psycopg.connect(gateway.dsn("alice"), autocommit=True) as conn:
+        assert conn.execute("SELECT sum(amount) FROM qw_orders").fetchone() == (30,)
+        # A name pg_catalog does have is still that relation, and stays refused.
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
-            conn.execute("SELECT sum(amount) FROM qw_orders")
+            conn.execute("SELECT relname FROM pg_class")
         diag = refused.value.diag
         assert diag.message_primary is not None
-        assert "qw_orders (as pg_catalog.qw_orders)" in diag.message_primary
+        assert "pg_class (as pg_catalog.pg_class)" in diag.message_primary
         assert diag.message_hint is not None
-        assert diag.message_hint.startswith("write the name schema-qualified, public.qw_orders:"), (
-            diag.message_hint
+        assert diag.message_hint.startswith(
+            "unqualified, pg_class is pg_catalog.pg_class (PostgreSQL searches pg_catalog "
+            "first), which no rule lets you read; if you meant public.pg_class, write it "
+            "schema-qualified;"
+        ), diag.message_hint
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="built-in protections"):
+            conn.execute("SELECT * FROM pg_stats")
+        assert conn.execute("SELECT count(*) FROM public.qw_orders").fetchone() == (2,)
+
+
+def test_the_gateway_resolves_names_with_the_servers_own_catalog_list(
+    pg: EphemeralCluster, make_gateway: Callable[..., RunningGateway], tables: None
+) -> None:
+    # A relation that only this server's pg_catalog has (as a newer PostgreSQL's would be:
+    # the shipped lists do not know it) must still be checked as pg_catalog's. Made in
+    # both the database the gateway reads its list from and the one the session uses.
+    databases = ("postgres", DATABASE)
+    for database in databases:
+        pg.psql(
+            "SET allow_system_table_mods = on; CREATE TABLE pg_catalog.qw_newer (x int)",
+            database=database,
         )
-        assert conn.execute("SELECT sum(amount) FROM public.qw_orders").fetchone() == (30,)
+    try:
+        gateway = _public_only(make_gateway)
+        known = gateway.gateway.catalog_relations
+        assert known is not None and "qw_newer" in known and "pg_class" in known
+        with psycopg.connect(gateway.dsn("alice"), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+                conn.execute("SELECT * FROM qw_newer")
+            assert "qw_newer (as pg_catalog.qw_newer)" in str(refused.value)
+            assert conn.execute("SELECT count(*) FROM qw_orders").fetchone() == (2,)
+    finally:
+        for database in databases:
+            pg.psql(
+                "SET allow_system_table_mods = on; DROP TABLE pg_catalog.qw_newer",
+                database=database,
+            )
+
+
+def test_a_denied_table_hint_says_it_is_denied(policed: RunningGateway) -> None:
+    with psycopg.connect(policed.dsn("alice"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as denied:
+            conn.execute("SELECT * FROM qw_secrets")
+        diag = denied.value.diag
+        assert diag.message_primary == (
+            "querywarden: public.qw_secrets is denied by rule ai-agents-read"
+        )
+        assert diag.message_hint is not None
+        assert diag.message_hint.startswith("leave public.qw_secrets out: it is not available")
+        assert diag.message_hint.endswith(", except public.qw_secrets"), diag.message_hint
 
 
 def test_unparseable_sql_is_refused_not_forwarded(policed: RunningGateway) -> None:
@@ -335,3 +392,107 @@ def test_a_megabyte_statement_is_decided_like_a_short_one(policed: RunningGatewa
             small = conn.execute("SELECT 42")
         assert big.fetchone() == (2,)
         assert small.fetchone() == (42,)
+
+
+@pytest.mark.parametrize(
+    ("sql", "instead"),
+    [
+        ("PREPARE q AS SELECT amount FROM qw_orders", "use the protocol's prepared statements"),
+        ("EXECUTE q", "use the protocol's prepared statements"),
+        ("DO $$ BEGIN PERFORM 1; END $$", "send the statements themselves"),
+        ("SET work_mem = '64MB'", "leave the setting out"),
+        ("COPY qw_orders FROM STDIN", "use INSERT ... VALUES with parameters"),
+    ],
+)
+def test_a_refusal_says_what_to_do_instead(policed: RunningGateway, sql: str, instead: str) -> None:
+    with psycopg.connect(policed.dsn("alice"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+            conn.execute(sql)
+        hint = refused.value.diag.message_hint
+        assert hint is not None and hint.startswith(instead), hint
+        assert "allowed for you: SELECT, TRANSACTION, SHOW on public.*" in hint
+        # ... and the way out works: the driver prepares, the rows are read.
+        row = conn.execute("SELECT amount FROM qw_orders WHERE id = %s", (1,), prepare=True)
+        assert row.fetchone() == (10,)
+
+
+def test_psql_copy_out_is_refused_with_the_select_to_use(policed: RunningGateway) -> None:
+    done = subprocess.run(
+        ["psql", policed.dsn("alice"), "-X", "-c", r"\copy qw_orders TO STDOUT"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "COPY OUT is not allowed for you by any rule" in done.stderr
+    assert "HINT:  use SELECT ... and read the rows" in done.stderr, done.stderr
+
+
+class _Forwarder(socketserver.ThreadingTCPServer):
+    """A plain TCP relay to the cluster: an upstream that comes up after the gateway."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, target: int) -> None:
+        self.target = target
+        super().__init__(("127.0.0.1", port), _Relay)
+
+
+class _Relay(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server = self.server
+        assert isinstance(server, _Forwarder)
+        upstream = socket.create_connection(("127.0.0.1", server.target))
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+        back = threading.Thread(target=pump, args=(upstream, self.request), daemon=True)
+        back.start()
+        pump(self.request, upstream)
+        back.join(timeout=30)
+        upstream.close()
+
+
+def _catalog_of(gate: PolicyGate) -> Collection[str] | None:
+    return gate.engine.catalog_relations
+
+
+def test_until_the_upstream_answers_every_name_is_checked_as_pg_catalogs_too(
+    pg: EphemeralCluster, make_gateway: Callable[..., RunningGateway], tables: None
+) -> None:
+    # Fail closed: without the server's list, pg_catalog could hold any name.
+    port = free_port()
+    rules = [
+        {
+            "name": "public-only",
+            "subjects": {"groups": ["ai-agents"]},
+            "allow": {"operations": ["select"], "tables": ["public.*"]},
+        }
+    ]
+    policy = PolicyDocument.model_validate(
+        {"identity": POLICY.identity.model_dump(by_alias=True), "rules": rules}
+    )
+    gateway = make_gateway(gate=PolicyGate(policy), upstream={"port": port})
+    gate = gateway.gateway.gate
+    assert isinstance(gate, PolicyGate)
+    assert gateway.gateway.catalog_relations is None
+    assert gate.engine.catalog_relations is None
+    forwarder = _Forwarder(port, pg.port)
+    threading.Thread(target=forwarder.serve_forever, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 20
+        while gateway.gateway.catalog_relations is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        learnt = _catalog_of(gate)
+        assert learnt is not None and "pg_class" in learnt
+        with psycopg.connect(gateway.dsn("alice"), autocommit=True) as conn:
+            assert conn.execute("SELECT sum(amount) FROM qw_orders").fetchone() == (30,)
+    finally:
+        forwarder.shutdown()
+        forwarder.server_close()

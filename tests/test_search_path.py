@@ -30,7 +30,8 @@ RULES = [
                 "ddl",
                 "show",
             ],
-            "tables": ["public.*", "pg_catalog.*", "pg_temp.*"],
+            # No pg_catalog.*: unqualified names resolve without it (issue 17).
+            "tables": ["public.*", "pg_temp.*"],
         },
         "deny": {"tables": ["qw_hr.*", "public.qw_secrets"]},
     }
@@ -67,6 +68,9 @@ def test_set_search_path_changes_what_unqualified_names_are_checked_as(
         # public.qw_pay does not exist: the policy allows the name, the server says no.
         with pytest.raises(psycopg.errors.UndefinedTable):
             conn.execute("SELECT * FROM qw_pay")
+        # pg_catalog's own relations are still pg_catalog's, which no rule allows here.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"as pg_catalog\.pg_"):
+            conn.execute("SELECT * FROM pg_namespace")
         conn.execute("SET search_path TO qw_hr, public")
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"qw_hr\.qw_pay"):
             conn.execute("SELECT * FROM qw_pay")

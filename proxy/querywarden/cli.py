@@ -48,6 +48,12 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--groups", default="", help="comma-separated groups")
     check.add_argument("--database", default="app", help="database name (default app)")
     check.add_argument("--search-path", default="public", help="comma-separated search_path")
+    check.add_argument(
+        "--catalog",
+        type=Path,
+        help="pg_catalog relation list written by scripts/catalog_relations.py --output "
+        "(default: the lists shipped for PostgreSQL's versions)",
+    )
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument("sql", help="the SQL text")
     policy = commands.add_parser("policy", help="policy file tools")
@@ -160,9 +166,18 @@ def _check(args: argparse.Namespace) -> int:
     from querywarden.analysis import AnalysisError, Analyzer
     from querywarden.identity import Principal
     from querywarden.policy.engine import PolicyEngine
+    from querywarden.policy.relations import builtin_catalog_relations, load_snapshot
 
     document = _load_policy_or_report(args.policy)
     if document is None:
+        return 2
+    try:
+        # Added to the shipped lists, as the gateway adds its upstream's list to them.
+        catalog = (
+            load_snapshot(args.catalog) | builtin_catalog_relations() if args.catalog else None
+        )
+    except (ValueError, OSError) as exc:
+        print(f"querywarden: invalid catalog snapshot {args.catalog}: {exc}", file=sys.stderr)
         return 2
     principal = Principal(args.sub, frozenset(_comma_list(args.groups)))
     search_path = tuple(_comma_list(args.search_path))
@@ -175,7 +190,7 @@ def _check(args: argparse.Namespace) -> int:
     except AnalysisError as exc:
         outcome, rule, reason, hint = "deny", "analysis", exc.message, None
     else:
-        verdict = PolicyEngine(document).evaluate(
+        verdict = PolicyEngine(document, catalog_relations=catalog).evaluate(
             principal, args.database, summaries, search_path=search_path
         )
         outcome, rule, reason, hint = verdict.outcome, verdict.rule, verdict.reason, verdict.hint

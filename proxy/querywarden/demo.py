@@ -93,6 +93,8 @@ DEMO_RULES: list[dict[str, Any]] = [
         "subjects": {"groups": ["ai-agents"]},
         "allow": {
             "operations": ["select", "explain", "show", "transaction"],
+            # The catalogs are for finding the schema (psql's \d); unqualified names
+            # such as `customers` resolve with public.* alone.
             "tables": ["public.*", "pg_catalog.*", "information_schema.*"],
         },
         "deny": {"tables": ["public.api_keys"]},

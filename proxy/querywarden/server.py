@@ -54,6 +54,8 @@ from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
 from querywarden.policy.plans import PlanEstimator
 from querywarden.policy.prechecks import Check, Checked, ServerCheck
+from querywarden.policy.relations import CATALOG_QUERY as CATALOG_RELATIONS_QUERY
+from querywarden.policy.relations import builtin_catalog_relations
 from querywarden.session import RowLimit, Session
 from querywarden.startup import (
     CancelRequested,
@@ -108,6 +110,8 @@ class Gateway:
             # No policy trusts no issuer: every connection is refused (fail closed).
             policy = load_policy(settings.policy_file) if settings.policy_file else PolicyDocument()
         self.policy = policy
+        self.catalog_relations: frozenset[str] | None = None
+        self._catalog_reader: asyncio.Task[None] | None = None
         self.engine = PolicyEngine(policy)
         self.authenticator = authenticator or TokenAuthenticator(policy.identity)
         # The policy's rules decide; without rules nothing is allowed (default deny).
@@ -161,10 +165,17 @@ class Gateway:
         self._server: asyncio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._policy_stamp: tuple[int, int, int] | None = None
+        # Until the upstream has said which relations its pg_catalog holds, every
+        # unqualified name is checked as pg_catalog's too (the strict reading).
+        self._use_catalog_relations(None)
 
     async def start(self) -> tuple[str, int]:
         """Start listening; return the bound address (port 0 picks a free port)."""
         loop = asyncio.get_running_loop()
+        # Read before listening, so the first session already resolves names as the
+        # server does; an upstream that is not up yet is asked again in the background.
+        if not await self._read_catalog_relations():
+            self._catalog_reader = loop.create_task(self._read_catalog_relations_until_read())
         listen = self.settings.listen
         self._server = await loop.create_server(
             lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True
@@ -389,6 +400,46 @@ class Gateway:
         finally:
             await conn.close()
 
+    async def _read_catalog_relations(self) -> bool:
+        """Learn the names of the upstream's pg_catalog relations; False if it failed.
+
+        They are the same in every database of a cluster (initdb made them, nobody else
+        can add any), so one database is enough: the pinned one, else ``postgres`` or
+        ``template1``, which every role may connect to unless revoked.
+        """
+        pinned = self.settings.upstream.database
+        for database in [pinned] if pinned else ["postgres", "template1"]:
+            try:
+                conn = await side_connection(self.upstream_target, database, "querywarden-catalog")
+                try:
+                    rows = await conn.fetch(CATALOG_RELATIONS_QUERY)
+                finally:
+                    await conn.close()
+            except Exception as exc:  # any failure: stay strict, and say why
+                log.warning("cannot read pg_catalog's relations from %s: %s", database, exc)
+                continue
+            names = frozenset(row[0] for row in rows)
+            if "pg_class" not in names:  # not a catalog we can trust to be complete
+                log.warning("pg_catalog's relations read from %s lack pg_class", database)
+                continue
+            # With the shipped lists: a name one of them has stays a candidate, so the
+            # server's answer can only add candidates, never remove one.
+            self._use_catalog_relations(names | builtin_catalog_relations())
+            return True
+        return False
+
+    async def _read_catalog_relations_until_read(self) -> None:
+        delay = 1.0
+        while not await self._read_catalog_relations():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    def _use_catalog_relations(self, names: frozenset[str] | None) -> None:
+        self.catalog_relations = names
+        self.engine.use_catalog_relations(names)
+        if isinstance(self.gate, PolicyGate) and self.gate.engine is not self.engine:
+            self.gate.engine.use_catalog_relations(names)  # a gate given by the caller
+
     async def _largest_scan(self, session: SessionInfo, sql: str) -> int:
         target = self.upstream_target_for(session.principal, session.database)
         return await self.plans.largest_scan(target, session.database, sql)
@@ -417,6 +468,7 @@ class Gateway:
             return False
         self.policy = policy
         self.engine = PolicyEngine(policy)
+        self.engine.use_catalog_relations(self.catalog_relations)
         self.authenticator = TokenAuthenticator(policy.identity)
         self.catalogs.invalidate()
         # Approvers added or removed by the reload apply at once: the service is always
@@ -453,6 +505,8 @@ class Gateway:
         """
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._catalog_reader is not None:
+            self._catalog_reader.cancel()
         for delivery in list(self._cancels):
             delivery.cancel()
         with contextlib.suppress(Exception):

@@ -333,3 +333,134 @@ def test_a_masked_identity_does_not_read_everything() -> None:
     summaries = analyzer.analyze("SELECT query FROM pg_stat_activity")
     assert masking_engine.evaluate(AGENT, "app", summaries).outcome == "deny"
     assert masking_engine.evaluate(DBA, "app", summaries).outcome == "allow"
+
+
+# --- unqualified names resolve as PostgreSQL resolves them (issue 17) -------------------
+
+PUBLIC_ONLY = {"operations": ["select"], "tables": ["public.*"]}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM orders",
+        "SELECT o.id FROM orders o JOIN customers c ON c.id = o.customer_id",
+        "WITH x AS (SELECT id FROM orders) SELECT count(*) FROM x",
+    ],
+)
+def test_a_public_only_policy_allows_unqualified_user_tables(sql: str) -> None:
+    # pg_catalog has no relation named orders, so PostgreSQL can only find public.orders.
+    assert _decide(_engine(allow=PUBLIC_ONLY), sql).outcome == "allow"
+
+
+def test_an_unqualified_catalog_name_is_still_checked_as_pg_catalogs() -> None:
+    public_only = _engine(allow=PUBLIC_ONLY)
+    refused = _decide(public_only, "SELECT relname FROM pg_class")
+    assert refused.outcome == "deny"
+    assert "pg_class (as pg_catalog.pg_class)" in refused.reason
+    assert refused.hint is not None
+    assert refused.hint.startswith(
+        "unqualified, pg_class is pg_catalog.pg_class (PostgreSQL searches pg_catalog first), "
+        "which no rule lets you read; if you meant public.pg_class, write it schema-qualified; "
+        "allowed for you: SELECT on public.* (rule reader)"
+    ), refused.hint
+    # The statistics stay behind the built-in protection, qualified or not.
+    for sql in ("SELECT * FROM pg_stats", "SELECT query FROM pg_stat_activity"):
+        verdict = _decide(public_only, sql)
+        assert verdict.outcome == "deny" and verdict.rule == "built-in", sql
+
+
+def test_every_schema_on_the_search_path_stays_a_candidate() -> None:
+    public_only = _engine(allow=PUBLIC_ONLY)
+    summaries = analyzer.analyze("SELECT * FROM orders")
+    refused = public_only.evaluate(AGENT, "app", summaries, search_path=("hr", "public"))
+    assert refused.outcome == "deny"
+    assert "orders (as hr.orders)" in refused.reason
+    assert refused.hint is not None
+    assert refused.hint.startswith(
+        "unqualified, orders could be hr.orders (a schema on your search_path), which no rule "
+        "lets you read; if you meant public.orders, write it schema-qualified;"
+    ), refused.hint
+
+
+def test_an_unknown_catalog_checks_every_name_as_pg_catalogs_too() -> None:
+    strict = _engine(allow=PUBLIC_ONLY)
+    strict.use_catalog_relations(None)
+    assert _decide(strict, "SELECT * FROM orders").outcome == "deny"
+    # A server's own list (a newer version's relation) is used as given.
+    newer = _engine(allow=PUBLIC_ONLY)
+    newer.use_catalog_relations(frozenset({"pg_class", "pg_stat_io"}))
+    assert _decide(newer, "SELECT * FROM pg_stat_io").outcome == "deny"
+    assert _decide(newer, "SELECT * FROM orders").outcome == "allow"
+
+
+def test_a_denied_table_hint_does_not_imply_it_is_allowed() -> None:
+    verdict = _decide(
+        _engine(allow=PUBLIC_ONLY, deny={"tables": ["public.secrets"]}), "SELECT * FROM secrets"
+    )
+    assert verdict.outcome == "deny"
+    assert verdict.reason == "public.secrets is denied by rule reader"
+    assert verdict.hint == (
+        "leave public.secrets out: it is not available to you; "
+        "allowed for you: SELECT on public.* (rule reader), except public.secrets"
+    )
+
+
+@pytest.mark.parametrize(
+    ("sql", "instead"),
+    [
+        ("COPY orders TO STDOUT", "use SELECT ... and read the rows"),
+        ("COPY orders FROM STDIN", "use INSERT ... VALUES with parameters"),
+        ("COPY orders TO '/tmp/x'", "read rows with SELECT ... and write them with INSERT"),
+        ("COPY orders FROM PROGRAM 'id'", "read rows with SELECT ... and write them"),
+        ("SET work_mem = '1GB'", "leave the setting out"),
+        ("SET search_path TO hr", "write table names schema-qualified"),
+        ("PREPARE q AS SELECT 1", "use the protocol's prepared statements"),
+        ("EXECUTE q", "use the protocol's prepared statements"),
+        ("DO $$ BEGIN PERFORM 1; END $$", "send the statements themselves"),
+        ("SET ROLE postgres", "the gateway connects with the role your policy names"),
+    ],
+)
+def test_a_refused_operation_says_what_to_do_instead(sql: str, instead: str) -> None:
+    verdict = _decide(_engine(allow=PUBLIC_ONLY), sql)
+    assert verdict.outcome == "deny", sql
+    assert verdict.hint is not None and verdict.hint.startswith(instead), verdict.hint
+    assert "allowed for you: SELECT on public.*" in verdict.hint
+
+
+def test_an_exposing_relation_hint_does_not_imply_pg_catalog_star_covers_it() -> None:
+    verdict = _decide(_engine(), "SELECT * FROM pg_stats")
+    assert verdict.outcome == "deny" and verdict.rule == "built-in"
+    assert verdict.hint is not None
+    assert "SELECT on public.*, pg_catalog.* (rule reader)" in verdict.hint
+    assert verdict.hint.endswith(
+        "; but never pg_catalog.pg_stats, which the built-in protections refuse"
+    )
+    whole = _decide(_engine(), "SELECT schema_to_xml('pg_catalog', true, false, '')")
+    assert whole.hint is not None
+    assert whole.hint.endswith(
+        "; but never all of pg_catalog.* at once, which the built-in protections refuse"
+    )
+
+
+def test_a_refused_catalog_read_says_what_describing_the_schema_needs() -> None:
+    verdict = _decide(_engine(allow=PUBLIC_ONLY), "SELECT relname FROM pg_catalog.pg_class")
+    assert verdict.outcome == "deny"
+    assert verdict.reason == "read access to pg_catalog.pg_class is not allowed for you by any rule"
+    assert verdict.hint is not None and verdict.hint.startswith(
+        "describing the schema (psql's \\d, a driver's introspection) needs a rule that allows "
+        "pg_catalog.*: ask an operator; allowed for you: SELECT on public.*"
+    ), verdict.hint
+
+
+@pytest.mark.parametrize(
+    ("sql", "hint"),
+    [
+        ("SELECT pg_read_file('x')", "leave pg_read_file() out: it is not available through"),
+        ("SELECT pg_sleep(1)", "leave pg_sleep() out: it is not available to you;"),
+    ],
+)
+def test_a_refused_function_hint_says_to_leave_it_out(sql: str, hint: str) -> None:
+    verdict = _decide(_engine(allow=PUBLIC_ONLY, deny={"functions": ["pg_sleep"]}), sql)
+    assert verdict.outcome == "deny"
+    assert verdict.hint is not None and verdict.hint.startswith(hint), verdict.hint

@@ -10,16 +10,16 @@ built-in or rule denial names them. Reading a relation whose rows are other rela
 data (``pg_stats``) or other sessions' statements (``pg_stat_activity``) counts as reading
 every table, since which rows it returns cannot be known before it runs.
 
-Unqualified relation names are checked against every schema they could resolve to on the
-session's ``search_path`` (``pg_catalog`` first, as PostgreSQL searches it implicitly): a
-name is refused if any candidate is denied, and allowed only if every candidate is
-allowed, so an unqualified name can never reach a table the policy would refuse by its
-qualified name.
+Unqualified relation names are checked against every schema they could resolve to: each
+schema of the session's ``search_path``, and ``pg_catalog`` (searched first by PostgreSQL)
+when it holds a relation of that name (:mod:`querywarden.policy.relations`): a name is
+refused if any candidate is denied, and allowed only if every candidate is allowed, so an
+unqualified name can never reach a table the policy would refuse by its qualified name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
@@ -32,6 +32,7 @@ from querywarden.policy.functions import (
     builtin_functions,
 )
 from querywarden.policy.model import PolicyDocument, Rule
+from querywarden.policy.relations import builtin_catalog_relations
 
 Outcome = Literal["allow", "review", "deny"]
 _RANK = {"allow": 0, "review": 1, "deny": 2}
@@ -59,6 +60,45 @@ BUILTIN_DENIED_FUNCTIONS = (
     "pg_promote",
     "set_config",
 )
+
+_READ_ROWS = "use SELECT ... and read the rows (with LIMIT or an aggregate for large tables)"
+_SERVER_SIDE = (
+    "read rows with SELECT ... and write them with INSERT ...: the server's files and "
+    "programs are not reachable through the gateway"
+)
+_DRIVER_PREPARED = (
+    "use the protocol's prepared statements, which your driver does for you (parameters "
+    "such as %s or $1), or send the statement itself"
+)
+_LEAVE_SETTINGS = (
+    "leave the setting out: the session's settings are fixed by the gateway; put what you "
+    "need in the statement itself (AT TIME ZONE, to_char, an explicit cast)"
+)
+#: What an agent can do instead of an operation it is refused (the first part of the hint).
+INSTEAD: dict[str, str] = {
+    "copy_out": _READ_ROWS,
+    "copy_file": _SERVER_SIDE,
+    "copy_program": _SERVER_SIDE,
+    "copy_in": "use INSERT ... VALUES with parameters (your driver's executemany for many rows)",
+    "prepare": _DRIVER_PREPARED,
+    "execute": _DRIVER_PREPARED,
+    "deallocate": _DRIVER_PREPARED,
+    "do": "send the statements themselves, one at a time, instead of a DO block: each is "
+    "then checked and run on its own",
+    "set": _LEAVE_SETTINGS,
+    "reset": _LEAVE_SETTINGS,
+    "set_search_path": "write table names schema-qualified (public.orders) instead of "
+    "changing search_path",
+    "set_role": "the gateway connects with the role your policy names; ask an operator for a "
+    "rule that allows what you need",
+    "set_session_authorization": "the gateway connects with the role your policy names; ask "
+    "an operator for a rule that allows what you need",
+    "alter_system": "server settings are the database operator's: ask them",
+    "declare_cursor": "use SELECT with LIMIT and a WHERE on a key to read rows page by page",
+    "fetch": "use SELECT with LIMIT and a WHERE on a key to read rows page by page",
+    "explain_analyze": "use EXPLAIN without ANALYZE: it shows the plan without running the "
+    "statement",
+}
 
 _SAMPLED = "sampled values of the columns of every table the upstream role can read"
 _STATEMENTS = "the statement text, constants included, of other sessions"
@@ -194,19 +234,44 @@ def side_effects(function: QualifiedName) -> str | None:
     return "PostgreSQL does not define it, so querywarden cannot see what it does"
 
 
-def candidates(relation: QualifiedName, search_path: Sequence[str]) -> list[str]:
-    """The qualified names an (unqualified) relation name could resolve to."""
+def candidates(
+    relation: QualifiedName,
+    search_path: Sequence[str],
+    catalog: Collection[str] | None = None,
+) -> list[str]:
+    """The qualified names an (unqualified) relation or function name could resolve to.
+
+    ``catalog`` holds the names pg_catalog defines: a name it does not hold cannot
+    resolve there (nobody but initdb adds relations to pg_catalog). ``None`` (functions,
+    or a catalog not known) keeps pg_catalog as a candidate for every name. Every schema
+    of the search_path stays a candidate whether or not it has the name: tables come and
+    go, and the check must hold for whichever exists when the statement runs.
+    """
     if relation.schema is not None:
         return [f"{relation.schema}.{relation.name}"]
-    schemas = ["pg_catalog", *(s for s in search_path if s != "pg_catalog")]
-    return [f"{schema}.{relation.name}" for schema in schemas]
+    name = relation.name
+    rest = [f"{schema}.{name}" for schema in search_path if schema != "pg_catalog"]
+    if catalog is None or name in catalog or "*" in name:
+        return [f"pg_catalog.{name}", *rest]
+    return rest
 
 
 class PolicyEngine:
     """Evaluates analyzed statements against a policy document."""
 
-    def __init__(self, policy: PolicyDocument, *, memo_entries: int = 10000) -> None:
+    def __init__(
+        self,
+        policy: PolicyDocument,
+        *,
+        memo_entries: int = 10000,
+        catalog_relations: Collection[str] | None = None,
+    ) -> None:
         self.policy = policy
+        #: The names of pg_catalog's relations (None: every name could be one). The
+        #: shipped lists unless given; the gateway passes what its upstream says.
+        self.catalog_relations: Collection[str] | None = (
+            builtin_catalog_relations() if catalog_relations is None else catalog_relations
+        )
         # Verdicts depend only on literal-independent parts of a summary, so repeated
         # statement shapes are decided by one dictionary lookup.
         self._memo: dict[tuple[object, ...], Verdict] = {}
@@ -215,6 +280,15 @@ class PolicyEngine:
         # Per list of applicable rules: (the list, the rules' ids as a memo key, names).
         self._rules_keys: dict[int, tuple[list[Rule], tuple[int, ...], tuple[str, ...]]] = {}
         self._scan_reviews: dict[int, tuple[list[Rule], tuple[int, str] | None]] = {}
+
+    def use_catalog_relations(self, names: Collection[str] | None) -> None:
+        """Resolve unqualified names with this list of pg_catalog's relations from now on.
+
+        ``None`` checks every unqualified name as pg_catalog's too (the strict reading,
+        for a server whose list is not known).
+        """
+        self.catalog_relations = names
+        self._memo.clear()
 
     def applicable(self, principal: Principal, database: str) -> list[Rule]:
         """The rules whose subjects include the Principal and whose databases match."""
@@ -347,6 +421,7 @@ class PolicyEngine:
         masked: bool = False,
     ) -> Verdict:
         allowed_summary = _allowed_summary(rules)
+        catalog = self.catalog_relations
         # 1. Built-in denials, unless a rule lifts them explicitly.
         for operation in sorted(summary.operations & BUILTIN_DENIED_OPERATIONS):
             if not any(operation in r.allow.operations for r in rules):
@@ -355,7 +430,7 @@ class PolicyEngine:
                     "built-in",
                     f"{_op(operation)} is refused by querywarden's built-in protections "
                     "(server files, programs, role changes and server settings)",
-                    hint=allowed_summary,
+                    hint=f"{INSTEAD[operation]}; {allowed_summary}",
                 )
         for function in sorted(summary.functions, key=str):
             if _function_matches(BUILTIN_DENIED_FUNCTIONS, function, search_path) and not any(
@@ -367,19 +442,25 @@ class PolicyEngine:
                     "built-in",
                     f"calling {function} is refused by querywarden's built-in protections "
                     "(file, network, signalling and settings functions)",
-                    hint=allowed_summary,
+                    hint=f"leave {function}() out: it is not available through the gateway; "
+                    f"{allowed_summary}",
                 )
         # Every qualified name each relation could be, computed once for steps 1-4.
         touched = [
             (access, relation, name)
             for access, relations in (("read", summary.reads), ("write", summary.writes))
             for relation in relations
-            for name in candidates(relation, search_path)
+            for name in candidates(relation, search_path, catalog)
         ]
         exposing = _exposing(rules, touched, summary.functions, masked, search_path)
         if exposing is not None:
             return Verdict(
-                "deny", "built-in", exposing[0], hint=f"{exposing[1]}; {allowed_summary}"
+                "deny",
+                "built-in",
+                exposing[0],
+                # A rule may allow pg_catalog.*: say the summary does not cover this one.
+                hint=f"{exposing[1]}; {allowed_summary}; but never {exposing[2]}, which the "
+                "built-in protections refuse",
             )
         # SQL the analyzer cannot see (dynamic text run by a function): only a rule that
         # allows everything may run it.
@@ -430,8 +511,12 @@ class PolicyEngine:
 
         sole_rule = rules[0].name if len(rules) == 1 else None
 
-        def refuse(rule: str | None, reason: str) -> Verdict:
-            return Verdict("deny", rule, reason, hint=allowed_summary)
+        def refuse(rule: str | None, reason: str, operation: str | None = None) -> Verdict:
+            # The most specific way out: SET search_path is both set and set_search_path.
+            specific = [o for o in sorted(operations) if operation and o.startswith(operation)]
+            instead = next((INSTEAD[o] for o in reversed(specific) if o in INSTEAD), None)
+            hint = f"{instead}; {allowed_summary}" if instead else allowed_summary
+            return Verdict("deny", rule, reason, hint=hint)
 
         def review(rule: str, reason: str) -> Verdict:
             return Verdict("review", rule, f"{reason} (rule {rule})", hint=allowed_summary)
@@ -440,13 +525,26 @@ class PolicyEngine:
         for rule in rules:
             for operation in sorted(operations):
                 if _operation_covered(rule.deny.operations, operation):
-                    return refuse(rule.name, f"{what(operation)} is denied by rule {rule.name}")
+                    return refuse(
+                        rule.name, f"{what(operation)} is denied by rule {rule.name}", operation
+                    )
             for _, _, name in touched:
                 if _denied(rule.deny.tables, name):
-                    return refuse(rule.name, f"{name} is denied by rule {rule.name}")
+                    return Verdict(
+                        "deny",
+                        rule.name,
+                        f"{name} is denied by rule {rule.name}",
+                        hint=f"leave {name} out: it is not available to you; {allowed_summary}",
+                    )
             for function in summary.functions:
                 if _function_matches(rule.deny.functions, function, search_path):
-                    return refuse(rule.name, f"calling {function} is denied by rule {rule.name}")
+                    return Verdict(
+                        "deny",
+                        rule.name,
+                        f"calling {function} is denied by rule {rule.name}",
+                        hint=f"leave {function}() out: it is not available to you; "
+                        f"{allowed_summary}",
+                    )
         # 3. Allow: every operation and every relation must be allowed by some rule; what a
         # rule sends to review is permitted, once approved.
         for operation in sorted(operations - BUILTIN_DENIED_OPERATIONS):
@@ -465,7 +563,9 @@ class PolicyEngine:
                         "rule that allows side_effects or lists the function in "
                         f"allow.functions; {allowed_summary}",
                     )
-                return refuse(sole_rule, f"{_op(operation)} is not allowed for you by any rule")
+                return refuse(
+                    sole_rule, f"{_op(operation)} is not allowed for you by any rule", operation
+                )
 
         def permitted(name: str) -> bool:
             return any(
@@ -475,9 +575,18 @@ class PolicyEngine:
         for access, relation, name in touched:
             if not permitted(name):
                 if relation.schema is not None:
-                    return refuse(
-                        sole_rule, f"{access} access to {name} is not allowed for you by any rule"
-                    )
+                    reason = f"{access} access to {name} is not allowed for you by any rule"
+                    if relation.schema in ("pg_catalog", "information_schema"):
+                        # Most often a client describing the schema (psql's \d).
+                        return Verdict(
+                            "deny",
+                            sole_rule,
+                            reason,
+                            hint=f"describing the schema (psql's \\d, a driver's "
+                            f"introspection) needs a rule that allows {relation.schema}.*: "
+                            f"ask an operator; {allowed_summary}",
+                        )
+                    return refuse(sole_rule, reason)
                 # An unqualified name is checked as everything PostgreSQL could resolve it
                 # to; when another of those is allowed, qualifying the name is the way out.
                 meant = next(
@@ -493,9 +602,8 @@ class PolicyEngine:
                     "deny",
                     sole_rule,
                     reason,
-                    hint=f"write the name schema-qualified, {meant}: unqualified, PostgreSQL "
-                    f"would take {name} if it existed (pg_catalog is searched first), which "
-                    f"no rule lets you read; {allowed_summary}",
+                    hint=f"{_could_be(relation, name)}, which no rule lets you read; if you "
+                    f"meant {meant}, write it schema-qualified; {allowed_summary}",
                 )
         # 4. Review.
         for rule in rules:
@@ -548,8 +656,8 @@ def _exposing(
     functions: Iterable[QualifiedName],
     masked: bool,
     search_path: Sequence[str],
-) -> tuple[str, str] | None:
-    """(reason, hint) if the statement reads what exposes other relations' data."""
+) -> tuple[str, str, str] | None:
+    """(reason, hint, what) if the statement reads what exposes other relations' data."""
     for access, relation, name in touched:
         if access != "read":  # writing one is an operation the rules decide on
             continue
@@ -573,6 +681,7 @@ def _exposing(
                     f"reading {shown} is refused by querywarden's built-in protections: "
                     f"{it} {exposed}, beyond the tables your policy lets you read",
                     f"query the tables you may read directly (count, min, max, avg ...); {lift}",
+                    f"all of {name} at once" if whole else name,
                 )
     for function in sorted(functions, key=str):
         for pattern, exposed in EXPOSING_FUNCTIONS.items():
@@ -587,8 +696,16 @@ def _exposing(
                     f"it returns {exposed}, beyond the tables your policy lets you read",
                     "query the tables you may read directly; an operator can allow it by "
                     f"naming {function.name} in a rule's allow.functions",
+                    f"{function}()",
                 )
     return None
+
+
+def _could_be(relation: QualifiedName, name: str) -> str:
+    """Why an unqualified name is also checked as ``name`` (for the qualify hint)."""
+    if name.startswith("pg_catalog."):
+        return f"unqualified, {relation} is {name} (PostgreSQL searches pg_catalog first)"
+    return f"unqualified, {relation} could be {name} (a schema on your search_path)"
 
 
 def _op(operation: str) -> str:
@@ -596,9 +713,14 @@ def _op(operation: str) -> str:
 
 
 def _allowed_summary(rules: list[Rule]) -> str:
+    """What the rules allow, with their denied tables, so that no hint implies those are."""
     parts = []
     for rule in rules:
         ops = ", ".join(op.upper() for op in rule.allow.operations) or "nothing"
         tables = ", ".join(rule.allow.tables) or "no tables"
         parts.append(f"{ops} on {tables} (rule {rule.name})")
-    return "allowed for you: " + "; ".join(parts)
+    # Any applying rule's denial holds whatever another rule allows, so it is listed once
+    # for all of them.
+    denied = dict.fromkeys(table for rule in rules for table in rule.deny.tables)
+    tail = f", except {', '.join(denied)}" if denied else ""
+    return "allowed for you: " + "; ".join(parts) + tail
