@@ -9,20 +9,18 @@ read-only.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
+from browser_helpers import chromium, console_log_in
 from gateway_harness import POLICY, RunningGateway, token_for
 from held_statement import HeldStatement
 from querywarden.devcluster import EphemeralCluster
@@ -57,17 +55,8 @@ def people(pg: EphemeralCluster) -> Iterator[None]:
 
 @pytest.fixture
 def browser() -> Iterator[WebDriver]:
-    chromedriver = shutil.which("chromedriver")
-    assert chromedriver, "chromedriver is missing: scripts/ensure-system-deps.sh --browser"
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _gateway(make_gateway: Callable[..., RunningGateway], tmp_path: Path) -> RunningGateway:
@@ -97,12 +86,7 @@ def _console(gw: RunningGateway) -> str:
 
 
 def _log_in(driver: WebDriver, url: str, user: str) -> None:
-    driver.get(url)
-    wait = WebDriverWait(driver, 10)
-    wait.until(ec.visibility_of_element_located((By.ID, "token"))).send_keys(token_for(user))
-    driver.find_element(By.ID, "login-button").click()
-    wait.until(ec.visibility_of_element_located((By.ID, "app")))
-    assert user in driver.find_element(By.ID, "who").text
+    console_log_in(driver, url, token_for(user), user)
 
 
 def test_an_approver_decides_in_the_console_and_replays_the_session(

@@ -17,12 +17,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
 
+from browser_helpers import chromium, console_log_in
 from querywarden.demo import find_collector
 
 pytestmark = pytest.mark.slow
@@ -176,16 +181,18 @@ def test_port_zero_opens_only_free_ports_and_prints_each(demo: Demo) -> None:
     reviews = demo.port("reviews API")
     postgres = demo.port("PostgreSQL (direct, for comparison)")
     collector = demo.port("OpenTelemetry Collector (OTLP/HTTP)")
-    printed = {gateway, reviews, postgres, collector}
-    assert len(printed) == 4 and min(printed) > 1024, demo.banner
+    receiver = demo.port("notification receiver")
+    printed = {gateway, reviews, postgres, collector, receiver}
+    assert len(printed) == 5 and min(printed) > 1024, demo.banner
     listeners = _listeners()
     tree = _process_tree(demo.process.pid)
-    # The gateway, the reviews API and the Collector: the demo's own processes listen on
-    # the printed ports and on nothing else.
+    # The gateway, the reviews API, the Collector and the notification receiver: the
+    # demo's own processes listen on the printed ports and on nothing else.
     assert {port for port, pids in listeners.items() if pids & tree} == {
         gateway,
         reviews,
         collector,
+        receiver,
     }
     # PostgreSQL (started detached by pg_ctl) listens on its printed port alone.
     postmaster = listeners[postgres]
@@ -301,6 +308,72 @@ def test_a_second_approver_releases_the_dba_statement(demo: Demo) -> None:
     assert held.returncode == 0, errors
     assert out.strip() == "UPDATE 4"
     assert f"held for approval as review {review}" in errors
+
+
+def test_a_held_statement_reaches_the_receiver_and_the_console_releases_it(demo: Demo) -> None:
+    console = demo.line(r"or in the console, (http://\S+/console):")[1]
+    notifications = Path(demo.line(r"keeps it in\n\s+(\S+notifications\.jsonl)$")[1])
+    approver_mint = demo.line(r"log in with the token this prints\n\s+(.+)$")[1]
+    minted = demo.run(approver_mint)
+    assert minted.returncode == 0, minted.stderr
+    before = len(notifications.read_text().splitlines()) if notifications.exists() else 0
+    login = demo.line(r"^  PGPASSWORD=\$\((.+--sub dba .+)\) \\\n\s+(psql \"[^\"]+\")")
+    dba = demo.run(login[1])
+    held = subprocess.Popen(
+        f"{login[2]} -X -A -t -c 'UPDATE customers SET email = email'",
+        shell=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=demo.cwd,
+        env={**os.environ, "PGPASSWORD": dba.stdout.strip()},
+    )
+    try:
+        with chromium() as browser:
+            console_log_in(browser, console, minted.stdout.strip(), "oncall")
+
+            def created() -> dict[str, Any] | None:
+                if not notifications.exists():
+                    return None
+                for line in notifications.read_text().splitlines()[before:]:
+                    kept = json.loads(line)
+                    if kept["event"]["type"] == "review.created":
+                        return dict(kept)
+                return None
+
+            kept = _eventually(created)
+            assert kept is not None, "no review.created reached the demo's receiver"
+            review = kept["event"]["review"]
+            assert kept["signed"] is True
+            assert review["statement"] == "UPDATE customers SET email = email"
+            assert review["requester"]["subject"] == "dba"
+            # Posted within a second of the review's opening.
+            opened = datetime.fromisoformat(review["created"])
+            received = datetime.fromisoformat(kept["received"])
+            assert (received - opened).total_seconds() < 1.0, (opened, received)
+            assert kept["event"]["links"]["decide"] == f"{console}/reviews/{review['id']}"
+            card = WebDriverWait(browser, 5, poll_frequency=0.05).until(
+                ec.visibility_of_element_located(
+                    (By.CSS_SELECTOR, f'article[data-review="{review["id"]}"]')
+                )
+            )
+            shown = datetime.now(UTC)
+            assert (shown - opened).total_seconds() < 2.0  # the list refreshes every second
+            card.find_element(By.CSS_SELECTOR, "input.comment").send_keys("fine, no change")
+            card.find_element(By.CSS_SELECTOR, "button.approve").click()
+            out, errors = held.communicate(timeout=60)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.communicate()
+    assert held.returncode == 0, errors
+    assert out.strip() == "UPDATE 4"
+    approved = [
+        json.loads(line)["event"]
+        for line in notifications.read_text().splitlines()[before:]
+        if json.loads(line)["event"]["type"] == "review.approved"
+    ]
+    assert approved and approved[0]["review"]["approver"]["subject"] == "oncall"
 
 
 def test_policy_file_edits_apply_to_the_running_demo(demo: Demo) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import yaml
 
 from querywarden.cli import run_event_loop
 from querywarden.config import GatewaySettings
+from querywarden.demo_receiver import DemoReceiver
 from querywarden.devcluster import (
     DATABASE,
     ROLE_PASSWORD,
@@ -139,23 +141,43 @@ _POLICY_HEADER = """\
 """
 
 
-def demo_policy(key_file: Path) -> dict[str, Any]:
-    """The demo's policy document, trusting the local development issuer's ``key_file``."""
+def demo_policy(
+    key_file: Path,
+    *,
+    notify: list[dict[str, str]] | None = None,
+    console_url: str | None = None,
+) -> dict[str, Any]:
+    """The demo's policy document, trusting the local development issuer's ``key_file``.
+
+    ``notify`` and ``console_url``: where review events are posted, and the console
+    their links point to.
+    """
+    approvals: dict[str, Any] = {
+        "approvers": {"groups": ["dba-oncall"]},
+        "hold": "120s",
+        "requireDistinctApprover": True,
+    }
+    if notify:
+        approvals["notify"] = notify
+    if console_url:
+        approvals["consoleUrl"] = console_url
     return {
         "identity": {"issuers": [{"name": "dev", "kind": "dev", "keyFile": str(key_file)}]},
         "rules": DEMO_RULES,
         "masking": DEMO_MASKING,
-        "approvals": {
-            "approvers": {"groups": ["dba-oncall"]},
-            "hold": "120s",
-            "requireDistinctApprover": True,
-        },
+        "approvals": approvals,
     }
 
 
-def write_policy(state_dir: Path, key_file: Path) -> Path:
+def write_policy(
+    state_dir: Path,
+    key_file: Path,
+    *,
+    notify: list[dict[str, str]] | None = None,
+    console_url: str | None = None,
+) -> Path:
     """Write the demo's policy file (checked first) and return its absolute path."""
-    document = demo_policy(key_file)
+    document = demo_policy(key_file, notify=notify, console_url=console_url)
     PolicyDocument.model_validate(document)  # a broken demo policy fails here, not later
     path = (state_dir / "policy.yaml").resolve()
     text = _POLICY_HEADER + yaml.safe_dump(document, sort_keys=False)
@@ -166,10 +188,18 @@ def write_policy(state_dir: Path, key_file: Path) -> Path:
 
 
 def admin_port_for(port: int, admin_port: int | None) -> int:
-    """The reviews API's port: as given, else the gateway's + 1, else (``--port 0``) free."""
+    """The reviews API's port: as given, else the gateway's + 1, else (``--port 0``) free.
+
+    A free one is chosen here rather than by the listener: the console's address goes
+    into the policy (the notifications link to it) before the API listens.
+    """
     if admin_port is not None:
         return admin_port
-    return 0 if port == 0 else port + 1
+    if port != 0:
+        return port + 1
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        free: int = probe.getsockname()[1]
+    return free
 
 
 def find_collector() -> Path | None:
@@ -285,6 +315,7 @@ def run_demo(port: int, state_dir: Path, admin_port: int | None = None) -> int:
     state_dir = state_dir.resolve()  # absolute: the banner's lines work from anywhere
     binary = find_collector()
     collector = DemoCollector(binary, state_dir / "otel") if binary else None
+    receiver = DemoReceiver(state_dir)
     cluster = EphemeralCluster.create()
     print("starting an ephemeral PostgreSQL ...", flush=True)
     try:
@@ -298,7 +329,13 @@ def run_demo(port: int, state_dir: Path, admin_port: int | None = None) -> int:
             export = DemoExport(collector if problem is None else None, problem)
         cert, key = write_self_signed(state_dir, "gateway")
         key_file = state_dir / "dev-issuer.pem"
-        policy_file = write_policy(state_dir, key_file)
+        admin_listen = admin_port_for(port, admin_port)
+        policy_file = write_policy(
+            state_dir,
+            key_file,
+            notify=[receiver.destination()],
+            console_url=f"http://127.0.0.1:{admin_listen}/console",
+        )
         exporter = export.collector
         settings = GatewaySettings.model_validate(
             {
@@ -313,7 +350,7 @@ def run_demo(port: int, state_dir: Path, admin_port: int | None = None) -> int:
                     "sslmode": "require",
                 },
                 "masking": {"hashKeyFile": _masking_key(state_dir)},
-                "admin": {"host": "127.0.0.1", "port": admin_port_for(port, admin_port)},
+                "admin": {"host": "127.0.0.1", "port": admin_listen},
                 "audit": {
                     "directory": str(state_dir / "audit"),
                     "otlpEndpoint": exporter.endpoint if exporter else None,
@@ -325,7 +362,7 @@ def run_demo(port: int, state_dir: Path, admin_port: int | None = None) -> int:
                 "policyReloadInterval": "1s",
             }
         )
-        run_event_loop(_serve_until_interrupted(settings, key_file, cluster, export))
+        run_event_loop(_serve_until_interrupted(settings, key_file, cluster, export, receiver))
     finally:
         print("\nstopping PostgreSQL ...", flush=True)
         cluster.stop()
@@ -345,8 +382,13 @@ def _masking_key(state_dir: Path) -> Path:
 
 
 async def _serve_until_interrupted(
-    settings: GatewaySettings, key_file: Path, cluster: EphemeralCluster, export: DemoExport
+    settings: GatewaySettings,
+    key_file: Path,
+    cluster: EphemeralCluster,
+    export: DemoExport,
+    receiver: DemoReceiver,
 ) -> None:
+    await receiver.start()
     gateway = Gateway(settings)  # the policy comes from settings.policy_file, reloaded
     host, port = await gateway.start()
     stop = asyncio.Event()
@@ -360,12 +402,15 @@ async def _serve_until_interrupted(
         export=export,
         gateway=(host, port),
         admin=gateway.admin_address,
+        receiver=receiver,
     )
     print(banner)
     print("Press Ctrl-C to stop.", flush=True)
     await stop.wait()
     with contextlib.suppress(Exception):
         await gateway.close()
+    with contextlib.suppress(Exception):
+        await receiver.close()
 
 
 def _banner(
@@ -376,6 +421,7 @@ def _banner(
     export: DemoExport,
     gateway: tuple[str, int],
     admin: tuple[str, int] | None,
+    receiver: DemoReceiver,
 ) -> str:
     """What the demo prints once everything is up: every address, and how to try it all."""
     host, port = gateway
@@ -397,7 +443,12 @@ def _banner(
         reviews = (
             f"  export QUERYWARDEN_TOKEN=$({mint(APPROVER)})\n"
             f"  {cli} reviews list --url {url}\n"
-            f"  {cli} reviews approve ID --comment 'why' --url {url}"
+            f"  {cli} reviews approve ID --comment 'why' --url {url}\n"
+            f"or in the console, {url}/console: log in with the token this prints\n"
+            f"  {mint(APPROVER)}\n"
+            f"Approvers are told at once: each review event is posted, signed, to the demo's\n"
+            f"notification receiver, which prints it here and keeps it in\n"
+            f"  {receiver.log}"
         )
     else:
         reviews = "  (no admin API)"
@@ -417,6 +468,7 @@ querywarden demo is running.
   gateway:                             {host}:{port}  (TLS offered; plaintext on loopback)
   reviews API:                         {f"{admin[0]}:{admin[1]}" if admin else "off"}
   PostgreSQL (direct, for comparison): 127.0.0.1:{postgres_port}{collector_port}
+  notification receiver:               127.0.0.1:{receiver.port}
 
 1. Authenticate. Every connection presents a short-lived token from the local
 development issuer ({key_file}); `querywarden token` mints one. Connect as the
