@@ -243,7 +243,10 @@ def test_nothing_runs_unrecorded_when_the_audit_disk_is_full(
 
 
 def test_the_gateway_exports_spans_from_its_log(
-    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
+    make_gateway: Callable[..., RunningGateway],
+    tables: None,
+    pg: EphemeralCluster,
+    tmp_path: Path,
 ) -> None:
     with OtlpReceiver() as receiver:
         gw = make_gateway(
@@ -261,12 +264,24 @@ def test_the_gateway_exports_spans_from_its_log(
             )
         )
     session = next(s for s in spans if s.name == "querywarden.session")
-    assert session.attributes["querywarden.principal.subject"] == "alice"
+    # The identity as the general conventions name a user.
+    assert session.attributes["user.id"] == "alice"
+    assert session.attributes["user.roles"] == ["ai-agents"]
+    assert "querywarden.principal.subject" not in session.attributes
+    # server.* is the upstream database, not the gateway.
+    assert session.attributes["server.address"] == "127.0.0.1"
+    assert session.attributes["server.port"] == pg.port
     statements = [s for s in spans if s.parent_span_id == session.span_id]
     by_text = {s.attributes["db.query.text"]: s for s in statements}
     select = by_text["SELECT id FROM qa_people"]
     assert select.trace_id == session.trace_id
     assert select.attributes["db.system.name"] == "postgresql"
+    assert select.attributes["server.port"] == pg.port
+    assert select.attributes["user.id"] == "alice"
+    # The log keeps "qa_people" as written; the span names the relation schema-qualified.
+    assert select.attributes["db.collection.name"] == "public.qa_people"
+    assert select.attributes["db.query.summary"] == "SELECT public.qa_people"
+    assert select.name == "SELECT public.qa_people"
     assert select.attributes["db.response.returned_rows"] == 2
     assert select.attributes["querywarden.decision"] == "allow"
     refused = by_text["SELECT * FROM qa_secrets"]

@@ -7,6 +7,12 @@
     POST /reviews/{id}/approve  {"comment": str, "uses"?: int, "ttl"?: "30m"}   Review
     POST /reviews/{id}/deny     {"comment": str}                                Review
     GET  /healthz               (no token)                            {"ok": true}
+    GET  /metrics               (no token)                            Prometheus text format
+
+``/metrics`` is the gateway's metrics in Prometheus's text exposition format
+(:mod:`querywarden.audit.prometheus`), without a token: scrapers rarely hold an OIDC
+token, and what it shows is counts by outcome, rule, SQLSTATE, database and upstream
+address, never an identity, a statement or a value (docs/audit.md).
 
 Every other request carries ``Authorization: Bearer <token>``, a token of an issuer the
 policy trusts (approvers authenticate exactly as clients do). Errors are JSON
@@ -46,12 +52,17 @@ from querywarden.config import Duration
 from querywarden.errors import AuthenticationFailed
 from querywarden.identity.principal import Authenticator, Credentials, Principal
 
-__all__ = ["AdminApi", "BearerAuthenticate", "bearer_authenticate"]
+__all__ = ["AdminApi", "BearerAuthenticate", "MetricsText", "bearer_authenticate"]
 
 log = logging.getLogger(__name__)
 
 #: ``authenticate(token) -> Principal``; raises AuthenticationFailed for a refused token.
 BearerAuthenticate = Callable[[str], Awaitable[Principal]]
+#: ``GET /metrics``: the exposition text, or None when the gateway counts nothing.
+MetricsText = Callable[[], "str | None"]
+#: Prometheus's text exposition format (querywarden.audit.prometheus.CONTENT_TYPE; not
+#: imported, so the API does not load the metrics' OpenTelemetry SDK).
+_METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _MAX_HEAD = 16 * 1024
 _MAX_BODY = 64 * 1024
@@ -121,8 +132,10 @@ class AdminApi:
         host: str,
         port: int,
         ssl_context: ssl.SSLContext | None = None,
+        metrics: MetricsText | None = None,
     ) -> None:
         self._service = service
+        self._metrics = metrics
         self._authenticate = authenticate
         self._host = host
         self._port = port
@@ -172,6 +185,9 @@ class AdminApi:
             except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
                 return
             try:
+                if request.path == "/metrics":
+                    await self._scrape(request, writer)
+                    return
                 status, body = await self._dispatch(request)
                 await _respond(writer, status, body)
             except _HttpError as exc:
@@ -189,6 +205,17 @@ class AdminApi:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _scrape(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        _allow(request, "GET")
+        text = self._metrics() if self._metrics is not None else None
+        if text is None:
+            raise _HttpError(
+                HTTPStatus.NOT_FOUND,
+                "no metrics: the gateway counts statements in its audit recorder; "
+                "set audit.directory to have them",
+            )
+        await _send(writer, HTTPStatus.OK, text.encode(), _METRICS_CONTENT_TYPE)
 
     async def _dispatch(self, request: _Request) -> tuple[HTTPStatus, dict[str, Any]]:
         parts = (
@@ -356,9 +383,19 @@ async def _respond(
     headers: dict[str, str] | None = None,
 ) -> None:
     payload = json.dumps(body, ensure_ascii=False).encode()
+    await _send(writer, status, payload, "application/json; charset=utf-8", headers)
+
+
+async def _send(
+    writer: asyncio.StreamWriter,
+    status: HTTPStatus,
+    payload: bytes,
+    content_type: str,
+    headers: dict[str, str] | None = None,
+) -> None:
     head = [
         f"HTTP/1.1 {status.value} {status.phrase}",
-        "Content-Type: application/json; charset=utf-8",
+        f"Content-Type: {content_type}",
         f"Content-Length: {len(payload)}",
         "Cache-Control: no-store",
         "Connection: close",

@@ -51,7 +51,7 @@ import struct
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,14 +78,22 @@ __all__ = [
     "OffsetState",
     "RecordSource",
     "SpanAssembler",
+    "collection_name",
+    "collection_names",
+    "operation_name",
+    "qualified",
+    "query_summary",
     "read_offset",
     "session_span_id",
     "statement_span_id",
+    "tls_protocol",
     "trace_id_of",
     "write_offset",
 ]
 
 SCOPE_NAME = "querywarden.audit"
+#: The semantic conventions the spans follow (docs/audit.md lists every attribute).
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.44.0"
 SESSION_SPAN_NAME = "querywarden.session"
 STATEMENT_SPAN_NAME = "querywarden.statement"
 AUTH_FAILED_SPAN_NAME = "querywarden.auth_failed"
@@ -95,6 +103,10 @@ AUTH_FAILED_SPAN_NAME = "querywarden.auth_failed"
 QUERY_TEXT_LIMIT = 32 * 1024
 #: What ``db.query.text`` carries: the sanitized text (default), the exact text, or none.
 QUERY_TEXT_MODES = ("normalized", "raw", "none")
+#: ``db.query.summary`` is at most this long, as the conventions recommend.
+QUERY_SUMMARY_LIMIT = 255
+#: The search path the gateway pins for every session (see ``server.py``).
+DEFAULT_SEARCH_PATH = ("public",)
 #: A request body is closed before it grows past this (below the Collector's defaults).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 #: The longest wait between two attempts while the Collector is unreachable.
@@ -110,6 +122,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _KEYWORD = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*([A-Za-z]+)", re.DOTALL)
 #: How much of a statement's start is searched for its keyword.
 _KEYWORD_WINDOW = 4096
+# OpenSSL's protocol names: TLSv1.3, TLSv1.2, TLSv1, SSLv3.
+_TLS_VERSION = re.compile(r"^(TLS|SSL)v(\d+(?:\.\d+)?)$")
 # Operations that name a statement better than the WITH that introduces them.
 _DML = ("insert", "update", "delete", "merge")
 
@@ -351,9 +365,11 @@ class _SpanParts:
 
 def _export_request(resource: bytes, scope: bytes, spans: list[bytes]) -> bytes:
     """An ``ExportTraceServiceRequest`` with one resource and one scope around ``spans``."""
+    schema = SCHEMA_URL.encode()
     scope_spans = b"".join(
         [b"\x0a", _varint(len(scope)), scope]  # ScopeSpans.scope (1)
         + [b"\x12" + _varint(len(span)) + span for span in spans]  # spans (2)
+        + [b"\x1a", _varint(len(schema)), schema]  # schema_url (3)
     )
     resource_spans = (
         b"\x0a" + _varint(len(resource)) + resource  # ResourceSpans.resource (1)
@@ -404,10 +420,25 @@ def operation_name(text: str, summary: Mapping[str, Any] | None) -> str | None:
     return keyword
 
 
-def collection_name(summary: Mapping[str, Any] | None) -> str | None:
-    """``db.collection.name``: the first relation written, else the first read."""
+def collection_name(
+    summary: Mapping[str, Any] | None, search_path: Sequence[str] = DEFAULT_SEARCH_PATH
+) -> str | None:
+    """``db.collection.name``: the first relation written, else the first read, qualified."""
+    collections = collection_names(summary, search_path)
+    return collections[0] if collections else None
+
+
+def collection_names(
+    summary: Mapping[str, Any] | None, search_path: Sequence[str] = DEFAULT_SEARCH_PATH
+) -> list[str]:
+    """Every relation the summary names, written ones first, schema-qualified.
+
+    The log keeps names as the statement spelled them; see :func:`qualified` for how an
+    unqualified one gets its schema.
+    """
     if not summary:
-        return None
+        return []
+    names: list[str] = []
     for key in ("writes", "reads"):
         relations = summary.get(key)
         if not isinstance(relations, list):
@@ -416,8 +447,60 @@ def collection_name(summary: Mapping[str, Any] | None) -> str | None:
             name = _relation(relation)
             # "*" stands for relations the analyzer could not name: not a collection.
             if name and "*" not in name:
-                return name
-    return None
+                name = qualified(name, search_path)
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def qualified(name: str, search_path: Sequence[str] = DEFAULT_SEARCH_PATH) -> str:
+    """``name`` with the schema PostgreSQL resolves it in, when that is certain.
+
+    PostgreSQL searches ``pg_catalog`` before the search path, and every relation of its
+    own there is named ``pg_*``; other names resolve in the search path, which the gateway
+    pins to ``public``. A session that may have set a search path of several schemas
+    leaves the name as written: which schema holds it would be a guess.
+    """
+    if "." in name:
+        return name
+    if name.startswith("pg_"):
+        return f"pg_catalog.{name}"
+    if len(search_path) == 1:
+        return f"{search_path[0]}.{name}"
+    return name
+
+
+def query_summary(
+    operation: str | None,
+    summary: Mapping[str, Any] | None,
+    search_path: Sequence[str] = DEFAULT_SEARCH_PATH,
+) -> str | None:
+    """``db.query.summary``: the operation and its targets (``INSERT public.a SELECT public.b``).
+
+    The conventions' shape, built from the analyzer's summary rather than by re-reading
+    the text: written relations after the statement's own operation, and the relations
+    it reads after a ``SELECT`` (directly after the operation when it is a SELECT).
+    """
+    if not operation:
+        return None
+    writes = collection_names({"writes": summary.get("writes")} if summary else None, search_path)
+    reads = [
+        name
+        for name in collection_names(
+            {"reads": summary.get("reads")} if summary else None, search_path
+        )
+        if name not in writes
+    ]
+    parts = [operation, *writes]
+    if reads:
+        if operation != "SELECT":
+            parts.append("SELECT")
+        parts.extend(reads)
+    text = " ".join(parts)
+    if len(text) > QUERY_SUMMARY_LIMIT:
+        # The conventions cap it: cut at a whole name.
+        text = text[: QUERY_SUMMARY_LIMIT + 1].rsplit(" ", 1)[0]
+    return text
 
 
 def _relation(relation: object) -> str | None:
@@ -427,6 +510,16 @@ def _relation(relation: object) -> str | None:
         schema = relation.get("schema")
         return f"{schema}.{relation['name']}" if schema else str(relation["name"])
     return None
+
+
+def tls_protocol(version: object) -> tuple[str | None, str | None]:
+    """``tls.protocol.name`` and ``.version`` from OpenSSL's ``TLSv1.3`` (``tls``, ``1.3``)."""
+    if not isinstance(version, str) or not version:
+        return None, None
+    match = _TLS_VERSION.match(version)
+    if match is None:
+        return None, None
+    return match.group(1).lower(), match.group(2)
 
 
 # --- records -> spans ---------------------------------------------------------------------
@@ -551,16 +644,21 @@ class SpanAssembler:
         shared.add("querywarden.session.id", session_id)
         principal = record.get("principal")
         if isinstance(principal, Mapping):
-            shared.add("querywarden.principal.subject", principal.get("subject"))
-            shared.add("querywarden.principal.issuer", principal.get("issuer"))
+            # The verified identity, as the general conventions name a user; the issuer
+            # that vouched for it has no standard name.
+            shared.add("user.id", principal.get("subject"))
+            shared.add("user.name", principal.get("name") or None)
             groups = principal.get("groups")
-            shared.add("querywarden.principal.groups", list(groups) if groups else [])
+            shared.add("user.roles", list(groups) if groups else [])
+            shared.add("querywarden.principal.issuer", principal.get("issuer"))
         own = _Attributes()
         own.add("querywarden.session.upstream_user", record.get("upstream_user"))
         own.add("querywarden.session.application_name", record.get("application_name") or None)
         tls = record.get("tls")
         if isinstance(tls, Mapping):
-            own.add("tls.protocol.version", tls.get("version"))
+            name, version = tls_protocol(tls.get("version"))
+            own.add("tls.protocol.name", name)
+            own.add("tls.protocol.version", version)
             own.add("tls.cipher", tls.get("cipher"))
         own.add("querywarden.audit.seq", seq)
         self._sessions[session_id] = _OpenSession(seq, now, bytes(shared.data), bytes(own.data))
@@ -573,12 +671,15 @@ class SpanAssembler:
         text = self._exported_text(record.get("text"))
         summary = record.get("summary")
         summary = summary if isinstance(summary, Mapping) else None
+        path = record.get("search_path")
+        search_path = (
+            tuple(str(s) for s in path) if isinstance(path, list) and path else DEFAULT_SEARCH_PATH
+        )
         operation = operation_name(text, summary)
-        collection = collection_name(summary)
-        if operation and collection:
-            name = f"{operation} {collection}"
-        else:
-            name = operation or STATEMENT_SPAN_NAME
+        collection = collection_name(summary, search_path)
+        # The conventions name a database span by its query summary.
+        query = query_summary(operation, summary, search_path)
+        name = query or STATEMENT_SPAN_NAME
 
         session = self._sessions.get(session_id)
         if session is not None:
@@ -593,6 +694,7 @@ class SpanAssembler:
             attrs.add("querywarden.query.truncated", True)
         elif text:
             attrs.add("db.query.text", text)
+        attrs.add("db.query.summary", query)
         attrs.add("db.operation.name", operation)
         attrs.add("db.collection.name", collection)
         attrs.add("querywarden.statement.id", statement_id)
