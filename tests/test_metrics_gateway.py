@@ -6,6 +6,8 @@ GET without a token; the text is read by Prometheus's own parser and by a strict
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -179,3 +181,63 @@ def test_only_get_and_without_an_audit_log_a_clear_404(
     assert status == 404
     assert content_type.startswith("application/json")
     assert "audit.directory" in body
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "examples" / "dashboards" / "querywarden.json"
+#: What Prometheus adds to every scraped series itself (the scrape config's job, the target).
+SCRAPE_LABELS = {"job", "instance"}
+# A metric is followed by its selector; a label (querywarden_decision) is not.
+_METRIC = re.compile(r"\b((?:querywarden|db_client)_[a-z_]+)\{")
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def test_the_dashboard_reads_a_direct_scrape_without_kubernetes(
+    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
+) -> None:
+    """Every metric and label the example dashboard queries is in ``GET /metrics``.
+
+    Labels only a Kubernetes deployment has (the Collector's k8sattributes) may appear
+    only as a ``=~"$var"`` filter whose variable's All is ``.*``, which also matches
+    series without the label: the dashboard falls back instead of showing nothing.
+    """
+    gw = make_gateway(
+        policy=_policy(), audit={"directory": str(tmp_path / "audit")}, admin={"port": 0}
+    )
+    with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+        conn.execute("SELECT id FROM qm_people").fetchall()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM qm_secrets")
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(gw.dsn("mallory"))
+        _, families = _scrape(gw)
+    series: dict[str, set[str]] = {}
+    for name, family in families.items():
+        suffixes = ("_bucket", "_sum", "_count") if family["type"] == "HISTOGRAM" else ("",)
+        labels = {label for s in family["samples"] for label in s["labels"]} | SCRAPE_LABELS
+        for suffix in suffixes:
+            series[name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    fallbacks = {v["name"] for v in dashboard["templating"]["list"] if v.get("allValue") == ".*"}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"] if "expr" in t]
+    assert exprs
+    for variable in dashboard["templating"]["list"]:
+        metric, _, label = variable["definition"].removeprefix("label_values(").partition(",")
+        exprs.append(f'{metric}{{{label.strip(" )")}=~"${variable["name"]}"}}')
+    for expr in exprs:
+        used = set(_METRIC.findall(expr))
+        assert used, expr
+        assert used <= set(series), (expr, used - set(series))
+        available = set().union(*(series[name] for name in used))
+        grouped = {
+            label.strip()
+            for group in re.findall(r"by \(([^)]*)\)", expr)
+            for label in group.split(",")
+        }
+        assert grouped <= available, (expr, grouped - available)
+        for label, operator, value in _MATCHER.findall(expr):
+            if label in available:
+                continue
+            # Not in a direct scrape: only a filter that its All turns into "match all".
+            assert operator == "=~" and value.startswith("$"), (expr, label)
+            assert value[1:] in fallbacks, (expr, label)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -1203,3 +1204,36 @@ def test_metrics_hot_path_is_cheaper_than_sdk_instruments(receiver: OtlpReceiver
         metrics.shutdown()
         provider.shutdown()
     assert ours < sdk / 3
+
+
+def test_docs_list_every_exported_attribute() -> None:
+    """docs/audit.md names every attribute a span can carry (and its conventions version)."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "audit.md").read_text()
+    assert "semantic conventions **1.44.0**" in docs
+    assert export.SCHEMA_URL.endswith("/1.44.0")
+    records = Records()
+    records.connect("s1")
+    records.request("s1", 1, approval={"review_id": "r-1"})
+    records.result("s1", 1, sqlstate="22P02", error="bad input")
+    records.request("s1", 2, "SELECT " + "x" * 40_000, refuse=True)
+    records.request("s1", 3, kind="parse", statement_name="p1")
+    records.end("s1")
+    records.add(
+        "session.auth_failed",
+        client_address="10.0.0.9:1",
+        user="u",
+        database="shop",
+        reason="expired",
+        sqlstate="28000",
+    )
+    records.connect("s2")
+    assembler = SpanAssembler(query_text="raw")
+    spans = feed_all(assembler, records) + [
+        Span.FromString(raw) for raw in assembler.close_all("stopped")
+    ]
+    keys = {key for span in spans for key in attrs(span)}
+    assert {"user.id", "server.port", "db.query.summary", "querywarden.interrupted"} <= keys
+    for key in keys:
+        # Per-name families are documented by their pattern.
+        documented = re.sub(r"^(querywarden\.(?:masking|approval))\..+$", r"\1.", key)
+        assert f"`{documented}" in docs or f".{key.rpartition('.')[2]}`" in docs, key

@@ -14,9 +14,13 @@ because their ids and times must come from the records: a span re-sent after a r
 carries the same trace and span id as the first time, so a receiver can deduplicate.
 
 * ``session.connect`` … ``session.end`` → a ``querywarden.session`` span (kind SERVER).
-* ``statement.request`` … ``statement.result`` → a child span (kind CLIENT) named
-  ``<db.operation.name> <db.collection.name>`` (``SELECT public.orders``), exported as
-  soon as the result is read, while its session may still be open.
+* ``statement.request`` … ``statement.result`` → a child span (kind CLIENT) named by its
+  ``db.query.summary`` (``SELECT public.orders``), exported as soon as the result is
+  read, while its session may still be open.
+
+Attributes follow the OpenTelemetry semantic conventions 1.44.0 (:data:`SCHEMA_URL`;
+docs/audit.md lists each): the identity as ``user.*``, the upstream as ``server.*``,
+relations schema-qualified.
 * ``session.auth_failed`` → a standalone ``querywarden.auth_failed`` span.
 
 What leaves for the Collector is sanitized by default (``query_text="normalized"``, the
