@@ -94,7 +94,7 @@ def _wait_for(
 
 
 def test_a_session_is_recorded_request_first_with_decisions_and_masked_samples(
-    audited: RunningGateway,
+    audited: RunningGateway, pg: EphemeralCluster
 ) -> None:
     with psycopg.connect(audited.dsn("alice"), autocommit=True) as conn:
         assert conn.execute("SELECT id, ssn FROM qa_people ORDER BY id").fetchall() == [
@@ -112,6 +112,8 @@ def test_a_session_is_recorded_request_first_with_decisions_and_masked_samples(
     connect = records[0]
     assert connect["principal"]["subject"] == "alice"
     assert connect["principal"]["groups"] == ["ai-agents"]
+    # Where the session went: the upstream the gateway connected it to.
+    assert connect["server_address"] == f"127.0.0.1:{pg.port}"
     requests = {r["statement_id"]: r for r in records if r["type"] == "statement.request"}
     results = {r["statement_id"]: r for r in records if r["type"] == "statement.result"}
     assert set(requests) == set(results)
@@ -140,6 +142,8 @@ def test_a_session_is_recorded_request_first_with_decisions_and_masked_samples(
     _assert_verifies(directory)
     out = io.StringIO()
     assert replay_command(directory, connect["session_id"], out) == 0
+    assert f"to database app at 127.0.0.1:{pg.port} as " in out.getvalue()
+    assert "server_address" not in out.getvalue()  # a known field, not an extra
     assert "****" in out.getvalue()
     assert "123-45-6789" not in out.getvalue()
 
