@@ -134,6 +134,9 @@ def test_exported_spans_qualify_names_only_where_the_schema_is_certain(
         with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
             with pytest.raises(psycopg.errors.UndefinedTable):
                 conn.execute("SELECT id FROM qw_missing")
+            # A temporary relation: PostgreSQL resolves its name there first.
+            conn.execute("CREATE TEMP TABLE qw_note (n int)")
+            conn.execute("SELECT n FROM qw_note")
             conn.execute("SET search_path TO qw_hr, public")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("SELECT * FROM qw_pay")
@@ -144,6 +147,11 @@ def test_exported_spans_qualify_names_only_where_the_schema_is_certain(
     before = by_text["SELECT id FROM qw_missing"]
     assert before.attributes["db.collection.name"] == "public.qw_missing"
     assert before.name == "SELECT public.qw_missing"
+    assert (
+        by_text["CREATE TEMP TABLE qw_note (n int)"].attributes["db.collection.name"]
+        == "pg_temp.qw_note"
+    )
+    assert by_text["SELECT n FROM qw_note"].attributes["db.collection.name"] == "qw_note"
     after = by_text["SELECT * FROM qw_pay"]
     assert after.attributes["db.collection.name"] == "qw_pay"
     assert after.attributes["db.query.summary"] == "SELECT qw_pay"

@@ -26,9 +26,11 @@ from querywarden.audit.export import (
     DirectorySource,
     ExportError,
     LogExporter,
+    NameScope,
     OffsetState,
     SpanAssembler,
     collection_name,
+    collection_names,
     operation_name,
     query_summary,
     read_offset,
@@ -632,9 +634,16 @@ def test_collection_names_are_schema_qualified() -> None:
     assert collection_name({"reads": ["orders"]}) == "public.orders"
     assert collection_name({"reads": ["pg_class"]}) == "pg_catalog.pg_class"
     assert collection_name({"reads": ["s.t"]}) == "s.t"
-    assert collection_name({"reads": ["orders"]}, ("app",)) == "app.orders"
+    assert collection_name({"reads": ["orders"]}, NameScope(("app",))) == "app.orders"
     # Several schemas may be on the path: which one holds it would be a guess.
-    assert collection_name({"reads": ["orders"]}, ("app", "public")) == "orders"
+    assert collection_name({"reads": ["orders"]}, NameScope(("app", "public"))) == "orders"
+    # So is a name the session also made a temporary relation under.
+    scratch = NameScope(temporary=frozenset({"orders"}))
+    assert collection_names({"reads": ["orders", "pg_temp.orders", "t"]}, scratch) == [
+        "orders",
+        "pg_temp.orders",
+        "public.t",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -677,6 +686,23 @@ def test_query_summary_is_capped_at_a_whole_name() -> None:
 )
 def test_tls_protocol(version: str | None, expected: tuple[str | None, str | None]) -> None:
     assert tls_protocol(version) == expected
+
+
+def test_a_temporary_relation_s_name_stays_as_written_from_its_creation_on() -> None:
+    records = Records()
+    records.connect("s1")
+    before = {"operations": ["select"], "reads": ["scratch"], "writes": [], "functions": []}
+    records.request("s1", 1, "SELECT * FROM scratch", summary=before)
+    records.result("s1", 1)
+    create = {"operations": ["ddl"], "reads": [], "writes": ["pg_temp.scratch"], "functions": []}
+    records.request("s1", 2, "CREATE TEMP TABLE scratch (n int)", summary=create)
+    records.result("s1", 2)
+    records.request("s1", 3, "SELECT * FROM scratch", summary=before)
+    records.result("s1", 3)
+    first, created, after = feed_all(SpanAssembler(), records)
+    assert attrs(first)["db.collection.name"] == "public.scratch"
+    assert attrs(created)["db.collection.name"] == "pg_temp.scratch"
+    assert attrs(after)["db.collection.name"] == "scratch"
 
 
 def test_a_widened_search_path_leaves_names_as_written() -> None:

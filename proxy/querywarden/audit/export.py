@@ -55,7 +55,7 @@ import struct
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,13 +79,13 @@ __all__ = [
     "DirectorySource",
     "ExportError",
     "LogExporter",
+    "NameScope",
     "OffsetState",
     "RecordSource",
     "SpanAssembler",
     "collection_name",
     "collection_names",
     "operation_name",
-    "qualified",
     "query_summary",
     "read_offset",
     "session_span_id",
@@ -424,21 +424,52 @@ def operation_name(text: str, summary: Mapping[str, Any] | None) -> str | None:
     return keyword
 
 
-def collection_name(
-    summary: Mapping[str, Any] | None, search_path: Sequence[str] = DEFAULT_SEARCH_PATH
-) -> str | None:
+@dataclass(frozen=True, slots=True)
+class NameScope:
+    """What an unqualified relation name of one session resolves to, as far as the log says.
+
+    PostgreSQL looks a relation up in the session's temporary schema first, then in
+    ``pg_catalog``, then along the search path, which the gateway pins to ``public``.
+    ``search_path``: every schema the session's path may hold (the request record's
+    ``search_path``). ``temporary``: names the session created temporary relations under.
+    """
+
+    search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
+    temporary: frozenset[str] = frozenset()
+
+    def qualified(self, name: str) -> str:
+        """``name`` with the schema it resolves in when that is certain, else as written.
+
+        Every relation PostgreSQL keeps in ``pg_catalog`` is named ``pg_*``, and no other
+        name resolves there. A name the session also created a temporary relation under,
+        or a search path that may hold several schemas, leaves the name as written: which
+        schema holds it would be a guess.
+        """
+        if "." in name:
+            return name
+        if name in self.temporary:
+            return name
+        if name.startswith("pg_"):
+            return f"pg_catalog.{name}"
+        if len(self.search_path) == 1:
+            return f"{self.search_path[0]}.{name}"
+        return name
+
+
+#: A session as the gateway starts it: ``public`` only, no temporary relations.
+PINNED = NameScope()
+
+
+def collection_name(summary: Mapping[str, Any] | None, scope: NameScope = PINNED) -> str | None:
     """``db.collection.name``: the first relation written, else the first read, qualified."""
-    collections = collection_names(summary, search_path)
+    collections = collection_names(summary, scope)
     return collections[0] if collections else None
 
 
-def collection_names(
-    summary: Mapping[str, Any] | None, search_path: Sequence[str] = DEFAULT_SEARCH_PATH
-) -> list[str]:
-    """Every relation the summary names, written ones first, schema-qualified.
+def collection_names(summary: Mapping[str, Any] | None, scope: NameScope = PINNED) -> list[str]:
+    """Every relation the summary names, written ones first, qualified by ``scope``.
 
-    The log keeps names as the statement spelled them; see :func:`qualified` for how an
-    unqualified one gets its schema.
+    The log keeps names as the statement spelled them (see :class:`NameScope`).
     """
     if not summary:
         return []
@@ -451,33 +482,14 @@ def collection_names(
             name = _relation(relation)
             # "*" stands for relations the analyzer could not name: not a collection.
             if name and "*" not in name:
-                name = qualified(name, search_path)
+                name = scope.qualified(name)
                 if name not in names:
                     names.append(name)
     return names
 
 
-def qualified(name: str, search_path: Sequence[str] = DEFAULT_SEARCH_PATH) -> str:
-    """``name`` with the schema PostgreSQL resolves it in, when that is certain.
-
-    PostgreSQL searches ``pg_catalog`` before the search path, and every relation of its
-    own there is named ``pg_*``; other names resolve in the search path, which the gateway
-    pins to ``public``. A session that may have set a search path of several schemas
-    leaves the name as written: which schema holds it would be a guess.
-    """
-    if "." in name:
-        return name
-    if name.startswith("pg_"):
-        return f"pg_catalog.{name}"
-    if len(search_path) == 1:
-        return f"{search_path[0]}.{name}"
-    return name
-
-
 def query_summary(
-    operation: str | None,
-    summary: Mapping[str, Any] | None,
-    search_path: Sequence[str] = DEFAULT_SEARCH_PATH,
+    operation: str | None, summary: Mapping[str, Any] | None, scope: NameScope = PINNED
 ) -> str | None:
     """``db.query.summary``: the operation and its targets (``INSERT public.a SELECT public.b``).
 
@@ -487,12 +499,10 @@ def query_summary(
     """
     if not operation:
         return None
-    writes = collection_names({"writes": summary.get("writes")} if summary else None, search_path)
+    writes = collection_names({"writes": summary.get("writes")} if summary else None, scope)
     reads = [
         name
-        for name in collection_names(
-            {"reads": summary.get("reads")} if summary else None, search_path
-        )
+        for name in collection_names({"reads": summary.get("reads")} if summary else None, scope)
         if name not in writes
     ]
     parts = [operation, *writes]
@@ -541,6 +551,22 @@ class _OpenSession:
     #: Attributes of the session span only (encoded).
     own: bytes
     statements: set[str] = field(default_factory=set)
+    #: Names the session created temporary relations under (see :class:`NameScope`).
+    temporary: set[str] = field(default_factory=set)
+
+    def note_temporary(self, summary: Mapping[str, Any]) -> None:
+        """Remember the temporary relations a request writes (creates, mostly).
+
+        Noted whether the statement succeeds or not: the name is ambiguous either way
+        from here on, so it stays unqualified.
+        """
+        writes = summary.get("writes")
+        if isinstance(writes, list):
+            self.temporary.update(
+                w[len("pg_temp.") :]
+                for w in writes
+                if isinstance(w, str) and w.startswith("pg_temp.")
+            )
 
 
 @dataclass(slots=True)
@@ -675,17 +701,16 @@ class SpanAssembler:
         text = self._exported_text(record.get("text"))
         summary = record.get("summary")
         summary = summary if isinstance(summary, Mapping) else None
-        path = record.get("search_path")
-        search_path = (
-            tuple(str(s) for s in path) if isinstance(path, list) and path else DEFAULT_SEARCH_PATH
-        )
+        session = self._sessions.get(session_id)
+        if session is not None and summary is not None:
+            session.note_temporary(summary)
+        scope = self._scope(record, session)
         operation = operation_name(text, summary)
-        collection = collection_name(summary, search_path)
+        collection = collection_name(summary, scope)
         # The conventions name a database span by its query summary.
-        query = query_summary(operation, summary, search_path)
+        query = query_summary(operation, summary, scope)
         name = query or STATEMENT_SPAN_NAME
 
-        session = self._sessions.get(session_id)
         if session is not None:
             attrs = _Attributes(session.shared)
             session.statements.add(statement_id)
@@ -742,6 +767,18 @@ class SpanAssembler:
         if refused:
             span.error(str(reason or "refused by policy"))
         self._statements[statement_id] = _OpenStatement(seq, session_id, refused, span)
+
+    @staticmethod
+    def _scope(record: Mapping[str, Any], session: _OpenSession | None) -> NameScope:
+        """How a request's unqualified relation names resolve."""
+        path = record.get("search_path")
+        search_path = (
+            tuple(str(s) for s in path) if isinstance(path, list) and path else DEFAULT_SEARCH_PATH
+        )
+        temporary = frozenset(session.temporary) if session is not None else frozenset()
+        if search_path == DEFAULT_SEARCH_PATH and not temporary:
+            return PINNED
+        return NameScope(search_path, temporary)
 
     def _exported_text(self, text: object) -> str:
         """What of a request's text may leave: by ``query_text``; "" for nothing.
