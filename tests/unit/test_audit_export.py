@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from opentelemetry.sdk.metrics import MeterProvider
@@ -1263,3 +1264,12 @@ def test_docs_list_every_exported_attribute() -> None:
         # Per-name families are documented by their pattern.
         documented = re.sub(r"^(querywarden\.(?:masking|approval))\..+$", r"\1.", key)
         assert f"`{documented}" in docs or f".{key.rpartition('.')[2]}`" in docs, key
+
+
+def test_an_export_request_names_the_conventions_schema() -> None:
+    request = ExportTraceServiceRequest.FromString(
+        export._export_request(export._resource("gw-1"), b"", [b""])
+    )
+    (resource_spans,) = request.resource_spans
+    (scope_spans,) = resource_spans.scope_spans
+    assert scope_spans.schema_url == "https://opentelemetry.io/schemas/1.44.0"
