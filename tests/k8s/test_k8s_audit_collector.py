@@ -37,7 +37,8 @@ from querywarden.audit.export import (
     trace_id_of,
 )
 from querywarden.audit.log import AuditLog
-from querywarden.audit.metrics import GatewayMetrics, pool_name
+from querywarden.audit.metrics import GatewayMetrics
+from querywarden.audit.recorder import pool_name
 from querywarden.devcluster import EphemeralCluster
 from querywarden.policy import PolicyDocument
 from querywarden.tlsutil import write_self_signed

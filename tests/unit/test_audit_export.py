@@ -42,7 +42,8 @@ from querywarden.audit.export import (
     write_offset,
 )
 from querywarden.audit.log import AuditFormatError, AuditLog, read_records
-from querywarden.audit.metrics import DURATION_BOUNDS, GatewayMetrics, pool_name
+from querywarden.audit.metrics import DURATION_BOUNDS, GatewayMetrics
+from querywarden.audit.recorder import pool_name
 
 ERROR = Status.StatusCode.STATUS_CODE_ERROR
 UNSET = Status.StatusCode.STATUS_CODE_UNSET

@@ -10,8 +10,9 @@ import math
 
 from prometheus_text import parse, promtext
 from querywarden import __version__
-from querywarden.audit.metrics import DURATION_BOUNDS, GatewayMetrics, pool_name
+from querywarden.audit.metrics import DURATION_BOUNDS, GatewayMetrics
 from querywarden.audit.prometheus import render
+from querywarden.audit.recorder import pool_name
 
 
 def _metrics() -> GatewayMetrics:

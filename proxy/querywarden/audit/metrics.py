@@ -130,12 +130,6 @@ def operation_attributes(key: OperationKey) -> dict[str, str | int]:
     return attributes
 
 
-def pool_name(namespace: str, address: str, port: int | None) -> str:
-    """``db.client.connection.pool.name``: ``address:port/namespace``."""
-    where = f"{address}:{port}" if port is not None else address
-    return f"{where}/{namespace}"
-
-
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """The metrics at one moment, for a reader on another thread or coroutine."""
@@ -247,7 +241,7 @@ class GatewayMetrics:
         series.high = max(series.high, seconds)
 
     def connection_opened(self, pool: str) -> None:
-        """Count an upstream connection a session now holds (``pool``: :func:`pool_name`)."""
+        """Count an upstream connection a session now holds (``pool``: its pool's name)."""
         if self.enabled:
             self._connections[pool] = self._connections.get(pool, 0) + 1
 

@@ -29,7 +29,7 @@ from querywarden.hooks import Decision, SessionInfo, StatementRequest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AuditWriteError", "Auditor", "PendingStatement", "SessionAudit"]
+__all__ = ["AuditWriteError", "Auditor", "PendingStatement", "SessionAudit", "pool_name"]
 
 #: The search path the gateway pins at start-up (server.py).
 _PINNED_SEARCH_PATH = ["public"]
@@ -155,14 +155,13 @@ class Auditor:
             tls=tls,
             server_address=server_address,
         )
-        audit = SessionAudit(
+        return SessionAudit(
             self,
             info.session_id,
             info.search_path,
             database=info.database,
             server_address=server_address,
         )
-        return audit
 
     def close(self) -> None:
         """Flush and close the log (and the metrics exporter)."""
@@ -194,8 +193,7 @@ class SessionAudit:
         self._database = database
         self._host = host
         self._port = int(port) if port else None
-        where = f"{host}:{port}" if port else host
-        self.pool = f"{where}/{database}"
+        self.pool = pool_name(database, host, self._port)
         self._connected = False
         # The session's own list, which the gate widens in place when a SET may change it.
         self._search_path = search_path if search_path is not None else ["public"]
@@ -321,6 +319,16 @@ class SessionAudit:
             )
         except AuditWriteError:
             log.error("audit: the end of session %s could not be recorded", self.session_id)
+
+
+def pool_name(database: str, host: str, port: int | None) -> str:
+    """``db.client.connection.pool.name`` of a session's upstream connection.
+
+    The gateway has no pool (a session holds its connection), so, as the conventions
+    advise then: ``server.address:server.port/db.namespace``.
+    """
+    where = f"{host}:{port}" if port is not None else host
+    return f"{where}/{database}"
 
 
 def _summary(summaries: Sequence[StatementSummary]) -> dict[str, list[str]]:
