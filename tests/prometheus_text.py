@@ -46,7 +46,9 @@ def parse(text: str) -> dict[str, Family]:
     assert text.endswith("\n"), "the exposition must end with a newline"
     families: dict[str, Family] = {}
     helps: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also cut at U+0085 and the like, which
+    # a label value may hold.
+    for number, line in enumerate(text[:-1].split("\n"), start=1):
         where = f"line {number}: {line!r}"
         if not line.strip():
             continue

@@ -241,3 +241,17 @@ def test_the_dashboard_reads_a_direct_scrape_without_kubernetes(
             # Not in a direct scrape: only a filter that its All turns into "match all".
             assert operator == "=~" and value.startswith("$"), (expr, label)
             assert value[1:] in fallbacks, (expr, label)
+
+
+def test_a_name_utf8_cannot_carry_does_not_break_the_scrape(
+    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
+) -> None:
+    # A rule named in a JSON policy may hold a lone surrogate ("\ud800" is valid JSON).
+    gw = make_gateway(
+        policy=_policy(), audit={"directory": str(tmp_path / "audit")}, admin={"port": 0}
+    )
+    assert gw.gateway.auditor is not None and gw.gateway.auditor.metrics is not None
+    gw.gateway.auditor.metrics.decision("refuse", "odd \ud800 rule")
+    _, families = _scrape(gw)
+    rules = {s["labels"].get("rule") for s in _samples(families, "querywarden_decisions_total")}
+    assert "odd ? rule" in rules

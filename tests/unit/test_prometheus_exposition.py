@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from prometheus_text import parse, promtext
 from querywarden import __version__
 from querywarden.audit.metrics import DURATION_BOUNDS, GatewayMetrics
@@ -133,3 +136,17 @@ def test_an_empty_gateway_still_exposes_every_family() -> None:
     assert "db_client_operation_duration_seconds" in parse(text)
     # HELP comes with every family.
     assert all(family["help"] for family in families.values())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=20, unique=True))
+def test_any_rule_name_reads_back_exactly(rules: list[str]) -> None:
+    # Rule and database names come from the policy and settings: any text at all.
+    metrics = GatewayMetrics(None, scrape=True)
+    for rule in rules:
+        metrics.decision("refuse", rule)
+    text = render(metrics.snapshot())
+    samples = promtext(text)["querywarden_decisions_total"]["samples"]
+    assert sorted(s["labels"]["rule"] for s in samples) == sorted(rules)
+    ours = parse(text)["querywarden_decisions_total"].samples
+    assert sorted(labels["rule"] for _, labels, _ in ours) == sorted(rules)

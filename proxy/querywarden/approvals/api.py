@@ -215,7 +215,10 @@ class AdminApi:
                 "no metrics: the gateway counts statements in its audit recorder; "
                 "set audit.directory to have them",
             )
-        await _send(writer, HTTPStatus.OK, text.encode(), _METRICS_CONTENT_TYPE)
+        # A name from a JSON policy may hold a lone surrogate, which UTF-8 cannot carry: a
+        # "?" in one label beats a scrape that fails until the policy changes.
+        payload = text.encode("utf-8", "replace")
+        await _send(writer, HTTPStatus.OK, payload, _METRICS_CONTENT_TYPE)
 
     async def _dispatch(self, request: _Request) -> tuple[HTTPStatus, dict[str, Any]]:
         parts = (
