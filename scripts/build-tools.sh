@@ -5,7 +5,8 @@
 # Go modules at the versions pinned in tools/versions.env. No Docker, no release
 # downloads: only the Go module proxy and the machine's Go toolchain.
 # Also CoreDNS (tools/coredns), the cluster DNS of the test node's images
-# (scripts/build-node-images.sh).
+# (scripts/build-node-images.sh), and promtext (tools/promtext), Prometheus's own parser of
+# the text exposition format, which checks what the gateway serves at /metrics.
 #
 # Usage:
 #   scripts/build-tools.sh [--force] [TOOL...]   build what is missing or stale (default: all)
@@ -13,7 +14,7 @@
 #                                                tools/versions.env (needs the module proxy)
 #   scripts/build-tools.sh --print-bin-dir       print where the binaries go
 #
-# TOOL is one of: kube-apiserver etcd kubectl helm otelcol coredns kubelet
+# TOOL is one of: kube-apiserver etcd kubectl helm otelcol coredns promtext kubelet
 # kube-controller-manager kube-scheduler kube-proxy.
 #
 # Binaries go to ${QUERYWARDEN_TOOLS_DIR:-$HOME/.cache/querywarden/tools}/bin. Each has a
@@ -30,7 +31,7 @@ source "$TOOLS_SRC/versions.env"
 TOOLS_DIR=${QUERYWARDEN_TOOLS_DIR:-$HOME/.cache/querywarden/tools}
 BIN=$TOOLS_DIR/bin
 STAMPS=$TOOLS_DIR/stamps
-ALL_TOOLS=(etcd kube-apiserver kubectl helm otelcol coredns kubelet kube-controller-manager kube-scheduler kube-proxy)
+ALL_TOOLS=(etcd kube-apiserver kubectl helm otelcol coredns promtext kubelet kube-controller-manager kube-scheduler kube-proxy)
 # The Kubernetes commands built from tools/kube (k8s.io/kubernetes/cmd/NAME).
 KUBE_COMMANDS=(kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler kube-proxy)
 # Part of every stamp: bump it when a change to this script changes what gets built
@@ -246,6 +247,20 @@ build_coredns() {
     finish coredns "$key" -version
 }
 
+build_promtext() {
+    local dir=$TOOLS_SRC/promtext key
+    key=$(stamp_key "$PROMETHEUS_COMMON_VERSION" tools/promtext/go.mod tools/promtext/go.sum tools/promtext/main.go)
+    fresh promtext "$key" && {
+        log "promtext $PROMETHEUS_COMMON_VERSION: up to date"
+        return
+    }
+    check_pin "$dir" github.com/prometheus/common "$PROMETHEUS_COMMON_VERSION"
+    log "promtext $PROMETHEUS_COMMON_VERSION: building tools/promtext (expfmt's text parser)"
+    (cd "$dir" && go build -ldflags "-s -w" -o "$BIN/.promtext.tmp" .)
+    mv -f "$BIN/.promtext.tmp" "$BIN/promtext"
+    finish promtext "$key" -version
+}
+
 build() { # TOOL
     CURRENT=$1
     case $1 in
@@ -255,6 +270,7 @@ build() { # TOOL
     helm) build_helm ;;
     otelcol) build_otelcol ;;
     coredns) build_coredns ;;
+    promtext) build_promtext ;;
     *) die "unknown tool '$1' (expected one of: ${ALL_TOOLS[*]})" ;;
     esac
     CURRENT=""
@@ -310,6 +326,13 @@ repin_coredns() {
     (cd "$TOOLS_SRC/coredns" && go mod edit "-require=github.com/coredns/coredns@$COREDNS_VERSION" && go mod tidy)
 }
 
+repin_promtext() {
+    # main.go is ours; it needs expfmt and the data model it parses into.
+    log "repin promtext: github.com/prometheus/common $PROMETHEUS_COMMON_VERSION"
+    new_module "$TOOLS_SRC/promtext" promtext
+    (cd "$TOOLS_SRC/promtext" && go mod edit "-require=github.com/prometheus/common@$PROMETHEUS_COMMON_VERSION" && go mod tidy)
+}
+
 repin_tool_module() { # NAME MODULE VERSION PACKAGE
     log "repin $1: $2 $3"
     new_module "$TOOLS_SRC/$1" "$1"
@@ -324,6 +347,7 @@ repin() {
     repin_tool_module otelcol go.opentelemetry.io/collector/cmd/builder "$OTELCOL_BUILDER_VERSION" \
         go.opentelemetry.io/collector/cmd/builder
     repin_coredns
+    repin_promtext
     CURRENT=""
     log "repinned; review the diff under tools/ and run scripts/build-tools.sh"
 }

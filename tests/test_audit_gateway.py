@@ -94,7 +94,7 @@ def _wait_for(
 
 
 def test_a_session_is_recorded_request_first_with_decisions_and_masked_samples(
-    audited: RunningGateway,
+    audited: RunningGateway, pg: EphemeralCluster
 ) -> None:
     with psycopg.connect(audited.dsn("alice"), autocommit=True) as conn:
         assert conn.execute("SELECT id, ssn FROM qa_people ORDER BY id").fetchall() == [
@@ -112,6 +112,8 @@ def test_a_session_is_recorded_request_first_with_decisions_and_masked_samples(
     connect = records[0]
     assert connect["principal"]["subject"] == "alice"
     assert connect["principal"]["groups"] == ["ai-agents"]
+    # Where the session went: the upstream the gateway connected it to.
+    assert connect["server_address"] == f"127.0.0.1:{pg.port}"
     requests = {r["statement_id"]: r for r in records if r["type"] == "statement.request"}
     results = {r["statement_id"]: r for r in records if r["type"] == "statement.result"}
     assert set(requests) == set(results)
@@ -140,6 +142,8 @@ def test_a_session_is_recorded_request_first_with_decisions_and_masked_samples(
     _assert_verifies(directory)
     out = io.StringIO()
     assert replay_command(directory, connect["session_id"], out) == 0
+    assert f"to database app at 127.0.0.1:{pg.port} as " in out.getvalue()
+    assert "server_address" not in out.getvalue()  # a known field, not an extra
     assert "****" in out.getvalue()
     assert "123-45-6789" not in out.getvalue()
 
@@ -243,7 +247,10 @@ def test_nothing_runs_unrecorded_when_the_audit_disk_is_full(
 
 
 def test_the_gateway_exports_spans_from_its_log(
-    make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
+    make_gateway: Callable[..., RunningGateway],
+    tables: None,
+    pg: EphemeralCluster,
+    tmp_path: Path,
 ) -> None:
     with OtlpReceiver() as receiver:
         gw = make_gateway(
@@ -261,12 +268,24 @@ def test_the_gateway_exports_spans_from_its_log(
             )
         )
     session = next(s for s in spans if s.name == "querywarden.session")
-    assert session.attributes["querywarden.principal.subject"] == "alice"
+    # The identity as the general conventions name a user.
+    assert session.attributes["user.id"] == "alice"
+    assert session.attributes["user.roles"] == ["ai-agents"]
+    assert "querywarden.principal.subject" not in session.attributes
+    # server.* is the upstream database, not the gateway.
+    assert session.attributes["server.address"] == "127.0.0.1"
+    assert session.attributes["server.port"] == pg.port
     statements = [s for s in spans if s.parent_span_id == session.span_id]
     by_text = {s.attributes["db.query.text"]: s for s in statements}
     select = by_text["SELECT id FROM qa_people"]
     assert select.trace_id == session.trace_id
     assert select.attributes["db.system.name"] == "postgresql"
+    assert select.attributes["server.port"] == pg.port
+    assert select.attributes["user.id"] == "alice"
+    # The log keeps "qa_people" as written; the span names the relation schema-qualified.
+    assert select.attributes["db.collection.name"] == "public.qa_people"
+    assert select.attributes["db.query.summary"] == "SELECT public.qa_people"
+    assert select.name == "SELECT public.qa_people"
     assert select.attributes["db.response.returned_rows"] == 2
     assert select.attributes["querywarden.decision"] == "allow"
     refused = by_text["SELECT * FROM qa_secrets"]

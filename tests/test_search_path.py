@@ -8,11 +8,14 @@ gateway's decision follows, against a real server holding a table the policy den
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from gateway_harness import POLICY, RunningGateway
+from otlp_receiver import OtlpReceiver
+from querywarden.audit.log import read_records
 from querywarden.devcluster import EphemeralCluster
 from querywarden.policy import PolicyDocument
 
@@ -119,3 +122,47 @@ def test_temporary_tables(gateway_sp: RunningGateway) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="qw_secrets"):
             conn.execute("SELECT * FROM qw_secrets")
         assert conn.execute("SELECT count(*) FROM pg_temp.qw_secrets").fetchone() == (0,)
+
+
+def test_exported_spans_qualify_names_only_where_the_schema_is_certain(
+    make_gateway: Callable[..., RunningGateway], hr_schema: None, tmp_path: Path
+) -> None:
+    # Before any SET, "qw_missing" can only mean public.qw_missing (pg_catalog has no
+    # such relation); once the session may have qw_hr on its path too, a name stays as
+    # written: which schema holds it would be a guess.
+    with OtlpReceiver() as receiver:
+        gw = make_gateway(
+            policy=_policy(),
+            audit={"directory": str(tmp_path / "audit"), "otlpEndpoint": receiver.endpoint},
+        )
+        with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                conn.execute("SELECT id FROM qw_missing")
+            # A temporary relation: PostgreSQL resolves its name there first.
+            conn.execute("CREATE TEMP TABLE qw_note (n int)")
+            conn.execute("SELECT n FROM qw_note")
+            conn.execute("SET search_path TO qw_hr, public")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM qw_pay")
+        spans = receiver.wait_for(
+            lambda got: sum("qw_missing" in s.name or "qw_pay" in s.name for s in got) >= 2
+        )
+    by_text = {s.attributes.get("db.query.text"): s for s in spans}
+    before = by_text["SELECT id FROM qw_missing"]
+    assert before.attributes["db.collection.name"] == "public.qw_missing"
+    assert before.name == "SELECT public.qw_missing"
+    assert (
+        by_text["CREATE TEMP TABLE qw_note (n int)"].attributes["db.collection.name"]
+        == "pg_temp.qw_note"
+    )
+    assert by_text["SELECT n FROM qw_note"].attributes["db.collection.name"] == "qw_note"
+    after = by_text["SELECT * FROM qw_pay"]
+    assert after.attributes["db.collection.name"] == "qw_pay"
+    assert after.attributes["db.query.summary"] == "SELECT qw_pay"
+    # The log says why: the request record carries the search path the session may have.
+    requests = [
+        r
+        for r in read_records(tmp_path / "audit")
+        if r["type"] == "statement.request" and r["text"] == "SELECT * FROM qw_pay"
+    ]
+    assert requests[0]["search_path"] == ["public", "qw_hr"]

@@ -198,6 +198,7 @@ class Gateway:
                 port=admin.port,
                 ssl_context=context,
                 audit_directory=self.auditor.directory if self.auditor is not None else None,
+                metrics=self._metrics_text,
             )
             self.admin_address = await self._admin.start()
         audit = self.settings.audit
@@ -315,6 +316,20 @@ class Gateway:
             )
         store = SqliteReviewStore(self.settings.state_directory / "reviews.sqlite3")
         return ApprovalService(store, policy.approvals, on_event=self._review_event)
+
+    def _metrics_text(self) -> str | None:
+        """``GET /metrics``: the exposition text; None when nothing counts (no audit log)."""
+        metrics = self.auditor.metrics if self.auditor is not None else None
+        if metrics is None:
+            return None
+        # Imported here, as where the metrics are made: no OpenTelemetry SDK without them.
+        from querywarden.audit.metrics import GatewayMetrics
+        from querywarden.audit.prometheus import render
+
+        if not isinstance(metrics, GatewayMetrics):
+            return None
+
+        return render(metrics.snapshot(), instance_id=metrics.instance_id)
 
     async def _admin_principal(self, token: str) -> Principal:
         """Who calls the admin API: by the policy's issuers in force (reloads included)."""
@@ -808,7 +823,10 @@ class ClientConnection(Endpoint):
         if gateway.auditor is not None:
             try:
                 audit = gateway.auditor.session(
-                    info, upstream_user=target.user, tls=self._tls_details()
+                    info,
+                    upstream_user=target.user,
+                    tls=self._tls_details(),
+                    server_address=f"{target.host}:{target.port}",
                 )
             except AuditWriteError:
                 # Fail closed: a session that cannot be recorded does not start.
@@ -828,6 +846,9 @@ class ClientConnection(Endpoint):
         leftover = machine.leftover()
         if leftover:
             self._buffer[:0] = leftover
+        if audit is not None:
+            # Counted from here: the session that ends it owns the connection now.
+            audit.upstream_connected()
         self._audit = audit
         return startup, info, upstream
 
@@ -1186,10 +1207,15 @@ def _auditor(settings: GatewaySettings) -> Auditor | None:
     if audit.directory is None:
         return None
     metrics = None
-    if audit.otlp_endpoint:
+    # Counted for the Collector, for the admin API's GET /metrics, or for both.
+    if audit.otlp_endpoint or settings.admin.port is not None:
         from querywarden.audit.metrics import GatewayMetrics
 
-        metrics = GatewayMetrics(audit.otlp_endpoint, instance_id=socket.gethostname())
+        metrics = GatewayMetrics(
+            audit.otlp_endpoint or None,
+            scrape=settings.admin.port is not None,
+            instance_id=socket.gethostname(),
+        )
     return Auditor(
         audit.directory,
         fsync=audit.fsync,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from opentelemetry.sdk.metrics import MeterProvider
@@ -25,18 +27,23 @@ from querywarden.audit.export import (
     DirectorySource,
     ExportError,
     LogExporter,
+    NameScope,
     OffsetState,
     SpanAssembler,
     collection_name,
+    collection_names,
     operation_name,
+    query_summary,
     read_offset,
     session_span_id,
     statement_span_id,
+    tls_protocol,
     trace_id_of,
     write_offset,
 )
 from querywarden.audit.log import AuditFormatError, AuditLog, read_records
-from querywarden.audit.metrics import LATENCY_BOUNDS_MS, GatewayMetrics
+from querywarden.audit.metrics import DURATION_BOUNDS, GatewayMetrics
+from querywarden.audit.recorder import pool_name
 
 ERROR = Status.StatusCode.STATUS_CODE_ERROR
 UNSET = Status.StatusCode.STATUS_CODE_UNSET
@@ -73,12 +80,18 @@ class Records:
     def connect(self, sid: str, **extra: Any) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "session_id": sid,
-            "principal": {"subject": "agent-1", "issuer": "https://idp", "groups": ["a", "b"]},
+            "principal": {
+                "subject": "agent-1",
+                "issuer": "https://idp",
+                "groups": ["a", "b"],
+                "name": "Agent One",
+            },
             "client_address": "10.0.0.7:51234",
             "database": "shop",
             "upstream_user": "app",
             "application_name": "psql",
             "tls": {"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"},
+            "server_address": "db.internal:5433",
         }
         fields.update(extra)
         return self.add("session.connect", **fields)
@@ -291,13 +304,17 @@ def test_session_and_statement_spans() -> None:
         "db.namespace": "shop",
         "client.address": "10.0.0.7",
         "client.port": 51234,
+        "server.address": "db.internal",
+        "server.port": 5433,
         "querywarden.session.id": "s1",
-        "querywarden.principal.subject": "agent-1",
+        "user.id": "agent-1",
+        "user.name": "Agent One",
+        "user.roles": ["a", "b"],
         "querywarden.principal.issuer": "https://idp",
-        "querywarden.principal.groups": ["a", "b"],
         "querywarden.session.upstream_user": "app",
         "querywarden.session.application_name": "psql",
-        "tls.protocol.version": "TLSv1.3",
+        "tls.protocol.name": "tls",
+        "tls.protocol.version": "1.3",
         "tls.cipher": "TLS_AES_256_GCM_SHA384",
         "querywarden.audit.seq": connect["seq"],
         "querywarden.session.statements": 2,
@@ -317,11 +334,15 @@ def test_session_and_statement_spans() -> None:
         "db.namespace": "shop",
         "client.address": "10.0.0.7",
         "client.port": 51234,
+        "server.address": "db.internal",
+        "server.port": 5433,
         "querywarden.session.id": "s1",
-        "querywarden.principal.subject": "agent-1",
+        "user.id": "agent-1",
+        "user.name": "Agent One",
+        "user.roles": ["a", "b"],
         "querywarden.principal.issuer": "https://idp",
-        "querywarden.principal.groups": ["a", "b"],
         "db.query.text": "SELECT * FROM orders",
+        "db.query.summary": "SELECT public.orders",
         "db.operation.name": "SELECT",
         "db.collection.name": "public.orders",
         "querywarden.statement.id": "s1-1",
@@ -608,6 +629,100 @@ def test_collection_name_prefers_the_written_relation_and_skips_wildcards() -> N
     assert collection_name({"writes": [], "reads": ["*.*", "public.b"]}) == "public.b"
     assert collection_name({"reads": [{"schema": "s", "name": "t"}]}) == "s.t"
     assert collection_name(None) is None
+
+
+def test_collection_names_are_schema_qualified() -> None:
+    # The log keeps names as written; the export resolves them as PostgreSQL would.
+    assert collection_name({"reads": ["orders"]}) == "public.orders"
+    assert collection_name({"reads": ["pg_class"]}) == "pg_catalog.pg_class"
+    assert collection_name({"reads": ["s.t"]}) == "s.t"
+    assert collection_name({"reads": ["orders"]}, NameScope(("app",))) == "app.orders"
+    # Several schemas may be on the path: which one holds it would be a guess.
+    assert collection_name({"reads": ["orders"]}, NameScope(("app", "public"))) == "orders"
+    # So is a name the session also made a temporary relation under.
+    scratch = NameScope(temporary=frozenset({"orders"}))
+    assert collection_names({"reads": ["orders", "pg_temp.orders", "t"]}, scratch) == [
+        "orders",
+        "pg_temp.orders",
+        "public.t",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("operation", "summary", "expected"),
+    [
+        ("SELECT", {"reads": ["orders"]}, "SELECT public.orders"),
+        ("SELECT", {"reads": ["customers", "orders"]}, "SELECT public.customers public.orders"),
+        ("INSERT", {"writes": ["s.t"], "reads": ["orders"]}, "INSERT s.t SELECT public.orders"),
+        ("UPDATE", {"writes": ["t"], "reads": ["t"]}, "UPDATE public.t"),
+        ("SELECT", {"reads": []}, "SELECT"),
+        ("VACUUM", None, "VACUUM"),
+        (None, {"reads": ["t"]}, None),
+    ],
+)
+def test_query_summary(
+    operation: str | None, summary: dict[str, list[str]] | None, expected: str | None
+) -> None:
+    assert query_summary(operation, summary) == expected
+
+
+def test_query_summary_is_capped_at_a_whole_name() -> None:
+    summary = {"reads": [f"table_{n:04d}" for n in range(100)]}
+    text = query_summary("SELECT", summary)
+    assert text is not None
+    assert len(text) <= 255
+    assert text.split(" ")[-1].startswith("public.table_")
+    assert len(text.split(" ")[-1]) == len("public.table_0000")
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ("TLSv1.3", ("tls", "1.3")),
+        ("TLSv1.2", ("tls", "1.2")),
+        ("TLSv1", ("tls", "1")),
+        ("SSLv3", ("ssl", "3")),
+        ("unknown", (None, None)),
+        (None, (None, None)),
+    ],
+)
+def test_tls_protocol(version: str | None, expected: tuple[str | None, str | None]) -> None:
+    assert tls_protocol(version) == expected
+
+
+def test_a_temporary_relation_s_name_stays_as_written_from_its_creation_on() -> None:
+    records = Records()
+    records.connect("s1")
+    before = {"operations": ["select"], "reads": ["scratch"], "writes": [], "functions": []}
+    records.request("s1", 1, "SELECT * FROM scratch", summary=before)
+    records.result("s1", 1)
+    create = {"operations": ["ddl"], "reads": [], "writes": ["pg_temp.scratch"], "functions": []}
+    records.request("s1", 2, "CREATE TEMP TABLE scratch (n int)", summary=create)
+    records.result("s1", 2)
+    records.request("s1", 3, "SELECT * FROM scratch", summary=before)
+    records.result("s1", 3)
+    first, created, after = feed_all(SpanAssembler(), records)
+    assert attrs(first)["db.collection.name"] == "public.scratch"
+    assert attrs(created)["db.collection.name"] == "pg_temp.scratch"
+    assert attrs(after)["db.collection.name"] == "scratch"
+
+
+def test_a_widened_search_path_leaves_names_as_written() -> None:
+    records = Records()
+    records.connect("s1")
+    records.request(
+        "s1",
+        1,
+        "SELECT * FROM orders",
+        summary={"operations": ["select"], "reads": ["orders"], "writes": [], "functions": []},
+        search_path=["app", "public"],
+    )
+    records.result("s1", 1)
+    (span,) = feed_all(SpanAssembler(), records)
+    a = attrs(span)
+    assert span.name == "SELECT orders"
+    assert a["db.query.summary"] == "SELECT orders"
+    assert a["db.collection.name"] == "orders"
 
 
 def test_function_call_without_text_is_named_generically() -> None:
@@ -1009,15 +1124,33 @@ def test_run_backs_off_and_catches_up(tmp_path: Path, receiver: OtlpReceiver) ->
 # --- metrics ------------------------------------------------------------------------------
 
 
-def test_metrics_without_an_endpoint_do_nothing() -> None:
+def test_metrics_without_a_reader_do_nothing() -> None:
     metrics = GatewayMetrics(None)
     metrics.decision("allow", "r")
     metrics.masked(3)
     metrics.auth_refused("expired")
-    metrics.statement_latency(1.0, "allow")
+    metrics.operation_duration(1.0, ("shop", "db", 5432, "allow", None))
+    metrics.connection_opened("db:5432/shop")
     assert metrics._provider is None
-    assert metrics.latency_metric() is None
+    assert metrics.duration_metric() is None
+    snapshot = metrics.snapshot()
+    assert (snapshot.decisions, snapshot.masked, snapshot.connections) == ({}, 0, {})
     metrics.shutdown()
+
+
+def test_metrics_for_a_scrape_count_without_an_endpoint() -> None:
+    metrics = GatewayMetrics(None, scrape=True)
+    metrics.decision("allow", "r")
+    metrics.connection_opened("db:5432/shop")
+    metrics.connection_opened("db:5432/shop")
+    metrics.connection_closed("db:5432/shop")
+    metrics.connection_closed("elsewhere:1/x")  # never opened: not negative
+    assert metrics._provider is None
+    snapshot = metrics.snapshot()
+    assert snapshot.decisions == {("allow", "r"): 1}
+    assert snapshot.connections == {"db:5432/shop": 1}
+    metrics.decision("allow", "r")
+    assert snapshot.decisions == {("allow", "r"): 1}  # a copy
 
 
 def test_metrics_reach_the_receiver(receiver: OtlpReceiver) -> None:
@@ -1028,9 +1161,12 @@ def test_metrics_reach_the_receiver(receiver: OtlpReceiver) -> None:
     metrics.masked(5)
     metrics.masked(2)
     metrics.auth_refused("expired")
-    for ms in (0.05, 0.3, 0.3, 7.0, 20_000.0):
-        metrics.statement_latency(ms, "allow")
-    metrics.statement_latency(0.2, "refuse")
+    allowed = ("shop", "db.internal", 5433, "allow", None)
+    for seconds in (0.00005, 0.0003, 0.0003, 0.007, 20.0):
+        metrics.operation_duration(seconds, allowed)
+    metrics.operation_duration(0.0002, ("shop", "db.internal", 5433, "refuse", "42501"))
+    metrics.operation_duration(0.001, ("shop", "db.internal", 5433, "allow", "22P02"))
+    metrics.connection_opened(pool_name("shop", "db.internal", 5433))
     metrics.shutdown()
 
     decisions = {
@@ -1041,19 +1177,35 @@ def test_metrics_reach_the_receiver(receiver: OtlpReceiver) -> None:
     assert [p.value for p in receiver.points("querywarden.masked_values")] == [7]
     (refused,) = receiver.points("querywarden.auth.refused")
     assert (refused.attributes, refused.value) == ({"reason": "expired"}, 1)
-    latency = {
-        p.attributes["outcome"]: p for p in receiver.points("querywarden.statement.duration")
+    durations = {
+        (p.attributes["querywarden.decision"], p.attributes.get("error.type")): p
+        for p in receiver.points("db.client.operation.duration")
     }
-    allow = latency["allow"]
+    allow = durations[("allow", None)]
+    assert allow.attributes == {
+        "db.system.name": "postgresql",
+        "db.namespace": "shop",
+        "server.address": "db.internal",
+        "server.port": 5433,
+        "querywarden.decision": "allow",
+    }
+    assert allow.unit == "s"
     assert allow.count == 5
-    assert allow.value == pytest.approx(20_007.65)
-    assert len(allow.bucket_counts) == len(LATENCY_BOUNDS_MS) + 1
-    assert allow.bucket_counts[0] == 1  # 0.05 <= 0.1
-    assert allow.bucket_counts[2] == 2  # 0.25 < 0.3 <= 0.5
+    assert allow.value == pytest.approx(20.00765)
+    assert len(allow.bucket_counts) == len(DURATION_BOUNDS) + 1
+    assert allow.bucket_counts[0] == 1  # 0.05 ms <= 0.1 ms
+    assert allow.bucket_counts[2] == 2  # 0.25 ms < 0.3 ms <= 0.5 ms
     assert allow.bucket_counts[-1] == 1  # over 10 s
-    assert latency["refuse"].count == 1
+    refusal = durations[("refuse", "42501")]
+    assert refusal.attributes["db.response.status_code"] == "42501"
+    assert durations[("allow", "22P02")].count == 1
+    (connections,) = receiver.points("db.client.connection.count")
+    assert connections.value == 1
+    assert connections.attributes == {
+        "db.client.connection.state": "used",
+        "db.client.connection.pool.name": "db.internal:5433/shop",
+    }
     assert refused.resource["service.instance.id"] == "gw-1"
-    assert latency["allow"].unit == "ms"
 
 
 def test_metrics_hot_path_is_cheaper_than_sdk_instruments(receiver: OtlpReceiver) -> None:
@@ -1069,14 +1221,56 @@ def test_metrics_hot_path_is_cheaper_than_sdk_instruments(receiver: OtlpReceiver
         started = time.perf_counter()
         for _ in range(count):
             counter.add(1, {"outcome": "allow", "rule": "agents-read"})
-            histogram.record(0.4, {"outcome": "allow"})
+            histogram.record(0.0004, {"outcome": "allow"})
         sdk = time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(count):
             metrics.decision("allow", "agents-read")
-            metrics.statement_latency(0.4, "allow")
+            metrics.operation_duration(0.0004, ("shop", "db", 5432, "allow", None))
         ours = time.perf_counter() - started
     finally:
         metrics.shutdown()
         provider.shutdown()
     assert ours < sdk / 3
+
+
+def test_docs_list_every_exported_attribute() -> None:
+    """docs/audit.md names every attribute a span can carry (and its conventions version)."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "audit.md").read_text()
+    assert "semantic conventions **1.44.0**" in docs
+    assert export.SCHEMA_URL.endswith("/1.44.0")
+    records = Records()
+    records.connect("s1")
+    records.request("s1", 1, approval={"review_id": "r-1"})
+    records.result("s1", 1, sqlstate="22P02", error="bad input")
+    records.request("s1", 2, "SELECT " + "x" * 40_000, refuse=True)
+    records.request("s1", 3, kind="parse", statement_name="p1")
+    records.end("s1")
+    records.add(
+        "session.auth_failed",
+        client_address="10.0.0.9:1",
+        user="u",
+        database="shop",
+        reason="expired",
+        sqlstate="28000",
+    )
+    records.connect("s2")
+    assembler = SpanAssembler(query_text="raw")
+    spans = feed_all(assembler, records) + [
+        Span.FromString(raw) for raw in assembler.close_all("stopped")
+    ]
+    keys = {key for span in spans for key in attrs(span)}
+    assert {"user.id", "server.port", "db.query.summary", "querywarden.interrupted"} <= keys
+    for key in keys:
+        # Per-name families are documented by their pattern.
+        documented = re.sub(r"^(querywarden\.(?:masking|approval))\..+$", r"\1.", key)
+        assert f"`{documented}" in docs or f".{key.rpartition('.')[2]}`" in docs, key
+
+
+def test_an_export_request_names_the_conventions_schema() -> None:
+    request = ExportTraceServiceRequest.FromString(
+        export._export_request(export._resource("gw-1"), b"", [b""])
+    )
+    (resource_spans,) = request.resource_spans
+    (scope_spans,) = resource_spans.scope_spans
+    assert scope_spans.schema_url == "https://opentelemetry.io/schemas/1.44.0"

@@ -11,9 +11,15 @@
     GET  /sessions/{id}                                               the session's replay
     GET  /healthz               (no token)                            {"ok": true}
     GET  /console[/...]         (no token: the page asks for one)     the approvals console
+    GET  /metrics               (no token)                            Prometheus text format
 
 The sessions endpoints are for approvers only and read the gateway's audit log
 (:mod:`querywarden.approvals.replay` says what they show and what they never show).
+
+``/metrics`` is the gateway's metrics in Prometheus's text exposition format
+(:mod:`querywarden.audit.prometheus`), without a token: scrapers rarely hold an OIDC
+token, and what it shows is counts by outcome, rule, SQLSTATE, database and upstream
+address, never an identity, a statement or a value (docs/audit.md).
 
 Every other request carries ``Authorization: Bearer <token>``, a token of an issuer the
 policy trusts (approvers authenticate exactly as clients do). Errors are JSON
@@ -57,12 +63,17 @@ from querywarden.config import Duration
 from querywarden.errors import AuthenticationFailed
 from querywarden.identity.principal import Authenticator, Credentials, Principal
 
-__all__ = ["AdminApi", "BearerAuthenticate", "bearer_authenticate"]
+__all__ = ["AdminApi", "BearerAuthenticate", "MetricsText", "bearer_authenticate"]
 
 log = logging.getLogger(__name__)
 
 #: ``authenticate(token) -> Principal``; raises AuthenticationFailed for a refused token.
 BearerAuthenticate = Callable[[str], Awaitable[Principal]]
+#: ``GET /metrics``: the exposition text, or None when the gateway counts nothing.
+MetricsText = Callable[[], "str | None"]
+#: Prometheus's text exposition format (querywarden.audit.prometheus.CONTENT_TYPE; not
+#: imported, so the API does not load the metrics' OpenTelemetry SDK).
+_METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _MAX_HEAD = 16 * 1024
 _MAX_BODY = 64 * 1024
@@ -150,9 +161,11 @@ class AdminApi:
         port: int,
         ssl_context: ssl.SSLContext | None = None,
         audit_directory: Path | None = None,
+        metrics: MetricsText | None = None,
     ) -> None:
         self._service = service
         self._audit_directory = audit_directory
+        self._metrics = metrics
         self._authenticate = authenticate
         self._host = host
         self._port = port
@@ -204,7 +217,11 @@ class AdminApi:
             try:
                 static = _console_file(request)
                 if static is not None:
-                    await _respond_bytes(writer, HTTPStatus.OK, *static, _CONSOLE_HEADERS)
+                    content_type, payload = static
+                    await _send(writer, HTTPStatus.OK, payload, content_type, _CONSOLE_HEADERS)
+                    return
+                if request.path == "/metrics":
+                    await self._scrape(request, writer)
                     return
                 status, body = await self._dispatch(request)
                 await _respond(writer, status, body)
@@ -223,6 +240,20 @@ class AdminApi:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _scrape(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        _allow(request, "GET")
+        text = self._metrics() if self._metrics is not None else None
+        if text is None:
+            raise _HttpError(
+                HTTPStatus.NOT_FOUND,
+                "no metrics: the gateway counts statements in its audit recorder; "
+                "set audit.directory to have them",
+            )
+        # A name from a JSON policy may hold a lone surrogate, which UTF-8 cannot carry: a
+        # "?" in one label beats a scrape that fails until the policy changes.
+        payload = text.encode("utf-8", "replace")
+        await _send(writer, HTTPStatus.OK, payload, _METRICS_CONTENT_TYPE)
 
     async def _dispatch(self, request: _Request) -> tuple[HTTPStatus, dict[str, Any]]:
         parts = (
@@ -455,14 +486,14 @@ async def _respond(
     headers: dict[str, str] | None = None,
 ) -> None:
     payload = json.dumps(body, ensure_ascii=False).encode()
-    await _respond_bytes(writer, status, "application/json; charset=utf-8", payload, headers)
+    await _send(writer, status, payload, "application/json; charset=utf-8", headers)
 
 
-async def _respond_bytes(
+async def _send(
     writer: asyncio.StreamWriter,
     status: HTTPStatus,
-    content_type: str,
     payload: bytes,
+    content_type: str,
     headers: dict[str, str] | None = None,
 ) -> None:
     head = [

@@ -14,9 +14,13 @@ because their ids and times must come from the records: a span re-sent after a r
 carries the same trace and span id as the first time, so a receiver can deduplicate.
 
 * ``session.connect`` … ``session.end`` → a ``querywarden.session`` span (kind SERVER).
-* ``statement.request`` … ``statement.result`` → a child span (kind CLIENT) named
-  ``<db.operation.name> <db.collection.name>`` (``SELECT public.orders``), exported as
-  soon as the result is read, while its session may still be open.
+* ``statement.request`` … ``statement.result`` → a child span (kind CLIENT) named by its
+  ``db.query.summary`` (``SELECT public.orders``), exported as soon as the result is
+  read, while its session may still be open.
+
+Attributes follow the OpenTelemetry semantic conventions 1.44.0 (:data:`SCHEMA_URL`;
+docs/audit.md lists each): the identity as ``user.*``, the upstream as ``server.*``,
+relations schema-qualified.
 * ``session.auth_failed`` → a standalone ``querywarden.auth_failed`` span.
 
 What leaves for the Collector is sanitized by default (``query_text="normalized"``, the
@@ -75,17 +79,25 @@ __all__ = [
     "DirectorySource",
     "ExportError",
     "LogExporter",
+    "NameScope",
     "OffsetState",
     "RecordSource",
     "SpanAssembler",
+    "collection_name",
+    "collection_names",
+    "operation_name",
+    "query_summary",
     "read_offset",
     "session_span_id",
     "statement_span_id",
+    "tls_protocol",
     "trace_id_of",
     "write_offset",
 ]
 
 SCOPE_NAME = "querywarden.audit"
+#: The semantic conventions the spans follow (docs/audit.md lists every attribute).
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.44.0"
 SESSION_SPAN_NAME = "querywarden.session"
 STATEMENT_SPAN_NAME = "querywarden.statement"
 AUTH_FAILED_SPAN_NAME = "querywarden.auth_failed"
@@ -95,6 +107,10 @@ AUTH_FAILED_SPAN_NAME = "querywarden.auth_failed"
 QUERY_TEXT_LIMIT = 32 * 1024
 #: What ``db.query.text`` carries: the sanitized text (default), the exact text, or none.
 QUERY_TEXT_MODES = ("normalized", "raw", "none")
+#: ``db.query.summary`` is at most this long, as the conventions recommend.
+QUERY_SUMMARY_LIMIT = 255
+#: The search path the gateway pins for every session (see ``server.py``).
+DEFAULT_SEARCH_PATH = ("public",)
 #: A request body is closed before it grows past this (below the Collector's defaults).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 #: The longest wait between two attempts while the Collector is unreachable.
@@ -110,6 +126,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _KEYWORD = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*([A-Za-z]+)", re.DOTALL)
 #: How much of a statement's start is searched for its keyword.
 _KEYWORD_WINDOW = 4096
+# OpenSSL's protocol names: TLSv1.3, TLSv1.2, TLSv1, SSLv3.
+_TLS_VERSION = re.compile(r"^(TLS|SSL)v(\d+(?:\.\d+)?)$")
 # Operations that name a statement better than the WITH that introduces them.
 _DML = ("insert", "update", "delete", "merge")
 
@@ -351,9 +369,11 @@ class _SpanParts:
 
 def _export_request(resource: bytes, scope: bytes, spans: list[bytes]) -> bytes:
     """An ``ExportTraceServiceRequest`` with one resource and one scope around ``spans``."""
+    schema = SCHEMA_URL.encode()
     scope_spans = b"".join(
         [b"\x0a", _varint(len(scope)), scope]  # ScopeSpans.scope (1)
         + [b"\x12" + _varint(len(span)) + span for span in spans]  # spans (2)
+        + [b"\x1a", _varint(len(schema)), schema]  # schema_url (3)
     )
     resource_spans = (
         b"\x0a" + _varint(len(resource)) + resource  # ResourceSpans.resource (1)
@@ -404,10 +424,56 @@ def operation_name(text: str, summary: Mapping[str, Any] | None) -> str | None:
     return keyword
 
 
-def collection_name(summary: Mapping[str, Any] | None) -> str | None:
-    """``db.collection.name``: the first relation written, else the first read."""
+@dataclass(frozen=True, slots=True)
+class NameScope:
+    """What an unqualified relation name of one session resolves to, as far as the log says.
+
+    PostgreSQL looks a relation up in the session's temporary schema first, then in
+    ``pg_catalog``, then along the search path, which the gateway pins to ``public``.
+    ``search_path``: every schema the session's path may hold (the request record's
+    ``search_path``). ``temporary``: names the session created temporary relations under.
+    """
+
+    search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
+    temporary: frozenset[str] = frozenset()
+
+    def qualified(self, name: str) -> str:
+        """``name`` with the schema it resolves in when that is certain, else as written.
+
+        Every relation PostgreSQL keeps in ``pg_catalog`` is named ``pg_*``, and no other
+        name resolves there. A name the session also created a temporary relation under,
+        or a search path that may hold several schemas, leaves the name as written: which
+        schema holds it would be a guess.
+        """
+        if "." in name:
+            return name
+        if name in self.temporary:
+            return name
+        if name.startswith("pg_"):
+            return f"pg_catalog.{name}"
+        if len(self.search_path) == 1:
+            return f"{self.search_path[0]}.{name}"
+        return name
+
+
+#: A session as the gateway starts it: ``public`` only, no temporary relations.
+PINNED = NameScope()
+
+
+def collection_name(summary: Mapping[str, Any] | None, scope: NameScope = PINNED) -> str | None:
+    """``db.collection.name``: the first relation written, else the first read, qualified."""
+    collections = collection_names(summary, scope)
+    return collections[0] if collections else None
+
+
+def collection_names(summary: Mapping[str, Any] | None, scope: NameScope = PINNED) -> list[str]:
+    """Every relation the summary names, written ones first, qualified by ``scope``.
+
+    The log keeps names as the statement spelled them (see :class:`NameScope`).
+    """
     if not summary:
-        return None
+        return []
+    names: list[str] = []
     for key in ("writes", "reads"):
         relations = summary.get(key)
         if not isinstance(relations, list):
@@ -416,8 +482,39 @@ def collection_name(summary: Mapping[str, Any] | None) -> str | None:
             name = _relation(relation)
             # "*" stands for relations the analyzer could not name: not a collection.
             if name and "*" not in name:
-                return name
-    return None
+                name = scope.qualified(name)
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def query_summary(
+    operation: str | None, summary: Mapping[str, Any] | None, scope: NameScope = PINNED
+) -> str | None:
+    """``db.query.summary``: the operation and its targets (``INSERT public.a SELECT public.b``).
+
+    The conventions' shape, built from the analyzer's summary rather than by re-reading
+    the text: written relations after the statement's own operation, and the relations
+    it reads after a ``SELECT`` (directly after the operation when it is a SELECT).
+    """
+    if not operation:
+        return None
+    writes = collection_names({"writes": summary.get("writes")} if summary else None, scope)
+    reads = [
+        name
+        for name in collection_names({"reads": summary.get("reads")} if summary else None, scope)
+        if name not in writes
+    ]
+    parts = [operation, *writes]
+    if reads:
+        if operation != "SELECT":
+            parts.append("SELECT")
+        parts.extend(reads)
+    text = " ".join(parts)
+    if len(text) > QUERY_SUMMARY_LIMIT:
+        # The conventions cap it: cut at a whole name.
+        text = text[: QUERY_SUMMARY_LIMIT + 1].rsplit(" ", 1)[0]
+    return text
 
 
 def _relation(relation: object) -> str | None:
@@ -427,6 +524,16 @@ def _relation(relation: object) -> str | None:
         schema = relation.get("schema")
         return f"{schema}.{relation['name']}" if schema else str(relation["name"])
     return None
+
+
+def tls_protocol(version: object) -> tuple[str | None, str | None]:
+    """``tls.protocol.name`` and ``.version`` from OpenSSL's ``TLSv1.3`` (``tls``, ``1.3``)."""
+    if not isinstance(version, str) or not version:
+        return None, None
+    match = _TLS_VERSION.match(version)
+    if match is None:
+        return None, None
+    return match.group(1).lower(), match.group(2)
 
 
 # --- records -> spans ---------------------------------------------------------------------
@@ -444,6 +551,22 @@ class _OpenSession:
     #: Attributes of the session span only (encoded).
     own: bytes
     statements: set[str] = field(default_factory=set)
+    #: Names the session created temporary relations under (see :class:`NameScope`).
+    temporary: set[str] = field(default_factory=set)
+
+    def note_temporary(self, summary: Mapping[str, Any]) -> None:
+        """Remember the temporary relations a request writes (creates, mostly).
+
+        Noted whether the statement succeeds or not: the name is ambiguous either way
+        from here on, so it stays unqualified.
+        """
+        writes = summary.get("writes")
+        if isinstance(writes, list):
+            self.temporary.update(
+                w[len("pg_temp.") :]
+                for w in writes
+                if isinstance(w, str) and w.startswith("pg_temp.")
+            )
 
 
 @dataclass(slots=True)
@@ -551,16 +674,21 @@ class SpanAssembler:
         shared.add("querywarden.session.id", session_id)
         principal = record.get("principal")
         if isinstance(principal, Mapping):
-            shared.add("querywarden.principal.subject", principal.get("subject"))
-            shared.add("querywarden.principal.issuer", principal.get("issuer"))
+            # The verified identity, as the general conventions name a user; the issuer
+            # that vouched for it has no standard name.
+            shared.add("user.id", principal.get("subject"))
+            shared.add("user.name", principal.get("name") or None)
             groups = principal.get("groups")
-            shared.add("querywarden.principal.groups", list(groups) if groups else [])
+            shared.add("user.roles", list(groups) if groups else [])
+            shared.add("querywarden.principal.issuer", principal.get("issuer"))
         own = _Attributes()
         own.add("querywarden.session.upstream_user", record.get("upstream_user"))
         own.add("querywarden.session.application_name", record.get("application_name") or None)
         tls = record.get("tls")
         if isinstance(tls, Mapping):
-            own.add("tls.protocol.version", tls.get("version"))
+            name, version = tls_protocol(tls.get("version"))
+            own.add("tls.protocol.name", name)
+            own.add("tls.protocol.version", version)
             own.add("tls.cipher", tls.get("cipher"))
         own.add("querywarden.audit.seq", seq)
         self._sessions[session_id] = _OpenSession(seq, now, bytes(shared.data), bytes(own.data))
@@ -573,14 +701,16 @@ class SpanAssembler:
         text = self._exported_text(record.get("text"))
         summary = record.get("summary")
         summary = summary if isinstance(summary, Mapping) else None
-        operation = operation_name(text, summary)
-        collection = collection_name(summary)
-        if operation and collection:
-            name = f"{operation} {collection}"
-        else:
-            name = operation or STATEMENT_SPAN_NAME
-
         session = self._sessions.get(session_id)
+        if session is not None and summary is not None:
+            session.note_temporary(summary)
+        scope = self._scope(record, session)
+        operation = operation_name(text, summary)
+        collection = collection_name(summary, scope)
+        # The conventions name a database span by its query summary.
+        query = query_summary(operation, summary, scope)
+        name = query or STATEMENT_SPAN_NAME
+
         if session is not None:
             attrs = _Attributes(session.shared)
             session.statements.add(statement_id)
@@ -593,6 +723,7 @@ class SpanAssembler:
             attrs.add("querywarden.query.truncated", True)
         elif text:
             attrs.add("db.query.text", text)
+        attrs.add("db.query.summary", query)
         attrs.add("db.operation.name", operation)
         attrs.add("db.collection.name", collection)
         attrs.add("querywarden.statement.id", statement_id)
@@ -636,6 +767,18 @@ class SpanAssembler:
         if refused:
             span.error(str(reason or "refused by policy"))
         self._statements[statement_id] = _OpenStatement(seq, session_id, refused, span)
+
+    @staticmethod
+    def _scope(record: Mapping[str, Any], session: _OpenSession | None) -> NameScope:
+        """How a request's unqualified relation names resolve."""
+        path = record.get("search_path")
+        search_path = (
+            tuple(str(s) for s in path) if isinstance(path, list) and path else DEFAULT_SEARCH_PATH
+        )
+        temporary = frozenset(session.temporary) if session is not None else frozenset()
+        if search_path == DEFAULT_SEARCH_PATH and not temporary:
+            return PINNED
+        return NameScope(search_path, temporary)
 
     def _exported_text(self, text: object) -> str:
         """What of a request's text may leave: by ``query_text``; "" for nothing.

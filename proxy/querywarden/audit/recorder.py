@@ -29,7 +29,10 @@ from querywarden.hooks import Decision, SessionInfo, StatementRequest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AuditWriteError", "Auditor", "PendingStatement", "SessionAudit"]
+__all__ = ["AuditWriteError", "Auditor", "PendingStatement", "SessionAudit", "pool_name"]
+
+#: The search path the gateway pins at start-up (server.py).
+_PINNED_SEARCH_PATH = ["public"]
 
 
 class Metrics(Protocol):
@@ -38,7 +41,11 @@ class Metrics(Protocol):
     def decision(self, outcome: str, rule: str | None) -> None: ...
     def masked(self, count: int) -> None: ...
     def auth_refused(self, reason_kind: str) -> None: ...
-    def statement_latency(self, ms: float, outcome: str) -> None: ...
+    def operation_duration(
+        self, seconds: float, key: tuple[str, str, int | None, str, str | None]
+    ) -> None: ...
+    def connection_opened(self, pool: str) -> None: ...
+    def connection_closed(self, pool: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -125,8 +132,12 @@ class Auditor:
         *,
         upstream_user: str,
         tls: dict[str, str] | None,
+        server_address: str = "",
     ) -> SessionAudit:
-        """Record a connection and return its recorder (raises AuditWriteError)."""
+        """Record a connection and return its recorder (raises AuditWriteError).
+
+        ``server_address`` is the upstream database's ``host:port`` (or socket path).
+        """
         principal = info.principal
         self.write(
             "session.connect",
@@ -135,14 +146,22 @@ class Auditor:
                 "subject": principal.subject,
                 "issuer": principal.issuer,
                 "groups": sorted(principal.groups),
+                "name": principal.display_name,
             },
             client_address=info.client_address,
             database=info.database,
             upstream_user=upstream_user,
             application_name=info.application_name,
             tls=tls,
+            server_address=server_address,
         )
-        return SessionAudit(self, info.session_id)
+        return SessionAudit(
+            self,
+            info.session_id,
+            info.search_path,
+            database=info.database,
+            server_address=server_address,
+        )
 
     def close(self) -> None:
         """Flush and close the log (and the metrics exporter)."""
@@ -156,9 +175,28 @@ class Auditor:
 class SessionAudit:
     """One session's records (see the module docstring)."""
 
-    def __init__(self, auditor: Auditor, session_id: str) -> None:
+    def __init__(
+        self,
+        auditor: Auditor,
+        session_id: str,
+        search_path: list[str] | None = None,
+        *,
+        database: str = "",
+        server_address: str = "",
+    ) -> None:
         self._auditor = auditor
         self.session_id = session_id
+        # What every duration of this session is labelled with, and its connection's pool.
+        host, _, port = server_address.rpartition(":")
+        if not port.isdigit():
+            host, port = server_address, ""
+        self._database = database
+        self._host = host
+        self._port = int(port) if port else None
+        self.pool = pool_name(database, host, self._port)
+        self._connected = False
+        # The session's own list, which the gate widens in place when a SET may change it.
+        self._search_path = search_path if search_path is not None else ["public"]
         self.sample_rows = auditor.sample_rows
         self._count = 0
         self._refused = 0
@@ -199,6 +237,12 @@ class SessionAudit:
                 if parameters is None
                 else (["****"] * len(parameters) if self._auditor.redact_parameters else parameters)
             ),
+            # Only when it is not the pinned one: how the export qualifies relation names.
+            **(
+                {}
+                if self._search_path == _PINNED_SEARCH_PATH
+                else {"search_path": list(self._search_path)}
+            ),
         )
         outcome = "allow" if decision.allowed else "refuse"
         metrics = self._auditor.metrics
@@ -224,10 +268,14 @@ class SessionAudit:
         """
         before = pending.masking_before
         delta = {k: v - before.get(k, 0) for k, v in (masking or {}).items()}
-        duration_ms = round((time.monotonic() - pending.started) * 1000, 3)
+        elapsed = time.monotonic() - pending.started
+        duration_ms = round(elapsed * 1000, 3)
         metrics = self._auditor.metrics
         if metrics is not None:
-            metrics.statement_latency(duration_ms, pending.outcome)
+            metrics.operation_duration(
+                elapsed,
+                (self._database, self._host, self._port, pending.outcome, pending.sqlstate),
+            )
             values = sum(delta.values())
             if values:
                 metrics.masked(values)
@@ -253,8 +301,19 @@ class SessionAudit:
             # record will fail the same way, and that request is refused.
             log.error("audit: the result of %s could not be recorded", pending.statement_id)
 
+    def upstream_connected(self) -> None:
+        """The session now holds its upstream connection (counted until :meth:`end`)."""
+        metrics = self._auditor.metrics
+        if metrics is not None and not self._connected:
+            self._connected = True
+            metrics.connection_opened(self.pool)
+
     def end(self, masking: dict[str, int]) -> None:
         """Write the session's end record (best effort: the client is gone)."""
+        metrics = self._auditor.metrics
+        if metrics is not None and self._connected:
+            self._connected = False
+            metrics.connection_closed(self.pool)
         try:
             self._auditor.write(
                 "session.end",
@@ -266,6 +325,16 @@ class SessionAudit:
             )
         except AuditWriteError:
             log.error("audit: the end of session %s could not be recorded", self.session_id)
+
+
+def pool_name(database: str, host: str, port: int | None) -> str:
+    """``db.client.connection.pool.name`` of a session's upstream connection.
+
+    The gateway has no pool (a session holds its connection), so, as the conventions
+    advise then: ``server.address:server.port/db.namespace``.
+    """
+    where = f"{host}:{port}" if port is not None else host
+    return f"{where}/{database}"
 
 
 def _summary(summaries: Sequence[StatementSummary]) -> dict[str, list[str]]:

@@ -105,13 +105,17 @@ def _replay_connect(record: dict[str, Any], out: TextIO) -> None:
     tls = record.get("tls")
     tls_text = f"TLS {tls.get('version')} {tls.get('cipher')}" if tls else "no TLS"
     print(f"session {record.get('session_id')}  connected {record['ts']}", file=out)
+    name = principal.get("name")
+    named = f"{name}; " if name and name != principal.get("subject") else ""
     print(
-        f"  identity: {principal.get('subject')} (issuer {principal.get('issuer')}; "
+        f"  identity: {principal.get('subject')} ({named}issuer {principal.get('issuer')}; "
         f"groups {groups})",
         file=out,
     )
+    server = record.get("server_address")
     print(
-        f"  from {record.get('client_address')} to database {record.get('database')} as "
+        f"  from {record.get('client_address')} to database {record.get('database')}"
+        f"{f' at {server}' if server else ''} as "
         f"{record.get('upstream_user')}, application {record.get('application_name') or '-'}, "
         f"{tls_text}",
         file=out,
@@ -127,6 +131,7 @@ _CONNECT_FIELDS = {
     "upstream_user",
     "application_name",
     "tls",
+    "server_address",
 }
 _REQUEST_FIELDS = {
     "session_id",

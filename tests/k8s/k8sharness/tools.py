@@ -22,6 +22,7 @@ PIN_OF = {
     "helm": "HELM_VERSION",
     "otelcol": "OTELCOL_BUILDER_VERSION",
     "coredns": "COREDNS_VERSION",
+    "promtext": "PROMETHEUS_COMMON_VERSION",
 }
 
 

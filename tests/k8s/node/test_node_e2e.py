@@ -571,8 +571,7 @@ def test_audit_spans_of_the_client_pod_reach_the_collector_pod(installed: Instal
         found = [
             s
             for s in installed.statement_spans()
-            if s.attributes.get("querywarden.principal.subject")
-            == f"system:serviceaccount:{AGENTS}:coder"
+            if s.attributes.get("user.id") == f"system:serviceaccount:{AGENTS}:coder"
             and "customers" in str(s.attributes.get("db.query.text", ""))
         ]
         return found or None
