@@ -19,6 +19,8 @@ class Post:
     """One request the receiver got."""
 
     at: float
+    #: The same moment as POSIX time, to compare with the times a body carries.
+    wall: float
     path: str
     headers: dict[str, str]
     body: bytes
@@ -41,7 +43,9 @@ class Receiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length)
-                post = Post(time.monotonic(), self.path, dict(self.headers.items()), body)
+                post = Post(
+                    time.monotonic(), time.time(), self.path, dict(self.headers.items()), body
+                )
                 with receiver._lock:
                     receiver.posts.append(post)
                     receiver._lock.notify_all()
