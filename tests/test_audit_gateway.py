@@ -123,12 +123,14 @@ def test_a_session_is_recorded_request_first_with_decisions_and_masked_samples(
     by_text = {r["text"]: r for r in requests.values()}
     select = by_text["SELECT id, ssn FROM qa_people ORDER BY id"]
     assert select["decision"]["outcome"] == "allow"
+    assert select["decision"]["rule"] == "agents-rw"  # every decision names its rule
     assert select["summary"]["reads"] == ["qa_people"]
     selected = results[select["statement_id"]]
     assert selected["rows"] == 2
     assert selected["command"] == "SELECT 2"
     assert selected["sample"] == [["1", "****"], ["2", "****"]]
     assert selected["masking"] == {"public.qa_people.ssn": 2}
+    assert selected["masked"] is True  # the console may show this sample
     assert len(selected["response"]["stream_digest"]) == 64
     refused = by_text["SELECT * FROM qa_secrets"]
     assert refused["decision"]["outcome"] == "refuse"

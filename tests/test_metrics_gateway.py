@@ -108,8 +108,8 @@ def test_a_scrape_shows_statements_connections_and_refusals(
         (s["labels"]["outcome"], s["labels"].get("rule")): s["value"]
         for s in _samples(families, "querywarden_decisions_total")
     }
-    # The gate names the rule of a refusal; an allowed statement carries none.
-    assert decisions[("allow", None)] == 2
+    # Every decision names its rule: the one that allowed, the one that refused.
+    assert decisions[("allow", "agents-read")] == 2
     assert decisions[("refuse", "agents-read")] == 1
     (masked,) = _samples(families, "querywarden_masked_values_total")
     assert masked["value"] == 1  # one ssn; the NULL stays NULL

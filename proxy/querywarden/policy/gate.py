@@ -145,7 +145,7 @@ class PolicyGate:
             session.search_path[:] = search_path
         if verdict.outcome == "allow":
             _note_prepared(session, summaries)
-            return self._allowed(session, summaries, search_path)
+            return _by_rule(self._allowed(session, summaries, search_path), verdict.rule)
         if verdict.outcome == "review":
             held = _Review(
                 request.sql,
@@ -494,6 +494,38 @@ class PolicyGate:
             hint=verdict.hint,
             rule=verdict.rule,
         )
+
+
+#: The plain allowed decision of each rule, made once (the audit record names the rule).
+_ALLOWED_BY: dict[str, Decision] = {}
+
+
+def _by_rule(
+    outcome: Decision | Awaitable[Decision], rule: str | None
+) -> Decision | Awaitable[Decision]:
+    """``outcome`` naming ``rule``, the rule that allowed it, unless it names one already.
+
+    Every decision names its rule (POLICY.md): the audit record and the exported span of an
+    allowed statement say which rule let it through.
+    """
+    if rule is None:
+        return outcome
+    if not isinstance(outcome, Decision):
+        return _named_later(outcome, rule)
+    if not outcome.allowed or outcome.rule is not None:
+        return outcome
+    if outcome.mask is None and outcome.approval is None:
+        named = _ALLOWED_BY.get(rule)
+        if named is None:
+            named = _ALLOWED_BY[rule] = Decision(True, rule=rule)
+        return named
+    return Decision(True, rule=rule, mask=outcome.mask, approval=outcome.approval)
+
+
+async def _named_later(outcome: Awaitable[Decision], rule: str) -> Decision:
+    decided = _by_rule(await outcome, rule)
+    assert isinstance(decided, Decision)
+    return decided
 
 
 def _analysis_refusal(exc: AnalysisError) -> Decision:
