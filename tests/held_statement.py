@@ -57,3 +57,19 @@ class HeldStatement:
         """Wait until the statement has an answer, then close the connection."""
         assert self.done.wait(timeout), "the held statement never finished"
         self.conn.close()
+
+
+#: A policy's rules for approval tests: the agents' DELETEs are held, the DBAs may do all.
+REVIEW_RULES: list[dict[str, Any]] = [
+    {
+        "name": "agents-write-reviewed",
+        "subjects": {"groups": ["ai-agents"]},
+        "allow": {"operations": ["select"], "tables": ["public.*", "pg_catalog.*"]},
+        "review": {"operations": ["delete"]},
+    },
+    {
+        "name": "dba-all",
+        "subjects": {"groups": ["dba"]},
+        "allow": {"operations": ["*"], "tables": ["*"]},
+    },
+]

@@ -22,25 +22,13 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from browser_helpers import chromium, console_log_in
 from gateway_harness import POLICY, RunningGateway, token_for
-from held_statement import HeldStatement
+from held_statement import REVIEW_RULES, HeldStatement
 from querywarden.devcluster import EphemeralCluster
 from querywarden.policy import PolicyDocument
 
 SSN = "219-09-9999"
 
-RULES = [
-    {
-        "name": "agents-write-reviewed",
-        "subjects": {"groups": ["ai-agents"]},
-        "allow": {"operations": ["select"], "tables": ["public.*", "pg_catalog.*"]},
-        "review": {"operations": ["delete"]},
-    },
-    {
-        "name": "dba-all",
-        "subjects": {"groups": ["dba"]},
-        "allow": {"operations": ["*"], "tables": ["*"]},
-    },
-]
+RULES = REVIEW_RULES
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from gateway_harness import POLICY, RunningGateway, token_for
-from held_statement import HeldStatement
+from held_statement import REVIEW_RULES, HeldStatement
 from notify_receiver import Receiver
 from querywarden.approvals.notify import SIGNATURE_HEADER, verify
 from querywarden.audit.log import read_records
@@ -32,19 +32,7 @@ from querywarden.policy import PolicyDocument
 SECRET = "notify-test-secret-0123456789"
 CONSOLE = "https://querywarden.example/console"
 
-RULES = [
-    {
-        "name": "agents-write-reviewed",
-        "subjects": {"groups": ["ai-agents"]},
-        "allow": {"operations": ["select"], "tables": ["public.*", "pg_catalog.*"]},
-        "review": {"operations": ["delete"]},
-    },
-    {
-        "name": "dba-all",
-        "subjects": {"groups": ["dba"]},
-        "allow": {"operations": ["*"], "tables": ["*"]},
-    },
-]
+RULES = REVIEW_RULES
 
 
 @pytest.fixture(scope="module")
