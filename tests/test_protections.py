@@ -202,6 +202,11 @@ def test_psql_password_is_refused_because_identities_are_tokens(
             assert diag.message_hint is not None
             assert "names password in allow.operations" in diag.message_hint
         assert pg.psql(passwords) == before
+        # Signing in with a database password says what the password field takes.
+        with pytest.raises(psycopg.OperationalError) as refused:
+            psycopg.connect(protected.dsn("bob", password="changed", connect_timeout=5))
+        assert "malformed token" in str(refused.value)
+        assert "not a database password" in str(refused.value)
     finally:
         # Without the protection the first \password changed the gateway's own password.
         pg.psql(f"ALTER ROLE qw_scram PASSWORD '{ROLE_PASSWORD}'")
