@@ -722,3 +722,21 @@ def test_every_built_in_protection_says_what_it_protects_against() -> None:
         refused = _decide(_policy(ALLOW_ALL), sql)
         assert refused.outcome == "deny" and refused.rule == "built-in", sql
         assert protection in refused.reason, (sql, refused.reason)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER ROLE CURRENT_USER SET role = 'admin'",
+        "ALTER DATABASE app SET role = 'admin'",
+        "ALTER ROLE ALL IN DATABASE app SET session_authorization = 'admin'",
+    ],
+)
+def test_a_role_default_for_later_sessions_needs_the_operation_named(sql: str) -> None:
+    # Every later session of the shared upstream role would start as another role,
+    # other identities' (masked ones too): * does not lift it.
+    refused = _decide(_policy(ALLOW_ALL), sql)
+    assert refused.outcome == "deny" and refused.rule == "built-in"
+    assert "every later session, other identities' included" in refused.reason
+    operation = "set_session_authorization" if "authorization" in sql else "set_role"
+    assert _decide(_policy({**ALLOW_ALL, "operations": ["*", operation]}), sql).outcome == ("allow")

@@ -58,6 +58,13 @@ BUILTIN_DENIED_OPERATIONS: dict[str, str] = {
     "password set here changes nobody's way in through the gateway, and a new password "
     "for the gateway's own role would lock its next sessions out",
 }
+#: Statements that set a default for later sessions (ALTER ROLE / DATABASE ... SET x):
+#: with the shared upstream role, other identities' sessions too.
+SESSION_DEFAULTS = frozenset({"ddl:alter_role_set", "ddl:alter_database_set"})
+_LATER_SESSIONS = (
+    "; this one sets the role of every later session, other identities' included, "
+    "which only a rule that names the operation may do"
+)
 #: Role switches: lifted also by ``*`` for an identity from which nothing is hidden
 #: (:func:`_reads_everything`), and never for an identity whose results are masked.
 ROLE_SWITCHES = frozenset({"set_role", "set_session_authorization"})
@@ -485,12 +492,14 @@ class PolicyEngine:
                     "the gateway does not let a masked identity switch role",
                     hint=f"{INSTEAD[operation]}; {allowed_summary}",
                 )
-            if not _lifted(operation, rules, masked):
+            later = bool(summary.operations & SESSION_DEFAULTS)
+            if not _lifted(operation, rules, masked, later_sessions=later):
                 return Verdict(
                     "deny",
                     "built-in",
                     f"{_op(operation)} is refused by querywarden's built-in protections: "
-                    f"{BUILTIN_DENIED_OPERATIONS[operation]}",
+                    f"{BUILTIN_DENIED_OPERATIONS[operation]}"
+                    + (_LATER_SESSIONS if later and operation in ROLE_SWITCHES else ""),
                     hint=f"{INSTEAD[operation]}; {allowed_summary}",
                 )
         for function in sorted(summary.functions, key=str):
@@ -685,17 +694,22 @@ class PolicyEngine:
         return Verdict("allow", None, "allowed")
 
 
-def _lifted(operation: str, rules: list[Rule], masked: bool) -> bool:
+def _lifted(
+    operation: str, rules: list[Rule], masked: bool, *, later_sessions: bool = False
+) -> bool:
     """Whether the applying rules lift the built-in denial of ``operation``.
 
-    Naming it in allow.operations does. A role switch is lifted by ``*`` as well when
-    nothing is hidden from the identity: the policy lets it do and read everything, so
-    the role's privileges guard nothing the policy wants guarded.
+    Naming it in allow.operations does. A role switch of the session itself is lifted
+    by ``*`` as well when nothing is hidden from the identity: the policy lets it do and
+    read everything, so the role's privileges guard nothing the policy wants guarded. A
+    role default for ``later_sessions`` (ALTER ROLE ... SET role) would switch other
+    identities' sessions too, so only naming it lifts it.
     """
     if any(operation in r.allow.operations for r in rules):
         return True
     return (
         operation in ROLE_SWITCHES
+        and not later_sessions
         and any("*" in r.allow.operations for r in rules)
         and _reads_everything(rules, masked)
     )
