@@ -107,6 +107,13 @@ def test_set_config_is_decided_as_the_set_of_its_setting(protected: RunningGatew
         assert diag.message_hint is not None
         assert diag.message_hint.startswith("name the setting as a constant")
         assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+    script = (
+        "SELECT set_config('TimeZone', 'Asia/Tokyo', false);\nSHOW TimeZone;\n"
+        "SELECT set_config('client_encoding', 'LATIN1', false);\nSHOW client_encoding;\n"
+    )
+    result = _psql(protected, "bob", script)
+    assert result.stdout.splitlines() == ["Asia/Tokyo", "Asia/Tokyo", "UTF8"], result
+    assert "ERROR:  querywarden:" in result.stderr and "client_encoding" in result.stderr
     with psycopg.connect(protected.dsn("alice"), autocommit=True) as conn:
         diag = _refusal(conn, "SELECT set_config('TimeZone', 'UTC', false)")
         assert diag.sqlstate == "42501"
