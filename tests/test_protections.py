@@ -54,6 +54,7 @@ def objects(pg: EphemeralCluster) -> Iterator[None]:
         f"CREATE ROLE {ROLE} NOLOGIN; GRANT {ROLE} TO qw_scram;"
         "CREATE ROLE qw_pr_app LOGIN PASSWORD 'before';"
         "CREATE TABLE qw_pr_cards (id int, number text); GRANT ALL ON qw_pr_cards TO PUBLIC;"
+        "INSERT INTO qw_pr_cards VALUES (1, '4111111111111111');"
     )
     yield
     pg.psql(f"DROP TABLE qw_pr_cards; DROP ROLE qw_pr_app; DROP ROLE {ROLE}")
@@ -120,6 +121,26 @@ def test_set_config_is_decided_as_the_set_of_its_setting(protected: RunningGatew
         assert "SET is not allowed for you by any rule" in str(diag.message_primary)
         assert diag.message_hint is not None
         assert diag.message_hint.startswith("leave the setting out")
+
+
+def test_a_masked_value_cannot_leave_through_a_setting(protected: RunningGateway) -> None:
+    # set_config takes any expression as its value, and SHOW / current_setting() return
+    # it as no column of the masked table: with set_config decided as SET, a masked
+    # identity allowed to SET must not park a masked value there.
+    with psycopg.connect(protected.dsn("carol"), autocommit=True) as conn:
+        masked = conn.execute("SELECT number FROM qw_pr_cards").fetchone()
+        assert masked is not None and masked[0] != "4111111111111111"
+        diag = _refusal(conn, "SELECT set_config('qw.card', number, false) FROM qw_pr_cards")
+        assert diag.sqlstate == "42501"
+        assert "may not be sent with set_config" in str(diag.message_primary)
+        assert diag.message_hint is not None and "SELECT them instead" in diag.message_hint
+        assert conn.execute("SELECT current_setting('qw.card', true)").fetchone() in (
+            (None,),
+            ("",),
+        )
+        # A setting without masked values is the rules' business, as SET is.
+        assert conn.execute("SELECT set_config('qw.card', id::text, false) FROM qw_pr_cards")
+        assert conn.execute("SHOW qw.card").fetchone() == ("1",)
 
 
 def test_a_trusted_identity_switches_role_and_back(protected: RunningGateway) -> None:
