@@ -95,9 +95,6 @@ BUILTIN_DENIED_FUNCTIONS: dict[str, str] = {
     "pg_rotate_logfile*": _ADMINISTRATION,
     "pg_promote": _ADMINISTRATION,
 }
-#: Signalling functions that may target the session's own backend (harmless: ending or
-#: cancelling oneself is what closing the connection or a cancel request does).
-OWN_BACKEND_SIGNALS = frozenset({"pg_terminate_backend", "pg_cancel_backend"})
 
 _READ_ROWS = "use SELECT ... and read the rows (with LIMIT or an aggregate for large tables)"
 _SERVER_SIDE = (
@@ -719,8 +716,10 @@ def _builtin_protection(
     function: QualifiedName, own_backend: frozenset[QualifiedName], search_path: Sequence[str]
 ) -> str | None:
     """What the built-in denial covering ``function`` protects against, if one does."""
-    if function in own_backend and function.name in OWN_BACKEND_SIGNALS:
-        return None  # pg_terminate_backend(pg_backend_pid()): the session ends itself
+    if function in own_backend:
+        # pg_terminate_backend(pg_backend_pid()): ending or cancelling oneself is what
+        # closing the connection or a cancel request does.
+        return None
     for pattern, protection in BUILTIN_DENIED_FUNCTIONS.items():
         if _function_matches((pattern,), function, search_path):
             return protection
