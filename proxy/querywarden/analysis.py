@@ -177,6 +177,9 @@ class StatementSummary(NamedTuple):
     #: Whether rows flow through a derived table (a CTE, a FROM subquery or function):
     #: names there can stand for expressions over other columns.
     derived: bool = False
+    #: Signalling functions (``pg_terminate_backend``, ``pg_cancel_backend``) every call
+    #: of which targets the session's own backend (``pg_backend_pid()``), as written.
+    own_backend: frozenset[QualifiedName] = frozenset()
 
 
 # --- the tree walk ------------------------------------------------------------------------
@@ -251,6 +254,8 @@ _LARGE_OBJECT_WRITERS: Final = frozenset(
     }
 )  # fmt: skip
 _LARGE_OBJECT_READERS: Final = frozenset({"lo_get", "loread", "lo_open", "lo_export"})
+#: Functions that signal a backend process given by its pid (the first argument).
+_SIGNALS: Final = frozenset({"pg_terminate_backend", "pg_cancel_backend"})
 #: Functions whose effect a summary already reports as operations and relations
 #: (``set_config`` as ``set``, ``nextval`` as ``update`` of its sequence, ``query_to_xml``
 #: as the statement it runs ...): the policy engine does not count them again as
@@ -491,6 +496,8 @@ class _Walk:
         "names",
         "opaque",
         "ops",
+        "other_signals",
+        "own_signals",
         "params",
         "prepared_name",
         "reads",
@@ -528,6 +535,8 @@ class _Walk:
         self.default_write = True  # a bare RangeVar met by the generic walk is written
         self.direct = True  # plain select-list columns reach the client as themselves
         self.dynamic_depth = 0
+        self.own_signals: set[QualifiedName] = set()
+        self.other_signals: set[QualifiedName] = set()
 
     # -- generic walk ------------------------------------------------------------------
 
@@ -652,13 +661,18 @@ class _Walk:
             self.node(rt.get("indirection"), clause)
             self.node(rt.get("val"), clause)
 
-    def set_param(self, name: str) -> None:
+    def set_param(self, name: str, *, reset: bool = False) -> None:
+        """A setting the statement changes; ``reset``: back to its value at start-up.
+
+        Resetting role or session_authorization returns to the role the gateway connected
+        with (a client cannot give either at start-up), so it is no role switch.
+        """
         self.params.add(name)
         if name == "*":
             self.search_path.append("*")  # might be search_path, to a value unseen
-        if name in _ROLE_PARAMS:
+        if name in _ROLE_PARAMS and not reset:
             self.op("set_role")
-        if name in _AUTH_PARAMS:
+        if name in _AUTH_PARAMS and not reset:
             self.op("set_session_authorization")
         if name in _PATH_PARAMS:
             self.op("set_search_path")
@@ -961,6 +975,9 @@ class _Walk:
             if param is not None and _ascii_lower(param) in TEXT_SETTINGS:
                 value = _const_string(args[1]) if len(args) > 1 else None
                 self.text_settings.append((_ascii_lower(param), value))
+        elif name in _SIGNALS:
+            own = len(args) >= 1 and _is_own_backend_pid(args[0])
+            (self.own_signals if own else self.other_signals).add(qn)
         elif name == "pg_notify":
             self.op("notify")
         elif name in _DYNAMIC_SQL or (name == "ts_rewrite" and len(args) == 2):
@@ -1141,7 +1158,13 @@ def _h_variable_set(w: _Walk, b: dict[str, Any], clause: str) -> None:
     w.op("set")
     name = _ascii_lower(str(b.get("name", "")))
     if kind == "VAR_RESET_ALL":
-        w.set_param("all")
+        w.set_param("all", reset=True)
+    elif name in ("role", "session_authorization"):
+        # SET ROLE NONE and SET ROLE admin have one normalized shape: cache by text.
+        w.literal_dependent = True
+        args = b.get("args", ())
+        none = name == "role" and len(args) == 1 and _const_string(args[0]) == "none"
+        w.set_param(name, reset=kind != "VAR_SET_VALUE" or none)
     elif kind == "VAR_SET_MULTI":
         prefix = "default_" if name == "session characteristics" else ""
         for arg in b.get("args", ()):
@@ -1161,6 +1184,21 @@ def _h_variable_set(w: _Walk, b: dict[str, Any], clause: str) -> None:
                 # names already, and a string constant is one name too ('a,b' is "a,b").
                 value = _const_string(arg)
                 w.search_path.append(value if value is not None else "*")
+
+
+def _is_own_backend_pid(arg: _Json) -> bool:
+    """Whether ``arg`` is ``pg_backend_pid()``: the pid of the session's own backend.
+
+    pg_catalog is searched first for an unqualified name (the gateway pins search_path),
+    so the bare name is PostgreSQL's function, as :func:`side_effects` assumes too.
+    """
+    call = arg.get("FuncCall") if type(arg) is dict else None
+    if type(call) is not dict or call.get("args") or call.get("agg_star"):
+        return False
+    name = _strings(call.get("funcname", ()))
+    return name in (["pg_backend_pid"], ["pg_catalog", "pg_backend_pid"]) and not (
+        call.get("over") or call.get("agg_filter") or call.get("agg_order")
+    )
 
 
 def _schema_list(value: str) -> list[str]:
@@ -1207,6 +1245,23 @@ def _schema_list(value: str) -> list[str]:
     return schemas
 
 
+def _h_role(node: str) -> _Handler:
+    """CREATE / ALTER ROLE (USER, GROUP): DDL, and ``password`` when it sets a password.
+
+    ``password`` is its own operation because the gateway's identities are tokens: a
+    database password set through it changes nobody's way in (see the policy engine).
+    """
+
+    def handler(w: _Walk, b: dict[str, Any], clause: str) -> None:
+        w.ddl(node, b)
+        for option in b.get("options", ()):
+            d = option.get("DefElem") if type(option) is dict else None
+            if d is not None and d.get("defname") == "password":
+                w.op("password")
+
+    return handler
+
+
 def _h_alter_default_setting(kind: str) -> _Handler:
     """ALTER ROLE / DATABASE ... SET x: a default for every later session.
 
@@ -1230,7 +1285,7 @@ def _h_discard(w: _Walk, b: dict[str, Any], clause: str) -> None:
     w.op("discard")
     if b.get("target") == "DISCARD_ALL":
         # DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT and RESET ALL
-        w.set_param("all")
+        w.set_param("all", reset=True)
 
 
 def _h_prepare(w: _Walk, b: dict[str, Any], clause: str) -> None:
@@ -1470,6 +1525,8 @@ _HANDLERS: Final[dict[str, _Handler]] = {
     "VariableShowStmt": _h_simple("show"),
     "DiscardStmt": _h_discard,
     "AlterRoleSetStmt": _h_alter_default_setting("alter_role_set"),
+    "CreateRoleStmt": _h_role("CreateRoleStmt"),
+    "AlterRoleStmt": _h_role("AlterRoleStmt"),
     "AlterDatabaseSetStmt": _h_alter_default_setting("alter_database_set"),
     "PrepareStmt": _h_prepare,
     "ExecuteStmt": _h_execute,
@@ -1603,6 +1660,7 @@ def _analyze_statement(text: str) -> tuple[_Values, bool]:
         tuple(w.search_path),
         tuple(w.text_settings),
         w.derived,
+        frozenset(w.own_signals - w.other_signals),
     )
     return values, w.literal_dependent
 

@@ -313,6 +313,13 @@ CASES = [
         {"pg_terminate_backend"},
     ),
     (
+        "SELECT pg_terminate_backend(pg_backend_pid())",
+        {"select"},
+        set(),
+        set(),
+        {"pg_terminate_backend", "pg_backend_pid"},
+    ),
+    (
         "SELECT set_config('role', 'admin', false)",
         {"select", "set", "set_role"},
         set(),
@@ -442,7 +449,10 @@ CASES = [
     # --- session settings ---------------------------------------------------------------
     ("SET ROLE admin", {"set", "set_role"}, set(), set(), set()),
     ("SET LOCAL ROLE admin", {"set", "set_role"}, set(), set(), set()),
-    ("RESET ROLE", {"reset", "set", "set_role"}, set(), set(), set()),
+    # A reset returns to the role the gateway connected with: no role switch.
+    ("RESET ROLE", {"reset", "set"}, set(), set(), set()),
+    ("SET ROLE NONE", {"set"}, set(), set(), set()),
+    ("SET ROLE 'none'", {"set"}, set(), set(), set()),
     (
         "SET SESSION AUTHORIZATION postgres",
         {"set", "set_session_authorization"},
@@ -450,20 +460,8 @@ CASES = [
         set(),
         set(),
     ),
-    (
-        "SET SESSION AUTHORIZATION DEFAULT",
-        {"set", "set_session_authorization"},
-        set(),
-        set(),
-        set(),
-    ),
-    (
-        "RESET SESSION AUTHORIZATION",
-        {"reset", "set", "set_session_authorization"},
-        set(),
-        set(),
-        set(),
-    ),
+    ("SET SESSION AUTHORIZATION DEFAULT", {"set"}, set(), set(), set()),
+    ("RESET SESSION AUTHORIZATION", {"reset", "set"}, set(), set(), set()),
     ("SET search_path = evil, public", {"set", "set_search_path"}, set(), set(), set()),
     ("SET LOCAL search_path TO evil", {"set", "set_search_path"}, set(), set(), set()),
     ("SET SCHEMA 'evil'", {"set", "set_search_path"}, set(), set(), set()),
@@ -471,13 +469,7 @@ CASES = [
     ("RESET search_path", {"reset", "set", "set_search_path"}, set(), set(), set()),
     ("SET work_mem = '64MB'", {"set"}, set(), set(), set()),
     ("SET TIME ZONE 'UTC'", {"set"}, set(), set(), set()),
-    (
-        "RESET ALL",
-        {"reset", "set", "set_role", "set_session_authorization", "set_search_path"},
-        set(),
-        set(),
-        set(),
-    ),
+    ("RESET ALL", {"reset", "set", "set_search_path"}, set(), set(), set()),
     ("SHOW search_path", {"show"}, set(), set(), set()),
     ("ALTER ROLE agent SUPERUSER", {"ddl", "ddl:alter_role"}, set(), set(), set()),
     (
@@ -488,7 +480,18 @@ CASES = [
         set(),
         set(),
     ),
-    ("CREATE ROLE r LOGIN PASSWORD 'x'", {"ddl", "ddl:create_role"}, set(), set(), set()),
+    ("CREATE ROLE r LOGIN", {"ddl", "ddl:create_role"}, set(), set(), set()),
+    # A password is an operation of its own: identities come from tokens.
+    (
+        "CREATE ROLE r LOGIN PASSWORD 'x'",
+        {"ddl", "ddl:create_role", "password"},
+        set(),
+        set(),
+        set(),
+    ),
+    ("ALTER USER bob PASSWORD 'md5x'", {"ddl", "ddl:alter_role", "password"}, set(), set(), set()),
+    ("ALTER ROLE bob PASSWORD NULL", {"ddl", "ddl:alter_role", "password"}, set(), set(), set()),
+    ("ALTER ROLE bob NOLOGIN", {"ddl", "ddl:alter_role"}, set(), set(), set()),
     ("DROP ROLE r", {"ddl", "ddl:drop_role"}, set(), set(), set()),
     ("ALTER SYSTEM SET work_mem = '1GB'", {"alter_system"}, set(), set(), set()),
     # --- DDL -----------------------------------------------------------------------------
@@ -674,7 +677,7 @@ CASES = [
     ("LOAD 'auto_explain'", {"load"}, set(), set(), set()),
     (
         "DISCARD ALL",
-        {"discard", "set_role", "set_session_authorization", "set_search_path"},
+        {"discard", "set_search_path"},
         set(),
         set(),
         set(),
@@ -1354,6 +1357,12 @@ CONFUSABLE = [
     ("SELECT ssn FROM customers ORDER BY 1", "SELECT ssn FROM customers ORDER BY $1"),
     ("DISCARD ALL", "DISCARD PLANS"),
     ("RESET ROLE", "RESET ALL"),
+    # One normalized shape (SET ROLE $1): a reset and a role switch.
+    ("SET ROLE NONE", "SET ROLE admin"),
+    (
+        "SELECT pg_cancel_backend(pg_backend_pid())",
+        "SELECT pg_cancel_backend(pg_backend_pid() + 1)",
+    ),
     ("LOCK t IN ACCESS SHARE MODE", "LOCK t IN EXCLUSIVE MODE"),
 ]
 
@@ -1373,6 +1382,7 @@ def _without_text(s: StatementSummary) -> tuple[object, ...]:
         s.aliases,
         s.opaque,
         s.prepared_name,
+        s.own_backend,
     )
 
 
@@ -1551,3 +1561,29 @@ def test_large_object_readers_read_pg_largeobject() -> None:
 )
 def test_sanitized_text(text: str, expected: str | None) -> None:
     assert sanitized_text(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "own"),
+    [
+        ("SELECT pg_terminate_backend(pg_backend_pid())", {"pg_terminate_backend"}),
+        (
+            "SELECT pg_catalog.pg_cancel_backend(pg_catalog.pg_backend_pid())",
+            {"pg_catalog.pg_cancel_backend"},
+        ),
+        ("SELECT pg_terminate_backend(pg_backend_pid(), 1000)", {"pg_terminate_backend"}),
+        # Another pid, or one the analyzer cannot prove is the session's own: not own.
+        ("SELECT pg_terminate_backend(42)", set()),
+        ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity", set()),
+        ("SELECT pg_terminate_backend(pg_backend_pid() + 1)", set()),
+        ("SELECT pg_terminate_backend(public.pg_backend_pid())", set()),
+        # Every call must target the own backend.
+        ("SELECT pg_terminate_backend(pg_backend_pid()), pg_terminate_backend(7)", set()),
+        (
+            "SELECT pg_cancel_backend(pg_backend_pid()), pg_terminate_backend(7)",
+            {"pg_cancel_backend"},
+        ),
+    ],
+)
+def test_signals_to_the_own_backend_are_told_apart(sql: str, own: set[str]) -> None:
+    assert {str(f) for f in one(sql).own_backend} == own

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import pytest
 
 from querywarden.analysis import Analyzer
 from querywarden.identity import Principal
-from querywarden.policy.engine import PolicyEngine, Verdict
-from querywarden.policy.model import PolicyDocument
+from querywarden.policy.engine import (
+    BUILTIN_DENIED_FUNCTIONS,
+    BUILTIN_DENIED_OPERATIONS,
+    PolicyEngine,
+    Verdict,
+)
+from querywarden.policy.functions import builtin_functions
+from querywarden.policy.model import OPERATIONS, PolicyDocument
 
 POLICY = PolicyDocument.model_validate(
     {
@@ -418,7 +426,7 @@ def test_a_denied_table_hint_does_not_imply_it_is_allowed() -> None:
         ("PREPARE q AS SELECT 1", "use the protocol's prepared statements"),
         ("EXECUTE q", "use the protocol's prepared statements"),
         ("DO $$ BEGIN PERFORM 1; END $$", "send the statements themselves"),
-        ("SET ROLE postgres", "the gateway connects with the role your policy names"),
+        ("SET ROLE postgres", "run what you need as the role the gateway connects with"),
     ],
 )
 def test_a_refused_operation_says_what_to_do_instead(sql: str, instead: str) -> None:
@@ -464,3 +472,271 @@ def test_a_refused_function_hint_says_to_leave_it_out(sql: str, hint: str) -> No
     verdict = _decide(_engine(allow=PUBLIC_ONLY, deny={"functions": ["pg_sleep"]}), sql)
     assert verdict.outcome == "deny"
     assert verdict.hint is not None and verdict.hint.startswith(hint), verdict.hint
+
+
+# --- built-in protections and what lifts them (issue 19) --------------------------------
+
+ALLOW_ALL = {"operations": ["*"], "tables": ["*"]}
+
+
+def _policy(allow: dict[str, object], **extra: object) -> PolicyEngine:
+    rule = {"name": "trusted", "subjects": {"groups": ["ai-agents"]}, "allow": allow}
+    return PolicyEngine(PolicyDocument.model_validate({"rules": [rule], **extra}))
+
+
+MASKED = {"columns": [{"table": "public.customers", "column": "ssn", "strategy": "redact"}]}
+
+
+@pytest.mark.parametrize(
+    ("statement", "call"),
+    [
+        ("SET TimeZone TO 'UTC'", "SELECT set_config('TimeZone', 'UTC', false)"),
+        ("SET work_mem TO '1MB'", "SELECT set_config('work_mem', '1MB', true)"),
+        (
+            "SET client_encoding TO 'LATIN1'",
+            "SELECT set_config('client_encoding', 'LATIN1', false)",
+        ),
+        ("SET search_path TO hr", "SELECT set_config('search_path', 'hr', false)"),
+        ("SET statement_timeout TO 0", "SELECT set_config('statement_timeout', '0', false)"),
+        ("SET ROLE admin", "SELECT set_config('role', 'admin', false)"),
+        (
+            "SET SESSION AUTHORIZATION admin",
+            "SELECT set_config('session_authorization', 'admin', false)",
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "allow",
+    [
+        ALLOW_ALL,
+        {"operations": ["select", "set"], "tables": ["*"]},
+        {"operations": ["select", "set", "set_search_path", "set_role"], "tables": ["*"]},
+        {"operations": ["select"], "tables": ["public.*"]},
+    ],
+    ids=["all", "set", "set-path-role", "select"],
+)
+def test_set_config_with_a_constant_name_is_decided_as_that_set(
+    statement: str, call: str, allow: dict[str, object]
+) -> None:
+    # Issue 19: set_config was refused as a function whatever the rules allowed.
+    engine_ = _policy(allow)
+    fixed = PolicyEngine(
+        PolicyDocument.model_validate(
+            {
+                "rules": [
+                    {
+                        "name": "timed",
+                        "subjects": {"groups": ["ai-agents"]},
+                        "allow": allow,
+                        "limits": {"statementTimeout": "5s"},
+                    }
+                ]
+            }
+        )
+    )
+    for e in (engine_, fixed):
+        as_set = _decide(e, statement)
+        as_call = _decide(e, call)
+        assert (as_call.outcome, as_call.rule) == (as_set.outcome, as_set.rule), (call, as_call)
+        if as_set.outcome == "deny":
+            assert as_call.reason == as_set.reason
+
+
+def test_set_config_is_no_longer_a_built_in_refusal() -> None:
+    trusted = _decide(_policy(ALLOW_ALL), "SELECT set_config('TimeZone', 'UTC', false)")
+    assert trusted.outcome == "allow", trusted
+    reader = _decide(_policy(PUBLIC_ONLY), "SELECT set_config('TimeZone', 'UTC', false)")
+    assert reader.outcome == "deny" and reader.rule == "trusted"
+    assert reader.reason == "SET is not allowed for you by any rule"
+    assert reader.hint is not None and reader.hint.startswith("leave the setting out")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT set_config($1, 'UTC', false)",
+        "SELECT set_config('time' || 'zone', 'UTC', false)",
+        "SELECT set_config(name, 'x', false) FROM pg_settings",
+        "UPDATE pg_settings SET setting = 'x' WHERE name = 'work_mem'",
+    ],
+)
+def test_a_setting_whose_name_cannot_be_seen_stays_refused(sql: str) -> None:
+    refused = _decide(_policy(ALLOW_ALL), sql)
+    assert refused.outcome == "deny" and refused.rule == "built-in"
+    assert "a setting whose name querywarden cannot see" in refused.reason
+    assert refused.hint is not None and refused.hint.startswith("name the setting as a constant")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET ROLE admin",
+        "SET LOCAL ROLE admin",
+        "SET SESSION AUTHORIZATION admin",
+        "SELECT set_config('role', 'admin', false)",
+    ],
+)
+def test_role_switches_need_nothing_hidden_or_an_explicit_rule(sql: str) -> None:
+    # Allowed to do and read everything, unmasked: * lifts a role switch.
+    assert _decide(_policy(ALLOW_ALL), sql).outcome == "allow"
+    operation = "set_session_authorization" if "AUTHORIZATION" in sql else "set_role"
+    # * with a table out of reach: the role's privileges still guard something.
+    for allow in (
+        {"operations": ["*"], "tables": ["public.*"]},
+        {"operations": ["select", "set"], "tables": ["*"]},
+    ):
+        refused = _decide(_policy(allow), sql)
+        assert refused.outcome == "deny" and refused.rule == "built-in", (allow, refused)
+        assert "a role switch changes which privileges the server enforces" in refused.reason
+        assert refused.hint is not None and refused.hint.startswith(
+            "run what you need as the role the gateway connects with"
+        )
+    denied_table = PolicyEngine(
+        PolicyDocument.model_validate(
+            {
+                "rules": [
+                    {
+                        "name": "trusted",
+                        "subjects": {"groups": ["ai-agents"]},
+                        "allow": ALLOW_ALL,
+                        "deny": {"tables": ["public.secrets"]},
+                    }
+                ]
+            }
+        )
+    )
+    assert _decide(denied_table, sql).outcome == "deny"
+    # Named explicitly, the operator chose it.
+    named = {"operations": ["select", "set", operation], "tables": ["public.*"]}
+    assert _decide(_policy(named), sql).outcome == "allow"
+
+
+@pytest.mark.parametrize("allow", [ALLOW_ALL, {"operations": ["*", "set_role"], "tables": ["*"]}])
+def test_a_masked_identity_never_switches_role(allow: dict[str, object]) -> None:
+    refused = _decide(_policy(allow, masking=MASKED), "SET ROLE admin")
+    assert refused.outcome == "deny" and refused.rule == "built-in"
+    assert "masking applies to you" in refused.reason
+    exempt = _policy(allow, masking={**MASKED, "exempt": {"groups": ["ai-agents"]}})
+    assert _decide(exempt, "SET ROLE admin").outcome == "allow"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "RESET ROLE",
+        "SET ROLE NONE",
+        "RESET SESSION AUTHORIZATION",
+        "SET SESSION AUTHORIZATION DEFAULT",
+        "RESET ALL",
+        "DISCARD ALL",
+    ],
+)
+def test_returning_to_the_gateways_role_is_no_role_switch(sql: str) -> None:
+    settings = {
+        "operations": ["select", "set", "reset", "discard", "set_search_path"],
+        "tables": ["public.*"],
+    }
+    assert _decide(_policy(settings), sql).outcome == "allow"
+    assert _decide(_policy(ALLOW_ALL, masking=MASKED), sql).outcome == "allow"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT pg_terminate_backend(pg_backend_pid())",
+        "SELECT pg_cancel_backend(pg_backend_pid())",
+        "SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid(), 100)",
+    ],
+)
+def test_signalling_the_own_backend_is_not_a_built_in_refusal(sql: str) -> None:
+    assert _decide(_policy(ALLOW_ALL), sql).outcome == "allow"
+    # It still changes state (the session ends): a rule without side_effects refuses it.
+    reader = _decide(_policy(PUBLIC_ONLY), sql)
+    assert reader.outcome == "deny" and reader.rule == "trusted"
+    assert "side_effects" in reader.reason
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT pg_terminate_backend(42)",
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE usename = current_user",
+        "SELECT pg_terminate_backend(pg_backend_pid()), pg_terminate_backend(42)",
+    ],
+)
+def test_signalling_another_backend_needs_the_function_named(sql: str) -> None:
+    refused = _decide(_policy(ALLOW_ALL), sql)
+    assert refused.outcome == "deny" and refused.rule == "built-in"
+    assert "it signals another session's backend" in refused.reason
+    assert refused.hint is not None and "allow.functions" in refused.hint
+    named = _policy({**ALLOW_ALL, "functions": ["pg_terminate_backend", "pg_cancel_backend"]})
+    assert _decide(named, sql).outcome == "allow"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER USER carol PASSWORD 'SCRAM-SHA-256$4096:abc'",  # psql's \password
+        "ALTER ROLE CURRENT_USER WITH ENCRYPTED PASSWORD 'secret'",
+        "ALTER ROLE carol PASSWORD NULL",
+        "CREATE ROLE app LOGIN PASSWORD 'secret'",
+    ],
+)
+def test_setting_a_password_is_refused_because_identities_are_tokens(sql: str) -> None:
+    refused = _decide(_policy(ALLOW_ALL), sql)
+    assert refused.outcome == "deny" and refused.rule == "built-in"
+    assert refused.reason.startswith(
+        "setting a role's password (CREATE or ALTER ROLE ... PASSWORD) is refused by "
+        "querywarden's built-in protections: identities come from tokens, not database "
+        "passwords"
+    ), refused.reason
+    assert refused.hint is not None
+    assert refused.hint.startswith("to sign in, get a new token from your identity provider")
+    assert "names password in allow.operations" in refused.hint
+    # Lifted only by naming it; role DDL without a password is DDL.
+    assert _decide(_policy({**ALLOW_ALL, "operations": ["*", "password"]}), sql).outcome == (
+        "allow"
+    )
+    assert _decide(_policy(ALLOW_ALL), "ALTER ROLE carol NOLOGIN").outcome == "allow"
+
+
+def test_every_built_in_protection_says_what_it_protects_against() -> None:
+    assert set(BUILTIN_DENIED_OPERATIONS) <= OPERATIONS
+    known, _ = builtin_functions()
+    for pattern, protection in BUILTIN_DENIED_FUNCTIONS.items():
+        assert protection.startswith("it "), pattern
+        if pattern in ("dblink*", "pg_file_*"):  # extensions' (dblink, adminpack)
+            continue
+        # Every other entry names a function PostgreSQL defines (no dead entries).
+        assert any(fnmatchcase(name.partition(".")[2], pattern) for name in known), pattern
+    for sql, protection in (
+        ("COPY t FROM '/etc/passwd'", "files on the database server's host"),
+        ("COPY t TO PROGRAM 'id'", "runs a program"),
+        ("ALTER SYSTEM SET work_mem = '1MB'", "archive_command"),
+        ("SELECT pg_reload_conf()", "reloads the server's configuration"),
+        ("SELECT pg_read_file('/etc/passwd')", "the database server's files"),
+        ("SELECT lo_export(1, '/tmp/x')", "writes a file on the database server's host"),
+        ("SELECT pg_file_write('x', 'y', false)", "adminpack"),
+        ("SELECT pg_promote()", "administers the whole server"),
+    ):
+        refused = _decide(_policy(ALLOW_ALL), sql)
+        assert refused.outcome == "deny" and refused.rule == "built-in", sql
+        assert protection in refused.reason, (sql, refused.reason)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER ROLE CURRENT_USER SET role = 'admin'",
+        "ALTER DATABASE app SET role = 'admin'",
+        "ALTER ROLE ALL IN DATABASE app SET session_authorization = 'admin'",
+    ],
+)
+def test_a_role_default_for_later_sessions_needs_the_operation_named(sql: str) -> None:
+    # Every later session of the shared upstream role would start as another role,
+    # other identities' (masked ones too): * does not lift it.
+    refused = _decide(_policy(ALLOW_ALL), sql)
+    assert refused.outcome == "deny" and refused.rule == "built-in"
+    assert "every later session, other identities' included" in refused.reason
+    operation = "set_session_authorization" if "authorization" in sql else "set_role"
+    assert _decide(_policy({**ALLOW_ALL, "operations": ["*", operation]}), sql).outcome == ("allow")

@@ -19,6 +19,14 @@ from querywarden.identity.jwt_tokens import (
 from querywarden.identity.principal import Credentials, Principal, check_secret_shape
 from querywarden.policy.model import IdentitySection, KubernetesIssuer, OidcIssuer, SamlIssuer
 
+#: What a client that sent anything but a token is told. Most often it is a database
+#: password (a saved one, or one just set with psql's \password), so the message says
+#: where a token comes from.
+_UNRECOGNIZED = (
+    "malformed token: not a JWT or SAML assertion; the password field takes a token "
+    "from an identity provider this gateway trusts, not a database password"
+)
+
 
 class TokenAuthenticator:
     """Verifies OIDC, Kubernetes service-account, SAML and development tokens.
@@ -54,10 +62,10 @@ class TokenAuthenticator:
         try:
             token = secret.decode("ascii")
         except UnicodeDecodeError as exc:
-            raise AuthenticationFailed("malformed token: not a JWT or SAML assertion") from exc
+            raise AuthenticationFailed(_UNRECOGNIZED) from exc
         iss = unverified_issuer(token)
         if iss is None:
-            raise AuthenticationFailed("malformed token: not a JWT or SAML assertion")
+            raise AuthenticationFailed(_UNRECOGNIZED)
         verifier = self._jwt.get(iss)
         if verifier is None:
             raise AuthenticationFailed("token issuer is not trusted by this gateway's policy")

@@ -43,8 +43,19 @@ _OPAQUE_CODE = frozenset({"do", "call"})
 _DERIVED_LIMIT = 4096
 #: Marks a plan's cache key apart from :meth:`Masker._resolve`'s.
 _PLAN = "plan"
-#: Functions whose arguments leave the session unmasked (a notification's payload).
-_UNMASKED_CHANNELS = frozenset({"pg_notify"})
+#: Functions whose arguments leave the session unmasked, what becomes of them, and what to
+#: do instead. A setting's value comes back through SHOW and current_setting(), which are
+#: no result column of the masked table.
+_UNMASKED_CHANNELS: dict[str, tuple[str, str]] = {
+    "pg_notify": (
+        "notification payloads are not masked",
+        "notify without masked values (for example the row's primary key)",
+    ),
+    "set_config": (
+        "a setting's value comes back unmasked (SHOW, current_setting)",
+        "keep masked values out of settings; SELECT them instead (results are masked)",
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,11 +238,14 @@ class Masker:
                     "run the statements the block would run as plain SQL (SELECT results "
                     "are masked)",
                 )
-            if found.any_sensitive and any(f.name in _UNMASKED_CHANNELS for f in summary.functions):
+            channel = next(
+                (f.name for f in summary.functions if f.name in _UNMASKED_CHANNELS), None
+            )
+            if found.any_sensitive and channel is not None:
+                why, instead = _UNMASKED_CHANNELS[channel]
                 return MaskRefusal(
-                    f"masked column {found.first} may not be sent with pg_notify: "
-                    "notification payloads are not masked",
-                    "notify without masked values (for example the row's primary key)",
+                    f"masked column {found.first} may not be sent with {channel}: {why}",
+                    instead,
                 )
             opaque = _opaque_lineage(summary, catalog)
             withhold = withhold or (opaque and bool(names))

@@ -37,29 +37,64 @@ from querywarden.policy.relations import builtin_catalog_relations
 Outcome = Literal["allow", "review", "deny"]
 _RANK = {"allow": 0, "review": 1, "deny": 2}
 
-#: Denied unless a rule that applies explicitly allows them (in allow.operations).
-BUILTIN_DENIED_OPERATIONS = frozenset(
-    {"copy_file", "copy_program", "set_role", "set_session_authorization", "alter_system"}
+_ROLE_SWITCH = (
+    "a role switch changes which privileges the server enforces: the policy chose the "
+    "role the gateway connects with (upstreamRole), and row security, column privileges "
+    "and the gateway's own checks on its side connections hold for that role"
 )
+#: Operations refused, whatever a rule allows, unless a rule that applies names them in
+#: allow.operations (``*`` does not), and what each protects against. Role switches
+#: differ (:data:`ROLE_SWITCHES`).
+BUILTIN_DENIED_OPERATIONS: dict[str, str] = {
+    "copy_file": "it reads or writes files on the database server's host, outside every "
+    "table the policy names",
+    "copy_program": "it runs a program on the database server's host",
+    "alter_system": "it changes the server's configuration for every session, the "
+    "gateway's included, and can make the server run programs (archive_command)",
+    "set_role": _ROLE_SWITCH,
+    "set_session_authorization": _ROLE_SWITCH,
+    "password": "identities come from tokens, not database passwords: you signed in with "
+    "a token, and the gateway connects to the database with its own credentials, so a "
+    "password set here changes nobody's way in through the gateway, and a new password "
+    "for the gateway's own role would lock its next sessions out",
+}
+#: Statements that set a default for later sessions (ALTER ROLE / DATABASE ... SET x):
+#: with the shared upstream role, other identities' sessions too.
+SESSION_DEFAULTS = frozenset({"ddl:alter_role_set", "ddl:alter_database_set"})
+_LATER_SESSIONS = (
+    "; this one sets the role of every later session, other identities' included, "
+    "which only a rule that names the operation may do"
+)
+#: Role switches: lifted also by ``*`` for an identity from which nothing is hidden
+#: (:func:`_reads_everything`), and never for an identity whose results are masked.
+ROLE_SWITCHES = frozenset({"set_role", "set_session_authorization"})
 #: The operation of calling a function with side effects (see :func:`side_effects`).
 SIDE_EFFECTS = "side_effects"
-#: Denied unless a rule that applies explicitly allows them (in allow.functions).
-BUILTIN_DENIED_FUNCTIONS = (
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_ls_*",
-    "pg_stat_file",
-    "lo_import",
-    "lo_export",
-    "dblink*",
-    "pg_terminate_backend",
-    "pg_cancel_backend",
-    "pg_signal_backend",
-    "pg_reload_conf",
-    "pg_rotate_logfile",
-    "pg_promote",
-    "set_config",
+_SERVER_FILES = "it reads the database server's files or directories"
+_SIGNAL = (
+    "it signals another session's backend, which can be another identity's session on "
+    "the same upstream role (your own, pg_backend_pid(), is not refused)"
 )
+_ADMINISTRATION = "it administers the whole server, beyond one database's data"
+#: Functions refused unless a rule that applies names them in allow.functions (``*`` in
+#: allow.operations does not), and what each protects against.
+BUILTIN_DENIED_FUNCTIONS: dict[str, str] = {
+    "pg_read_file": _SERVER_FILES,
+    "pg_read_binary_file": _SERVER_FILES,
+    "pg_ls_*": _SERVER_FILES,
+    "pg_stat_file": _SERVER_FILES,
+    "pg_file_*": "it writes, renames or removes the database server's files (adminpack)",
+    "lo_import": "it reads a file on the database server's host into the database",
+    "lo_export": "it writes a file on the database server's host",
+    "dblink*": "it connects from the database server to another server and runs SQL "
+    "there that querywarden cannot see",
+    "pg_terminate_backend": _SIGNAL,
+    "pg_cancel_backend": _SIGNAL,
+    "pg_reload_conf": "it reloads the server's configuration into every session, the "
+    "gateway's included",
+    "pg_rotate_logfile*": _ADMINISTRATION,
+    "pg_promote": _ADMINISTRATION,
+}
 
 _READ_ROWS = "use SELECT ... and read the rows (with LIMIT or an aggregate for large tables)"
 _SERVER_SIDE = (
@@ -73,6 +108,11 @@ _DRIVER_PREPARED = (
 _LEAVE_SETTINGS = (
     "leave the setting out: the session's settings are fixed by the gateway; put what you "
     "need in the statement itself (AT TIME ZONE, to_char, an explicit cast)"
+)
+_KEEP_ROLE = (
+    "run what you need as the role the gateway connects with (RESET ROLE returns to it); "
+    "ask an operator for a rule that names the role switch in allow.operations, or for a "
+    "role that has the privileges"
 )
 #: What an agent can do instead of an operation it is refused (the first part of the hint).
 INSTEAD: dict[str, str] = {
@@ -89,10 +129,12 @@ INSTEAD: dict[str, str] = {
     "reset": _LEAVE_SETTINGS,
     "set_search_path": "write table names schema-qualified (public.orders) instead of "
     "changing search_path",
-    "set_role": "the gateway connects with the role your policy names; ask an operator for a "
-    "rule that allows what you need",
-    "set_session_authorization": "the gateway connects with the role your policy names; ask "
-    "an operator for a rule that allows what you need",
+    "set_role": _KEEP_ROLE,
+    "set_session_authorization": _KEEP_ROLE,
+    "password": "to sign in, get a new token from your identity provider (querywarden "
+    "token for the dev issuer); a database role's password is the database operator's: "
+    "change it on a direct connection, or ask an operator for a rule that names password "
+    "in allow.operations",
     "alter_system": "server settings are the database operator's: ask them",
     "declare_cursor": "use SELECT with LIMIT and a WHERE on a key to read rows page by page",
     "fetch": "use SELECT with LIMIT and a WHERE on a key to read rows page by page",
@@ -385,6 +427,7 @@ class PolicyEngine:
                 summary.unbounded_write,
                 summary.opaque,
                 summary.set_parameters,
+                summary.own_backend,
                 masked,
             )
             verdict = memo.get(key)
@@ -423,27 +466,52 @@ class PolicyEngine:
         allowed_summary = _allowed_summary(rules)
         catalog = self.catalog_relations
         # 1. Built-in denials, unless a rule lifts them explicitly.
-        for operation in sorted(summary.operations & BUILTIN_DENIED_OPERATIONS):
-            if not any(operation in r.allow.operations for r in rules):
+        if "*" in summary.set_parameters:
+            # A setting change is decided by the setting's name (SET x, set_config('x')):
+            # without it, every setting's decision would be a guess.
+            return Verdict(
+                "deny",
+                "built-in",
+                "changing a setting whose name querywarden cannot see (set_config with a "
+                "name that is not a constant, UPDATE pg_settings) is refused by "
+                "querywarden's built-in protections: a setting change is decided as the SET "
+                "of the setting it names",
+                hint="name the setting as a constant: SET name TO ..., or "
+                f"set_config('name', $1, false); {allowed_summary}",
+            )
+        for operation in sorted(summary.operations & BUILTIN_DENIED_OPERATIONS.keys()):
+            if operation in ROLE_SWITCHES and masked:
                 return Verdict(
                     "deny",
                     "built-in",
-                    f"{_op(operation)} is refused by querywarden's built-in protections "
-                    "(server files, programs, role changes and server settings)",
+                    f"{_op(operation)} is refused by querywarden's built-in protections: "
+                    f"{BUILTIN_DENIED_OPERATIONS[operation]}; masking applies to you, and "
+                    "the gateway does not let a masked identity switch role",
+                    hint=f"{INSTEAD[operation]}; {allowed_summary}",
+                )
+            later = bool(summary.operations & SESSION_DEFAULTS)
+            if not _lifted(operation, rules, masked, later_sessions=later):
+                return Verdict(
+                    "deny",
+                    "built-in",
+                    f"{_op(operation)} is refused by querywarden's built-in protections: "
+                    f"{BUILTIN_DENIED_OPERATIONS[operation]}"
+                    + (_LATER_SESSIONS if later and operation in ROLE_SWITCHES else ""),
                     hint=f"{INSTEAD[operation]}; {allowed_summary}",
                 )
         for function in sorted(summary.functions, key=str):
-            if _function_matches(BUILTIN_DENIED_FUNCTIONS, function, search_path) and not any(
+            protection = _builtin_protection(function, summary.own_backend, search_path)
+            if protection is not None and not any(
                 _function_matches(r.allow.functions, function, search_path, every=True)
                 for r in rules
             ):
                 return Verdict(
                     "deny",
                     "built-in",
-                    f"calling {function} is refused by querywarden's built-in protections "
-                    "(file, network, signalling and settings functions)",
-                    hint=f"leave {function}() out: it is not available through the gateway; "
-                    f"{allowed_summary}",
+                    f"calling {function} is refused by querywarden's built-in protections: "
+                    f"{protection}",
+                    hint=f"leave {function}() out: it is not available through the gateway "
+                    f"unless a rule names it in allow.functions; {allowed_summary}",
                 )
         # Every qualified name each relation could be, computed once for steps 1-4.
         touched = [
@@ -547,7 +615,7 @@ class PolicyEngine:
                     )
         # 3. Allow: every operation and every relation must be allowed by some rule; what a
         # rule sends to review is permitted, once approved.
-        for operation in sorted(operations - BUILTIN_DENIED_OPERATIONS):
+        for operation in sorted(operations - BUILTIN_DENIED_OPERATIONS.keys()):
             if not any(
                 _operation_covered(r.allow.operations, operation)
                 or _operation_covered(r.review.operations, operation)
@@ -621,6 +689,41 @@ class PolicyEngine:
                     hint="add a WHERE clause that bounds the rows, or ask an approver",
                 )
         return Verdict("allow", None, "allowed")
+
+
+def _lifted(
+    operation: str, rules: list[Rule], masked: bool, *, later_sessions: bool = False
+) -> bool:
+    """Whether the applying rules lift the built-in denial of ``operation``.
+
+    Naming it in allow.operations does. A role switch of the session itself is lifted
+    by ``*`` as well when nothing is hidden from the identity: the policy lets it do and
+    read everything, so the role's privileges guard nothing the policy wants guarded. A
+    role default for ``later_sessions`` (ALTER ROLE ... SET role) would switch other
+    identities' sessions too, so only naming it lifts it.
+    """
+    if any(operation in r.allow.operations for r in rules):
+        return True
+    return (
+        operation in ROLE_SWITCHES
+        and not later_sessions
+        and any("*" in r.allow.operations for r in rules)
+        and _reads_everything(rules, masked)
+    )
+
+
+def _builtin_protection(
+    function: QualifiedName, own_backend: frozenset[QualifiedName], search_path: Sequence[str]
+) -> str | None:
+    """What the built-in denial covering ``function`` protects against, if one does."""
+    if function in own_backend:
+        # pg_terminate_backend(pg_backend_pid()): ending or cancelling oneself is what
+        # closing the connection or a cancel request does.
+        return None
+    for pattern, protection in BUILTIN_DENIED_FUNCTIONS.items():
+        if _function_matches((pattern,), function, search_path):
+            return protection
+    return None
 
 
 def _reads_everything(rules: list[Rule], masked: bool) -> bool:
@@ -708,8 +811,13 @@ def _could_be(relation: QualifiedName, name: str) -> str:
     return f"unqualified, {relation} could be {name} (a schema on your search_path)"
 
 
+#: Operations whose name alone would not say what the statement does.
+_OPERATION_NAMES = {"password": "setting a role's password (CREATE or ALTER ROLE ... PASSWORD)"}
+
+
 def _op(operation: str) -> str:
-    return operation.replace("ddl:", "").replace("_", " ").upper()
+    named = _OPERATION_NAMES.get(operation)
+    return named or operation.replace("ddl:", "").replace("_", " ").upper()
 
 
 def _allowed_summary(rules: list[Rule]) -> str:

@@ -185,7 +185,7 @@ OPERATIONS = frozenset(
         "analyze", "explain", "explain_analyze", "select_into", "row_lock", "alter_system",
         "discard", "checkpoint", "load", "reindex", "cluster", "refresh_materialized_view",
         "comment", "security_label", "create_extension", "fetch", "declare_cursor",
-        "close_cursor", "show", "side_effects",
+        "close_cursor", "show", "side_effects", "password",
     }
 )  # fmt: skip
 
