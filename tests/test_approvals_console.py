@@ -100,7 +100,7 @@ def test_an_approver_decides_in_the_console_and_replays_the_session(
     card = WebDriverWait(browser, 5, poll_frequency=0.05).until(
         ec.visibility_of_element_located((By.CSS_SELECTOR, f'article[data-review="{review_id}"]'))
     )
-    assert time.monotonic() - noticed < 1.5  # the pending list polls every second
+    assert time.monotonic() - noticed < 1.5  # the pending list polls twice a second
     assert "DELETE FROM qc_people WHERE id = 2" in card.text  # the exact text, to approve
     assert "alice" in card.text and "agents-write-reviewed" in card.text
 

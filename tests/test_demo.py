@@ -358,7 +358,7 @@ def test_a_held_statement_reaches_the_receiver_and_the_console_releases_it(demo:
                 )
             )
             shown = datetime.now(UTC)
-            assert (shown - opened).total_seconds() < 2.0  # the list refreshes every second
+            assert (shown - opened).total_seconds() < 2.0  # the list refreshes twice a second
             card.find_element(By.CSS_SELECTOR, "input.comment").send_keys("fine, no change")
             card.find_element(By.CSS_SELECTOR, "button.approve").click()
             out, errors = held.communicate(timeout=60)

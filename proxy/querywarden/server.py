@@ -112,6 +112,8 @@ class Gateway:
         self.policy = policy
         self.catalog_relations: frozenset[str] | None = None
         self._catalog_reader: asyncio.Task[None] | None = None
+        #: Set by close(): background work finishes what it has in hand and stops.
+        self._stopping = asyncio.Event()
         self.engine = PolicyEngine(policy)
         self.authenticator = authenticator or TokenAuthenticator(policy.identity)
         # The policy's rules decide; without rules nothing is allowed (default deny).
@@ -444,9 +446,17 @@ class Gateway:
         return False
 
     async def _read_catalog_relations_until_read(self) -> None:
+        """Read again, backing off to once a minute, until it works or the gateway closes.
+
+        Never cancelled mid-read: an asyncpg connect cut off by a cancellation can leave
+        its socket open; :meth:`close` sets ``_stopping`` and waits for the read in hand.
+        """
         delay = 1.0
         while not await self._read_catalog_relations():
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                return
             delay = min(delay * 2, 60.0)
 
     def _use_catalog_relations(self, names: frozenset[str] | None) -> None:
@@ -520,8 +530,11 @@ class Gateway:
         """
         if self._watcher is not None:
             self._watcher.cancel()
+        self._stopping.set()
         if self._catalog_reader is not None:
-            self._catalog_reader.cancel()
+            # Not cancelled (see _read_catalog_relations_until_read): it stops after the
+            # read in hand, which its connect timeout bounds.
+            await asyncio.gather(self._catalog_reader, return_exceptions=True)
         for delivery in list(self._cancels):
             delivery.cancel()
         with contextlib.suppress(Exception):

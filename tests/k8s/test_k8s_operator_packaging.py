@@ -77,8 +77,17 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
         if line.startswith("COPY ") and "--from" not in line:
             copied.update(source.rstrip("/") for source in line.split()[1:-1])
     assert copied == kept
-    for name in copied:
+    # The native wheel is made by the build (scripts/build-image.sh, skaffold's hook);
+    # everything else the Dockerfile copies is in the repository.
+    generated = {"build/native-wheel"}
+    for name in copied - generated:
         assert (REPO / name).exists(), name
+    assert (
+        "--wheel-dir build/native-wheel ./native"
+        in (REPO / "scripts" / "build-image.sh").read_text()
+    )
+    hooks = yaml.safe_load(SKAFFOLD.read_text())["build"]["artifacts"][0]["hooks"]["before"]
+    assert any("--wheel-dir build/native-wheel ./native" in " ".join(h["command"]) for h in hooks)
 
 
 def test_skaffold_deploys_the_built_image_with_the_chart(helm: Helm) -> None:

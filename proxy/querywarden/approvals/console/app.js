@@ -4,7 +4,7 @@
 "use strict";
 
 const TOKEN_KEY = "querywarden.token";
-const POLL_MS = 1000;
+const POLL_MS = 500; // a held statement shows within a second of its hold
 let me = null;
 let timer = null;
 
