@@ -33,7 +33,7 @@ from querywarden.devcluster import EphemeralCluster
 from querywarden.errors import UpstreamError
 from querywarden.policy import PolicyDocument
 from querywarden.tlsutil import CA_KEY_USAGE, write_private_key
-from querywarden.upstream import send_cancel
+from querywarden.upstream import deliver_cancel
 
 #: The name on the certificate that does not match (the gateway connects to 127.0.0.1).
 OTHER_NAME = "db.elsewhere.test"
@@ -238,7 +238,7 @@ def test_verify_full_refuses_a_certificate_for_another_name_on_every_connection(
             )
         # A cancel request carries a backend's key: it goes to the verified server only.
         with pytest.raises(UpstreamError, match="certificate verify failed"):
-            gw.call(send_cancel(gateway.upstream_target, 4242, b"\x00\x01\x02\x03"))
+            deliver_cancel(gateway.upstream_target, 4242, b"\x00\x01\x02\x03")
         # Not one connection got as far as authentication: no password went out.
         assert _authorized(cluster, since) == []
     finally:

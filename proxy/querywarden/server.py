@@ -8,9 +8,9 @@ connection, and then relays bytes through a :class:`querywarden.session.Session`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
-import hmac
 import ipaddress
 import logging
 import secrets
@@ -19,7 +19,6 @@ import ssl
 import sys
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from querywarden import codec, encodings
@@ -29,6 +28,7 @@ from querywarden.approvals.notify import Notifier
 from querywarden.approvals.service import ApprovalService
 from querywarden.approvals.store import SqliteReviewStore
 from querywarden.audit.recorder import Auditor, AuditWriteError, SessionAudit
+from querywarden.cancel import CancelCourier, CancelKey, CancelKeys
 from querywarden.config import GatewaySettings
 from querywarden.encodings import EncodingRefused
 from querywarden.endpoint import ConnectionClosed, Endpoint
@@ -70,7 +70,6 @@ from querywarden.upstream import (
     UpstreamConnection,
     UpstreamTarget,
     connect,
-    send_cancel,
     side_connection,
 )
 
@@ -80,15 +79,6 @@ log = logging.getLogger("querywarden.server")
 _WRITE_HIGH_WATER = 256 * 1024
 #: Beyond the exporter's drain time: for its last batch and for the process to exit.
 _DRAIN_MARGIN = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class _CancelKey:
-    secret: bytes
-    upstream_pid: int
-    upstream_secret: bytes
-    #: The client connection, so a CancelRequest can end a statement held for approval.
-    connection: ClientConnection | None = None
 
 
 class Gateway:
@@ -161,9 +151,9 @@ class Gateway:
         self.sessions: dict[str, ClientConnection] = {}
         #: Every client and upstream socket still alive, for close() to wait on.
         self.endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()
-        self._cancel_keys: dict[int, _CancelKey] = {}
-        #: CancelRequests being delivered upstream (owned here, not by any connection).
-        self._cancels: set[asyncio.Task[None]] = set()
+        self._cancel_keys: CancelKeys[ClientConnection] = CancelKeys()
+        #: Delivers CancelRequests upstream (owned here, not by any connection).
+        self._courier = CancelCourier()
         self._server: asyncio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._policy_stamp: tuple[int, int, int] | None = None
@@ -535,8 +525,7 @@ class Gateway:
             # Not cancelled (see _read_catalog_relations_until_read): it stops after the
             # read in hand, which its connect timeout bounds.
             await asyncio.gather(self._catalog_reader, return_exceptions=True)
-        for delivery in list(self._cancels):
-            delivery.cancel()
+        self._courier.close()
         with contextlib.suppress(Exception):
             await self.plans.close()
         with contextlib.suppress(Exception):
@@ -578,22 +567,16 @@ class Gateway:
     # cancel keys -------------------------------------------------------------------
 
     def register_cancel_key(
-        self, upstream: UpstreamConnection, connection: ClientConnection | None = None
-    ) -> tuple[int, bytes]:
-        """Hand out a gateway key for the client and remember the upstream key behind it."""
-        while True:
-            pid = secrets.randbelow(2**31 - 1) + 1
-            if pid not in self._cancel_keys:
-                break
-        secret = secrets.token_bytes(4)
-        self._cancel_keys[pid] = _CancelKey(
-            secret, upstream.backend_pid, upstream.backend_secret, connection
+        self, target: UpstreamTarget, upstream: UpstreamConnection, connection: ClientConnection
+    ) -> CancelKey[ClientConnection]:
+        """A key for the client: the backend's own pid, a secret the gateway made up."""
+        return self._cancel_keys.issue(
+            target, upstream.backend_pid, upstream.backend_secret, connection
         )
-        return pid, secret
 
-    def forget_cancel_key(self, pid: int) -> None:
+    def forget_cancel_key(self, key: CancelKey[ClientConnection]) -> None:
         """Drop a key when its session ends."""
-        self._cancel_keys.pop(pid, None)
+        self._cancel_keys.forget(key)
 
     async def cancel(self, pid: int, secret: bytes) -> None:
         """Map a client CancelRequest to its upstream backend; unknown keys are ignored.
@@ -604,41 +587,24 @@ class Gateway:
         """
         delivery = self.cancel_soon(pid, secret)
         if delivery is not None:
-            await asyncio.shield(delivery)
+            await asyncio.shield(asyncio.wrap_future(delivery))
 
-    def cancel_soon(self, pid: int, secret: bytes) -> asyncio.Task[None] | None:
-        """Start delivering a CancelRequest in a task the gateway owns (None: nothing to send).
+    def cancel_soon(self, pid: int, secret: bytes) -> concurrent.futures.Future[None] | None:
+        """Start delivering a CancelRequest (None: nothing to send upstream).
 
-        The task is not tied to any client connection, and the gateway keeps a strong
-        reference until it ends. At most _MAX_CANCELS_IN_FLIGHT run at once (each holds
-        a socket for up to the connect timeout); past that a cancel is dropped, as
-        PostgreSQL drops one it cannot serve.
+        The delivery runs on the courier's threads, tied to no client connection and to
+        no turn of the event loop (see :mod:`querywarden.cancel`).
         """
-        key = self._cancel_keys.get(pid)
-        if key is None or not hmac.compare_digest(key.secret, secret):
+        key = self._cancel_keys.find(pid, secret)
+        if key is None:
             log.info("ignored a CancelRequest with an unknown key")
             return None
-        held = key.connection._decision if key.connection is not None else None
+        held = key.owner._decision
         if held is not None and not held.done():
             # The statement is in the gateway (held for approval), not upstream.
             held.cancel()
             return None
-        if len(self._cancels) >= _MAX_CANCELS_IN_FLIGHT:
-            log.warning("dropped a CancelRequest: %d cancels already in flight", len(self._cancels))
-            return None
-        task = asyncio.get_running_loop().create_task(
-            self._deliver_cancel(key.upstream_pid, key.upstream_secret)
-        )
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
-        return task
-
-    async def _deliver_cancel(self, upstream_pid: int, upstream_secret: bytes) -> None:
-        try:
-            await send_cancel(self.upstream_target, upstream_pid, upstream_secret)
-        except (OSError, QuerywardenError) as exc:
-            # Best effort, as in PostgreSQL: the statement then runs to its end.
-            log.warning("could not deliver a CancelRequest upstream: %s", exc)
+        return self._courier.deliver(key.target, key.pid, key.upstream_secret)
 
 
 def _server_tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
@@ -671,13 +637,12 @@ class ClientConnection(Endpoint):
         self.gateway = gateway
         self.session: Session | None = None
         self.upstream: Endpoint | None = None
-        self.pid = 0
+        self.cancel_key: CancelKey[ClientConnection] | None = None
         self._task: asyncio.Task[None] | None = None
         self._deciding: asyncio.Task[None] | None = None
         self._cancelling: asyncio.Task[None] | None = None
         self._replanning: asyncio.Task[None] | None = None
         self._decision: asyncio.Future[Decision] | None = None
-        self._cancel_secret = b""
         self._finished = False
         # Reading the untyped packets before a StartupMessage: the start-up task then only
         # reads what is buffered, so a lost connection must not cancel it (a CancelRequest
@@ -757,7 +722,9 @@ class ClientConnection(Endpoint):
     def _transport_closing(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
-    async def _start_up(self) -> tuple[StartupReceived, SessionInfo, UpstreamConnection] | None:
+    async def _start_up(
+        self,
+    ) -> tuple[StartupReceived, SessionInfo, UpstreamTarget, UpstreamConnection] | None:
         gateway = self.gateway
         machine = ClientStartup()
         startup: StartupReceived | None = None
@@ -863,7 +830,7 @@ class ClientConnection(Endpoint):
             # Counted from here: the session that ends it owns the connection now.
             audit.upstream_connected()
         self._audit = audit
-        return startup, info, upstream
+        return startup, info, target, upstream
 
     def _tls_details(self) -> dict[str, str] | None:
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
@@ -914,7 +881,11 @@ class ClientConnection(Endpoint):
     # relay -------------------------------------------------------------------------
 
     def _start_relay(
-        self, startup: StartupReceived, info: SessionInfo, upstream: UpstreamConnection
+        self,
+        startup: StartupReceived,
+        info: SessionInfo,
+        target: UpstreamTarget,
+        upstream: UpstreamConnection,
     ) -> None:
         gateway = self.gateway
         if self.closed:
@@ -939,14 +910,13 @@ class ClientConnection(Endpoint):
         gateway.endpoints.add(up)
         assert up.transport is not None
         up.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        self.pid, secret = gateway.register_cancel_key(upstream, self)
+        self.cancel_key = key = gateway.register_cancel_key(target, upstream, self)
         gateway.sessions[info.session_id] = self
-        self._cancel_secret = secret
         self.writelines(
             [
                 codec.AUTHENTICATION_OK,
                 *upstream.startup_frames,
-                codec.backend_key_data(self.pid, secret),
+                codec.backend_key_data(key.pid, key.secret),
                 codec.ready_for_query(upstream.transaction_status),
             ]
         )
@@ -1061,7 +1031,8 @@ class ClientConnection(Endpoint):
         assert session is not None and self.transport is not None
         self.transport.pause_reading()
         try:
-            await self.gateway.cancel(self.pid, self._cancel_secret)
+            assert self.cancel_key is not None
+            await self.gateway.cancel(self.cancel_key.pid, self.cancel_key.secret)
         except (OSError, QuerywardenError) as exc:
             # Not delivered: the statement runs to its end and the client still gets the
             # row-limit error; nothing can be hit by a late cancel.
@@ -1194,8 +1165,8 @@ class ClientConnection(Endpoint):
         self.gateway.connections.discard(self)
         if self.session is not None:
             self.gateway.sessions.pop(self.session.info.session_id, None)
-        if self.pid:
-            self.gateway.forget_cancel_key(self.pid)
+        if self.cancel_key is not None:
+            self.gateway.forget_cancel_key(self.cancel_key)
         if self.upstream is not None and not self.upstream.closed:
             self.upstream.write(codec.TERMINATE)
             self.upstream.close()
@@ -1257,9 +1228,6 @@ def _send(endpoint: Endpoint | None, chunks: list[bytes]) -> None:
     else:
         transport.writelines(chunks)
 
-
-#: CancelRequests delivered upstream at once, at most.
-_MAX_CANCELS_IN_FLIGHT = 256
 
 #: Client input buffered behind a held request before the gateway stops reading.
 _HELD_INPUT_LIMIT = 1024 * 1024

@@ -8,15 +8,16 @@ reported to the client without the server's text.
 One :class:`UpstreamTarget`, built from the settings (per role, its credentials), serves
 every connection: the relay's (:func:`connect`), the side connections for the masking
 catalog and EXPLAIN (:func:`side_connection`, asyncpg) and cancel requests
-(:func:`send_cancel`). All TLS comes from :func:`_tls_context_for`, so ``verify-full``
-checks the certificate and its name on each of them, before any password or cancel key
-is sent.
+(:func:`deliver_cancel`, blocking, for a thread of its own). All TLS comes from
+:func:`_tls_context_for`, so ``verify-full`` checks the certificate and its name on each
+of them, before any password or cancel key is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,32 +284,56 @@ def _startup_error(fields: dict[str, str]) -> UpstreamError:
     return UpstreamError(fields.get("M", "upstream start-up failed"), sqlstate=sqlstate)
 
 
-async def send_cancel(target: UpstreamTarget, pid: int, secret: bytes) -> None:
+def deliver_cancel(target: UpstreamTarget, pid: int, secret: bytes) -> None:
     """Deliver a CancelRequest for an upstream backend (best effort, like libpq).
 
-    The request travels with the TLS of every other upstream connection (PostgreSQL reads
-    a CancelRequest after an SSLRequest as it reads a StartupMessage, as libpq 17 sends
-    it): under ``verify-full`` the backend's cancel key goes to the verified server only.
+    Blocking, for a thread of its own (:class:`querywarden.cancel.CancelCourier`): the
+    event loop may be busy relaying the very result the client wants to stop. The request
+    travels with the TLS of every other upstream connection (PostgreSQL reads a
+    CancelRequest after an SSLRequest as it reads a StartupMessage, as libpq 17 sends it):
+    under ``verify-full`` the backend's cancel key goes to the verified server only.
     """
-    endpoint = await open_endpoint(target)
+    timeout = target.connect_timeout
     try:
-        async with asyncio.timeout(target.connect_timeout):
-            await _negotiate_tls(endpoint, target)
-    except (TimeoutError, ConnectionClosed) as exc:
-        endpoint.abort()
+        raw = socket.create_connection((target.host, target.port), timeout=timeout)
+    except OSError as exc:
         raise UpstreamError(
-            "the upstream database did not negotiate TLS for a cancel request", sqlstate="08006"
+            f"could not connect to the upstream database at {target.host}:{target.port} "
+            f"to deliver a cancel: {exc}",
+            sqlstate="08001",
         ) from exc
-    except BaseException:
-        endpoint.abort()
-        raise
-    endpoint.write(codec.cancel_request(pid, secret))
-    # The server closes the connection without answering; wait for that, briefly.
+    sock: socket.socket = raw
     try:
-        async with asyncio.timeout(target.connect_timeout):
-            while True:
-                await endpoint.read()
-    except (ConnectionClosed, TimeoutError):
-        pass
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = _negotiate_tls_blocking(raw, target)
+        sock.sendall(codec.cancel_request(pid, secret))
+        # The server closes the connection without answering once it has signalled the
+        # backend; waiting for that keeps "delivered" meaning delivered.
+        while sock.recv(64):
+            pass
+    except TimeoutError:
+        pass  # sent; the server just did not close in time
     finally:
-        endpoint.close()
+        sock.close()
+
+
+def _negotiate_tls_blocking(raw: socket.socket, target: UpstreamTarget) -> socket.socket:
+    """:func:`_negotiate_tls` over a blocking socket: the socket to send on."""
+    if target.sslmode == "disable":
+        return raw
+    raw.sendall(codec.ssl_request())
+    answer = raw.recv(1)
+    if answer == b"S":
+        try:
+            return _client_tls_context(target).wrap_socket(raw, server_hostname=target.host)
+        except ssl.SSLError as exc:
+            raise UpstreamError(f"TLS handshake failed: {exc}", sqlstate="08006") from exc
+    if answer == b"N":
+        if target.sslmode != "prefer":
+            raise UpstreamError(
+                f"the upstream database does not offer TLS, which sslmode={target.sslmode} "
+                "requires",
+                sqlstate="08001",
+            )
+        return raw
+    raise UpstreamError("unexpected answer to SSLRequest from upstream", sqlstate="08P01")
