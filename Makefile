@@ -83,8 +83,8 @@ bench: $(NATIVE)
 # The client libraries' own test suites (pgx, node-postgres), each run directly and
 # through the gateway with audit off and on; prints passed directly / through / ratio and
 # the tests that pass only directly (docs/compatibility.md). Not part of `make test`: it
-# takes about COMPAT_MINUTES minutes. The suites are fetched from the Go module proxy
-# and the npm registry at the pins in compat/versions.env, cached in
+# takes about 10 minutes, most of it pgx through the gateway. The suites come from the Go
+# module proxy and the npm registry at the pins in compat/versions.env, cached in
 # ~/.cache/querywarden/compat. COMPAT_ARGS, e.g. --suite pgx --mode audit-off.
 COMPAT_ARGS ?=
 compat-fetch:

@@ -7,6 +7,7 @@ processes ended, and prints what comes out.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -25,6 +26,11 @@ class SuiteRun:
         return SuiteRun(self.passed - drop, self.failed - drop, self.skipped - drop)
 
 
+#: A ``t.TempDir()`` path in a subtest's name (``.../TestName2610695528/001/...``): its
+#: digits differ at every run, so the same subtest would not match between two runs.
+_GO_TEMP_DIR = re.compile(r"(Test\w*?)\d{6,}/\d{3}/")
+
+
 def parse_go_test_json(lines: Iterable[str]) -> SuiteRun:
     """Outcomes from ``go test -json`` output, subtests included (``pkg Test/sub``).
 
@@ -39,7 +45,8 @@ def parse_go_test_json(lines: Iterable[str]) -> SuiteRun:
         test = event.get("Test")
         if not test:
             continue
-        key = f"{event['Package']} {test}"
+        name = _GO_TEMP_DIR.sub(r"\1*/*/", test)
+        key = f"{event['Package']} {name}"
         action = event["Action"]
         if action == "run":
             outcome.setdefault(key, "fail")

@@ -52,8 +52,10 @@ SUITES_DIR = (
 
 #: The one role both ways: the suites log in as it directly, and the gateway logs in as
 #: it upstream, so a difference between the runs is the gateway's and not a privilege's.
-#: A superuser, as both suites' own setups make their test roles. Its password is stored
-#: as MD5 because node-postgres 4 predates SCRAM.
+#: A superuser, as both suites' own setups make their test roles. It logs in with a
+#: cleartext password (pg_hba ``password``, on loopback), the exchange the gateway has
+#: with its clients too (the token is the password): node-postgres 4 predates SCRAM, and
+#: its raw-connection tests answer MD5 wrongly, which would fail them directly only.
 ROLE = "compat"
 ROLE_PASSWORD = "compat-secret"  # noqa: S105 - a throw-away cluster's password
 MODES = ("audit-off", "audit-on")
@@ -128,18 +130,19 @@ class Pgx:
             # The suite's "TCP" tests want a TCP connection string besides the default.
             "PGX_TEST_TCP_CONN_STRING": target.keywords(self.database),
         }
+        # Into the log as it comes, so that a long run can be followed with tail -f;
+        # the parser skips the non-JSON lines (build errors on stderr).
         with log.open("w") as out:
-            proc = subprocess.run(
+            subprocess.run(
                 argv + self.packages,
                 cwd=self.source,
                 env=env,
-                stdout=subprocess.PIPE,
-                stderr=out,
-                text=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 check=False,
             )
-            out.write(proc.stdout)
-        return parse_go_test_json(proc.stdout.splitlines())
+        with log.open() as lines:
+            return parse_go_test_json(lines)
 
 
 class NodePostgres:
@@ -200,6 +203,9 @@ class NodePostgres:
 
 
 #: Tests no proxy can pass, whatever it does: taken out of both counts, with the reason.
+#: None so far: the ones that need the server's own Unix socket (pgx's
+#: PGX_TEST_UNIX_SOCKET_CONN_STRING) or a TLS client certificate are left unconfigured,
+#: so they skip themselves both ways and count in neither (docs/compatibility.md).
 EXCLUDED: dict[str, dict[str, str]] = {"pgx": {}, "node-postgres": {}}
 
 
@@ -224,17 +230,15 @@ def run_psql_file(cluster: EphemeralCluster, path: Path, database: str) -> None:
 
 
 def start_cluster() -> EphemeralCluster:
-    """PostgreSQL with the ``compat`` superuser allowed from loopback with MD5."""
+    """PostgreSQL with the ``compat`` superuser allowed from loopback by password."""
     cluster = EphemeralCluster.create()
     cluster.start()
     cluster.psql(
-        f"SET password_encryption = 'md5'; "
-        f"CREATE ROLE {ROLE} SUPERUSER LOGIN PASSWORD '{ROLE_PASSWORD}'",
-        database="postgres",
+        f"CREATE ROLE {ROLE} SUPERUSER LOGIN PASSWORD '{ROLE_PASSWORD}'", database="postgres"
     )
     # Our line goes first: the cluster's catch-all loopback line asks for SCRAM.
     hba = cluster.datadir / "pg_hba.conf"
-    lines = [f"host all {ROLE} {net} md5" for net in ("127.0.0.1/32", "::1/128")]
+    lines = [f"host all {ROLE} {net} password" for net in ("127.0.0.1/32", "::1/128")]
     hba.write_text("\n".join(lines) + "\n" + hba.read_text())
     cluster.psql("SELECT pg_reload_conf()", database="postgres")
     return cluster
@@ -250,9 +254,11 @@ def fresh_database(cluster: EphemeralCluster, suite: Suite) -> None:
 
 
 @contextmanager
-def running_gateway(cluster: EphemeralCluster, work: Path, mode: str) -> Iterator[Target]:
+def running_gateway(
+    cluster: EphemeralCluster, work: Path, name: str, mode: str
+) -> Iterator[Target]:
     """``querywarden serve`` in front of the cluster, with an allow-all identity."""
-    state = work / f"gateway-{mode}"
+    state = work / f"gateway-{name}-{mode}"
     state.mkdir()
     key = state / "dev-issuer.pem"
     # The longest the dev issuer accepts; each gateway serves one suite run, well within it.
@@ -284,10 +290,12 @@ def running_gateway(cluster: EphemeralCluster, work: Path, mode: str) -> Iterato
     if mode == "audit-on":
         settings["audit"] = {"directory": str(state / "audit")}
     (state / "gateway.yaml").write_text(yaml.safe_dump(settings))
-    log = (work / f"gateway-{mode}.log").open("w")
+    log = (work / f"gateway-{name}-{mode}.log").open("w")
     proc = subprocess.Popen(
         [
-            str(Path(sys.executable).with_name("querywarden")),
+            sys.executable,
+            "-m",
+            "querywarden",
             "--log-level",
             "WARNING",
             "serve",
@@ -364,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             excluded = EXCLUDED[suite.name]
             for mode in modes:
-                with running_gateway(cluster, work, mode) as through:
+                with running_gateway(cluster, work, suite.name, mode) as through:
                     result, timings[f"{suite.name} {mode}"] = timed_run(
                         suite, cluster, through, work / f"{suite.name}-{mode}.log"
                     )

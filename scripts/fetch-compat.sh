@@ -31,9 +31,13 @@ die() {
     exit 1
 }
 
-stamp_key() { # VERSION FILE...
-    printf 'version %s\n' "$1"
+# Part of every stamp: bump it when a change to this script changes what gets set up.
+RECIPE=1
+
+stamp_key() { # VERSIONS [FILE...]: what a suite's stamp must hold for it to count as fresh
+    printf 'version %s\nrecipe %s\n' "$1" "$RECIPE"
     shift
+    (($#)) || return 0
     (cd "$ROOT" && sha256sum "$@")
 }
 
@@ -43,7 +47,7 @@ fresh() { # NAME KEY DIR
 
 fetch_pgx() {
     local dir=$SRC/pgx-$PGX_VERSION key
-    key=$(stamp_key "$PGX_VERSION" compat/versions.env)
+    key=$(stamp_key "$PGX_VERSION")
     fresh pgx "$key" "$dir" && {
         log "pgx $PGX_VERSION: up to date ($dir)"
         return
@@ -65,7 +69,7 @@ fetch_pgx() {
 
 fetch_node_postgres() {
     local dir=$SRC/pg-$NODE_PG_VERSION key lock=$ROOT/compat/node-postgres/package-lock.json
-    key=$(stamp_key "$NODE_PG_VERSION" compat/versions.env compat/node-postgres/package-lock.json)
+    key=$(stamp_key "$NODE_PG_VERSION node $NODE_VERSION" compat/node-postgres/package-lock.json)
     fresh node-postgres "$key" "$dir" && {
         log "node-postgres $NODE_PG_VERSION: up to date ($dir)"
         return

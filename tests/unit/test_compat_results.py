@@ -74,3 +74,16 @@ def test_comparison_lists_what_passes_only_directly_and_leaves_out_exclusions() 
     assert "pgx    audit-off  3                2               66.7%" in table
     assert "pgx, audit-off: 2 pass only directly\n  b\n  c" in table
     assert json.loads(json.dumps(comparison.as_json()))["excluded"] == excluded
+
+
+def test_a_temp_dir_in_a_subtest_name_matches_between_runs() -> None:
+    def named(digits: str) -> str:
+        return f"TestParseConfig/servicefile='/tmp/TestParseConfig{digits}/001/pg_service.conf'"
+
+    first = results.parse_go_test_json([_event("pass", named("2610695528"))])
+    second = results.parse_go_test_json([_event("pass", named("3141592653"))])
+    assert (
+        first.passed
+        == second.passed
+        == {f"{PKG} TestParseConfig/servicefile='/tmp/TestParseConfig*/*/pg_service.conf'"}
+    )
