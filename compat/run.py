@@ -92,7 +92,9 @@ class Suite(Protocol):
     """A client library's own test suite."""
 
     name: str
+    #: The database each run gets, copied anew from ``template`` (see fresh_database).
     database: str
+    template: str
     source: Path
 
     def prepare(self, cluster: EphemeralCluster) -> None:
@@ -107,6 +109,7 @@ class Pgx:
 
     name = "pgx"
     database = "pgx_test"
+    template = "pgx_template"
 
     def __init__(self, packages: list[str], run_pattern: str | None) -> None:
         self.source = SUITES_DIR / f"pgx-{VERSIONS['PGX_VERSION']}"
@@ -116,8 +119,8 @@ class Pgx:
     def prepare(self, cluster: EphemeralCluster) -> None:
         # pgx's own setup (extensions, the uint64 domain, its roles) into a template that
         # every run copies, so that no run sees what an earlier one left behind.
-        cluster.psql("CREATE DATABASE pgx_template", database="postgres")
-        run_psql_file(cluster, self.source / "testsetup/postgresql_setup.sql", "pgx_template")
+        cluster.psql(f"CREATE DATABASE {self.template}", database="postgres")
+        run_psql_file(cluster, self.source / "testsetup/postgresql_setup.sql", self.template)
 
     def run(self, target: Target, log: Path) -> SuiteRun:
         argv = ["go", "test", "-json", "-count=1", "-p", "1", "-timeout", "15m"]
@@ -155,6 +158,7 @@ class NodePostgres:
 
     name = "node-postgres"
     database = "nodepg_test"
+    template = "nodepg_template"
     timeout = 60.0
 
     def __init__(self, files: list[str] | None) -> None:
@@ -162,7 +166,7 @@ class NodePostgres:
         self.files = files
 
     def prepare(self, cluster: EphemeralCluster) -> None:
-        cluster.psql("CREATE DATABASE nodepg_template", database="postgres")
+        cluster.psql(f"CREATE DATABASE {self.template}", database="postgres")
 
     def run(self, target: Target, log: Path) -> SuiteRun:
         env = {**os.environ, **target.pg_environment(self.database)}
@@ -246,11 +250,9 @@ def start_cluster() -> EphemeralCluster:
 
 def fresh_database(cluster: EphemeralCluster, suite: Suite) -> None:
     """The suite's database, copied anew from its template."""
-    template = suite.database.replace("_test", "_template")
     cluster.psql(f"DROP DATABASE IF EXISTS {suite.database} WITH (FORCE)", database="postgres")
-    cluster.psql(
-        f"CREATE DATABASE {suite.database} TEMPLATE {template} OWNER {ROLE}", database="postgres"
-    )
+    create = f"CREATE DATABASE {suite.database} TEMPLATE {suite.template} OWNER {ROLE}"
+    cluster.psql(create, database="postgres")
 
 
 @contextmanager
