@@ -11,7 +11,7 @@ NATIVE_SOURCES := native/Cargo.toml native/Cargo.lock native/pyproject.toml \
 	native/querywarden_native.pyi $(wildcard native/src/*.rs)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit bench system-deps browser tools image node-images clean lock
+.PHONY: demo test lint typecheck unit bench compat compat-fetch system-deps browser tools image node-images clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -60,11 +60,12 @@ demo: $(NATIVE) system-deps
 	$(BIN)/querywarden demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy operator tests bench
-	$(BIN)/ruff format --check proxy operator tests bench
+	$(BIN)/ruff check proxy operator tests bench compat
+	$(BIN)/ruff format --check proxy operator tests bench compat
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy compat/run.py compat/results.py
 
 test: $(NATIVE) system-deps browser tools image node-images lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -78,6 +79,19 @@ bench: $(NATIVE)
 	$(BIN)/python bench/masking_bench.py
 	$(BIN)/python bench/audit_bench.py
 	$(BIN)/python bench/large_message_bench.py --repeats 2
+
+# The client libraries' own test suites (pgx, node-postgres), each run directly and
+# through the gateway with audit off and on; prints passed directly / through / ratio and
+# the tests that pass only directly (docs/compatibility.md). Not part of `make test`: it
+# takes about 10 minutes, most of it pgx through the gateway. The suites come from the Go
+# module proxy and the npm registry at the pins in compat/versions.env, cached in
+# ~/.cache/querywarden/compat. COMPAT_ARGS, e.g. --suite pgx --mode audit-off.
+COMPAT_ARGS ?=
+compat-fetch:
+	@bash scripts/fetch-compat.sh
+
+compat: $(NATIVE) system-deps compat-fetch
+	$(BIN)/python compat/run.py $(COMPAT_ARGS)
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:
