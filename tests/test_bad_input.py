@@ -91,6 +91,24 @@ def test_garbage_before_startup_is_refused(
     assert_serves(gw)
 
 
+def test_a_terminate_before_startup_is_closed_silently_as_postgresql_does(
+    make_gateway: MakeGateway, pg: EphemeralCluster
+) -> None:
+    # node-postgres ends a client that has not started up yet by sending Terminate first.
+    # PostgreSQL hangs up without a word; an ErrorResponse would reach the client as an
+    # unhandled error. Other bad first packets still get a FATAL (above).
+    gw = make_gateway()
+    for address in ((gw.host, gw.port), ("127.0.0.1", pg.port)):
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(codec.TERMINATE)
+            received = b""
+            while chunk := sock.recv(4096):
+                received += chunk
+        assert received == b"", (address, received)
+    wait_until(lambda: gw.connection_count == 0, timeout=5, what="the connection to be dropped")
+    assert_serves(gw)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_random_bytes_before_startup(make_gateway: MakeGateway, seed: int) -> None:
     """Random bytes then end of input: an 08P01 error or a clean close, never a hang."""

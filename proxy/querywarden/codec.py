@@ -12,7 +12,7 @@ import codecs
 import struct
 from dataclasses import dataclass
 
-from querywarden.errors import ProtocolViolation
+from querywarden.errors import ProtocolViolation, TerminatedBeforeStartup
 
 # --- constants ------------------------------------------------------------------------
 
@@ -58,8 +58,11 @@ class StartupPacket:
 def read_startup_packet(buf: bytearray) -> StartupPacket | None:
     """Remove and return one untyped startup packet from ``buf``; ``None`` if incomplete.
 
-    Raises ProtocolViolation for a length PostgreSQL itself would refuse.
+    Raises ProtocolViolation for a length PostgreSQL itself would refuse, and
+    TerminatedBeforeStartup for a Terminate message where the packet should be.
     """
+    if buf[:5] == TERMINATE:
+        raise TerminatedBeforeStartup("the client sent Terminate before its startup packet")
     if len(buf) < 8:
         if len(buf) >= 4:
             _check_startup_length(UINT32.unpack_from(buf, 0)[0])

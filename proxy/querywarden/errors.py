@@ -34,6 +34,16 @@ class ProtocolViolation(QuerywardenError):
     default_sqlstate = "08P01"
 
 
+class TerminatedBeforeStartup(ProtocolViolation):
+    """The client's first message was a Terminate: it ended before it started up.
+
+    PostgreSQL reads those bytes as a start-up packet of an impossible length, logs that
+    and hangs up without a word; a client that connects and ends at once (node-postgres)
+    expects exactly that, and would raise an error it gets as unhandled. The gateway closes
+    silently too. Any other bad first packet still gets a FATAL that says what is wrong.
+    """
+
+
 class AuthenticationFailed(QuerywardenError):
     """The client's credentials were refused. The message must never echo a secret."""
 

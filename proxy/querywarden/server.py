@@ -36,6 +36,7 @@ from querywarden.errors import (
     AuthenticationFailed,
     ProtocolViolation,
     QuerywardenError,
+    TerminatedBeforeStartup,
     UpstreamError,
 )
 from querywarden.hooks import Decision, ResultHook, SessionInfo, StatementGate
@@ -686,6 +687,10 @@ class ClientConnection(Endpoint):
             log.info("authentication failed from %s: %s", self.peer_address(), exc.message)
             self._audit_auth_failure(exc)
             self._send_fatal(exc.sqlstate, exc.message)
+            self.close()
+        except TerminatedBeforeStartup as exc:
+            # As PostgreSQL: logged, and the connection closed without a reply.
+            log.info("start-up failed from %s: %s", self.peer_address(), exc.message)
             self.close()
         except QuerywardenError as exc:
             log.info("start-up failed from %s: %s", self.peer_address(), exc.message)
