@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
+import urllib.request
 from typing import Any
 
 import psycopg
+
+from gateway_harness import RunningGateway, token_for
 
 #: The gateway's hold notice: "...: held for approval as review ID; waiting up to ...".
 _HOLD_NOTICE = re.compile(r"as review (\S+);")
@@ -73,3 +77,19 @@ REVIEW_RULES: list[dict[str, Any]] = [
         "allow": {"operations": ["*"], "tables": ["*"]},
     },
 ]
+
+
+def admin_call(
+    gw: RunningGateway, method: str, path: str, user: str = "bob", body: Any = None
+) -> Any:
+    """Call the gateway's admin API as ``user`` (a DBA approver by default); the JSON answer."""
+    address = gw.gateway.admin_address
+    assert address is not None
+    request = urllib.request.Request(
+        f"http://{address[0]}:{address[1]}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token_for(user)}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())

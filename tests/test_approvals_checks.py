@@ -10,8 +10,6 @@ side connection that fails) is held as before, and an approver decides.
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import psycopg
 import pytest
 
 from gateway_harness import DATABASE, POLICY, RunningGateway, token_for
-from held_statement import HeldStatement
+from held_statement import HeldStatement, admin_call
 from querywarden import codec
 from querywarden.audit.log import read_records
 from querywarden.devcluster import EphemeralCluster
@@ -86,27 +84,14 @@ def gw(make_gateway: Callable[..., RunningGateway], tables: None, tmp_path: Path
     return running
 
 
-def _admin(gw: RunningGateway, method: str, path: str, body: Any = None) -> Any:
-    address = gw.gateway.admin_address
-    assert address is not None
-    request = urllib.request.Request(
-        f"http://{address[0]}:{address[1]}{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token_for('bob')}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
 def _reviews(gw: RunningGateway) -> list[dict[str, Any]]:
-    return list(_admin(gw, "GET", "/reviews")["reviews"])
+    return list(admin_call(gw, "GET", "/reviews")["reviews"])
 
 
 def _denied_after_hold(gw: RunningGateway, held: HeldStatement) -> str:
     """Deny the review ``held`` waits on; the statement it was; the client's error."""
     review_id = held.review_id()
-    review = _admin(gw, "POST", f"/reviews/{review_id}/deny", {"comment": "checked: held"})
+    review = admin_call(gw, "POST", f"/reviews/{review_id}/deny", body={"comment": "checked: held"})
     held.finish()
     assert isinstance(held.error, psycopg.errors.InsufficientPrivilege), held.error
     assert "checked: held" in str(held.error)
@@ -288,7 +273,7 @@ def test_a_check_that_fails_holds_the_statement(gw: RunningGateway, pg: Ephemera
             locker.execute("LOCK TABLE qc_items IN ACCESS EXCLUSIVE MODE")
             held = HeldStatement(conn, sql)
             review_id = held.review_id()
-        _admin(gw, "POST", f"/reviews/{review_id}/deny", {"comment": "no"})
+        admin_call(gw, "POST", f"/reviews/{review_id}/deny", body={"comment": "no"})
         held.finish()
         assert isinstance(held.error, psycopg.errors.InsufficientPrivilege), held.error
     # The role logs in again: the check is made, and the server's error comes back.

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from gateway_harness import DATABASE, POLICY, RunningGateway, token_for
-from held_statement import HeldStatement
+from held_statement import HeldStatement, admin_call
 from querywarden import codec
 from querywarden.audit.log import read_records
 from querywarden.devcluster import EphemeralCluster
@@ -75,19 +75,6 @@ def _start(
     return gw
 
 
-def _admin(gw: RunningGateway, method: str, path: str, user: str, body: Any = None) -> Any:
-    address = gw.gateway.admin_address
-    assert address is not None
-    request = urllib.request.Request(
-        f"http://{address[0]}:{address[1]}{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token_for(user)}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
 def _held(gw: RunningGateway, sql: str) -> HeldStatement:
     """``sql`` run as alice (an agent) in a thread."""
     return HeldStatement(psycopg.connect(gw.dsn("alice"), autocommit=True), sql)
@@ -102,20 +89,20 @@ def test_held_delete_runs_after_approval_and_fails_after_denial(
     review_id = held.review_id()
     assert not held.done.is_set()  # still waiting on the wire
     assert pg.psql("SELECT count(*) FROM qh_items").strip() == "2"
-    pending = _admin(gw, "GET", "/reviews?state=pending", "bob")
+    pending = admin_call(gw, "GET", "/reviews?state=pending", "bob")
     assert any(r["id"] == review_id for r in pending["reviews"])
     # The requester is no approver.
     with pytest.raises(urllib.error.HTTPError) as forbidden:
-        _admin(gw, "POST", f"/reviews/{review_id}/approve", "alice", {"comment": "me"})
+        admin_call(gw, "POST", f"/reviews/{review_id}/approve", "alice", {"comment": "me"})
     assert forbidden.value.code == 403
     forbidden.value.close()  # an HTTPError holds the response open
-    _admin(gw, "POST", f"/reviews/{review_id}/approve", "bob", {"comment": "ok, one row"})
+    admin_call(gw, "POST", f"/reviews/{review_id}/approve", "bob", {"comment": "ok, one row"})
     held.finish()
     assert held.error is None
     assert pg.psql("SELECT id FROM qh_items").strip() == "2"
 
     denied = _held(gw, "DELETE FROM qh_items WHERE id = 2")
-    _admin(gw, "POST", f"/reviews/{denied.review_id()}/deny", "bob", {"comment": "not today"})
+    admin_call(gw, "POST", f"/reviews/{denied.review_id()}/deny", "bob", {"comment": "not today"})
     denied.finish()
     assert isinstance(denied.error, psycopg.errors.InsufficientPrivilege)
     assert "not today" in str(denied.error)
@@ -144,7 +131,7 @@ def test_hold_expiry_then_a_single_use_grant(
     held.finish()
     assert isinstance(held.error, psycopg.errors.InsufficientPrivilege)
     assert "still pending" in str(held.error) and review_id in str(held.error)
-    _admin(gw, "POST", f"/reviews/{review_id}/approve", "bob", {"comment": "go"})
+    admin_call(gw, "POST", f"/reviews/{review_id}/approve", "bob", {"comment": "go"})
     with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
         # Re-running the same statement (other spacing and a comment) uses the grant.
         conn.execute("DELETE  FROM qh_items /* again */ WHERE id = 7")
@@ -176,7 +163,7 @@ def _wait_withdrawn(gw: RunningGateway, review_id: str) -> None:
     deadline = time.monotonic() + 10
     review: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        review = _admin(gw, "GET", f"/reviews/{review_id}", "bob")
+        review = admin_call(gw, "GET", f"/reviews/{review_id}", "bob")
         if review["decision"] == "withdrawn":
             return
         time.sleep(0.05)
@@ -252,7 +239,7 @@ def test_approvers_added_by_a_policy_reload_hold_statements_at_once(
     policy_file.write_text(json.dumps(_policy("20s").model_dump(mode="json", by_alias=True)))
     assert gw.gateway.reload_policy()
     held = _held(gw, "DELETE FROM qh_items WHERE id = 1")
-    _admin(gw, "POST", f"/reviews/{held.review_id()}/approve", "bob", {"comment": "now"})
+    admin_call(gw, "POST", f"/reviews/{held.review_id()}/approve", "bob", {"comment": "now"})
     held.finish()
     assert held.error is None
     assert pg.psql("SELECT count(*) FROM qh_items").strip() == "0"
@@ -264,7 +251,7 @@ def test_the_admin_api_trusts_the_issuers_of_the_policy_in_force(
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(json.dumps(_policy("20s").model_dump(mode="json", by_alias=True)))
     gw = make_gateway(policyFile=str(policy_file), admin={"port": 0})
-    assert _admin(gw, "GET", "/reviews", "bob") == {"reviews": []}
+    assert admin_call(gw, "GET", "/reviews", "bob") == {"reviews": []}
     # A reload that trusts another key: bob's token from the old one is refused.
     other_key = tmp_path / "other-issuer.pem"
     ensure_key(other_key)
@@ -273,6 +260,6 @@ def test_the_admin_api_trusts_the_issuers_of_the_policy_in_force(
     policy_file.write_text(json.dumps(moved))
     assert gw.gateway.reload_policy()
     with pytest.raises(urllib.error.HTTPError) as refused:
-        _admin(gw, "GET", "/reviews", "bob")
+        admin_call(gw, "GET", "/reviews", "bob")
     assert refused.value.code == 401
     refused.value.close()
