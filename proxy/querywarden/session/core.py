@@ -197,10 +197,6 @@ class Session:
         """Portals the server has confirmed: name -> statement name."""
         return self.records.confirmed_portals()
 
-    def mask_summary(self) -> dict[str, int]:
-        """What masking did in this session so far: values masked per column/detector."""
-        return self.masking.summary()
-
     def _masking_so_far(self) -> dict[str, int] | None:
         return self.masking.summary() if self.masking.masked else None
 
