@@ -67,14 +67,34 @@ class Demo:
             env={**os.environ, **env},
         )
 
-    def psql(self, who: str, sql: str) -> subprocess.CompletedProcess[str]:
-        """Run ``sql`` with the banner's psql line for ``who``."""
-        login = self.line(rf"^  PGPASSWORD=\$\((.+--sub {who} .+)\) \\\n\s+(psql \"[^\"]+\")")
+    def _login(self, who: str) -> re.Match[str]:
+        """The banner's lines for ``who``: [1] mints the token, [2] runs psql."""
+        return self.line(rf"^  PGPASSWORD=\$\((.+--sub {who} .+)\) \\\n\s+(psql \"[^\"]+\")")
+
+    def token(self, who: str) -> str:
+        """A token for ``who``, minted with the banner's line (once)."""
         if who not in self.tokens:
-            minted = self.run(login[1])
+            minted = self.run(self._login(who)[1])
             assert minted.returncode == 0, minted.stderr
             self.tokens[who] = minted.stdout.strip()
-        return self.run(f"{login[2]} -X -A -t -c {_shell_quote(sql)}", PGPASSWORD=self.tokens[who])
+        return self.tokens[who]
+
+    def psql(self, who: str, sql: str) -> subprocess.CompletedProcess[str]:
+        """Run ``sql`` with the banner's psql line for ``who``."""
+        command = f"{self._login(who)[2]} -X -A -t -c {_shell_quote(sql)}"
+        return self.run(command, PGPASSWORD=self.token(who))
+
+    def psql_held(self, who: str, sql: str) -> subprocess.Popen[str]:
+        """Start ``sql`` as ``who`` and leave it running (a statement held for approval)."""
+        return subprocess.Popen(
+            f"{self._login(who)[2]} -X -A -t -c {_shell_quote(sql)}",
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.cwd,
+            env={**os.environ, "PGPASSWORD": self.token(who)},
+        )
 
     def audit_command(self, name: str) -> str:
         return self.line(rf"^  (\S+ audit {name} .+?)(?:\s+#.*)?$")[1]
@@ -266,16 +286,7 @@ def test_a_second_approver_releases_the_dba_statement(demo: Demo) -> None:
         minted = demo.run(mint)
         assert minted.returncode == 0, minted.stderr
         tokens[who] = minted.stdout.strip()
-    login = demo.line(r"^  PGPASSWORD=\$\((.+--sub dba .+)\) \\\n\s+(psql \"[^\"]+\")")
-    held = subprocess.Popen(
-        f"{login[2]} -X -A -t -c 'UPDATE customers SET name = name'",
-        shell=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=demo.cwd,
-        env={**os.environ, "PGPASSWORD": tokens["dba"]},
-    )
+    held = demo.psql_held("dba", "UPDATE customers SET name = name")
     try:
 
         def pending() -> list[dict[str, Any]]:
@@ -317,17 +328,7 @@ def test_a_held_statement_reaches_the_receiver_and_the_console_releases_it(demo:
     minted = demo.run(approver_mint)
     assert minted.returncode == 0, minted.stderr
     before = len(notifications.read_text().splitlines()) if notifications.exists() else 0
-    login = demo.line(r"^  PGPASSWORD=\$\((.+--sub dba .+)\) \\\n\s+(psql \"[^\"]+\")")
-    dba = demo.run(login[1])
-    held = subprocess.Popen(
-        f"{login[2]} -X -A -t -c 'UPDATE customers SET email = email'",
-        shell=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=demo.cwd,
-        env={**os.environ, "PGPASSWORD": dba.stdout.strip()},
-    )
+    held = demo.psql_held("dba", "UPDATE customers SET email = email")
     try:
         with chromium() as browser:
             console_log_in(browser, console, minted.stdout.strip(), "oncall")
