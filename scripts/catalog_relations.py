@@ -16,7 +16,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-import asyncpg
+from catalog_source import fetch
 
 from querywarden.policy.relations import CATALOG_QUERY, data_file_name, render
 
@@ -24,13 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "proxy" / "querywarden" / "polic
 
 
 async def _fetch(dsn: str) -> tuple[str, str]:
-    connection = await asyncpg.connect(dsn)
-    try:
-        rows = await connection.fetch(CATALOG_QUERY)
-        version = await connection.fetchval("SELECT current_setting('server_version_num')")
-    finally:
-        await connection.close()
-    major = str(int(version) // 10000)
+    major, rows = await fetch(dsn, CATALOG_QUERY)
     return major, render((r["relname"] for r in rows), major)
 
 
