@@ -9,6 +9,7 @@ received, and none of the seeded sensitive values may be in them, in any spellin
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -534,3 +535,56 @@ def test_a_rejected_parse_leaves_the_statement_and_its_masking_as_they_were(
     assert [e["C"] for e in errors] == ["42P05"], errors
     assert [m.mtype for m in messages].count(b"D") > 0  # the old statement's rows came
     assert leaks(raw) == []
+
+
+def _annotations(gw: RunningGateway, sql: str, *, prepare: bool, **params: Any) -> list[Any]:
+    """The masking notices a client asking for them receives for ``sql``, and its rows."""
+    notices: list[Any] = []
+    with psycopg.connect(gw.dsn(**params), autocommit=True) as conn:
+        # A Diagnostic is only valid inside the handler: keep its fields.
+        conn.add_notice_handler(lambda d: notices.append((d.message_primary, d.message_detail)))
+        rows = conn.execute(sql, prepare=prepare).fetchall()
+    return [notices, rows]
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["simple", "extended"])
+def test_a_client_that_asks_is_told_which_columns_are_masked_and_how(
+    masked: RunningGateway, prepare: bool
+) -> None:
+    sql = "SELECT id, ssn AS tax_id, email, notes FROM qm_customers ORDER BY id"
+    options = "'-c querywarden.annotations=masking'"
+    notices, rows = _annotations(masked, sql, prepare=prepare, options=options)
+    assert len(notices) == 1, notices
+    primary, detail = notices[0]
+    assert primary == (
+        "querywarden: masked in this result: tax_id (partial), email (email), notes (detectors)"
+    )
+    assert json.loads(detail) == {
+        "all": False,
+        "columns": [
+            {
+                "index": 1,
+                "name": "tax_id",
+                "source": "public.qm_customers.ssn",
+                "strategy": "partial",
+            },
+            {
+                "index": 2,
+                "name": "email",
+                "source": "public.qm_customers.email",
+                "strategy": "email",
+            },
+            {"index": 3, "name": "notes", "source": None, "strategy": "detectors"},
+        ],
+    }
+    assert rows[0][1] != "123-45-6789" and rows[0][1].endswith("6789")
+    # Without asking, the same query gets no notice; an exempt identity gets none either.
+    assert _annotations(masked, sql, prepare=prepare)[0] == []
+    assert _annotations(masked, sql, prepare=prepare, user="bob", options=options)[0] == []
+
+
+def test_an_unknown_annotation_is_refused_at_start_up(masked: RunningGateway) -> None:
+    with pytest.raises(
+        psycopg.OperationalError, match=r"unknown querywarden\.annotations value 'rows'"
+    ):
+        psycopg.connect(masked.dsn(options="'-c querywarden.annotations=rows'"))

@@ -63,6 +63,9 @@ class SessionInfo:
     client_encoding: str = "UTF8"
     #: Where its server connection stands (see :class:`WireState`).
     wire: WireState = field(default_factory=WireState)
+    #: What the client asked the gateway to say about its results (start-up setting
+    #: ``querywarden.annotations``): ``masking`` names the masked columns of each result.
+    annotations: frozenset[str] = frozenset()
 
 
 RequestKind = Literal["query", "parse", "function_call", "execute"]

@@ -65,6 +65,7 @@ from querywarden.startup import (
     PasswordReceived,
     SSLRequested,
     StartupReceived,
+    requested_annotations,
     upstream_parameters,
 )
 from querywarden.upstream import (
@@ -767,6 +768,7 @@ class ClientConnection(Endpoint):
                 self._check_startup(event, tls=machine.tls)
                 # Refused here, before authentication, when a setting is not accepted.
                 forwarded = upstream_parameters(event.params)
+                annotations = requested_annotations(event.params)
                 encodings.check_startup_settings(forwarded)
                 if event.needs_negotiation:
                     self.write(codec.negotiate_protocol_version(0, list(event.unsupported_options)))
@@ -803,6 +805,7 @@ class ClientConnection(Endpoint):
             database=database,
             client_address=self.peer_address(),
             application_name=startup.params.get("application_name", ""),
+            annotations=annotations,
         )
         audit = None
         if gateway.auditor is not None:

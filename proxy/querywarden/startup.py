@@ -170,17 +170,42 @@ STARTUP_SETTINGS = {
 #: Start-up parameters the gateway itself consumes.
 _CONNECTION_PARAMETERS = frozenset({"user", "database", "replication", "options"})
 
+#: The gateway's own start-up setting: what a client asks it to say about its results
+#: (as a parameter, or ``-c querywarden.annotations=masking`` in ``options``). Never
+#: passed upstream.
+ANNOTATIONS = "querywarden.annotations"
+#: ``masking``: a NoticeResponse before a result's rows naming the columns masked in it.
+KNOWN_ANNOTATIONS = frozenset({"masking"})
+
 
 def upstream_parameters(params: dict[str, str]) -> dict[str, str]:
     """The settings to pass upstream; refuse (0A000) any the gateway does not accept."""
     settings: dict[str, str] = {}
     for name, value in params.items():
-        if name in _CONNECTION_PARAMETERS:
+        if name in _CONNECTION_PARAMETERS or name == ANNOTATIONS:
             continue
         settings[_accepted_setting(name)] = value
     for name, value in _parse_options(params.get("options", "")):
-        settings[_accepted_setting(name)] = value
+        if name != ANNOTATIONS:
+            settings[_accepted_setting(name)] = value
     return settings
+
+
+def requested_annotations(params: dict[str, str]) -> frozenset[str]:
+    """The annotations a client asked for at start-up; refuse (22023) unknown ones."""
+    values = [params.get(ANNOTATIONS, "")]
+    values += [
+        value for name, value in _parse_options(params.get("options", "")) if name == ANNOTATIONS
+    ]
+    asked = frozenset(word.strip() for value in values for word in value.split(",") if word.strip())
+    unknown = asked - KNOWN_ANNOTATIONS
+    if unknown:
+        raise ProtocolViolation(
+            f"unknown {ANNOTATIONS} value {', '.join(sorted(unknown))!r} (known: "
+            f"{', '.join(sorted(KNOWN_ANNOTATIONS))})",
+            sqlstate="22023",
+        )
+    return asked
 
 
 def _accepted_setting(name: str) -> str:

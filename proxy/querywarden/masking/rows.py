@@ -76,6 +76,7 @@ class RowLayout:
         "_native",
         "_scan",
         "_tally",
+        "masked_columns",
         "width",
     )
 
@@ -111,6 +112,10 @@ class RowLayout:
         #: The same decisions for the compiled row masker (built only when it is used).
         ops: list[CompiledOp | None] = []
         self._names: list[str] = []
+        #: What happens to each column that is not passed as it is: (index, its name in
+        #: the result, the configured ``schema.table.column`` or "", the strategy or
+        #: "detectors"). Read only when a client asks (``querywarden.annotations``).
+        masked_columns: list[tuple[int, bytes, str, str]] = []
         for index, f in enumerate(fields):
             binary = _format_of(formats, index, f.format) == 1
             mask: ColumnMask | None = None
@@ -129,6 +134,7 @@ class RowLayout:
                     encoding=encoding,
                 )
                 actions.append(masker)
+                masked_columns.append((index, f.name, mask.name, mask.spec.strategy))
                 if native:
                     ops.append(
                         compiled_op(masker, mask.spec, type_oid=f.type_oid, encoding=encoding)
@@ -143,12 +149,14 @@ class RowLayout:
                     )
                 actions.append((None, document))
                 ops.append(("scan", document))
+                masked_columns.append((index, f.name, "", "detectors"))
             else:
                 actions.append(None)
                 ops.append(None)
         while actions and actions[-1] is None:
             actions.pop()  # columns after the last interesting one are copied untouched
         self._actions = tuple(actions)
+        self.masked_columns = tuple(masked_columns)
         self._tally = [0] * len(actions)
         self._native: RowMasker | None = None
         if native and self.needed:
@@ -164,6 +172,11 @@ class RowLayout:
                 min_digits,
                 counts,
             )
+
+    @property
+    def masks_all(self) -> bool:
+        """Whether every value is withheld (sent as NULL), whatever its column."""
+        return self._all
 
     @property
     def needed(self) -> bool:

@@ -920,12 +920,22 @@ class Session:
         if limiter.cut:
             return b""  # also when a reload lifted the limit that cut this result
         masking = self.masking
-        masked = masking.masked
-        if masked and not masking.layout_known and kind != _COPY_DATA:
+        if masking.masked and not masking.layout_known and kind != _COPY_DATA:
             try:
-                masking.start_result(self.owed.head(), None, self.records)
+                note = masking.start_result(self.owed.head(), None, self.records)
             except NeedsPlan:
                 return _HOLD  # before the row is counted: it comes again
+            if note is not None:
+                # The client asked to be told what is masked: before the first row.
+                row = self._row(data, pos, end, kind)
+                return note + (data[pos:end] if row is None else row)
+        return self._row(data, pos, end, kind)
+
+    def _row(self, data: bytes, pos: int, end: int, kind: int) -> bytes | None:
+        """The row counted against the limit, then masked (None: it goes as it is)."""
+        limiter = self.limiter
+        masking = self.masking
+        masked = masking.masked
         if limiter.limit is not None and not limiter.count_row(self.owed, self.records):
             self._cancel_if_safe()
             return b""
@@ -1005,9 +1015,11 @@ class Session:
             return b"" if masking.description(head, fields, self.records) else None
         if head is not None and head.kind == Q:
             try:
-                masking.start_result(head, fields, self.records)
+                note = masking.start_result(head, fields, self.records)
             except NeedsPlan:
                 return _HOLD
+            if note is not None:
+                return note + data[pos:end]
         return None
 
     def resume_result(self, decision: Decision) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Final
 
+import orjson
+
 from querywarden import codec
 from querywarden.codec import FieldDescription
 from querywarden.hooks import Decision, SessionInfo, StatementGate
@@ -130,10 +132,17 @@ class MaskingStage:
 
     def start_result(
         self, head: Owed | None, fields: list[FieldDescription] | None, records: Records
-    ) -> None:
-        """Work out the layout of the result now arriving (raises NeedsPlan)."""
-        self.layout = self._result_layout(head, fields, records)
+    ) -> bytes | None:
+        """Work out the layout of the result now arriving (raises NeedsPlan).
+
+        Returns the NoticeResponse that goes before the result when the client asked for
+        ``querywarden.annotations=masking`` and something in it is masked.
+        """
+        self.layout = layout = self._result_layout(head, fields, records)
         self.layout_known = True
+        if layout is None or "masking" not in self.info.annotations:
+            return None
+        return masking_annotation(layout, self.encoding)
 
     def _result_layout(
         self, head: Owed | None, fields: list[FieldDescription] | None, records: Records
@@ -244,3 +253,34 @@ class MaskingStage:
 def _unknown_relation(fields: list[FieldDescription], relations: frozenset[int]) -> bool:
     """Whether a column comes from a relation outside ``relations`` (0: no relation)."""
     return any(f.table_oid and f.table_oid not in relations for f in fields)
+
+
+def masking_annotation(layout: RowLayout, encoding: str) -> bytes:
+    """A NoticeResponse naming what masking does to a result's columns.
+
+    The message is for people; the detail is JSON for programs (``querywarden mcp``):
+    ``{"all": bool, "columns": [{"index", "name", "source", "strategy"}]}``, where
+    ``strategy`` is the configured strategy, or ``detectors`` for a text column whose
+    values are masked where a content detector matches, and ``source`` the configured
+    ``schema.table.column`` (null for detectors).
+    """
+    if layout.masks_all:
+        return codec.notice_response(
+            "querywarden: every value in this result is withheld (sent as NULL): the "
+            "gateway cannot tell which of its values are safe",
+            detail=orjson.dumps({"all": True, "columns": []}).decode(),
+        )
+    columns = [
+        {
+            "index": index,
+            "name": name.decode(encoding, "replace"),
+            "source": source or None,
+            "strategy": strategy,
+        }
+        for index, name, source, strategy in layout.masked_columns
+    ]
+    said = ", ".join(f"{c['name']} ({c['strategy']})" for c in columns)
+    return codec.notice_response(
+        f"querywarden: masked in this result: {said}",
+        detail=orjson.dumps({"all": False, "columns": columns}).decode(),
+    )
