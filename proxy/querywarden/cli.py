@@ -62,9 +62,11 @@ def _build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file", type=Path)
     from querywarden.approvals.tools import add_review_commands
     from querywarden.audit.tools import add_audit_commands
+    from querywarden.mcp.command import add_mcp_command
 
     add_audit_commands(commands)
     add_review_commands(commands)
+    add_mcp_command(commands)
     commands.add_parser("operator", help="run the Kubernetes operator and its admission webhook")
     demo = commands.add_parser("demo", help="run PostgreSQL and the gateway on this machine")
     demo.add_argument(
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         from querywarden_operator import run_operator
 
         return run_operator()
-    if args.command in ("audit", "reviews"):
+    if args.command in ("audit", "reviews", "mcp"):
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
     if args.command == "policy":

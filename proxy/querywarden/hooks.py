@@ -64,7 +64,8 @@ class SessionInfo:
     #: Where its server connection stands (see :class:`WireState`).
     wire: WireState = field(default_factory=WireState)
     #: What the client asked the gateway to say about its results (start-up setting
-    #: ``querywarden.annotations``): ``masking`` names the masked columns of each result.
+    #: ``querywarden.annotations``): ``masking`` names the masked columns of each result,
+    #: ``decisions`` the rule behind each refusal.
     annotations: frozenset[str] = frozenset()
 
 

@@ -174,8 +174,9 @@ _CONNECTION_PARAMETERS = frozenset({"user", "database", "replication", "options"
 #: (as a parameter, or ``-c querywarden.annotations=masking`` in ``options``). Never
 #: passed upstream.
 ANNOTATIONS = "querywarden.annotations"
-#: ``masking``: a NoticeResponse before a result's rows naming the columns masked in it.
-KNOWN_ANNOTATIONS = frozenset({"masking"})
+#: ``masking``: a NoticeResponse before a result's rows naming the columns masked in it;
+#: ``decisions``: one before a refusal naming the rule that decided it.
+KNOWN_ANNOTATIONS = frozenset({"masking", "decisions"})
 
 
 def upstream_parameters(params: dict[str, str]) -> dict[str, str]:

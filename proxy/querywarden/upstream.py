@@ -64,6 +64,11 @@ def _client_tls_context(target: UpstreamTarget) -> ssl.SSLContext:
     return _tls_context_for(target.sslmode, target.sslrootcert)
 
 
+def client_tls_context(sslmode: str, sslrootcert: Path | None) -> ssl.SSLContext:
+    """A client TLS context with libpq's meaning of ``sslmode`` (cached per argument)."""
+    return _tls_context_for(sslmode, sslrootcert)
+
+
 @functools.lru_cache(maxsize=16)
 def _tls_context_for(sslmode: str, sslrootcert: Path | None) -> ssl.SSLContext:
     # Built once per (sslmode, sslrootcert): loading a CA store takes tens of milliseconds

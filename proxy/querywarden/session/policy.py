@@ -19,6 +19,8 @@ import secrets
 from collections.abc import Awaitable
 from typing import Final
 
+import orjson
+
 from querywarden import codec, encodings
 from querywarden.hooks import Decision, SessionInfo, StatementGate, StatementRequest
 from querywarden.masking.plan import MaskPlan
@@ -86,9 +88,12 @@ class PolicyStage:
                 del self._refusals[token]
                 if decision.server_error is not None:
                     return self._server_error(decision.server_error)
-                return codec.error_response(
+                error = codec.error_response(
                     decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint
                 )
+                if "decisions" in self.info.annotations:
+                    return decision_annotation(decision) + error
+                return error
         return None
 
     def _server_error(self, fields: dict[str, str]) -> bytes:
@@ -175,3 +180,17 @@ def may_read_differently(mtype: int, frame: bytes) -> bool:
     end = len(frame) - 1 if mtype == Q else frame.find(b"\0", frame.find(b"\0", 5) + 1)
     text = frame[5:end]
     return b"\\" in text or not text.isascii()
+
+
+def decision_annotation(decision: Decision) -> bytes:
+    """A NoticeResponse naming the rule behind a refusal (``querywarden.annotations``).
+
+    Refusal messages are worded for people and name the rule only where it reads well;
+    a program (``querywarden mcp``) reads the rule from this notice's JSON detail,
+    ``{"rule": name or null}``: null when no rule of the policy allows the statement.
+    """
+    rule = decision.rule
+    said = f"rule {rule}" if rule else "no rule (none of the policy's rules allows it)"
+    return codec.notice_response(
+        f"querywarden: refused by {said}", detail=orjson.dumps({"rule": rule}).decode()
+    )
