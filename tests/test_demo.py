@@ -466,3 +466,33 @@ def _free_pair() -> int:
                     continue
         return port
     raise AssertionError("no two adjacent free ports")
+
+
+def test_the_banners_mcp_configuration_runs_an_agent_through_the_gateway(demo: Demo) -> None:
+    """The MCP configuration the banner prints, launched by the MCP SDK's own client."""
+    import asyncio
+
+    from mcp import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    start = demo.banner.index('{"mcpServers"')
+    config = json.loads(demo.banner[start : demo.banner.index("\n\n", start)].strip())
+    server = config["mcpServers"]["querywarden-demo"]
+    params = StdioServerParameters(command=server["command"], args=server["args"])
+
+    async def go() -> tuple[Any, Any]:
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            masked = await session.call_tool(
+                "query", {"sql": "SELECT name, ssn FROM customers ORDER BY id LIMIT 1"}
+            )
+            refused = await session.call_tool("query", {"sql": "SELECT * FROM api_keys"})
+            return masked, refused
+
+    masked, refused = asyncio.run(go())
+    assert not masked.is_error and masked.structured_content is not None
+    answer = masked.structured_content
+    assert answer["columns"][1]["masked"] is not None
+    assert answer["rows"][0][1] != "123-45-6789" and answer["rows"][0][1].endswith("6789")
+    assert refused.is_error
+    assert "rule ai-agents-read" in refused.content[0].text  # type: ignore[union-attr]

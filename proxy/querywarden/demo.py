@@ -452,6 +452,13 @@ def _banner(
         )
     else:
         reviews = "  (no admin API)"
+    admin_args = f', "--admin-url", "http://{admin[0]}:{admin[1]}"' if admin else ""
+    mcp = (
+        f'  {{"mcpServers": {{"querywarden-demo": {{"command": "{cli}",\n'
+        f'    "args": ["mcp", "--gateway", "{host}:{port}", "--database", "{DATABASE}", '
+        f'"--sslmode", "require"{admin_args},\n'
+        f'             "--token-command", "{mint("agent")}"]}}}}}}'
+    )
     audit_dir = settings.audit.directory
     if export.collector is not None:
         collector = export.collector
@@ -489,4 +496,8 @@ the second DBA on call lists the reviews and approves (or denies) one:
   {cli} audit tail {audit_dir} --follow
   {cli} audit replay {audit_dir} SESSION   # a session id from audit tail
   {cli} audit verify {audit_dir}
+
+An AI agent that uses MCP tools reaches the same gateway, as itself, with this in its MCP
+configuration (docs/mcp.md):
+{mcp}
 """
