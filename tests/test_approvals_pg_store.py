@@ -116,7 +116,7 @@ def test_the_listener_comes_back_after_its_connection_is_killed(
 ) -> None:
     listeners = (
         "SELECT coalesce(string_agg(pid::text, ','), '') FROM pg_stat_activity "
-        "WHERE application_name = 'querywarden-reviews' AND query LIKE 'LISTEN%'"
+        "WHERE application_name = 'querywarden-reviews-listen'"
     )
 
     async def scenario() -> None:
@@ -164,5 +164,46 @@ def test_an_unreachable_database_fails_each_call_quickly() -> None:
                 )
         finally:
             await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_decision_made_while_the_listener_was_away_is_read_back(
+    opener: Callable[[], PostgresReviewStore], pg: EphemeralCluster
+) -> None:
+    """The listener's connection is killed and it cannot reconnect for a while (the role
+    may open no new connection); a decision made meanwhile reaches it once it is back."""
+    listener = (
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'querywarden-reviews-listen'"
+    )
+
+    async def scenario() -> None:
+        held_on, decided_on = opener(), opener()
+        heard: asyncio.Queue[Review] = asyncio.Queue()
+        try:
+            held_on.watch(heard.put_nowait)
+            await asyncio.wait_for(held_on.listening.wait(), 10)
+            r = (await held_on.create(review())).review
+            await decided_on.list()  # its pool holds a connection from before the limit
+            pid = (await asyncio.to_thread(pg.psql, listener)).strip()
+            await asyncio.to_thread(
+                pg.psql,
+                f"ALTER ROLE qw_scram CONNECTION LIMIT 0; SELECT pg_terminate_backend({pid})",
+            )
+            try:
+                deadline = time.monotonic() + 10
+                while held_on.listening.is_set():
+                    assert time.monotonic() < deadline, "the listener did not notice"
+                    await asyncio.sleep(0.02)
+                await decided_on.decide(r.id, DBA, True, "ok", uses=1, ttl=MINUTE, now=NOW)
+                await asyncio.sleep(0.5)
+                assert heard.empty(), "heard while the listener could not connect?"
+            finally:
+                await asyncio.to_thread(pg.psql, "ALTER ROLE qw_scram CONNECTION LIMIT -1")
+            changed = await asyncio.wait_for(heard.get(), 15)
+            assert changed.id == r.id and not changed.pending
+        finally:
+            await held_on.close()
+            await decided_on.close()
 
     asyncio.run(scenario())

@@ -17,8 +17,9 @@ Decisions reach the other replicas through LISTEN/NOTIFY: ending a review notifi
 ``<schema>.reviews`` with its id in the same transaction (delivered at commit), and every
 store listens on a connection of its own (:meth:`PostgresReviewStore.watch`), so a held
 statement learns of a decision made through another replica within milliseconds. When
-that connection drops, the store reconnects with backoff and the service's poll is the
-safety net meanwhile.
+that connection drops, the store reconnects with backoff, then reads back the reviews
+that ended while it was away (stamped with the database's clock in ``changed``); the
+service's poll is the safety net meanwhile.
 
 asyncpg is asynchronous: no threads, a small pool per process.
 """
@@ -60,6 +61,9 @@ SCHEMA_VERSION = 1
 _ATTEMPTS = 20
 #: The listening connection is checked this often (a dead peer sends no FIN).
 _LISTEN_CHECK = 10.0
+#: A listener that reconnects reads back the reviews that ended since this long before
+#: it last knew it listened (a change is stamped a moment before its commit).
+_CATCH_UP_MARGIN = timedelta(seconds=10)
 #: Pauses before listening again after a failure: doubled up to the last.
 _LISTEN_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
 
@@ -146,12 +150,16 @@ class _Queries:
                 comment text NOT NULL,
                 grant_expires timestamptz,
                 uses_left integer NOT NULL,
-                used_at timestamptz[] NOT NULL DEFAULT '{{}}')""",
+                used_at timestamptz[] NOT NULL DEFAULT '{{}}',
+                -- The database's clock when the review last ended or was created: what
+                -- a listener that reconnects reads to catch up on what it missed.
+                changed timestamptz NOT NULL DEFAULT clock_timestamp())""",
             # One pending review per statement: the arbiter of create's ON CONFLICT.
             f"CREATE UNIQUE INDEX IF NOT EXISTS reviews_one_pending ON {t} (statement_key) "
             "WHERE decision = 'pending'",
             f"CREATE INDEX IF NOT EXISTS reviews_statement ON {t} (statement_key, decision)",
             f"CREATE INDEX IF NOT EXISTS reviews_created ON {t} (created, id)",
+            f"CREATE INDEX IF NOT EXISTS reviews_changed ON {t} (changed)",
             f"INSERT INTO {s}.schema_version (version) VALUES ({SCHEMA_VERSION}) "  # noqa: S608
             "ON CONFLICT (only_row) DO NOTHING",
         )
@@ -177,7 +185,8 @@ class _Queries:
         self.all_pending = select + " WHERE decision = 'pending' ORDER BY created, id"
         self.end = (
             f"UPDATE {t} SET decision = $2, decided = $3, comment = $4, "  # noqa: S608
-            "approver = $5::jsonb, grant_expires = $6, uses_left = $7 "
+            "approver = $5::jsonb, grant_expires = $6, uses_left = $7, "
+            "changed = clock_timestamp() "
             f"WHERE id = $1 AND decision = 'pending' RETURNING {cols}"
         )
         self.use = (
@@ -186,6 +195,9 @@ class _Queries:
             "used_at = array_append(used_at, $2::timestamptz) "
             "WHERE id = $1 AND decision = 'approved' AND grant_expires > $2 "
             f"AND uses_left <> 0 RETURNING {cols}"
+        )
+        self.ended_since = (
+            select + " WHERE decision <> 'pending' AND changed >= $1 ORDER BY changed"
         )
         # Mirrors Review.ended_at: an approval ends when its grant expires, anything else
         # when it was decided.
@@ -271,6 +283,8 @@ class PostgresReviewStore:
         self._listener: asyncio.Task[None] | None = None
         self._on_change: Callable[[Review], None] | None = None
         self._fetches: set[asyncio.Task[None]] = set()
+        #: The database's clock when the listener last knew it was listening.
+        self._heard_until: datetime | None = None
         #: Set while the listening connection is up (tests wait on it).
         self.listening = asyncio.Event()
 
@@ -290,12 +304,12 @@ class PostgresReviewStore:
 
     # -- plumbing ----------------------------------------------------------------------
 
-    def _connect_arguments(self) -> dict[str, Any]:
+    def _connect_arguments(self, application_name: str = "querywarden-reviews") -> dict[str, Any]:
         return {
             "password": self._password,
             "timeout": self._connect_timeout,
             "command_timeout": self._command_timeout,
-            "server_settings": {"application_name": "querywarden-reviews"},
+            "server_settings": {"application_name": application_name},
         }
 
     async def _open(self) -> asyncpg.Pool:
@@ -526,7 +540,9 @@ class PostgresReviewStore:
         failures = 0
         while not self._closed:
             try:
-                conn = await asyncpg.connect(self._dsn, **self._connect_arguments())
+                conn = await asyncpg.connect(
+                    self._dsn, **self._connect_arguments("querywarden-reviews-listen")
+                )
             except Exception as exc:
                 failures = self._listen_failed(failures, exc)
                 await asyncio.sleep(_LISTEN_BACKOFF[min(failures, len(_LISTEN_BACKOFF)) - 1])
@@ -560,6 +576,13 @@ class PostgresReviewStore:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         await conn.add_listener(self.channel, self._notified)
+        # From here on every change is notified; what changed while nobody listened is
+        # read back, from a little before the last moment this store knew it listened.
+        heard_until, self._heard_until = self._heard_until, await self._clock(conn)
+        # The tables exist from here on (the first listen creates them, at start).
+        pool = await self._open()
+        if heard_until is not None:
+            await self._catch_up(pool, heard_until - _CATCH_UP_MARGIN)
         self.listening.set()
         if recovered:
             log.info("approvals: listening for review decisions on %s again", self.channel)
@@ -568,8 +591,19 @@ class PostgresReviewStore:
                 await asyncio.wait_for(lost.wait(), _LISTEN_CHECK)
             if not lost.is_set():
                 # A peer that vanished without closing is found here.
-                await conn.fetchval("SELECT 1", timeout=self._connect_timeout)
+                self._heard_until = await self._clock(conn)
         raise ConnectionError("the listening connection to the review store was lost")
+
+    async def _clock(self, conn: asyncpg.Connection) -> datetime:
+        now: datetime = await conn.fetchval(
+            "SELECT clock_timestamp()", timeout=self._connect_timeout
+        )
+        return now
+
+    async def _catch_up(self, pool: asyncpg.Pool, since: datetime) -> None:
+        rows = await pool.fetch(self._q.ended_since, since)
+        for row in rows:
+            self._report(_review(row))
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         task = asyncio.get_running_loop().create_task(self._changed(str(payload)))
@@ -584,11 +618,14 @@ class PostgresReviewStore:
         except Exception:
             log.warning("approvals: could not read review %s after its change", review_id)
             return
+        self._report(review)
+
+    def _report(self, review: Review) -> None:
         if self._on_change is not None:
             try:
                 self._on_change(review)
             except Exception:
-                log.exception("approvals: handling the change of review %s failed", review_id)
+                log.exception("approvals: handling the change of review %s failed", review.id)
 
     async def close(self) -> None:
         """Stop listening and close the pool."""
