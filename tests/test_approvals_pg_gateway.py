@@ -254,3 +254,50 @@ def test_an_unreachable_review_store_refuses_with_58030_and_the_session_goes_on(
         assert "review store" in (diag.message_hint or "")
         # Nothing ran, and the session serves what needs no approver.
         assert conn.execute("SELECT count(*) FROM qpg_items").fetchone() == (1,)
+
+
+def test_a_review_store_failing_during_a_hold(
+    make_gateway: Callable[..., RunningGateway],
+    items: None,
+    pg: EphemeralCluster,
+    tmp_path: Path,
+    schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Held statements read their review every 0.2 s here, so that they do while it fails.
+    monkeypatch.setattr(server, "_SHARED_STORE_POLL", 0.2)
+    pg.psql("TRUNCATE qpg_items; INSERT INTO qpg_items VALUES (1), (2)")
+    a, b = _replicas(make_gateway, pg, tmp_path, schema, "3s")
+    # The gateway's role loses its reviews table (a real failure of every read of it).
+    lose = f"ALTER TABLE {schema}.reviews OWNER TO postgres"
+    regain = f"ALTER TABLE {schema}.reviews OWNER TO qw_scram"
+
+    # For a moment: the hold goes on, and an approval once the store is back releases it.
+    held = _held(a, "DELETE FROM qpg_items WHERE id = 1")
+    review_id = held.review_id()
+    pg.psql(lose)
+    time.sleep(0.6)
+    assert not held.done.is_set()
+    pg.psql(regain)
+    assert _decide(b, review_id, "approve", "ok") == 200
+    held.finish()
+    assert held.error is None
+    assert pg.psql("SELECT id FROM qpg_items").strip() == "2"
+
+    # Until the hold ends: refused with 58030 (the decision is unknown), nothing runs.
+    held = _held(a, "DELETE FROM qpg_items WHERE id = 2")
+    review_id = held.review_id()
+    pg.psql(lose)
+    try:
+        held.finish()
+    finally:
+        pg.psql(regain)
+    assert isinstance(held.error, psycopg.errors.IoError), held.error
+    diag = held.error.diag
+    assert diag.sqlstate == "58030"
+    assert f"review {review_id} was opened" in (diag.message_primary or "")
+    assert "could not read it from its review store" in (diag.message_primary or "")
+    assert "re-run the same statement once the review store is back" in (diag.message_hint or "")
+    assert pg.psql("SELECT id FROM qpg_items").strip() == "2"
+    with psycopg.connect(a.dsn("alice"), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM qpg_items").fetchone() == (1,)
