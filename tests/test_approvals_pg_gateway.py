@@ -24,7 +24,7 @@ from gateway_harness import POLICY, RunningGateway
 from held_statement import HeldStatement, admin_call
 from querywarden import server
 from querywarden.approvals.pg_store import PostgresReviewStore
-from querywarden.devcluster import DATABASE, ROLE_PASSWORD, EphemeralCluster, free_port
+from querywarden.devcluster import DATABASE, EphemeralCluster, free_port
 from querywarden.policy import PolicyDocument
 
 pytestmark = pytest.mark.postgres
@@ -61,8 +61,25 @@ def items(pg: EphemeralCluster) -> Iterator[None]:
     pg.psql("DROP TABLE qpg_items")
 
 
+#: The review store's own role: no client session of the gateways connects as it.
+STORE_ROLE = "qw_reviews"
+STORE_PASSWORD = "qw-reviews-pw"
+
+
+@pytest.fixture(scope="module")
+def store_role(pg: EphemeralCluster) -> Iterator[str]:
+    """A role for the review store, allowed to create its schema in the database."""
+    pg.psql(
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{STORE_ROLE}') "
+        f"THEN CREATE ROLE {STORE_ROLE} LOGIN PASSWORD '{STORE_PASSWORD}'; END IF; END $$; "
+        f"GRANT CREATE ON DATABASE {DATABASE} TO {STORE_ROLE}"
+    )
+    yield STORE_ROLE
+    pg.psql(f"DROP OWNED BY {STORE_ROLE}; DROP ROLE {STORE_ROLE}")
+
+
 @pytest.fixture
-def schema(pg: EphemeralCluster) -> Iterator[str]:
+def schema(pg: EphemeralCluster, store_role: str) -> Iterator[str]:
     """The replicas' schema, of this test's own; dropped afterwards."""
     name = f"qw_gw_{secrets.token_hex(4)}"
     yield name
@@ -78,11 +95,11 @@ def _replicas(
 ) -> tuple[RunningGateway, RunningGateway]:
     """Gateways A and B: own state directories, one review store (password in a file)."""
     password_file = tmp_path / "store-password"
-    password_file.write_text(ROLE_PASSWORD + "\n")
+    password_file.write_text(STORE_PASSWORD + "\n")
     store = {
         "store": "postgres",
         "postgres": {
-            "dsn": f"postgresql://qw_scram@127.0.0.1:{pg.port}/{DATABASE}",
+            "dsn": f"postgresql://{STORE_ROLE}@127.0.0.1:{pg.port}/{DATABASE}",
             "passwordFile": str(password_file),
             "schema": schema,
         },
@@ -238,8 +255,8 @@ def test_an_unreachable_review_store_refuses_with_58030_and_the_session_goes_on(
             "store": "postgres",
             "postgres": {
                 # Nothing listens there: the store's database is down.
-                "dsn": f"postgresql://qw_scram@127.0.0.1:{free_port()}/{DATABASE}",
-                "password": ROLE_PASSWORD,
+                "dsn": f"postgresql://{STORE_ROLE}@127.0.0.1:{free_port()}/{DATABASE}",
+                "password": STORE_PASSWORD,
                 "connectTimeout": "2s",
             },
         },
@@ -270,7 +287,7 @@ def test_a_review_store_failing_during_a_hold(
     a, b = _replicas(make_gateway, pg, tmp_path, schema, "3s")
     # The gateway's role loses its reviews table (a real failure of every read of it).
     lose = f"ALTER TABLE {schema}.reviews OWNER TO postgres"
-    regain = f"ALTER TABLE {schema}.reviews OWNER TO qw_scram"
+    regain = f"ALTER TABLE {schema}.reviews OWNER TO {STORE_ROLE}"
 
     # For a moment: the hold goes on, and an approval once the store is back releases it.
     held = _held(a, "DELETE FROM qpg_items WHERE id = 1")

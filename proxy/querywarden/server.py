@@ -17,6 +17,7 @@ import secrets
 import socket
 import ssl
 import sys
+import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -318,6 +319,16 @@ class Gateway:
 
             assert chosen.postgres is not None  # the settings validator requires it
             where = chosen.postgres
+            store_role = urllib.parse.urlsplit(where.dsn).username
+            upstream = self.settings.upstream
+            if store_role in {upstream.user, *(r.user for r in upstream.roles.values())}:
+                log.warning(
+                    "approvals: the review store connects as %r, a role the gateway's client "
+                    "sessions use too: a client the policy lets write the store's schema "
+                    "could change reviews; give the store a role of its own in "
+                    "approvals.postgres.dsn",
+                    store_role,
+                )
             shared = PostgresReviewStore(
                 where.dsn,
                 schema=where.schema_name,

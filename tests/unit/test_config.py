@@ -141,6 +141,24 @@ def test_the_postgres_review_store_settings(
         load_settings(path)
 
 
+def test_a_review_store_sharing_a_role_with_client_sessions_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from querywarden.server import Gateway
+
+    policy = load_policy_text(tmp_path, "approvals:\n  approvers:\n    groups: [dba]\n")
+    path = tmp_path / "gateway.yaml"
+    for store_role, warned in (("querywarden", True), ("qw_reviews", False)):
+        path.write_text(
+            "upstream:\n  user: querywarden\n"
+            "approvals:\n  store: postgres\n  postgres:\n"
+            f"    dsn: postgresql://{store_role}@db:5432/ops\n"
+        )
+        caplog.clear()
+        Gateway(load_settings(path), policy=policy)
+        assert ("a role of its own in approvals.postgres.dsn" in caplog.text) is warned
+
+
 def load_policy_text(directory: Path, text: str) -> Any:
     path = directory / "policy.yaml"
     path.write_text(text)
