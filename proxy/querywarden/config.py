@@ -207,6 +207,51 @@ class AdminSettings(_Section):
     key_file: Path | None = None
 
 
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _schema_name(value: str) -> str:
+    if not _SCHEMA_NAME.match(value):
+        raise ValueError(
+            f"invalid schema name {value!r}: use lower-case letters, digits and underscores "
+            "(at most 63, not starting with a digit)"
+        )
+    return value
+
+
+def _postgres_url(value: str) -> str:
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError(
+            "approvals.postgres.dsn must be a URL, postgresql://USER@HOST:PORT/DATABASE "
+            "(TLS as ?sslmode=verify-full&sslrootcert=FILE); key=value conninfo is not "
+            "accepted"
+        )
+    return value
+
+
+class PostgresStoreSettings(_Section):
+    """``approvals.store: postgres``: the database the gateway replicas share reviews in."""
+
+    #: ``postgresql://USER@HOST:PORT/DATABASE?sslmode=...`` (libpq URL parameters). Leave the
+    #: password out: give it as ``password``/``passwordFile`` (or ``PGPASSWORD``,
+    #: ``~/.pgpass``).
+    dsn: Annotated[str, AfterValidator(_postgres_url)]
+    password: str | None = None
+    password_file: Path | None = None
+    #: The schema the gateway creates and owns in that database.
+    schema_name: Annotated[str, AfterValidator(_schema_name)] = Field("querywarden", alias="schema")
+    #: Connections each gateway process keeps to the store (besides one that listens).
+    pool_size: int = Field(4, ge=1, le=100)
+    #: Bound on connecting; a store that does not answer in time refuses held statements.
+    connect_timeout: Duration = timedelta(seconds=5)
+    #: Bound on each query of the store.
+    command_timeout: Duration = timedelta(seconds=10)
+
+    def resolved_password(self) -> str | None:
+        """The password, read from ``passwordFile`` (at each connect, so it can rotate)."""
+        return _secret(self.password, self.password_file)
+
+
 class ApprovalStoreSettings(_Section):
     """Where the reviews of held statements live (docs/approvals.md).
 
@@ -214,10 +259,14 @@ class ApprovalStoreSettings(_Section):
     ``kubernetes``: ``QueryReview`` resources in ``namespace``, labelled with and owned by
     the DatabaseAccessPolicy ``policy``; approvers decide with ``kubectl querywarden
     approve`` and the gateway watches the reviews. The operator renders this for its
-    sidecars when the chart's ``reviews.enabled`` is on.
+    sidecars when the chart's ``reviews.enabled`` is on. ``postgres``: tables in a schema
+    of a PostgreSQL database (``postgres``) that several gateway replicas share; they hear
+    each other's decisions through LISTEN/NOTIFY.
     """
 
-    store: Literal["sqlite", "kubernetes"] = "sqlite"
+    store: Literal["sqlite", "kubernetes", "postgres"] = "sqlite"
+    #: postgres: the database and schema of the reviews (required).
+    postgres: PostgresStoreSettings | None = None
     #: kubernetes: the reviews' namespace; unset: ``$POD_NAMESPACE``, else the pod's
     #: ServiceAccount namespace.
     namespace: str | None = None
@@ -237,6 +286,15 @@ class ApprovalStoreSettings(_Section):
             raise ValueError(
                 "approvals.store is 'kubernetes' but approvals.policy (the "
                 "DatabaseAccessPolicy name) is not set"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _postgres_needs_a_database(self) -> ApprovalStoreSettings:
+        if self.store == "postgres" and self.postgres is None:
+            raise ValueError(
+                "approvals.store is 'postgres' but approvals.postgres.dsn (the database the "
+                "reviews live in, postgresql://USER@HOST:PORT/DATABASE) is not set"
             )
         return self
 

@@ -17,6 +17,7 @@ import secrets
 import socket
 import ssl
 import sys
+import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -81,6 +82,9 @@ log = logging.getLogger("querywarden.server")
 _WRITE_HIGH_WATER = 256 * 1024
 #: Beyond the exporter's drain time: for its last batch and for the process to exit.
 _DRAIN_MARGIN = 2.0
+#: How often a held statement polls a store that reports changes as they happen (the
+#: Kubernetes watch, PostgreSQL's LISTEN): only the safety net for when that is down.
+_SHARED_STORE_POLL = 5.0
 
 
 class Gateway:
@@ -306,7 +310,44 @@ class Gateway:
             )
             # The watch wakes held statements; the poll is only a safety net.
             return ApprovalService(
-                kube, policy.approvals, on_event=self._review_event, poll_interval=5.0
+                kube,
+                policy.approvals,
+                on_event=self._review_event,
+                poll_interval=_SHARED_STORE_POLL,
+            )
+        if chosen.store == "postgres":
+            from querywarden.approvals.pg_store import PostgresReviewStore
+
+            assert chosen.postgres is not None  # the settings validator requires it
+            where = chosen.postgres
+            store_role = urllib.parse.urlsplit(where.dsn).username
+            upstream = self.settings.upstream
+            if store_role in {upstream.user, *(r.user for r in upstream.roles.values())}:
+                log.warning(
+                    "approvals: the review store connects as %r, a role the gateway's client "
+                    "sessions use too: a client the policy lets write the store's schema "
+                    "could change reviews; give the store a role of its own in "
+                    "approvals.postgres.dsn",
+                    store_role,
+                )
+            shared = PostgresReviewStore(
+                where.dsn,
+                schema=where.schema_name,
+                password=(
+                    where.resolved_password
+                    if where.password is not None or where.password_file is not None
+                    else None
+                ),
+                pool_size=where.pool_size,
+                connect_timeout=where.connect_timeout.total_seconds(),
+                command_timeout=where.command_timeout.total_seconds(),
+            )
+            # LISTEN/NOTIFY wakes held statements; the poll is only a safety net.
+            return ApprovalService(
+                shared,
+                policy.approvals,
+                on_event=self._review_event,
+                poll_interval=_SHARED_STORE_POLL,
             )
         store = SqliteReviewStore(self.settings.state_directory / "reviews.sqlite3")
         return ApprovalService(store, policy.approvals, on_event=self._review_event)

@@ -108,6 +108,57 @@ def test_the_kubernetes_review_store_needs_a_namespace(
         Gateway(load_settings(path), policy=policy)
 
 
+def test_the_postgres_review_store_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("approvals:\n  store: postgres\n")
+    with pytest.raises(ValidationError, match=r"approvals\.postgres\.dsn"):
+        load_settings(path)
+    path.write_text("approvals:\n  store: postgres\n  postgres:\n    dsn: host=db user=qw\n")
+    with pytest.raises(ValidationError, match="must be a URL, postgresql://"):
+        load_settings(path)
+    path.write_text(
+        "approvals:\n  store: postgres\n  postgres:\n"
+        "    dsn: postgresql://qw@db:5432/ops?sslmode=verify-full\n"
+        "    passwordFile: secrets/store-password\n"
+    )
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "store-password").write_text("s3cret\n")
+    store = load_settings(path).approvals.postgres
+    assert store is not None
+    assert store.schema_name == "querywarden" and store.pool_size == 4
+    assert store.password_file == tmp_path / "secrets" / "store-password"
+    assert store.resolved_password() == "s3cret"
+    # The environment overrides the file, as for every setting.
+    monkeypatch.setenv("QUERYWARDEN_APPROVALS__POSTGRES__SCHEMA", "qw_eu")
+    monkeypatch.setenv("QUERYWARDEN_APPROVALS__POSTGRES__PASSWORD", "from-env")
+    store = load_settings(path).approvals.postgres
+    assert store is not None and store.schema_name == "qw_eu"
+    assert store.password == "from-env"  # and the file, when both are set, wins
+    monkeypatch.setenv("QUERYWARDEN_APPROVALS__POSTGRES__SCHEMA", "Bad-Name")
+    with pytest.raises(ValidationError, match="invalid schema name 'Bad-Name'"):
+        load_settings(path)
+
+
+def test_a_review_store_sharing_a_role_with_client_sessions_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from querywarden.server import Gateway
+
+    policy = load_policy_text(tmp_path, "approvals:\n  approvers:\n    groups: [dba]\n")
+    path = tmp_path / "gateway.yaml"
+    for store_role, warned in (("querywarden", True), ("qw_reviews", False)):
+        path.write_text(
+            "upstream:\n  user: querywarden\n"
+            "approvals:\n  store: postgres\n  postgres:\n"
+            f"    dsn: postgresql://{store_role}@db:5432/ops\n"
+        )
+        caplog.clear()
+        Gateway(load_settings(path), policy=policy)
+        assert ("a role of its own in approvals.postgres.dsn" in caplog.text) is warned
+
+
 def load_policy_text(directory: Path, text: str) -> Any:
     path = directory / "policy.yaml"
     path.write_text(text)

@@ -6,7 +6,8 @@ admin HTTP API (:mod:`querywarden.approvals.api`) or the ``querywarden reviews``
 built on it (:mod:`querywarden.approvals.tools`). An approval is a grant for that exact
 statement (up to whitespace and comments), that requester and that database, for a
 limited time and number of runs. Reviews live in a :class:`ReviewStore`
-(:class:`SqliteReviewStore` standalone).
+(:class:`SqliteReviewStore` standalone; ``pg_store`` for replicas sharing a PostgreSQL
+database, ``kube_store`` for sidecars).
 
 The API and CLI modules are not imported here, so that the policy model can import
 :class:`ApprovalSettings` without pulling in the server.

@@ -48,6 +48,8 @@ EVENTS = ("created", "approved", "denied", "expired", "withdrawn", "used")
 _CLAIM_ATTEMPTS = 3
 #: How many (review, outcome) events the service remembers having reported.
 _REPORTED = 4096
+#: How soon a wait reads a review again after reading it failed.
+_RETRY_FAILED_READ = 0.5
 #: How often ended reviews past their retention are deleted.
 _PRUNE_EVERY = timedelta(minutes=1)
 
@@ -179,30 +181,49 @@ class ApprovalService:
         """The review once it is decided, or as it stands (pending) after ``timeout`` s.
 
         Cancelling the wait (the client sent a CancelRequest or went away) leaves the
-        review as it is: call :meth:`withdraw` to end it.
+        review as it is: call :meth:`withdraw` to end it. When the store cannot be read,
+        the wait tries again until ``timeout`` and then raises the store's error.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         watch = self._watches.setdefault(review_id, _Watch())
         watch.waiters += 1
+        failing = False
         try:
             while True:
                 # Taken before reading the store: a decision stored after the read sets
                 # this very event, so it cannot slip between the read and the wait.
                 event = watch.event
-                review = await self._store.get(review_id)
+                poll = self._poll_interval
+                try:
+                    review: Review | None = await self._store.get(review_id)
+                except Exception as exc:
+                    # A store that fails for a moment (its database restarting) does not
+                    # end the hold: read again soon, and raise only once the hold is over.
+                    if loop.time() >= deadline:
+                        raise
+                    if not failing:
+                        log.warning(
+                            "approvals: reading review %s failed (%s); trying again until "
+                            "its hold ends",
+                            review_id,
+                            type(exc).__name__,
+                        )
+                    failing, review, poll = True, None, min(poll, _RETRY_FAILED_READ)
                 remaining = deadline - loop.time()
-                if not review.pending:
-                    # Decided elsewhere (kubectl, another replica): this process reports it
-                    # too, since its audit log holds the statement the decision is about.
-                    self._emit(review.decision.value, review)
-                    return review
-                if remaining <= 0:
-                    return review
+                if review is not None:
+                    if not review.pending:
+                        # Decided elsewhere (kubectl, another replica): this process
+                        # reports it too, since its audit log holds the statement the
+                        # decision is about.
+                        self._emit(review.decision.value, review)
+                        return review
+                    if remaining <= 0:
+                        return review
                 # The event wakes us for decisions of this process; the timeout is the poll
                 # that notices decisions of other processes.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(self._poll_interval, remaining))
+                    await asyncio.wait_for(event.wait(), max(0.0, min(poll, remaining)))
                 if event.is_set() and watch.event is event:
                     # Re-arm, so a wake-up that finds the review still pending (it cannot
                     # today, but a store might lag) does not turn the loop into a spin.

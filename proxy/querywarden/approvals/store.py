@@ -7,9 +7,11 @@ use a single-use grant, and an expired review cannot be approved. Policy (who ma
 how long a grant lasts) is the service's business; the store only keeps the rules that
 must hold under concurrency.
 
-A Kubernetes implementation (a ``QueryReview`` custom resource per review, with the
-decision in its status and optimistic concurrency through ``resourceVersion``) will
-implement the same protocol.
+The other implementations: :mod:`querywarden.approvals.kube_store` (a ``QueryReview``
+custom resource per review, optimistic concurrency through ``resourceVersion``) and
+:mod:`querywarden.approvals.pg_store` (tables in a PostgreSQL schema that gateway
+replicas share, row locks and LISTEN/NOTIFY). ``tests/review_store_contract.py`` is the
+behaviour they all keep.
 """
 
 from __future__ import annotations

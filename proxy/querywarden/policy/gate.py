@@ -301,6 +301,19 @@ class PolicyGate:
             with contextlib.suppress(Exception):
                 await asyncio.shield(approvals.withdraw(review.id, "the client cancelled"))
             raise
+        except Exception as exc:
+            # Fail closed: the store failed for the whole hold, so the decision is unknown.
+            log.exception("approvals: the review store failed while review %s was held", review.id)
+            return Decision.refuse(
+                _PREFIX + f"{reason}: review {review.id} was opened, but the gateway could "
+                f"not read it from its review store (failed: {type(exc).__name__}) before "
+                "the hold ended; the statement was not run",
+                sqlstate="58030",
+                hint="re-run the same statement once the review store is back: it runs if "
+                "the review was approved; if this persists, ask the gateway's operator to "
+                "check the review store (docs/approvals.md)",
+                rule=rule,
+            )
         decision = str(review.decision.value)
         if decision == "approved":
             try:
