@@ -109,7 +109,7 @@ def current_crds_afterwards(k8s: Cluster) -> Iterator[None]:
 
 
 def test_apply_of_crds_upgrades_both(
-    k8s: Cluster, helm: Helm, current_crds_afterwards: None
+    k8s: Cluster, helm: Helm, review_crd_as_found: None, current_crds_afterwards: None
 ) -> None:
     install_older(k8s, older_policy_crd(), older_review_crd())
     assert not served_columns(k8s, schema.crd())
@@ -132,7 +132,7 @@ def test_apply_of_crds_upgrades_both(
 
 
 def test_helm_show_crds_upgrades_the_chart_crds(
-    k8s: Cluster, helm: Helm, current_crds_afterwards: None
+    k8s: Cluster, helm: Helm, review_crd_as_found: None, current_crds_afterwards: None
 ) -> None:
     install_older(k8s, older_policy_crd())
     assert not served_columns(k8s, schema.crd())

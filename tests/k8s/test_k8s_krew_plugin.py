@@ -163,7 +163,9 @@ def krew_install(archive: Path, platform: dict[str, Any], root: Path) -> Path:
     return bin_dir
 
 
-def test_installed_plugin_runs_under_kubectl(k8s: Cluster, tmp_path: Path) -> None:
+def test_installed_plugin_runs_under_kubectl(
+    k8s: Cluster, tmp_path: Path, review_crd_as_found: None
+) -> None:
     archive = build(tmp_path / "dist")
     bin_dir = krew_install(archive, the_platform(manifest()), tmp_path / "krew")
     kubectl = tool("kubectl")
