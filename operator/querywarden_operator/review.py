@@ -14,10 +14,10 @@ whether the change stands:
   :mod:`querywarden.approvals.review_conditions`);
 * a **validating** webhook (``/review-check``) then refuses what must not happen: a review
   created by anything but a ServiceAccount, or created already decided (or with a status
-  other than the pending conditions); a decision by
-  someone outside the policy's approvers; self-approval under ``requireDistinctApprover``;
-  any change to a decided (or withdrawn/expired) review's spec; a requester field
-  changed; a status forged by anyone but the creating sidecar.
+  other than the pending conditions); a decision by someone outside the policy's
+  approvers; self-approval under ``requireDistinctApprover``; any change to a decided (or
+  withdrawn/expired) review's spec; a requester field changed; a status forged by anyone
+  but the creating sidecar.
 
 The CRD has no status subresource on purpose: the API server resets ``status`` on an
 update of the main resource when there is one, *after* mutating admission, so a webhook
