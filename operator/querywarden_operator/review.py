@@ -9,12 +9,15 @@ whether the change stands:
 * a **mutating** webhook (``/review-stamp``) writes the creator's username into the
   annotation ``querywarden.io/created-by`` on CREATE, and on the UPDATE that decides a
   pending review stamps ``status``: the approver (the admission request's ``userInfo``),
-  the decision time, and for an approval the grant's expiry and uses;
+  the decision time, for an approval the grant's expiry and uses, and the status
+  conditions (``Decided``, ``Approved``, ``Expired``:
+  :mod:`querywarden.approvals.review_conditions`);
 * a **validating** webhook (``/review-check``) then refuses what must not happen: a review
-  created by anything but a ServiceAccount, or created already decided; a decision by
-  someone outside the policy's approvers; self-approval under ``requireDistinctApprover``;
-  any change to a decided (or withdrawn/expired) review's spec; a requester field
-  changed; a status forged by anyone but the creating sidecar.
+  created by anything but a ServiceAccount, or created already decided (or with a status
+  other than the pending conditions); a decision by someone outside the policy's
+  approvers; self-approval under ``requireDistinctApprover``; any change to a decided (or
+  withdrawn/expired) review's spec; a requester field changed; a status forged by anyone
+  but the creating sidecar.
 
 The CRD has no status subresource on purpose: the API server resets ``status`` on an
 update of the main resource when there is one, *after* mutating admission, so a webhook
@@ -42,8 +45,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pydantic.alias_generators import to_camel
 
 from querywarden.approvals.model import ApprovalSettings
+from querywarden.approvals.review_conditions import (
+    next_generation,
+    review_conditions,
+    review_state,
+)
 from querywarden.config import Duration
 from querywarden_operator.spec import GROUP, VERSION
+from querywarden_operator.status import Condition
 
 REVIEW_KIND = "QueryReview"
 REVIEW_PLURAL = "queryreviews"
@@ -142,6 +151,15 @@ class QueryReviewStatus(_Model):
     closed: Literal["withdrawn", "expired"] | None = None
     #: Why it was withdrawn or expired.
     closed_reason: str = ""
+    #: Decided, Approved and Expired, kept in step with the review's state by whoever
+    #: changes it (`kubectl wait --for=condition=Approved queryreview/NAME`).
+    conditions: list[Condition] = Field(
+        [],
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
 
 
 # --- admission ----------------------------------------------------------------------------
@@ -236,7 +254,27 @@ def stamp(
         status["usesLeft"] = int(spec.get("uses", 1))
     else:
         status["usesLeft"] = 0
+    # The update's generation: the API server adds one after mutating admission, as the
+    # spec changes (no status subresource).
+    decided = {**new, "status": {**_status(old), **status}}
+    status["conditions"] = review_conditions(decided, generation=next_generation(old), now=now)
     return {"status": status}
+
+
+def _pending_conditions_only(status: Mapping[str, Any]) -> bool:
+    """Whether a new review's status holds nothing but the pending conditions.
+
+    Other fields may be there with their defaults only (the API server applies the CRD's
+    defaults, ``usesLeft: 0`` and ``closedReason: ""``, before validating admission).
+    """
+    defaults = QueryReviewStatus().model_dump(mode="json", by_alias=True)
+    if any(k != "conditions" and defaults.get(k, object()) != v for k, v in status.items()):
+        return False
+    conditions = status.get("conditions") or []
+    return all(
+        isinstance(c, Mapping) and c.get("reason") == "Pending" and c.get("status") == "False"
+        for c in conditions
+    )
 
 
 def check(
@@ -254,8 +292,10 @@ def check(
                 f"{username} may not create QueryReviews: only the gateway sidecar's "
                 f"ServiceAccount (system:serviceaccount:{namespace}:...) creates them"
             )
-        if _decision(new) != "pending" or _status(new):
-            raise ReviewRefused("a QueryReview is created pending, without a status")
+        if review_state(new) != "pending" or not _pending_conditions_only(_status(new)):
+            raise ReviewRefused(
+                "a QueryReview is created pending, with no status but the pending conditions"
+            )
         if _annotations(new).get(ANNOTATION_CREATED_BY) != username:
             raise ReviewRefused(f"annotation {ANNOTATION_CREATED_BY} must name the creator")
         return

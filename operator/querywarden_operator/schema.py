@@ -602,6 +602,7 @@ def review_crd() -> dict[str, Any]:
     (see :mod:`querywarden_operator.review`).
     """
     spec = _schema_of(QueryReviewSpec)
+    decided = '.status.conditions[?(@.type=="Decided")]'
     # A NULL parameter is null: structural schemas say so with nullable.
     spec["properties"]["parameters"]["items"]["nullable"] = True
     return {
@@ -630,20 +631,34 @@ def review_crd() -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
+                    # The state (the Decided condition's reason), who asked, which rule
+                    # held it and the statement: what an approver decides on. The
+                    # statement comes last, where a long one wraps without pushing the
+                    # other columns apart.
                     "additionalPrinterColumns": [
+                        {
+                            "name": "State",
+                            "type": "string",
+                            "jsonPath": f"{decided}.reason",
+                            "description": "Pending, Approved, Denied, Withdrawn or Expired",
+                        },
                         {
                             "name": "Requester",
                             "type": "string",
                             "jsonPath": ".spec.requester.subject",
                         },
                         {"name": "Database", "type": "string", "jsonPath": ".spec.database"},
-                        {"name": "Decision", "type": "string", "jsonPath": ".spec.decision"},
+                        {
+                            "name": "Rule",
+                            "type": "string",
+                            "jsonPath": ".spec.rule",
+                            "description": "The policy rule that held the statement",
+                        },
                         {
                             "name": "Approver",
                             "type": "string",
                             "jsonPath": ".status.approver.subject",
                         },
-                        {"name": "Closed", "type": "string", "jsonPath": ".status.closed"},
                         {
                             "name": "Uses Left",
                             "type": "integer",
@@ -651,12 +666,13 @@ def review_crd() -> dict[str, Any]:
                             "priority": 1,
                         },
                         {
-                            "name": "Statement",
+                            "name": "Reason",
                             "type": "string",
-                            "jsonPath": ".spec.statement",
+                            "jsonPath": ".spec.reason",
                             "priority": 1,
                         },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                        {"name": "Statement", "type": "string", "jsonPath": ".spec.statement"},
                     ],
                     "schema": {
                         "openAPIV3Schema": {

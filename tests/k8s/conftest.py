@@ -12,12 +12,13 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from k8sharness.cluster import NAMESPACE_LABEL, Cluster, LocalControlPlane
+from k8sharness.cluster import NAMESPACE_LABEL, Cluster, KubeError, LocalControlPlane
 from k8sharness.collector import Collector
 from k8sharness.helm import Helm
 from k8sharness.tools import require_tools
@@ -80,6 +81,38 @@ def namespace(k8s: Cluster) -> Iterator[str]:
         yield name
     finally:
         k8s.delete(f"/api/v1/namespaces/{name}")
+
+
+@pytest.fixture
+def review_crd_as_found(k8s: Cluster) -> Iterator[None]:
+    """Delete the QueryReview CRD after the test if it was not there before.
+
+    A test that applies it with kubectl leaves it owned by no Helm release, and the helm
+    tests that install the chart with its QueryReview template (test_k8s_operator_helm.py)
+    cannot install over such a CRD. List this fixture before fixtures that apply it on
+    teardown: teardowns run in reverse.
+    """
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/queryreviews.querywarden.io"
+
+    def present() -> bool:
+        try:
+            k8s.get(path)
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    existed = present()
+    try:
+        yield
+    finally:
+        if not existed:
+            k8s.delete(path)
+            deadline = time.monotonic() + 60
+            while present():
+                assert time.monotonic() < deadline, "the QueryReview CRD is not going away"
+                time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

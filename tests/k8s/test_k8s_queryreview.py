@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -191,14 +192,181 @@ def test_committed_review_crds_are_generated_from_the_models() -> None:
     assert schema.main(["--check"]) == 0
 
 
+def _table(setup: Setup, *args: str) -> list[dict[str, str]]:
+    """``kubectl get queryreviews`` as rows of {column: cell}, cut where the header's are."""
+    lines = setup.k8s.kubectl("get", "queryreviews", "-n", setup.namespace, *args).stdout
+    header, *rows = lines.splitlines()
+    # Columns are at least three spaces apart; a header may have one inside (USES LEFT).
+    starts = [(m.start(), m.group()) for m in re.finditer(r"\S+(?: \S+)*", header)]
+    ends = [start for start, _ in starts[1:]] + [None]
+    return [
+        {name: row[start:end].strip() for (start, name), end in zip(starts, ends, strict=True)}
+        for row in rows
+    ]
+
+
 def test_crd_applies_with_printer_columns(setup: Setup) -> None:
     crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
     crd = setup.k8s.get(f"{crds}/{REVIEW_CRD_NAME}")
-    columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert {"Requester", "Decision", "Approver", "Age"} <= set(columns)
+    columns = [
+        c["name"]
+        for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        if not c.get("priority")
+    ]
+    assert columns == ["State", "Requester", "Database", "Rule", "Approver", "Age", "Statement"]
     created = run(_create(setup, new_review("DELETE FROM orders WHERE id = 1")))
-    table = setup.k8s.kubectl("get", "queryreviews", "-n", setup.namespace, created.id).stdout
-    assert "REQUESTER" in table and "carol" in table and "pending" in table
+    (row,) = _table(setup, created.id)
+    assert row["NAME"] == created.id and row["STATE"] == "Pending"
+    assert row["REQUESTER"] == "carol" and row["DATABASE"] == "orders"
+    assert row["RULE"] == "deletes-need-review"
+    # The statement is the last column: the rest of the line, spaces and all.
+    assert row["STATEMENT"] == "DELETE FROM orders WHERE id = 1"
+    setup.decide("alice", ("dba",), created.id, decision="approved", comment="ok")
+    (row,) = _table(setup, created.id, "-o", "wide")
+    assert row["STATE"] == "Approved" and row["APPROVER"] == "alice"
+    assert row["USES LEFT"] == "1" and row["REASON"] == "a DELETE"
+    assert row["STATEMENT"] == "DELETE FROM orders WHERE id = 1"
+
+
+# --- conditions -------------------------------------------------------------------------
+
+
+def _conditions(setup: Setup, name: str) -> dict[str, dict[str, Any]]:
+    obj = setup.k8s.get(f"{reviews(setup.namespace)}/{name}")
+    conditions = {c["type"]: c for c in obj["status"]["conditions"]}
+    assert list(conditions) == ["Decided", "Approved", "Expired"]
+    for condition in conditions.values():
+        # Current for the object as stored: kubectl wait trusts no older condition.
+        assert condition["observedGeneration"] == obj["metadata"]["generation"], obj
+        assert condition["lastTransitionTime"].endswith("Z")
+    return conditions
+
+
+def _states(conditions: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    return {t: (c["status"], c["reason"]) for t, c in conditions.items()}
+
+
+def _wait(setup: Setup, name: str, condition: str, timeout: str) -> Any:
+    return setup.k8s.kubectl(
+        "wait", f"--for=condition={condition}", f"queryreview/{name}", "-n", setup.namespace,
+        f"--timeout={timeout}", check=False,
+    )  # fmt: skip
+
+
+def test_conditions_follow_an_approval_and_kubectl_wait_sees_them(setup: Setup) -> None:
+    review = run(_create(setup, new_review("DELETE FROM orders WHERE id = 700")))
+    pending = _conditions(setup, review.id)
+    assert _states(pending) == {
+        "Decided": ("False", "Pending"),
+        "Approved": ("False", "Pending"),
+        "Expired": ("False", "Pending"),
+    }
+    # Nothing to wait for yet: kubectl wait times out (exit 1).
+    assert _wait(setup, review.id, "Approved", "1s").returncode == 1
+
+    async def wait_while_approving() -> Any:
+        waiter = asyncio.create_task(asyncio.to_thread(_wait, setup, review.id, "Approved", "60s"))
+        await asyncio.sleep(1)
+        await asyncio.to_thread(setup.decide, "alice", ("dba",), review.id,
+                                decision="approved", comment="ticket 4711", uses=2)  # fmt: skip
+        return await waiter
+
+    waited = run(wait_while_approving())
+    assert waited.returncode == 0, waited.stderr
+    assert f"queryreview.querywarden.io/{review.id} condition met" in waited.stdout
+    approved = _conditions(setup, review.id)
+    assert _states(approved) == {
+        "Decided": ("True", "Approved"),
+        "Approved": ("True", "Approved"),
+        "Expired": ("False", "Approved"),
+    }
+    assert approved["Approved"]["message"] == "approved by alice: ticket 4711"
+    # Expired did not change status: its transition time is the one it had.
+    assert approved["Expired"]["lastTransitionTime"] == pending["Expired"]["lastTransitionTime"]
+
+    # A use of the grant changes the generation; the sidecar keeps the conditions current,
+    # so a script that starts waiting afterwards returns at once.
+    async def use() -> Review:
+        store = setup.store()
+        try:
+            return await store.use(review.id, now=datetime.now(UTC))
+        finally:
+            await store.close()
+
+    assert run(use()).uses_left == 1
+    used = _conditions(setup, review.id)
+    assert _states(used) == _states(approved)
+    assert used["Approved"]["observedGeneration"] > approved["Approved"]["observedGeneration"]
+    for condition in ("Approved", "Decided"):
+        assert _wait(setup, review.id, condition, "5s").returncode == 0
+
+
+def test_conditions_of_denied_withdrawn_and_expired_reviews(setup: Setup) -> None:
+    denied = run(_create(setup, new_review("DELETE FROM orders WHERE id = 710")))
+    setup.decide("alice", ("dba",), denied.id, decision="denied", comment="use the archive")
+    conditions = _conditions(setup, denied.id)
+    assert _states(conditions) == {
+        "Decided": ("True", "Denied"),
+        "Approved": ("False", "Denied"),
+        "Expired": ("False", "Denied"),
+    }
+    assert conditions["Decided"]["message"] == "denied by alice: use the archive"
+    assert _wait(setup, denied.id, "Decided", "5s").returncode == 0
+    assert _wait(setup, denied.id, "Approved", "1s").returncode == 1
+
+    async def close() -> tuple[Review, Review]:
+        store = setup.store()
+        try:
+            now = datetime.now(UTC)
+            first = (await store.create(new_review("DELETE FROM orders WHERE id = 711"))).review
+            second = (await store.create(new_review("DELETE FROM orders WHERE id = 712"))).review
+            return (
+                await store.withdraw(first.id, "client went away", now=now),
+                await store.expire(second.id, now=now),
+            )
+        finally:
+            await store.close()
+
+    withdrawn, expired = run(close())
+    conditions = _conditions(setup, withdrawn.id)
+    assert _states(conditions) == {
+        "Decided": ("True", "Withdrawn"),
+        "Approved": ("False", "Withdrawn"),
+        "Expired": ("False", "Withdrawn"),
+    }
+    assert conditions["Decided"]["message"] == "withdrawn undecided: client went away"
+    conditions = _conditions(setup, expired.id)
+    assert _states(conditions) == {
+        "Decided": ("True", "Expired"),
+        "Approved": ("False", "Expired"),
+        "Expired": ("True", "Expired"),
+    }
+    assert _wait(setup, expired.id, "Expired", "5s").returncode == 0
+    states = {row["NAME"]: row["STATE"] for row in _table(setup)}
+    assert states[denied.id] == "Denied" and states[withdrawn.id] == "Withdrawn"
+    assert states[expired.id] == "Expired"
+
+
+def test_conditions_cannot_be_forged(setup: Setup) -> None:
+    review = run(_create(setup, new_review("DELETE FROM orders WHERE id = 720")))
+    path = f"{reviews(setup.namespace)}/{review.id}"
+    forged = [dict(c, status="True", reason="Approved") for c in
+              setup.k8s.get(path)["status"]["conditions"]]  # fmt: skip
+    with pytest.raises(KubeError) as refused:
+        setup.as_user("alice", ("dba",), "PATCH", path, {"status": {"conditions": forged}})
+    assert refused.value.status == 403
+    # A sidecar cannot create a review that says it is approved either.
+    store = setup.store()
+    try:
+        manifest = store._manifest("forged-1", "1" * 40, new_review("DELETE FROM orders"))
+    finally:
+        run(store.close())
+    manifest["status"]["conditions"] = forged
+    result = setup.k8s.kubectl(
+        "--kubeconfig", str(setup.sidecar_kubeconfig), "create", "-f", "-",
+        stdin=json.dumps(manifest), check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "pending conditions" in result.stderr
 
 
 def test_store_round_trip_and_single_use_grant(setup: Setup) -> None:

@@ -8,11 +8,14 @@ twin or a grant without reading every review).
 
 Approvers decide by changing ``spec.decision`` (``kubectl querywarden approve``); the
 operator's admission webhooks check them and stamp ``status`` (approver, decided time,
-grant expiry and uses). Every change the sidecar makes (a use, a withdrawal, an expiry,
-a decision on behalf of an approver the gateway verified) is a merge patch carrying the
-``resourceVersion`` it read: the API server refuses it with 409 Conflict when the review
-changed in between, and the store reads again and re-checks. So of two sidecars using a
-single-use grant at once exactly one succeeds.
+grant expiry and uses, and the conditions). Every change the sidecar makes (a use, a
+withdrawal, an expiry, a decision on behalf of an approver the gateway verified) is a
+merge patch carrying the ``resourceVersion`` it read: the API server refuses it with 409
+Conflict when the review changed in between, and the store reads again and re-checks. So
+of two sidecars using a single-use grant at once exactly one succeeds. The store writes
+the status conditions (:mod:`querywarden.approvals.review_conditions`) with every change
+of its own, in the same patch: pending on create, withdrawn or expired, and refreshed on
+each use.
 
 Times set by the webhook (``decided``, ``grantExpires``) come from the operator's clock,
 not the ``now`` the caller passes. A review's name is derived from its key (see
@@ -59,6 +62,7 @@ from querywarden.approvals.model import (
     ReviewSummary,
     SelfApproval,
 )
+from querywarden.approvals.review_conditions import next_generation, review_conditions
 from querywarden.approvals.store import Opened, _unusable
 
 __all__ = ["KubernetesReviewStore", "default_namespace", "review_key"]
@@ -358,12 +362,16 @@ class KubernetesReviewStore:
         }
         if review.estimate is not None:
             spec["estimate"] = review.estimate
-        return {
+        manifest: dict[str, Any] = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": KIND,
             "metadata": metadata,
             "spec": spec,
         }
+        # A new object's generation is 1.
+        conditions = review_conditions(manifest, generation=1, now=datetime.now(UTC))
+        manifest["status"] = {"conditions": conditions}
+        return manifest
 
     async def get(self, review_id: str) -> Review:
         """See :meth:`ReviewStore.get`."""
@@ -409,7 +417,7 @@ class KubernetesReviewStore:
     async def withdraw(self, review_id: str, why: str, *, now: datetime) -> Review:
         """See :meth:`ReviewStore.withdraw`."""
         status = {"closed": "withdrawn", "closedReason": why, "decided": _time(now)}
-        return await self._run(self._end_pending, review_id, {"status": status})
+        return await self._run(self._end_pending, review_id, _closing(status, now))
 
     async def expire(self, review_id: str, *, now: datetime) -> Review:
         """See :meth:`ReviewStore.expire`."""
@@ -418,15 +426,17 @@ class KubernetesReviewStore:
             "closedReason": "nobody decided in time",
             "decided": _time(now),
         }
-        return await self._run(self._end_pending, review_id, {"status": status})
+        return await self._run(self._end_pending, review_id, _closing(status, now))
 
-    def _end_pending(self, review_id: str, changes: dict[str, Any]) -> Review:
+    def _end_pending(
+        self, review_id: str, changes: dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> Review:
         for _ in range(_ATTEMPTS):
             obj = self._read(review_id)
             review = to_review(obj)
             if not review.pending:
                 raise ReviewConflict(f"review {review_id} is already {review.decision.value}")
-            patched = self._patch(obj, changes)
+            patched = self._patch(obj, changes(obj) if callable(changes) else changes)
             if patched is not None:
                 return to_review(patched)
         raise ReviewConflict(f"review {review_id} keeps changing; try again")
@@ -476,7 +486,12 @@ class KubernetesReviewStore:
                 raise ReviewConflict(_unusable(review, now))
             left = review.uses_left if review.uses_left == UNLIMITED_USES else review.uses_left - 1
             used = [*((obj.get("status") or {}).get("usedAt") or []), _time(now)]
-            patched = self._patch(obj, {"status": {"usesLeft": left, "usedAt": used}})
+            status: dict[str, Any] = {"usesLeft": left, "usedAt": used}
+            # Same state, next generation: the conditions stay current for kubectl wait.
+            status["conditions"] = review_conditions(
+                _merged(obj, status), generation=next_generation(obj), now=now
+            )
+            patched = self._patch(obj, {"status": status})
             if patched is not None:
                 return to_review(patched)
         raise ReviewConflict(f"the grant of review {review_id} is contended; try again")
@@ -559,6 +574,23 @@ class KubernetesReviewStore:
         self._watch_stop.set()
         await self._run(self._api_client.close)
         self._executor.shutdown(wait=True)
+
+
+def _merged(obj: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+    """``obj`` with ``status`` merged into its status (as the merge patch will leave it)."""
+    return {**obj, "status": {**(obj.get("status") or {}), **status}}
+
+
+def _closing(status: dict[str, Any], now: datetime) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The patch that closes the review it is given with ``status``, conditions included."""
+
+    def changes(obj: dict[str, Any]) -> dict[str, Any]:
+        conditions = review_conditions(
+            _merged(obj, status), generation=next_generation(obj), now=now
+        )
+        return {"status": {**status, "conditions": conditions}}
+
+    return changes
 
 
 def _message(exc: ApiException) -> str:
