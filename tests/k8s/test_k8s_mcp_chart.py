@@ -162,6 +162,15 @@ def test_defaults_the_public_url_to_the_service_and_follows_its_path(helm: Helm)
     assert container["readinessProbe"]["httpGet"]["path"] == path
 
 
+def test_the_install_notes_say_where_agents_connect(helm: Helm) -> None:
+    notes = helm("install", "qw", str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
+                 *values(publicUrl="https://mcp.example.com/mcp")).stdout  # fmt: skip
+    assert "streamable HTTP at\nhttps://mcp.example.com/mcp" in notes
+    assert "gateway postgres.app.svc:5432 with the caller's own token" in notes
+    default = helm("install", "qw", str(CHART), "--dry-run=client", "--namespace", NAMESPACE)
+    assert "MCP" not in default.stdout
+
+
 @pytest.mark.parametrize("missing", sorted(REQUIRED))
 def test_a_missing_required_value_fails_with_its_name(helm: Helm, missing: str) -> None:
     settings = [
