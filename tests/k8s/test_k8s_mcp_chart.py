@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import yaml
+from mcp.server.auth.routes import build_resource_metadata_url
+from pydantic import AnyHttpUrl
 
 from k8sharness.cluster import Cluster
 from k8sharness.helm import Helm
@@ -160,6 +163,17 @@ def test_defaults_the_public_url_to_the_service_and_follows_its_path(helm: Helm)
     container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     path = "/.well-known/oauth-protected-resource/db/mcp"
     assert container["readinessProbe"]["httpGet"]["path"] == path
+    # The path as the SDK builds it: a trailing slash kept, a lone "/" dropped.
+    for public_url, expected in (
+        ("https://agents.example.com/db/mcp/", "/.well-known/oauth-protected-resource/db/mcp/"),
+        ("https://agents.example.com/", "/.well-known/oauth-protected-resource"),
+        ("https://agents.example.com", "/.well-known/oauth-protected-resource"),
+    ):
+        objects = mcp_objects(template(helm, *values(publicUrl=public_url)))
+        container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+        assert container["livenessProbe"]["httpGet"]["path"] == expected, public_url
+        sdk = build_resource_metadata_url(AnyHttpUrl(public_url))
+        assert urlparse(str(sdk)).path == expected, public_url
 
 
 def test_the_install_notes_say_where_agents_connect(helm: Helm) -> None:

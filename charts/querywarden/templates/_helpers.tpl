@@ -110,10 +110,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/*
 Where the SDK serves the protected resource metadata (RFC 9728): the well-known prefix
-followed by the public URL's path. It needs no token, so the probes ask for it.
+followed by the public URL's path (a lone "/" counts as none, as in the SDK). It needs no token, so the probes ask for it.
 */}}
 {{- define "querywarden.mcp.metadataPath" -}}
-{{- $path := (urlParse (include "querywarden.mcp.publicUrl" .)).path | trimSuffix "/" -}}
+{{- $path := (urlParse (include "querywarden.mcp.publicUrl" .)).path -}}
+{{- if eq $path "/" }}{{ $path = "" }}{{ end -}}
 {{- printf "/.well-known/oauth-protected-resource%s" $path -}}
 {{- end -}}
 
