@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
-# One image, two roles:
+# One image, three roles:
 #   querywarden serve --config /etc/querywarden/gateway.yaml   the gateway (the sidecar)
 #   querywarden operator                                       the operator and its webhook
+#   querywarden mcp --transport http ...                       the MCP server for agents
+#     (its SDK and uvicorn are dependencies in pyproject.toml, installed below)
 # Non-root (uid 65532) and read-only-root-filesystem friendly: nothing is written outside
 # the mounted volumes (/tmp, the audit directory), bytecode is compiled at build time.
 #
@@ -62,7 +64,8 @@ ENV PATH=/opt/querywarden/bin:$PATH \
     PYTHONUNBUFFERED=1
 # Numeric, so that runAsNonRoot can verify it.
 USER 65532:65532
-# 6432: the gateway; 9443: the operator's webhook; 8080: the operator's health endpoint.
-EXPOSE 6432 9443 8080
+# 6432: the gateway; 9443: the operator's webhook; 8080: the operator's health endpoint;
+# 8765: the MCP server (as the chart runs it).
+EXPOSE 6432 9443 8080 8765
 ENTRYPOINT ["querywarden"]
 CMD ["serve", "--config", "/etc/querywarden/gateway.yaml"]

@@ -6,16 +6,23 @@ image itself with podman, in front of the test PostgreSQL, with a real psql.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx2
 import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 
 import querywarden
+from gateway_harness import DATABASE, POLICY, RunningGateway, token_for
 from image_harness import (
     IMAGE_UID,
     REPO,
@@ -27,6 +34,7 @@ from image_harness import (
 )
 from querywarden.devcluster import ROLE_PASSWORD, EphemeralCluster, free_port
 from querywarden.identity.dev import mint_token
+from querywarden.policy import PolicyDocument
 
 SITE = "/opt/querywarden/lib/python3.11/site-packages"
 
@@ -150,3 +158,133 @@ def _psql(dsn: str, sql: str, password: str) -> subprocess.CompletedProcess[str]
         env={**os.environ, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "5"},
         check=False,
     )
+
+
+# --- querywarden mcp --transport http, from the image ----------------------------------
+
+ISSUER = "https://issuer.example.test"
+PUBLIC_URL = "https://mcp.example.test/mcp"
+#: Where the SDK serves the protected resource metadata (RFC 9728 section 3.1): the
+#: well-known prefix, then the public URL's path. The chart's probes ask for it.
+METADATA_PATH = "/.well-known/oauth-protected-resource/mcp"
+
+
+@pytest.fixture
+def mcp_gateway(
+    pg: EphemeralCluster, make_gateway: Callable[..., RunningGateway]
+) -> Iterator[RunningGateway]:
+    """A gateway with its admin API (which verifies the MCP server's callers)."""
+    pg.psql(
+        "CREATE TABLE IF NOT EXISTS qimage_mcp (id int, ssn text);"
+        "TRUNCATE qimage_mcp; INSERT INTO qimage_mcp VALUES (1, '123-45-6789');"
+        "GRANT SELECT ON qimage_mcp TO PUBLIC;"
+    )
+    policy = PolicyDocument.model_validate(
+        {
+            "identity": POLICY.identity.model_dump(by_alias=True),
+            "rules": [
+                {
+                    "name": "agents-read",
+                    "subjects": {"groups": ["ai-agents"]},
+                    "allow": {"operations": ["select"], "tables": ["public.qimage_mcp"]},
+                }
+            ],
+            "masking": {
+                "columns": [
+                    {"table": "qimage_mcp", "column": "ssn", "strategy": "partial", "keepLast": 4}
+                ]
+            },
+        }
+    )
+    yield make_gateway(
+        policy=policy,
+        masking={"hashKey": "test-image-mcp-masking-key-0123456789"},
+        admin={"port": 0},
+    )
+    pg.psql("DROP TABLE qimage_mcp")
+
+
+@pytest.mark.postgres
+def test_the_mcp_server_in_the_image_serves_agents_over_http(
+    image: str, mcp_gateway: RunningGateway
+) -> None:
+    admin = mcp_gateway.gateway.admin_address
+    assert admin is not None
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    # As the chart runs it: read-only, uid 65532, nothing mounted but /tmp.
+    args = [
+        "mcp", "--transport", "http", "--listen", f"127.0.0.1:{port}",
+        "--gateway", f"{mcp_gateway.host}:{mcp_gateway.port}", "--database", DATABASE,
+        "--admin-url", f"http://{admin[0]}:{admin[1]}",
+        "--authorization-server", ISSUER, "--public-url", PUBLIC_URL,
+        "--allowed-host", f"127.0.0.1:{port}",
+    ]  # fmt: skip
+    with container(image, args) as running:
+        wait_until_serving(running, lambda: _get(base + METADATA_PATH) == 200)
+
+        # The metadata names the issuer; it needs no token and takes any Host (a kubelet
+        # probe sends the pod's IP), so the chart's probes can ask for it.
+        metadata = httpx2.get(base + METADATA_PATH, headers={"Host": "10.1.2.3:8765"}, timeout=10)
+        assert metadata.status_code == 200, metadata.text
+        assert metadata.json()["resource"] == PUBLIC_URL
+        assert metadata.json()["authorization_servers"] == [ISSUER + "/"]
+
+        # /mcp without a bearer: 401, and where to find the metadata.
+        initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+        accept = {"Accept": "application/json, text/event-stream"}
+        refused = httpx2.post(base + "/mcp", json=initialize, headers=accept, timeout=10)
+        assert refused.status_code == 401
+        challenge = refused.headers.get("www-authenticate", "")
+        assert challenge.startswith("Bearer")
+        assert "https://mcp.example.test/.well-known/oauth-protected-resource/mcp" in challenge
+        # A bearer the gateway does not know is refused too.
+        forged = httpx2.post(
+            base + "/mcp",
+            json=initialize,
+            headers={**accept, "Authorization": "Bearer not-a-token"},
+            timeout=10,
+        )
+        assert forged.status_code == 401
+        # A known bearer from a Host not allowed (DNS rebinding): refused.
+        rebound = httpx2.post(
+            base + "/mcp",
+            json=initialize,
+            headers={
+                **accept,
+                "Authorization": f"Bearer {token_for('alice')}",
+                "Host": "attacker.example",
+            },
+            timeout=10,
+        )
+        assert rebound.status_code == 421
+
+        # An agent's tool call runs through the gateway as the agent: masked by policy.
+        result = asyncio.run(
+            _query(base + "/mcp", token_for("alice"), "SELECT ssn FROM qimage_mcp")
+        )
+        assert not result["is_error"], result
+        assert result["structured"]["rows"][0][0] != "123-45-6789"
+        assert result["structured"]["rows"][0][0].endswith("6789")
+        assert result["structured"]["columns"][0]["masked"] == "partial"
+        assert running.running(), running.logs()
+
+
+def _get(url: str) -> int:
+    try:
+        return httpx2.get(url, timeout=2).status_code
+    except httpx2.HTTPError:
+        return 0
+
+
+async def _query(url: str, token: str, sql: str) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=60) as http,
+        streamable_http_client(url, http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        result = await session.call_tool("query", {"sql": sql})
+        text = "\n".join(getattr(c, "text", "") for c in result.content)
+        return {"is_error": result.is_error, "structured": result.structured_content, "text": text}

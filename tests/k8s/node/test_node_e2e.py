@@ -666,3 +666,62 @@ def test_the_network_policy_is_rendered_for_the_database_pods(installed: Install
     assert sources == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": AGENTS}}}
     ]
+
+
+MCP = f"{RELEASE}-mcp"
+MCP_PUBLIC_URL = "https://mcp.example.test/mcp"
+
+
+def test_the_charts_mcp_server_is_ready_on_the_node_and_asks_for_a_bearer(
+    installed: Installation,
+) -> None:
+    """``mcp.enabled`` on the running release: the kubelet's probes pass (read-only, uid
+    65532, the protected resource metadata without a token or an allowed Host), and its
+    Service answers /mcp with a Bearer challenge. (The injected sidecar serves no admin
+    API, so no token verifies here: tools are run by tests/test_image.py.)"""
+    k8s = installed.k8s
+    installed.apply(
+        manifest("ConfigMap", "gateway-ca", SYSTEM,
+                 data={"ca.crt": installed.gateway_ca.cert_pem.decode()}),
+    )  # fmt: skip
+    installed.helm(
+        "upgrade", RELEASE, str(CHART), "--namespace", SYSTEM, "--reuse-values", "--wait=false",
+        "--set", "mcp.enabled=true",
+        "--set", f"mcp.gateway=app-db.{SHOP}.svc:{GATEWAY_PORT}",
+        "--set", "mcp.database=app",
+        "--set", "mcp.sslmode=verify-ca",
+        "--set", "mcp.ca.configMap=gateway-ca",
+        "--set", f"mcp.adminUrl=http://app-db.{SHOP}.svc:8081",
+        "--set", "mcp.authorizationServer=https://issuer.example.test",
+        "--set", f"mcp.publicUrl={MCP_PUBLIC_URL}",
+        "--set", "mcp.allowedHosts={mcp.example.test}",
+    )  # fmt: skip
+    installed.rollout(SYSTEM, f"deployment/{MCP}")
+    deployment = k8s.get(f"/apis/apps/v1/namespaces/{SYSTEM}/deployments/{MCP}")
+    assert deployment["status"].get("readyReplicas") == deployment["spec"]["replicas"] == 2
+    # Through the Service (CoreDNS, kube-proxy), from one of its own pods.
+    script = (
+        "import urllib.request, urllib.error\n"
+        f"url = 'http://{MCP}.{SYSTEM}.svc.cluster.local:8765'\n"
+        "print(urllib.request.urlopen(url + '/.well-known/oauth-protected-resource/mcp',"
+        " timeout=10).read().decode())\n"
+        "request = urllib.request.Request(url + '/mcp', data=b'{}', method='POST',"
+        " headers={'Host': 'mcp.example.test', 'Content-Type': 'application/json',"
+        " 'Accept': 'application/json, text/event-stream'})\n"
+        "try:\n    urllib.request.urlopen(request, timeout=10)\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code, e.headers['WWW-Authenticate'])\n"
+    )
+    answer = k8s.kubectl(
+        "exec", "-n", SYSTEM, f"deployment/{MCP}", "--", "python", "-c", script
+    ).stdout.splitlines()
+    assert '"authorization_servers":["https://issuer.example.test/"]' in answer[0]
+    assert answer[1].startswith("401 Bearer")
+    assert "https://mcp.example.test/.well-known/oauth-protected-resource/mcp" in answer[1]
+
+    # Two replicas: the budget keeps one through a drain, and counts both healthy.
+    def both_healthy() -> bool | None:
+        budget = k8s.get(f"/apis/policy/v1/namespaces/{SYSTEM}/poddisruptionbudgets/{MCP}")
+        return budget.get("status", {}).get("currentHealthy") == 2 or None
+
+    k8s.wait_for(both_healthy, timeout=60, what="the MCP server's PodDisruptionBudget")
