@@ -143,15 +143,23 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture
-def http_server(gw: RunningGateway) -> Iterator[str]:
-    """``querywarden mcp --transport http`` as a subprocess; its URL."""
+@pytest.fixture(params=["admin", "wire"])
+def http_server(gw: RunningGateway, request: pytest.FixtureRequest) -> Iterator[str]:
+    """``querywarden mcp --transport http`` as a subprocess; its URL.
+
+    Bearers are verified by the gateway's admin API (``admin``), or, with no admin API
+    (the operator's sidecar serves none), by a start-up on the gateway (``wire``).
+    """
     port = _free_port()
+    args = _mcp_args(gw)
+    if request.param == "wire":
+        at = args.index("--admin-url")
+        del args[at : at + 2]
     process = subprocess.Popen(
         [
             sys.executable,
-            *_mcp_args(
-                gw,
+            *args,
+            *(
                 "--transport",
                 "http",
                 "--listen",
@@ -515,7 +523,7 @@ def test_over_http_each_request_runs_as_its_bearer(gw: RunningGateway, http_serv
     subjects = [
         r["principal"]["subject"]
         for r in read_records(gw.extra["audit"])
-        if r["type"] == "session.connect"
+        if r["type"] == "session.connect" and r["application_name"] == "querywarden-mcp"
     ]
     assert subjects == ["alice", "bob"]
 

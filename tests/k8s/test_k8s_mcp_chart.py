@@ -27,15 +27,16 @@ NAMESPACE = "qw-system"
 MCP_NAME = "qw-querywarden-mcp"
 REQUIRED = {
     "gateway": "postgres.app.svc:5432",
-    "adminUrl": "http://postgres.app.svc:8081",
     "authorizationServer": "https://issuer.example.com",
 }
+#: Optional, but set in most tests (its arguments are checked).
+ADMIN = {"adminUrl": "http://postgres.app.svc:8081"}
 ENABLED = ("--set", "mcp.enabled=true", "--set", "reviews.enabled=false")
 
 
 def values(**extra: str) -> list[str]:
     """``--set`` arguments: the MCP server enabled with its required values, and ``extra``."""
-    settings = {**REQUIRED, **extra}
+    settings = {**REQUIRED, **ADMIN, **extra}
     return [
         *ENABLED,
         *(item for key, value in settings.items() for item in ("--set", f"mcp.{key}={value}")),
@@ -257,3 +258,19 @@ def test_installed_the_api_server_accepts_its_objects(
         assert operator["spec"]["selector"] != deployment["spec"]["selector"]
     finally:
         helm("uninstall", "qw", "--namespace", namespace, check=False)
+
+
+def test_without_an_admin_url_the_server_verifies_tokens_on_the_gateway(helm: Helm) -> None:
+    """The operator's sidecar serves no admin API: the server then needs none."""
+    settings = [
+        *ENABLED,
+        *(item for key, value in REQUIRED.items() for item in ("--set", f"mcp.{key}={value}")),
+        "--set",
+        "mcp.adminCA.secret=ignored-without-an-admin-url",
+    ]
+    objects = mcp_objects(template(helm, *settings))
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert "--admin-url" not in args and "--admin-cacert" not in args
+    parsed = _build_parser().parse_args(args)
+    assert parsed.admin_url is None and parsed.gateway == REQUIRED["gateway"]

@@ -62,7 +62,13 @@ class GatewayConnection:
         self._reader = codec.FrameReader(MAX_MESSAGE)
 
     @classmethod
-    async def open(cls, address: GatewayAddress, user: str, token: str) -> GatewayConnection:
+    async def open(
+        cls,
+        address: GatewayAddress,
+        user: str,
+        token: str,
+        application_name: str = APPLICATION_NAME,
+    ) -> GatewayConnection:
         """Connect, negotiate TLS, authenticate with ``token``, wait for ReadyForQuery."""
         loop = asyncio.get_running_loop()
         try:
@@ -78,7 +84,7 @@ class GatewayConnection:
         connection = cls(endpoint, address)
         try:
             async with asyncio.timeout(address.connect_timeout):
-                await connection._handshake(user, token)
+                await connection._handshake(user, token, application_name)
         except TimeoutError as exc:
             endpoint.abort()
             raise GatewayError("the gateway did not complete start-up in time") from exc
@@ -92,7 +98,7 @@ class GatewayConnection:
             raise
         return connection
 
-    async def _handshake(self, user: str, token: str) -> None:
+    async def _handshake(self, user: str, token: str, application_name: str) -> None:
         address = self.address
         endpoint = self.endpoint
         if address.sslmode != "disable":
@@ -116,7 +122,7 @@ class GatewayConnection:
                 {
                     "user": user,
                     "database": address.database,
-                    "application_name": APPLICATION_NAME,
+                    "application_name": application_name,
                     "querywarden.annotations": "masking,decisions",
                 }
             )

@@ -52,7 +52,8 @@ def add_mcp_command(commands: Any) -> None:
         "--admin-url",
         default=env("QUERYWARDEN_ADMIN_URL"),
         help="the gateway's admin API (default $QUERYWARDEN_ADMIN_URL): review status, "
-        "describe's policy marks, and verifying HTTP callers",
+        "describe's policy marks; over HTTP it verifies callers (else a start-up on the "
+        "gateway does)",
     )
     mcp.add_argument("--admin-cacert", type=Path, help="CA bundle for an HTTPS admin API")
     mcp.add_argument(
@@ -129,10 +130,10 @@ def run_mcp(args: argparse.Namespace) -> int:
     if args.transport == "http":
         from querywarden.mcp.server import run_http
 
-        if admin is None or not args.authorization_server:
+        if not args.authorization_server:
             print(
-                "querywarden mcp: --transport http needs --admin-url (to verify callers' "
-                "tokens with the gateway) and --authorization-server (where clients get them)",
+                "querywarden mcp: --transport http needs --authorization-server (the issuer "
+                "clients get their tokens from, announced in the protected resource metadata)",
                 file=sys.stderr,
             )
             return 2

@@ -30,7 +30,8 @@ from pydantic import AnyHttpUrl, Field
 
 from querywarden import __version__
 from querywarden.mcp.admin import AdminClient, AdminError
-from querywarden.mcp.tokens import TokenSource
+from querywarden.mcp.client import GatewayAddress, GatewayConnection, GatewayError
+from querywarden.mcp.tokens import TokenSource, claims_of, expiry
 from querywarden.mcp.tools import (
     DEFAULT_ROW_LIMIT,
     MAX_ROW_LIMIT,
@@ -57,6 +58,9 @@ T = TypeVar("T")
 
 #: How long a verified bearer token is trusted before the gateway is asked again.
 _VERIFIED_FOR = 30.0
+#: The ``user`` and ``application_name`` of the start-up that verifies a bearer token
+#: (its session, without statements, is in the gateway's audit log).
+VERIFY_USER = "querywarden-mcp-verify"
 
 Parameters = Annotated[
     list[str | int | float | bool | None],
@@ -181,14 +185,20 @@ class _Verified:
 
 
 class GatewayTokenVerifier:
-    """Verifies a bearer token by asking the gateway who it is (``GET /me``).
+    """Verifies a bearer token with the gateway's own issuers, before any tool runs.
 
-    The gateway checks it against the issuers its policy trusts, so the MCP server needs
-    no issuer configuration of its own and can never trust a token the gateway would not.
+    With an admin API, by asking it who the token is (``GET /me``). Without one (the
+    sidecar the operator injects serves none), by a start-up on the gateway's wire
+    protocol with the token as the password, closed at once: the gateway accepts exactly
+    the tokens its policy trusts. Its claims (``sub``, ``iss``) are read only after the
+    gateway accepted the token; a token that is not a JWT (SAML) is named by its digest.
+    Either way the MCP server needs no issuer configuration of its own and never trusts a
+    token the gateway would not.
     """
 
-    def __init__(self, admin: AdminClient) -> None:
+    def __init__(self, admin: AdminClient | None, address: GatewayAddress) -> None:
         self.admin = admin
+        self.address = address
         self._cache: dict[str, _Verified] = {}
 
     async def verify_token(self, token: str) -> AccessToken | None:
@@ -197,25 +207,42 @@ class GatewayTokenVerifier:
         cached = self._cache.get(key)
         if cached is not None and now < cached.until:
             return cached.access
-        try:
-            me = await self.admin.me(token)
-        except AdminError:
+        who = await (self._ask_admin(token) if self.admin is not None else self._ask_wire(token))
+        if who is None:
             return None
-        from querywarden.mcp.tokens import expiry
-
+        subject, issuer = who
         exp = expiry(token)
         access = AccessToken(
             token=token,
-            client_id=str(me.get("subject", "")),
+            client_id=subject or f"token-{key[:16]}",
             scopes=[],
             expires_at=int(exp) if exp is not None else None,
-            subject=str(me.get("subject", "")),
-            claims={"iss": str(me.get("issuer", ""))},
+            subject=subject or f"token-{key[:16]}",
+            claims={"iss": issuer},
         )
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[key] = _Verified(access, min(now + _VERIFIED_FOR, exp or now + _VERIFIED_FOR))
         return access
+
+    async def _ask_admin(self, token: str) -> tuple[str, str] | None:
+        assert self.admin is not None
+        try:
+            me = await self.admin.me(token)
+        except AdminError:
+            return None
+        return str(me.get("subject", "")), str(me.get("issuer", ""))
+
+    async def _ask_wire(self, token: str) -> tuple[str, str] | None:
+        try:
+            connection = await GatewayConnection.open(
+                self.address, VERIFY_USER, token, application_name=VERIFY_USER
+            )
+        except GatewayError:
+            return None
+        connection.close()
+        claims = claims_of(token)
+        return str(claims.get("sub", "")), str(claims.get("iss", ""))
 
 
 def http_caller() -> Callable[[], Caller]:
@@ -232,7 +259,7 @@ def http_caller() -> Callable[[], Caller]:
 
 def run_http(
     tools: GatewayTools,
-    admin: AdminClient,
+    admin: AdminClient | None,
     *,
     host: str,
     port: int,
@@ -246,7 +273,8 @@ def run_http(
         resource_server_url=AnyHttpUrl(public_url),
         validate_token_resource=False,  # the gateway checks each token's audience itself
     )
-    server = build_server(tools, http_caller(), auth=auth, verifier=GatewayTokenVerifier(admin))
+    verifier = GatewayTokenVerifier(admin, tools.address)
+    server = build_server(tools, http_caller(), auth=auth, verifier=verifier)
     security = None
     if allowed_hosts:
         security = TransportSecuritySettings(

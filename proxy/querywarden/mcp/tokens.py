@@ -39,20 +39,26 @@ class TokenSource(Protocol):
         ...
 
 
-def expiry(token: str) -> float | None:
-    """A JWT's ``exp`` (POSIX seconds), read without verifying; None for anything else.
+def claims_of(token: str) -> dict[str, object]:
+    """A JWT's claims, read WITHOUT verifying ({} for anything else).
 
-    Only to know when to fetch a new one: the gateway verifies the token.
+    Only for what the gateway has already verified, or to know when to fetch a new
+    token: never a reason to trust one.
     """
     parts = token.split(".")
     if len(parts) != 3:
-        return None
+        return {}
     try:
         padded = parts[1] + "=" * (-len(parts[1]) % 4)
         claims = json.loads(base64.urlsafe_b64decode(padded))
-        exp = claims.get("exp") if isinstance(claims, dict) else None
     except (ValueError, TypeError):
-        return None
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def expiry(token: str) -> float | None:
+    """A JWT's ``exp`` (POSIX seconds), read without verifying; None for anything else."""
+    exp = claims_of(token).get("exp")
     return float(exp) if isinstance(exp, int | float) else None
 
 

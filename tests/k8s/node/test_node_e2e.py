@@ -17,6 +17,7 @@ on the state the previous ones left, as a user's session would.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import subprocess
@@ -676,9 +677,10 @@ def test_the_charts_mcp_server_is_ready_on_the_node_and_asks_for_a_bearer(
     installed: Installation,
 ) -> None:
     """``mcp.enabled`` on the running release: the kubelet's probes pass (read-only, uid
-    65532, the protected resource metadata without a token or an allowed Host), and its
-    Service answers /mcp with a Bearer challenge. (The injected sidecar serves no admin
-    API, so no token verifies here: tools are run by tests/test_image.py.)"""
+    65532, the protected resource metadata without a token or an allowed Host), its
+    Service answers /mcp with a Bearer challenge, and an agent's token runs a tool
+    through the injected sidecar (which serves no admin API: the server verifies the
+    bearer by a start-up on the gateway)."""
     k8s = installed.k8s
     installed.apply(
         manifest("ConfigMap", "gateway-ca", SYSTEM,
@@ -691,7 +693,6 @@ def test_the_charts_mcp_server_is_ready_on_the_node_and_asks_for_a_bearer(
         "--set", "mcp.database=app",
         "--set", "mcp.sslmode=verify-ca",
         "--set", "mcp.ca.configMap=gateway-ca",
-        "--set", f"mcp.adminUrl=http://app-db.{SHOP}.svc:8081",
         "--set", "mcp.authorizationServer=https://issuer.example.test",
         "--set", f"mcp.publicUrl={MCP_PUBLIC_URL}",
         "--set", "mcp.allowedHosts={mcp.example.test}",
@@ -718,6 +719,35 @@ def test_the_charts_mcp_server_is_ready_on_the_node_and_asks_for_a_bearer(
     assert '"authorization_servers":["https://issuer.example.test/"]' in answer[0]
     assert answer[1].startswith("401 Bearer")
     assert "https://mcp.example.test/.well-known/oauth-protected-resource/mcp" in answer[1]
+
+    # An agent's tool call, with the SDK's client, as the agents' ServiceAccount.
+    client = (
+        "import asyncio, json, sys\n"
+        "import httpx2\n"
+        "from mcp import ClientSession\n"
+        "from mcp.client.streamable_http import streamable_http_client\n"
+        "async def main():\n"
+        "    headers = {'Authorization': 'Bearer ' + sys.argv[1], 'Host': 'mcp.example.test'}\n"
+        "    async with httpx2.AsyncClient(headers=headers, timeout=60) as http, \\\n"
+        f"            streamable_http_client('http://{MCP}.{SYSTEM}.svc.cluster.local:8765/mcp',"
+        " http_client=http) as (read, write), ClientSession(read, write) as session:\n"
+        "        await session.initialize()\n"
+        "        result = await session.call_tool('query',"
+        " {'sql': 'SELECT name, ssn FROM customers ORDER BY id'})\n"
+        "        print(json.dumps({'error': result.is_error,"
+        " 'content': result.structured_content}))\n"
+        "asyncio.run(main())\n"
+    )
+    out = k8s.kubectl(
+        "exec", "-n", SYSTEM, f"deployment/{MCP}", "--",
+        "python", "-c", client, installed.token(),
+    ).stdout  # fmt: skip
+    called = json.loads(out.strip().splitlines()[-1])
+    assert called["error"] is False, called
+    rows = called["content"]["rows"]
+    assert [row[0] for row in rows] == ["Ada", "Grace"]
+    assert all(row[1] not in {"123-45-6789", "987-65-4321"} for row in rows), rows
+    assert called["content"]["columns"][1]["masked"] is not None
 
     # Two replicas: the budget keeps one through a drain, and counts both healthy.
     def both_healthy() -> bool | None:
