@@ -282,3 +282,13 @@ def test_the_answer_follows_policy_reloads(
     assert after["masked"] == {"email": "hash", "name": "redact", "ssn": "redact"}
     carol = _ask(gw, "carol", "public.qa_customers")
     assert carol["masked"] is False and carol["relations"][0]["masked"] == {}
+
+
+def test_a_database_the_gateway_does_not_serve_is_400(
+    make_gateway: Callable[..., RunningGateway], tables: None
+) -> None:
+    gw = _gateway(make_gateway, upstream={"database": DATABASE})
+    status, answer = _post(gw, {"database": "postgres", "relations": ["public.qa_orders"]})
+    assert status == 400, answer
+    assert f'serves only database "{DATABASE}"' in answer["error"]
+    assert _ask(gw, "alice", "public.qa_orders")["relations"][0]["masked"] == {}
