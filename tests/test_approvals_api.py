@@ -346,6 +346,15 @@ def test_http_edges(admin: RunningApi) -> None:
     assert status == 413
 
 
+def test_access_without_a_lookup_is_404_after_the_token(admin: RunningApi) -> None:
+    # An API built without the gateway's policy (no access lookup) has no /access; a
+    # caller without a token learns only that it needs one.
+    body = json.dumps({"database": "app", "relations": ["public.orders"]}).encode()
+    assert raw(admin, "POST", "/access", body=body)[0] == 401
+    status, _, answer = raw(admin, "POST", "/access", token=token_for("alice"), body=body)
+    assert status == 404 and "does not describe access" in answer["error"]
+
+
 # --- TLS ----------------------------------------------------------------------------------
 
 

@@ -19,11 +19,11 @@ import ssl
 import sys
 import urllib.parse
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from querywarden import codec, encodings
-from querywarden.approvals.api import AdminApi, bearer_authenticate
+from querywarden.approvals.api import AccessUnavailable, AdminApi, bearer_authenticate
 from querywarden.approvals.model import Review
 from querywarden.approvals.notify import Notifier
 from querywarden.approvals.service import ApprovalService
@@ -52,6 +52,7 @@ from querywarden.masking.catalog import (
 )
 from querywarden.masking.plan import Masker
 from querywarden.policy import PolicyDocument, load_policy
+from querywarden.policy.access import AccessReport, AskedRelation, describe_access
 from querywarden.policy.engine import PolicyEngine
 from querywarden.policy.gate import PolicyGate
 from querywarden.policy.plans import PlanEstimator
@@ -197,6 +198,7 @@ class Gateway:
                 ssl_context=context,
                 audit_directory=self.auditor.directory if self.auditor is not None else None,
                 metrics=self._metrics_text,
+                access=self._describe_access,
             )
             self.admin_address = await self._admin.start()
         audit = self.settings.audit
@@ -369,6 +371,46 @@ class Gateway:
     async def _admin_principal(self, token: str) -> Principal:
         """Who calls the admin API: by the policy's issuers in force (reloads included)."""
         return await bearer_authenticate(self.authenticator)(token)
+
+    async def _describe_access(
+        self, principal: Principal, database: str, relations: Sequence[AskedRelation]
+    ) -> AccessReport:
+        """``POST /access``: the gate's policy and masking in force, over the catalog cache.
+
+        The catalog is read only when masking applies to the identity; a catalog that
+        cannot be read is an error (AccessUnavailable), never a guess.
+        """
+        pinned = self.settings.upstream.database
+        if pinned is not None and database != pinned:
+            raise ValueError(
+                f'database "{database}" is not served here: this gateway serves only '
+                f'database "{pinned}"'
+            )
+        gate = self.gate
+        if not isinstance(gate, PolicyGate):
+            raise AccessUnavailable(
+                "this gateway's statements are decided by a gate of its own, not by its policy"
+            )
+        # A reload while the catalog loads brings other masking (and invalidates the
+        # catalogs): ask again with what the gate holds then.
+        for _ in range(3):
+            engine, masker, catalogs = gate.engine, gate.masker, gate.catalogs
+            catalog = None
+            if masker is not None and masker.section.columns and masker.applies_to(principal):
+                if catalogs is None:
+                    raise AccessUnavailable("no catalog source is configured")
+                try:
+                    catalog = await catalogs.get(database)
+                except Exception as exc:  # fail closed: which columns are masked is unknown
+                    raise AccessUnavailable(
+                        f"the gateway could not read the catalog of database {database!r} to "
+                        f"know which columns are masked ({type(exc).__name__}); retry shortly"
+                    ) from exc
+            if gate.engine is engine and gate.masker is masker:
+                return describe_access(
+                    principal, database, relations, engine=engine, masker=masker, catalog=catalog
+                )
+        raise AccessUnavailable("the policy is being reloaded; retry shortly")
 
     def _review_event(self, kind: str, review: Review) -> None:
         """Every review event goes to the audit log, and to whoever the policy notifies."""

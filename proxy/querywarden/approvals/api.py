@@ -7,11 +7,28 @@
     POST /reviews/{id}/approve  {"comment": str, "uses"?: int, "ttl"?: "30m"}   Review
     POST /reviews/{id}/deny     {"comment": str}                                Review
     GET  /me                                                          who the token is
+    POST /access  {"database": str, "relations": ["schema.table", ...]}   what the token may do
     GET  /sessions[?limit=N]                                          {"sessions": [...]}
     GET  /sessions/{id}                                               the session's replay
     GET  /healthz               (no token)                            {"ok": true}
     GET  /console[/...]         (no token: the page asks for one)     the approvals console
     GET  /metrics               (no token)                            Prometheus text format
+
+``POST /access`` answers for the token's own identity only (there is no way to ask about
+another): for each relation (at most 500; a relation may also be given as
+``{"relation": "schema.table", "columns": [...]}`` to limit the masked columns reported to
+those), the outcome of ``select``, ``insert``, ``update`` and ``delete`` under the policy
+in force, and the columns masked for the identity with their strategies
+(:mod:`querywarden.policy.access`)::
+
+    {"subject": str, "database": str, "masked": bool, "detectors": [str],
+     "relations": [{"relation": "public.customers",
+                    "operations": {"select": {"outcome": "allow" | "review" | "deny",
+                                              "rule": str | null, "reason": str}, ...},
+                    "masked": {"ssn": "partial", ...}}]}
+
+It reads the database's catalog through the gateway's catalog cache when masking applies
+to the identity, and answers 503 when the catalog cannot be read (it does not guess).
 
 The sessions endpoints are for approvers only and read the gateway's audit log
 (:mod:`querywarden.approvals.replay` says what they show and what they never show).
@@ -25,11 +42,11 @@ Every other request carries ``Authorization: Bearer <token>``, a token of an iss
 policy trusts (approvers authenticate exactly as clients do). Errors are JSON
 ``{"error": message}`` with 400 (bad request), 401 (no or invalid token), 403 (not an
 approver, self-approval, someone else's review), 404, 409 (no longer pending) or 503
-(the issuer's keys cannot be fetched: retry).
+(the issuer's keys, or for ``/access`` the database's catalog, cannot be read: retry).
 
 The server is a small HTTP/1.1 implementation on asyncio streams (one request per
 connection, bodies by Content-Length only), because the gateway has no HTTP framework
-dependency and these four endpoints need none.
+dependency and these few endpoints need none.
 """
 
 from __future__ import annotations
@@ -39,7 +56,7 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from http import HTTPStatus
 from importlib import resources
@@ -62,8 +79,16 @@ from querywarden.audit.log import AuditFormatError, read_records
 from querywarden.config import Duration
 from querywarden.errors import AuthenticationFailed
 from querywarden.identity.principal import Authenticator, Credentials, Principal
+from querywarden.policy.access import MAX_RELATIONS, AccessReport, AskedRelation
 
-__all__ = ["AdminApi", "BearerAuthenticate", "MetricsText", "bearer_authenticate"]
+__all__ = [
+    "AccessLookup",
+    "AccessUnavailable",
+    "AdminApi",
+    "BearerAuthenticate",
+    "MetricsText",
+    "bearer_authenticate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +96,10 @@ log = logging.getLogger(__name__)
 BearerAuthenticate = Callable[[str], Awaitable[Principal]]
 #: ``GET /metrics``: the exposition text, or None when the gateway counts nothing.
 MetricsText = Callable[[], "str | None"]
+#: ``POST /access``: ``(principal, database, relations) -> AccessReport`` under the policy in
+#: force; raises :class:`AccessUnavailable` (503) or ValueError (400, e.g. a database the
+#: gateway does not serve).
+AccessLookup = Callable[[Principal, str, Sequence[AskedRelation]], Awaitable[AccessReport]]
 #: Prometheus's text exposition format (querywarden.audit.prometheus.CONTENT_TYPE; not
 #: imported, so the API does not load the metrics' OpenTelemetry SDK).
 _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -119,6 +148,10 @@ def bearer_authenticate(
     return authenticate
 
 
+class AccessUnavailable(Exception):
+    """``POST /access`` cannot be answered right now (e.g. the catalog cannot be read)."""
+
+
 class _HttpError(Exception):
     def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -162,8 +195,10 @@ class AdminApi:
         ssl_context: ssl.SSLContext | None = None,
         audit_directory: Path | None = None,
         metrics: MetricsText | None = None,
+        access: AccessLookup | None = None,
     ) -> None:
         self._service = service
+        self._access = access
         self._audit_directory = audit_directory
         self._metrics = metrics
         self._authenticate = authenticate
@@ -271,6 +306,11 @@ class AdminApi:
                 "groups": sorted(principal.groups),
                 "approver": self._service.is_approver(principal),
             }
+        if parts == ["access"]:
+            _allow(request, "POST")
+            # Who is asking comes first: without a valid token, nothing about the policy.
+            principal = await self._principal(request)
+            return HTTPStatus.OK, await self._describe_access(principal, request)
         if parts and parts[0] == "sessions" and len(parts) <= 2:
             _allow(request, "GET")
             principal = await self._principal(request)
@@ -333,6 +373,25 @@ class AdminApi:
         if session is None:
             raise _HttpError(HTTPStatus.NOT_FOUND, f"no session {session_id} in the audit log")
         return session
+
+    async def _describe_access(self, principal: Principal, request: _Request) -> dict[str, Any]:
+        """``POST /access``: what the caller itself may do with the relations it names."""
+        lookup = self._access
+        if lookup is None:
+            raise _HttpError(
+                HTTPStatus.NOT_FOUND, "this gateway does not describe access (no policy gate)"
+            )
+        try:
+            database, relations = _access_request(_json_body(request))
+        except ValueError as exc:
+            raise _HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
+        try:
+            report = await lookup(principal, database, relations)
+        except AccessUnavailable as exc:
+            raise _HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from exc
+        except ValueError as exc:
+            raise _HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
+        return report.to_json()
 
     async def _principal(self, request: _Request) -> Principal:
         challenge = {"WWW-Authenticate": 'Bearer realm="querywarden"'}
@@ -409,6 +468,33 @@ def _read_log(directory: Path, view: Callable[[Any], Any]) -> Any:
         raise _HttpError(
             HTTPStatus.SERVICE_UNAVAILABLE, f"cannot read the audit log: {exc}"
         ) from exc
+
+
+def _access_request(body: dict[str, Any]) -> tuple[str, list[AskedRelation]]:
+    """The database and relations of a ``POST /access`` body; ValueError says what is wrong."""
+    unknown = set(body) - {"database", "relations"}
+    if unknown:
+        raise ValueError(f"unknown fields for /access: {', '.join(sorted(unknown))}")
+    database = body.get("database")
+    if not isinstance(database, str) or not database or "\x00" in database:
+        raise ValueError('database is required: {"database": "app", "relations": [...]}')
+    if len(database.encode("utf-8", "surrogatepass")) > 63:
+        raise ValueError("database is longer than a PostgreSQL name (63 bytes)")
+    relations = body.get("relations")
+    if not isinstance(relations, list):
+        raise ValueError('relations is required: a list of "schema.table" names')
+    if len(relations) > MAX_RELATIONS:
+        raise ValueError(f"at most {MAX_RELATIONS} relations per request ({len(relations)} sent)")
+    asked = []
+    for item in relations:
+        if isinstance(item, dict):
+            extra = set(item) - {"relation", "columns"}
+            if extra:
+                raise ValueError(f"unknown fields for a relation: {', '.join(sorted(extra))}")
+            asked.append(AskedRelation.parse(item.get("relation"), item.get("columns")))
+        else:
+            asked.append(AskedRelation.parse(item))
+    return database, asked
 
 
 def _console_file(request: _Request) -> tuple[str, bytes] | None:

@@ -146,7 +146,12 @@ class Masker:
             principal.subject in exempt.users or not principal.groups.isdisjoint(exempt.groups)
         )
 
-    def _for(self, column: MaskedColumn, principal: Principal) -> MaskSpec | None:
+    def spec_for(self, column: MaskedColumn, principal: Principal) -> MaskSpec | None:
+        """How ``column`` is masked for this identity (None: it sees the real value).
+
+        The first override naming the identity wins (``none``: None), else the column's
+        own strategy. Exemption is not checked here: see :meth:`applies_to`.
+        """
         for override in column.overrides:
             if principal.subject in override.users or not principal.groups.isdisjoint(
                 override.groups
@@ -164,11 +169,11 @@ class Masker:
         origins: dict[Origin, ColumnMask] = {}
         names: set[tuple[str, str]] = set()
         for origin, column in catalog.by_origin.items():
-            spec = self._for(column, principal)
+            spec = self.spec_for(column, principal)
             if spec is not None:
                 origins[origin] = ColumnMask(spec, f"{column.qualified_table}.{column.column}")
         for name, column in catalog.by_name.items():
-            if self._for(column, principal) is not None:
+            if self.spec_for(column, principal) is not None:
                 names.add(name)
         if len(catalog.derived) > _DERIVED_LIMIT:
             catalog.derived.clear()
