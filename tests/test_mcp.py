@@ -108,7 +108,8 @@ def _admin_url(gw: RunningGateway) -> str:
     return f"http://{address[0]}:{address[1]}"
 
 
-def _mcp_args(gw: RunningGateway, *extra: str) -> list[str]:
+def _mcp_args(gw: RunningGateway, *extra: str, admin: bool = True) -> list[str]:
+    """``querywarden mcp`` in front of ``gw`` (with its admin API unless ``admin`` is False)."""
     return [
         "-m",
         "querywarden",
@@ -117,8 +118,7 @@ def _mcp_args(gw: RunningGateway, *extra: str) -> list[str]:
         f"{gw.host}:{gw.port}",
         "--database",
         DATABASE,
-        "--admin-url",
-        _admin_url(gw),
+        *(("--admin-url", _admin_url(gw)) if admin else ()),
         "--held-wait",
         "0.5",
         *extra,
@@ -127,10 +127,11 @@ def _mcp_args(gw: RunningGateway, *extra: str) -> list[str]:
 
 @asynccontextmanager
 async def stdio_session(
-    gw: RunningGateway, env: dict[str, str], *extra: str
+    gw: RunningGateway, env: dict[str, str], *extra: str, admin: bool = True
 ) -> AsyncIterator[ClientSession]:
     """An SDK client session with ``querywarden mcp`` launched over stdio."""
-    params = StdioServerParameters(command=sys.executable, args=_mcp_args(gw, *extra), env=env)
+    args = _mcp_args(gw, *extra, admin=admin)
+    params = StdioServerParameters(command=sys.executable, args=args, env=env)
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         yield session
@@ -151,10 +152,7 @@ def http_server(gw: RunningGateway, request: pytest.FixtureRequest) -> Iterator[
     (the operator's sidecar serves none), by a start-up on the gateway (``wire``).
     """
     port = _free_port()
-    args = _mcp_args(gw)
-    if request.param == "wire":
-        at = args.index("--admin-url")
-        del args[at : at + 2]
+    args = _mcp_args(gw, admin=request.param == "admin")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -307,9 +305,30 @@ def test_describe_marks_operations_and_masked_columns(gw: RunningGateway) -> Non
     assert relation["schema"] == "public" and relation["name"] == "qmcp_customers"
     columns = {c["name"]: c for c in relation["columns"]}
     assert columns["ssn"]["type"] == "text" and columns["id"]["not_null"] is True
-    # The gateway's policy view (POST /access) is not served yet: say so, guess nothing.
-    assert relation["operations"] is None and columns["ssn"]["masked"] is None
-    assert "operations and masking are not shown" in answer["policy_note"]
+    assert columns["ssn"]["masked"] == "partial" and columns["name"]["masked"] is None
+    assert relation["operations"] == {
+        "select": "allow",
+        "insert": "deny",
+        "update": "deny",
+        "delete": "review",
+    }
+    assert answer["content_detectors"] == ["ssn"] and answer["policy_note"] is None
+
+
+def test_describe_without_the_admin_api_says_what_it_cannot_show(gw: RunningGateway) -> None:
+    async def go() -> dict[str, Any]:
+        async with stdio_session(gw, _agent_env(), admin=False) as session:
+            return _structured(
+                await session.call_tool("describe", {"schema": "public", "table": "qmcp_items"})
+            )
+
+    answer = asyncio.run(go())
+    [relation] = answer["relations"]
+    assert relation["columns"] == [
+        {"name": "id", "type": "integer", "not_null": False, "masked": None}
+    ]
+    assert relation["operations"] is None
+    assert "started without --admin-url" in answer["policy_note"]
 
 
 def test_explain_shows_a_plan_and_analyze_cannot_ride_along(
