@@ -6,8 +6,12 @@ every request rather than from a cache of the watch: every replica serves the we
 only the peering leader watches, so a cache would be stale on the others.
 
 Fail closed: a pod that a policy selects gets the gateway or is refused, never admitted
-without it. A pod labelled ``querywarden.io/inject: "true"`` that no policy selects is
-refused too: it asked for a gateway it would not get.
+without it, unless its namespace or the pod itself opts out (:mod:`.injection`: the
+namespace label ``querywarden.io/inject: disabled``, the pod annotation
+``querywarden.io/inject: "false"``). A pod labelled ``querywarden.io/inject: "true"`` that
+would not get the gateway (no policy selects it, its namespace is off, it opts out) is
+refused too: it asked for a gateway it would not get. Labels and annotations with values
+the webhook does not know refuse the pod; they are never ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from querywarden_operator.config import OperatorConfig
+from querywarden_operator.injection import (
+    ANNOTATION_INJECT,
+    NAMESPACE_DISABLED,
+    NAMESPACE_ENABLED,
+    NAMESPACE_LABEL,
+    InjectionRefused,
+    namespace_injects,
+    pod_opts_out,
+    pod_overrides,
+)
 from querywarden_operator.kube import object_path
 from querywarden_operator.reconcile import Context, validation_message
 from querywarden_operator.render import InjectionError, effective_sidecar, has_sidecar, pod_patch
@@ -67,25 +81,62 @@ def decide(
     config: OperatorConfig,
     *,
     native_supported: bool,
+    namespace_labels: Mapping[str, str] | None = None,
 ) -> Admission:
-    """Decide for one pod, given the DatabaseAccessPolicies of its namespace."""
+    """Decide for one pod, given the DatabaseAccessPolicies and the labels of its namespace."""
     if namespace in config.never_injected() or has_sidecar(pod):
         # Never twice: a reinvocation, or a pod created with the sidecar already in it.
         return Admission()
-    labels = (pod.get("metadata") or {}).get("labels") or {}
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    asked = labels.get(LABEL_INJECT) == "true"
     selecting = [
         p
         for p in policies
         if not (p.get("metadata") or {}).get("deletionTimestamp") and _selects(p, labels)
     ]
-    if not selecting:
-        if labels.get(LABEL_INJECT) == "true":
+    if not selecting and not asked:
+        return Admission()
+    asking = f"the pod is labelled {LABEL_INJECT}=true but "
+    try:
+        namespace_on = namespace_injects(
+            namespace_labels or {}, enabled_by_default=config.enable_namespaces_by_default
+        )
+        opted_out = namespace_on and pod_opts_out(annotations)
+    except InjectionRefused as exc:
+        return Admission(refusal=str(exc))
+    if not namespace_on:
+        # The namespace's choice comes first (as Istio's istio-injection=disabled).
+        if asked:
+            state = (
+                f"labelled {NAMESPACE_LABEL}={NAMESPACE_DISABLED}"
+                if (namespace_labels or {}).get(NAMESPACE_LABEL) == NAMESPACE_DISABLED
+                else f"not labelled {NAMESPACE_LABEL}={NAMESPACE_ENABLED}"
+            )
             return Admission(
-                refusal=f"the pod is labelled {LABEL_INJECT}=true but no DatabaseAccessPolicy "
-                f"in namespace {namespace} selects it: it would run without the querywarden "
-                "gateway"
+                refusal=asking + f"namespace {namespace} is {state}: it would run without "
+                "the querywarden gateway"
             )
         return Admission()
+    if opted_out:
+        if asked:
+            return Admission(
+                refusal=asking + f'annotated {ANNOTATION_INJECT}="false": remove one of them'
+            )
+        if not config.allow_pod_opt_out:
+            selected_by = ", ".join(sorted(str(p["metadata"]["name"]) for p in selecting))
+            return Admission(
+                refusal=f'the pod is annotated {ANNOTATION_INJECT}="false", but pods may not '
+                f"opt out of the querywarden gateway here (DatabaseAccessPolicy {selected_by} "
+                "selects it; the operator's injection.allowPodOptOut is off)"
+            )
+        return Admission()
+    if not selecting:
+        return Admission(
+            refusal=asking + f"no DatabaseAccessPolicy in namespace {namespace} selects it: "
+            "it would run without the querywarden gateway"
+        )
     names = sorted(str(p["metadata"]["name"]) for p in selecting)
     if len(selecting) > 1:
         return Admission(
@@ -111,15 +162,26 @@ def decide(
         sidecar_spec, config, native_supported=native_supported, policy_name=name
     )
     try:
-        patch = pod_patch(pod, name, spec, sidecar)
+        overrides = pod_overrides(annotations, allowed_images=config.sidecar_image_allow_list())
+        patch = pod_patch(pod, name, spec, sidecar, pod_sidecar=overrides.apply(sidecar))
+    except InjectionRefused as exc:
+        return Admission(refusal=str(exc), policy=name)
     except InjectionError as exc:
         return Admission(refusal=f"DatabaseAccessPolicy {name}: {exc}", policy=name)
     return Admission(patch=patch, policy=name, policy_body=policy)
 
 
 def admit_pod(ctx: Context, pod: Mapping[str, Any], namespace: str) -> Admission:
-    """Read the namespace's policies and decide."""
+    """Read the namespace's policies and labels, and decide."""
     if namespace in ctx.config.never_injected():
         return Admission()
     policies = ctx.kube.list(object_path(API_VERSION, PLURAL, namespace))
-    return decide(pod, namespace, policies, ctx.config, native_supported=ctx.native_supported)
+    found = ctx.kube.get(object_path("v1", "namespaces", None, namespace)) or {}
+    return decide(
+        pod,
+        namespace,
+        policies,
+        ctx.config,
+        native_supported=ctx.native_supported,
+        namespace_labels=(found.get("metadata") or {}).get("labels") or {},
+    )

@@ -8,11 +8,13 @@ from here: the sidecar image, the OTLP endpoint, the resources.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from querywarden import __version__
+from querywarden_operator.injection import image_repository
 from querywarden_operator.spec import Resources
 
 DEFAULT_IMAGE = f"ghcr.io/querywarden/querywarden:{__version__}"
@@ -41,6 +43,20 @@ class OperatorConfig(BaseSettings):
     )
     #: Force native sidecars on or off; unset: on when the API server is 1.29 or later.
     native_sidecars: bool | None = None
+    #: The sidecar's ``--log-level``; unset: the gateway's default (INFO).
+    sidecar_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = None
+
+    # Injection controls (docs/operator.md, "Injection"; :mod:`.injection`).
+    #: Namespaces without the ``querywarden.io/inject`` label are injected (Istio's
+    #: ``enableNamespacesByDefault``); off: only those labelled ``enabled``.
+    enable_namespaces_by_default: bool = True
+    #: A pod annotated ``querywarden.io/inject: "false"`` is admitted without the
+    #: gateway; off: such a pod is refused if a policy selects it.
+    allow_pod_opt_out: bool = True
+    #: Images a pod's ``querywarden.io/sidecar-image`` may name (see
+    #: :func:`~.injection.image_allowed`); unset: any tag or digest of the repository
+    #: of ``sidecar_image``; empty: none.
+    allowed_sidecar_images: tuple[str, ...] | None = None
     #: The chart's ``reviews.enabled``: sidecars keep the reviews of held statements as
     #: QueryReview resources of their policy (decided with kubectl) instead of in their
     #: own SQLite file. Needs the QueryReview CRD, its webhooks and the sidecar RBAC.
@@ -73,6 +89,12 @@ class OperatorConfig(BaseSettings):
     liveness_endpoint: str | None = None
     #: How often each policy's pods are counted again (and workloads restarted if asked).
     resync_interval: float = Field(60.0, gt=0)
+
+    def sidecar_image_allow_list(self) -> tuple[str, ...]:
+        """Images a pod annotation may choose for its sidecar."""
+        if self.allowed_sidecar_images is None:
+            return (image_repository(self.sidecar_image),)
+        return self.allowed_sidecar_images
 
     def never_injected(self) -> frozenset[str]:
         """Namespaces whose pods never get the gateway."""

@@ -462,11 +462,18 @@ def sync_webhooks(ctx: Context) -> list[str]:
                 # Keep a policy's entry while its document is invalid: its pods must
                 # still get the gateway (with the last good ConfigMap). Only a target
                 # that cannot be read has no entry.
-                entry = _entry_from_target(item, template["clientConfig"])
+                entry = _entry_from_target(item, template["clientConfig"], config)
                 if entry is not None:
                     entries.append(entry)
                 continue
-            entries.append(webhook_entry(PolicyRef.from_body(item), spec, template["clientConfig"]))
+            entries.append(
+                webhook_entry(
+                    PolicyRef.from_body(item),
+                    spec,
+                    template["clientConfig"],
+                    enabled_by_default=config.enable_namespaces_by_default,
+                )
+            )
         entries.sort(key=lambda e: str(e["name"]))
         try:
             ctx.kube.apply(path, webhook_configuration(config.webhook_configuration, entries))
@@ -477,7 +484,7 @@ def sync_webhooks(ctx: Context) -> list[str]:
 
 
 def _entry_from_target(
-    item: Mapping[str, Any], client_config: Mapping[str, Any]
+    item: Mapping[str, Any], client_config: Mapping[str, Any], config: OperatorConfig
 ) -> dict[str, Any] | None:
     raw = dict(item.get("spec") or {})
     try:
@@ -486,7 +493,12 @@ def _entry_from_target(
         return None
     # Only the target matters for the entry: a stand-in spec with an empty policy.
     stand_in = DatabaseAccessPolicySpec.model_construct(target=target)
-    return webhook_entry(PolicyRef.from_body(item), stand_in, client_config)
+    return webhook_entry(
+        PolicyRef.from_body(item),
+        stand_in,
+        client_config,
+        enabled_by_default=config.enable_namespaces_by_default,
+    )
 
 
 __all__ = [

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from querywarden_operator.config import OperatorConfig
+from querywarden_operator.injection import namespace_selector_expression
 from querywarden_operator.spec import (
     ANNOTATION_CONFIG_HASH,
     ANNOTATION_POLICY,
@@ -127,6 +128,8 @@ class EffectiveSidecar:
     #: The DatabaseAccessPolicy whose QueryReviews hold the sidecar's reviews; None: the
     #: sidecar keeps them in its own SQLite store.
     review_policy: str | None = None
+    #: ``querywarden --log-level`` (None: the gateway's default, INFO).
+    log_level: str | None = None
 
 
 def effective_sidecar(
@@ -158,6 +161,7 @@ def effective_sidecar(
         files=tuple(sidecar.files),
         audit_claim_name=sidecar.audit_claim_name,
         review_policy=policy_name if config.reviews else None,
+        log_level=config.sidecar_log_level,
     )
 
 
@@ -455,7 +459,12 @@ def sidecar_container(spec: DatabaseAccessPolicySpec, sidecar: EffectiveSidecar)
         "image": sidecar.image,
         "imagePullPolicy": sidecar.image_pull_policy,
         "command": ["querywarden"],
-        "args": ["serve", "--config", SETTINGS_FILE],
+        "args": [
+            *(["--log-level", sidecar.log_level] if sidecar.log_level else []),
+            "serve",
+            "--config",
+            SETTINGS_FILE,
+        ],
         "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
         "env": _env(target, sidecar),
         "volumeMounts": mounts,
@@ -600,11 +609,16 @@ def pod_patch(
     policy_name: str,
     spec: DatabaseAccessPolicySpec,
     sidecar: EffectiveSidecar,
+    *,
+    pod_sidecar: EffectiveSidecar | None = None,
 ) -> dict[str, Any] | None:
     """A JSON merge patch that adds the sidecar to ``pod``; None if it is there already.
 
     Lists are replaced whole by a merge patch, so they are the pod's own plus ours. The
     native sidecar goes first among the init containers: it is up before any of them.
+    ``pod_sidecar``: ``sidecar`` as the pod's annotations change it (image, resources,
+    log level). The container is that one, but the config hash stays the policy's: the
+    pod runs what it asked for, which is not outdated settings.
     """
     if has_sidecar(pod):
         return None
@@ -621,7 +635,7 @@ def pod_patch(
             f"the pod already has volumes named {', '.join(sorted(str(t) for t in taken))}, "
             "which the querywarden sidecar needs"
         )
-    container = sidecar_container(spec, sidecar)
+    container = sidecar_container(spec, pod_sidecar or sidecar)
     container["env"] = [*container["env"], _drain_env(pod_spec)]
     patch_spec: dict[str, Any] = {"volumes": existing + ours}
     if not pod_spec.get("serviceAccountName"):
@@ -645,13 +659,18 @@ def pod_patch(
 
 
 def webhook_entry(
-    policy: PolicyRef, spec: DatabaseAccessPolicySpec, client_config: Mapping[str, Any]
+    policy: PolicyRef,
+    spec: DatabaseAccessPolicySpec,
+    client_config: Mapping[str, Any],
+    *,
+    enabled_by_default: bool = True,
 ) -> dict[str, Any]:
     """The policy's own webhook: Pod CREATE in its namespace, matching its podSelector.
 
     The API server then calls the webhook only for the pods a policy selects, so that
     ``failurePolicy: Fail`` holds back exactly those pods while the operator is away
-    and no others (docs/operator.md).
+    and no others (docs/operator.md). A namespace that the ``querywarden.io/inject``
+    label turns off is not selected (``enabled_by_default``: see :mod:`.injection`).
     """
     return {
         "name": webhook_name(policy),
@@ -679,7 +698,8 @@ def webhook_entry(
                     "key": "kubernetes.io/metadata.name",
                     "operator": "In",
                     "values": [policy.namespace],
-                }
+                },
+                namespace_selector_expression(enabled_by_default=enabled_by_default),
             ]
         },
         "objectSelector": spec.target.pod_selector.as_manifest(),

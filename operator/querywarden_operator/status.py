@@ -208,7 +208,7 @@ def injected_condition(
         reason = "PodsWithoutGateway"
         problems.append(
             f"{len(pods.missing)} of {pods.targets} pods have no gateway (created before "
-            f"the policy): {_names(pods.missing)}"
+            f"the policy, or opted out): {_names(pods.missing)}"
         )
     if not problems:
         return condition(

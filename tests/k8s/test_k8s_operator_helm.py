@@ -106,6 +106,45 @@ def test_deployment_environment_is_a_valid_operator_config(
     assert container["image"] == config.sidecar_image
 
 
+def test_injection_values_reach_the_operator(helm: Helm, monkeypatch: pytest.MonkeyPatch) -> None:
+    documents = template(helm)
+    container = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    config = operator_config(container, monkeypatch)
+    assert config.enable_namespaces_by_default is True
+    assert config.allow_pod_opt_out is True
+    assert config.sidecar_log_level is None
+    # Pods may choose another tag of the chart's own image, nothing else.
+    assert config.sidecar_image_allow_list() == ("ghcr.io/querywarden/querywarden",)
+    role = one(documents, "ClusterRole")
+    assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]} in role["rules"]
+    for item in container["env"]:
+        monkeypatch.delenv(item["name"], raising=False)
+    documents = template(
+        helm,
+        "--set", "injection.enableNamespacesByDefault=false",
+        "--set", "injection.allowPodOptOut=false",
+        "--set-json",
+        'injection.allowedSidecarImages=["registry.corp/qw/","ghcr.io/querywarden/querywarden"]',
+        "--set", "sidecar.logLevel=debug",
+    )  # fmt: skip
+    container = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    config = operator_config(container, monkeypatch)
+    assert config.enable_namespaces_by_default is False
+    assert config.allow_pod_opt_out is False
+    assert config.sidecar_log_level == "DEBUG"
+    assert config.sidecar_image_allow_list() == (
+        "registry.corp/qw/",
+        "ghcr.io/querywarden/querywarden",
+    )
+    for item in container["env"]:
+        monkeypatch.delenv(item["name"], raising=False)
+    container = one(
+        template(helm, "--set-json", "injection.allowedSidecarImages=[]"),
+        "Deployment",
+    )["spec"]["template"]["spec"]["containers"][0]  # fmt: skip
+    assert operator_config(container, monkeypatch).sidecar_image_allow_list() == ()
+
+
 def operator_config(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> OperatorConfig:
     """The OperatorConfig the operator container reads from its environment."""
     for item in container["env"]:

@@ -510,8 +510,16 @@ def test_webhook_entry_selects_the_policys_pods_in_its_namespace() -> None:
     assert entry["rules"][0]["operations"] == ["CREATE"]
     assert entry["namespaceSelector"] == {
         "matchExpressions": [
-            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["shop"]}
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["shop"]},
+            # A namespace labelled querywarden.io/inject=disabled is never sent.
+            {"key": "querywarden.io/inject", "operator": "NotIn", "values": ["disabled"]},
         ]
+    }
+    only_enabled = webhook_entry(REF, spec(), client, enabled_by_default=False)
+    assert only_enabled["namespaceSelector"]["matchExpressions"][1] == {
+        "key": "querywarden.io/inject",
+        "operator": "In",
+        "values": ["enabled"],
     }
     assert entry["objectSelector"] == RAW_SPEC["target"]["podSelector"]
 

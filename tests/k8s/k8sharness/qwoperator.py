@@ -407,11 +407,13 @@ def installed_operator(
     extra_values: Mapping[str, str] | None = None,
     runner: Callable[[OperatorConfig], OperatorThread | OperatorContainer] = OperatorThread,
     sidecar_image: str = SIDECAR_IMAGE,
+    config_changes: Mapping[str, Any] | None = None,
 ) -> Iterator[InstalledOperator]:
     """``helm install`` the chart, then run the operator as its ServiceAccount.
 
     ``runner`` runs it: in-process (:class:`OperatorThread`) or in the built image
-    (``OperatorContainer.factory(image)``).
+    (``OperatorContainer.factory(image)``). ``config_changes``: more operator settings
+    (``OperatorConfig`` fields), as the chart's values would set them.
     """
     apply_crd(k8s)
     namespace = create_namespace(k8s, "qw-system")
@@ -455,6 +457,7 @@ def installed_operator(
             and values.get("reviews.bindSidecars", "true") == "true"
             else None
         ),
+        **(config_changes or {}),
     )
     operator = runner(config).start()
     try:
