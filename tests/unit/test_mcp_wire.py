@@ -227,3 +227,17 @@ def test_start_up_annotations_are_parsed_and_unknown_ones_refused() -> None:
 
 def test_type_names_fall_back_to_the_oid() -> None:
     assert type_name(1700) == "numeric" and type_name(4242) == "oid 4242"
+
+
+def test_rows_past_the_byte_budget_are_dropped_and_the_result_is_cut() -> None:
+    exchange = Exchange("SELECT", [], 100, max_bytes=40)
+    _feed(
+        exchange,
+        _row_description(("v", 25)),
+        *(_data_row(b"x" * 10) for _ in range(5)),
+        codec.message(b"C", codec.cstr("SELECT 5")),
+        codec.ready_for_query(b"I"),
+    )
+    # Each DataRow is 21 bytes: the first fits, the second would pass 40.
+    assert exchange.outcome.rows == [["x" * 10]]
+    assert exchange.outcome.cut and exchange.outcome.command == "SELECT 5"

@@ -22,6 +22,10 @@ from querywarden import codec
 #: What a text-format value becomes: PostgreSQL's own spelling, or None for SQL NULL.
 Value = str | None
 
+#: The most row bytes one exchange keeps: past it, rows are read and dropped, and the
+#: result is reported cut (1000 rows of megabyte values must not exhaust the server).
+MAX_RESULT_BYTES: Final = 16 * 1024 * 1024
+
 _INT16: Final = struct.Struct("!h")
 _INT32: Final = struct.Struct("!i")
 
@@ -149,7 +153,13 @@ class Exchange:
     """
 
     def __init__(
-        self, sql: str, parameters: list[Value], max_rows: int, encoding: str = "utf-8"
+        self,
+        sql: str,
+        parameters: list[Value],
+        max_rows: int,
+        encoding: str = "utf-8",
+        *,
+        max_bytes: int = MAX_RESULT_BYTES,
     ) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
@@ -158,6 +168,7 @@ class Exchange:
         self.max_rows = max_rows
         self.encoding = encoding
         self.outcome = Outcome()
+        self._bytes_left = max_bytes
         #: Called with the review id when the gateway says it holds the statement.
         self.on_held: Callable[[str], None] | None = None
         self._masking: dict[int, tuple[str, str | None]] = {}
@@ -193,7 +204,11 @@ class Exchange:
         outcome = self.outcome
         kind = chr(mtype)
         if kind == "D":
-            outcome.rows.append([self._text(v) for v in codec.decode_data_row(frame)])
+            self._bytes_left -= len(frame)
+            if self._bytes_left >= 0:
+                outcome.rows.append([self._text(v) for v in codec.decode_data_row(frame)])
+            else:
+                outcome.cut = True  # read to the end of the result, but not kept
         elif kind == "T":
             outcome.columns = [
                 Column(f.name.decode(self.encoding, "replace"), type_name(f.type_oid))
