@@ -45,9 +45,8 @@ from querywarden.approvals.model import (
     ReviewConflict,
     ReviewDecision,
     ReviewNotFound,
-    ReviewSummary,
 )
-from querywarden.approvals.store import Opened, _unusable
+from querywarden.approvals.store import Opened, _unusable, review_from_row
 
 __all__ = ["SCHEMA_VERSION", "PostgresReviewStore"]
 
@@ -210,31 +209,7 @@ class _Queries:
 
 
 def _review(row: asyncpg.Record) -> Review:
-    approver = row["approver"]
-    return Review(
-        id=row["id"],
-        requester=Party(
-            subject=row["requester_subject"],
-            issuer=row["requester_issuer"],
-            groups=tuple(json.loads(row["requester_groups"])),
-        ),
-        database=row["database"],
-        statement=row["statement"],
-        normalized=row["normalized"],
-        parameters=tuple(json.loads(row["parameters"])),
-        summary=ReviewSummary.model_validate_json(row["summary"]),
-        rule=row["rule"],
-        reason=row["reason"],
-        estimate=row["estimate"],
-        created=row["created"],
-        decided=row["decided"],
-        approver=None if approver is None else Party.model_validate_json(approver),
-        decision=ReviewDecision(row["decision"]),
-        comment=row["comment"],
-        grant_expires=row["grant_expires"],
-        uses_left=row["uses_left"],
-        used_at=tuple(row["used_at"]),
-    )
+    return review_from_row(row)  # timestamptz columns come back as datetimes
 
 
 def _key_arguments(

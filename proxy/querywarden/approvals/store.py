@@ -23,7 +23,7 @@ import functools
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -236,10 +236,6 @@ def _time(value: int) -> datetime:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=value)
 
 
-def _optional_time(value: int | None) -> datetime | None:
-    return None if value is None else _time(value)
-
-
 def _parameters(values: tuple[str | None, ...]) -> str:
     # Compact, deterministic JSON: the column is compared for equality.
     return json.dumps(list(values), separators=(",", ":"), ensure_ascii=False)
@@ -270,8 +266,20 @@ def _row(review: Review) -> tuple[Any, ...]:
     )
 
 
-def _review(row: sqlite3.Row) -> Review:
+def review_from_row(
+    row: Any,
+    *,
+    time: Callable[[Any], datetime] = lambda value: value,
+    used_at: Callable[[Any], Iterable[datetime]] = tuple,
+) -> Review:
+    """A Review from a stored row (``row["column"]``), of either store.
+
+    The SQLite and PostgreSQL stores keep the same columns and differ only in how times
+    are stored: ``time`` turns one back into a datetime, ``used_at`` the column of use
+    times into datetimes.
+    """
     approver = row["approver"]
+    decided, grant_expires = row["decided"], row["grant_expires"]
     return Review(
         id=row["id"],
         requester=Party(
@@ -287,14 +295,20 @@ def _review(row: sqlite3.Row) -> Review:
         rule=row["rule"],
         reason=row["reason"],
         estimate=row["estimate"],
-        created=_time(row["created"]),
-        decided=_optional_time(row["decided"]),
+        created=time(row["created"]),
+        decided=None if decided is None else time(decided),
         approver=None if approver is None else Party.model_validate_json(approver),
         decision=ReviewDecision(row["decision"]),
         comment=row["comment"],
-        grant_expires=_optional_time(row["grant_expires"]),
+        grant_expires=None if grant_expires is None else time(grant_expires),
         uses_left=row["uses_left"],
-        used_at=tuple(_time(t) for t in json.loads(row["used_at"])),
+        used_at=tuple(used_at(row["used_at"])),
+    )
+
+
+def _review(row: sqlite3.Row) -> Review:
+    return review_from_row(
+        row, time=_time, used_at=lambda stored: (_time(t) for t in json.loads(stored))
     )
 
 
