@@ -126,14 +126,37 @@ def test_a_broken_state_gives_every_finding(
     # orders: the credentials Secret is missing, one issuerRef too, the other's CA is
     # not mounted, and nobody may patch QueryReviews for its approvers.
     orders = minimal_spec(DB)
+    # Its clients are the agents' namespaces, which the client's namespace is not; its
+    # readonly role's Secret has no password.
+    orders["target"]["clients"] = [{"namespaceSelector": {"matchLabels": {"team": "agents"}}}]
+    orders["target"]["roles"] = [{"name": "readonly", "secretName": "db-readonly"}]
+    create_secret(k8s, ns, "db-readonly", {"username": "ro"})
     orders["policy"] = {
         "identity": {"issuerRefs": [corp, gone]},
         "rules": review_rules(),
         "approvals": {"approvers": {"groups": ["dba-oncall"]}},
     }
     k8s.create(policies(ns), policy("orders", orders))
-    # replica: selects the same pod; reports: selects nothing, review rules, no approvers.
-    k8s.create(policies(ns), policy("replica", minimal_spec({"app": "orders-db"})))
+    # replica: selects the same pod, mounts the issuer's CA from a ConfigMap without the
+    # key, and is not Ready; reports: selects nothing, review rules, no approvers.
+    replica = minimal_spec({"app": "orders-db"})
+    replica["sidecar"]["files"] = [{"name": "corp-ca", "configMapName": "corp-ca"}]
+    replica["policy"] = {"identity": {"issuerRefs": [corp]}}
+    k8s.create(
+        f"/api/v1/namespaces/{ns}/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "corp-ca"},
+         "data": {"other.crt": "-----BEGIN CERTIFICATE-----"}},
+    )  # fmt: skip
+    k8s.create(policies(ns), policy("replica", replica))
+    k8s.request(
+        "PATCH",
+        f"{policies(ns)}/replica/status",
+        {"status": {"conditions": [{
+            "type": "Ready", "status": "False", "reason": "PodsWithoutGateway",
+            "message": "1 of 1 pods have no gateway", "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }]}},
+        content_type="application/merge-patch+json",
+    )  # fmt: skip
     reports = minimal_spec({"app": "reports-db"})
     reports["policy"] = {"rules": review_rules()}
     k8s.create(policies(ns), policy("reports", reports))
@@ -156,6 +179,7 @@ def test_a_broken_state_gives_every_finding(
     # (a) the NetworkPolicy closes the database port to the Service and its client.
     assert one("QW0101", "orders", "Service", "orders-db", "5432")["severity"] == "error"
     assert one("QW0102", "orders", f"{clients}/web-0", "DATABASE_URL")["severity"] == "error"
+    one("QW0103", "orders", f"{clients}/web-0", "target.clients")
     one("QW0104", "orders", "gateway port 6432")
     assert one("QW0105", "orders", "legacy-allow", "anyone")["severity"] == "error"
     # (b) review rules nobody can decide.
@@ -164,9 +188,12 @@ def test_a_broken_state_gives_every_finding(
     # (c) issuers and Secrets.
     one("QW0301", "orders", gone)
     one("QW0302", "orders", corp, "corp-ca")
+    one("QW0304", "replica", "corp-ca", "ca.crt")
     one("QW0305", "orders", "db-gateway")
+    one("QW0306", "orders", "db-readonly", "password")
     # (d) a selector matching nothing, a pod selected twice.
     assert one("QW0401", "reports")["severity"] == "warning"
+    assert one("QW0403", "replica", "PodsWithoutGateway")["severity"] == "warning"
     twice = [f for f in by_code["QW0402"] if "orders-db-0" in f["message"]]
     assert twice and "orders, replica" in twice[0]["message"]
 
