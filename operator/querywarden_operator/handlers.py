@@ -15,12 +15,14 @@ from typing import Any
 import kopf
 
 from querywarden_operator.admission import WEBHOOK_ID, admit_pod
+from querywarden_operator.issuers import ISSUER_PLURAL, issuer_refs
 from querywarden_operator.kube import object_path
 from querywarden_operator.reconcile import (
     Context,
     bind_pod_account,
     reconcile_policy,
     refresh_pods,
+    rerender_referencing,
     sync_webhooks,
 )
 from querywarden_operator.review import (
@@ -34,6 +36,7 @@ from querywarden_operator.review import (
     stamp,
 )
 from querywarden_operator.spec import API_VERSION, GROUP, PLURAL, VERSION
+from querywarden_operator.status import PolicyStatus
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +114,24 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
         backoff=RETRY_BACKOFF,
     )
     def recount(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        status = refresh_pods(ctx, body)
+        if issuer_refs((body.get("spec") or {}).get("policy") or {}):
+            # Shared issuers may have changed while no event reached this operator (or
+            # while re-rendering after one failed): render again, fail closed.
+            status: PolicyStatus | None = reconcile_policy(ctx, body).status
+        else:
+            status = refresh_pods(ctx, body)
         if status is None:
             return
         wanted = status.manifest()
         current = dict(body.get("status") or {})
         if any(current.get(key) != value for key, value in wanted.items()):
             patch.status.update(wanted)
+
+    @kopf.on.event(GROUP, VERSION, ISSUER_PLURAL, registry=registry, id="issuer-changed")
+    def issuer_changed(name: str, **_: Any) -> None:
+        # Every event, the deletion included (no finalizer: deleting an issuer is never
+        # held up by the operator): the policies naming it are rendered again.
+        rerender_referencing(ctx, name)
 
     @kopf.on.mutate("v1", "pods", id=WEBHOOK_ID, operations=["CREATE"], registry=registry)
     def inject(body: kopf.Body, patch: kopf.Patch, dryrun: bool, **_: Any) -> None:

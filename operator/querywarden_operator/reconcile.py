@@ -19,6 +19,15 @@ from pydantic import ValidationError
 from querywarden.approvals.kube_store import to_review
 from querywarden_operator import sidecar_binding
 from querywarden_operator.config import OperatorConfig
+from querywarden_operator.issuers import (
+    ISSUER_API_VERSION,
+    ISSUER_PLURAL,
+    ISSUERS_RESOLVED,
+    LOCKED_REASON,
+    Resolution,
+    issuer_refs,
+    resolve,
+)
 from querywarden_operator.kube import KubeApiError, KubeClient, object_path
 from querywarden_operator.render import (
     EffectiveSidecar,
@@ -52,6 +61,7 @@ from querywarden_operator.status import (
     PolicyStatus,
     census,
     condition,
+    drop_condition,
     injected_condition,
     now,
     parse_conditions,
@@ -155,7 +165,11 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
 
     sidecar = _sidecar_for(ctx, policy.name, spec)
     raw_policy = (body.get("spec") or {}).get("policy") or {}
-    configmap = render_configmap(policy, spec, raw_policy, sidecar)
+    resolution = resolve_issuers(ctx, raw_policy)
+    configmap = render_configmap(
+        policy, spec, resolution.policy, sidecar,
+        locked=None if resolution.resolved else resolution.message(),
+    )  # fmt: skip
     ctx.kube.apply(
         object_path("v1", "configmaps", policy.namespace, configmap_name(policy.name)), configmap
     )
@@ -166,8 +180,21 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
         ),
         render_network_policy(policy, spec, sidecar),
     )  # fmt: skip
-    conditions = set_condition(
-        conditions,
+    if not spec.policy.identity.issuer_refs:
+        conditions = drop_condition(conditions, ISSUERS_RESOLVED)
+    else:
+        conditions = set_condition(
+            conditions,
+            condition(
+                ISSUERS_RESOLVED,
+                resolution.resolved,
+                "Resolved" if resolution.resolved else LOCKED_REASON,
+                resolution.message(),
+                generation=generation,
+                at=at,
+            ),
+        )
+    rendered = (
         condition(
             RENDERED,
             True,
@@ -176,12 +203,65 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
             f"{network_policy_name(policy.name)} are up to date",
             generation=generation,
             at=at,
-        ),
+        )
+        if resolution.resolved
+        else condition(
+            RENDERED,
+            False,
+            LOCKED_REASON,
+            f"ConfigMap {configmap_name(policy.name)} is rendered locked: " + resolution.message(),
+            generation=generation,
+            at=at,
+        )
     )
+    conditions = set_condition(conditions, rendered)
     sync_webhooks(ctx)
-    return Outcome(
-        status=_with_pods(ctx, body, spec=spec, sidecar=sidecar, conditions=conditions, at=at)
-    )
+    status = _with_pods(ctx, body, spec=spec, sidecar=sidecar, conditions=conditions, at=at)
+    return Outcome(status=status, error=None if resolution.resolved else rendered.message)
+
+
+def resolve_issuers(ctx: Context, raw_policy: Mapping[str, Any]) -> Resolution:
+    """The policy with its ClusterTokenIssuers inline (locked if one cannot be resolved).
+
+    A missing resource (or a missing CRD) is a missing issuer; any other API error is
+    raised, so the handler retries rather than rendering a policy without its issuers.
+    """
+    found = {
+        name: ctx.kube.get(object_path(ISSUER_API_VERSION, ISSUER_PLURAL, None, name))
+        for name in issuer_refs(raw_policy)
+    }
+    return resolve(raw_policy, found)
+
+
+def rerender_referencing(ctx: Context, issuer: str) -> list[str]:
+    """Render again every policy that names the ClusterTokenIssuer ``issuer``.
+
+    Called when the issuer is created, changed or deleted; writes each policy's status.
+    A failure for one policy is logged and the others still go; the policy's resync
+    (every ``resyncInterval``) renders it again in any case.
+    """
+    rendered: list[str] = []
+    for item in ctx.kube.list(object_path(API_VERSION, PLURAL, None)):
+        meta = item.get("metadata") or {}
+        raw_policy = (item.get("spec") or {}).get("policy") or {}
+        if meta.get("deletionTimestamp") or issuer not in issuer_refs(raw_policy):
+            continue
+        where = f"{meta.get('namespace')}/{meta.get('name')}"
+        try:
+            outcome = reconcile_policy(ctx, item)
+            ctx.kube.merge_patch(
+                object_path(API_VERSION, PLURAL, str(meta["namespace"]), str(meta["name"]))
+                + "/status",
+                {"status": outcome.status.manifest()},
+            )
+        except KubeApiError as exc:
+            log.warning("policy %s: rendering after ClusterTokenIssuer %s changed failed "
+                        "(the resync will): %s", where, issuer, exc)  # fmt: skip
+            continue
+        if outcome.error is not None:
+            log.warning("policy %s: %s", where, outcome.error)
+        rendered.append(where)
+    return rendered
 
 
 def refresh_pods(ctx: Context, body: Mapping[str, Any]) -> PolicyStatus | None:
@@ -511,6 +591,8 @@ __all__ = [
     "parse_spec",
     "reconcile_policy",
     "refresh_pods",
+    "rerender_referencing",
+    "resolve_issuers",
     "restart_workloads",
     "sync_webhooks",
 ]

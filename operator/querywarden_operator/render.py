@@ -213,14 +213,18 @@ def owned_metadata(policy: PolicyRef, name: str) -> dict[str, Any]:
 # --- the ConfigMap --------------------------------------------------------------------
 
 
-def policy_yaml(raw_policy: Mapping[str, Any]) -> str:
+def policy_yaml(raw_policy: Mapping[str, Any], *, locked: str | None = None) -> str:
     """``policy.yaml``: the resource's ``spec.policy`` as the user wrote it.
 
     Written as stored rather than re-serialized from the model, so durations stay
     ``30s`` and the file reads like the resource. Keys are sorted: the same policy always
     renders the same bytes, so an unchanged policy never touches the ConfigMap.
+    ``locked``: why the document trusts no issuer (:func:`querywarden_operator.issuers.locked`),
+    said in a comment at its top.
     """
     header = "# Rendered by querywarden-operator from spec.policy; edit the resource, not this.\n"
+    if locked is not None:
+        header += f"# LOCKED, no issuer is trusted: {' '.join(locked.split())}\n"
     return header + yaml.safe_dump(dict(raw_policy), sort_keys=True, default_flow_style=False)
 
 
@@ -298,8 +302,13 @@ def render_configmap(
     spec: DatabaseAccessPolicySpec,
     raw_policy: Mapping[str, Any],
     sidecar: EffectiveSidecar,
+    *,
+    locked: str | None = None,
 ) -> dict[str, Any]:
-    """The ConfigMap the sidecar mounts: ``policy.yaml`` and ``gateway.yaml``."""
+    """The ConfigMap the sidecar mounts: ``policy.yaml`` and ``gateway.yaml``.
+
+    ``raw_policy`` has its shared issuers inline (:func:`querywarden_operator.issuers.resolve`).
+    """
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -307,7 +316,10 @@ def render_configmap(
             **owned_metadata(policy, configmap_name(policy.name)),
             "annotations": {ANNOTATION_CONFIG_HASH: config_hash(spec, sidecar)},
         },
-        "data": {POLICY_KEY: policy_yaml(raw_policy), SETTINGS_KEY: gateway_yaml(spec, sidecar)},
+        "data": {
+            POLICY_KEY: policy_yaml(raw_policy, locked=locked),
+            SETTINGS_KEY: gateway_yaml(spec, sidecar),
+        },
     }
 
 

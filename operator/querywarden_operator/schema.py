@@ -46,6 +46,13 @@ from pydantic_core import core_schema
 from querywarden.config import _DURATION
 from querywarden.policy import PolicyDocument
 from querywarden.policy import model as policy_model
+from querywarden.policy.model import IdentitySection
+from querywarden_operator.issuers import (
+    ISSUER_CRD_NAME,
+    ISSUER_KIND,
+    ISSUER_PLURAL,
+    ISSUER_SINGULAR,
+)
 from querywarden_operator.review import (
     REVIEW_CRD_NAME,
     REVIEW_KIND,
@@ -57,6 +64,7 @@ from querywarden_operator.review import (
 from querywarden_operator.spec import (
     CRD_NAME,
     GROUP,
+    ISSUER_NAME,
     KIND,
     PLURAL,
     SINGULAR,
@@ -72,6 +80,13 @@ REGENERATE = "python -m querywarden_operator.schema --write"
 CRD_FILES = (
     REPO / "crds" / "databaseaccesspolicies.yaml",
     REPO / "charts" / "querywarden" / "crds" / "databaseaccesspolicies.yaml",
+)
+
+#: The ClusterTokenIssuer CRD's committed files (installed with the chart: policies may
+#: name shared issuers whatever else is enabled).
+ISSUER_CRD_FILES = (
+    REPO / "crds" / "clustertokenissuers.yaml",
+    REPO / "charts" / "querywarden" / "crds" / "clustertokenissuers.yaml",
 )
 
 #: The QueryReview CRD's committed files. (Kept apart from :data:`CRD_FILES`, whose
@@ -147,6 +162,16 @@ OPERATOR_ONLY: dict[str, str] = {
     "ApprovalSettings": "pendingTTL >= hold compares durations that may be bare seconds, "
     "which CEL's duration() cannot read; the operator checks it",
 }
+#: The resource's own subclasses of policy models (``spec.policy`` adds ``issuerRefs``),
+#: and the policy model whose rules, list maps and limits they inherit.
+POLICY_SUBCLASSES: dict[str, str] = {
+    "ResourcePolicy": "PolicyDocument",
+    "PolicyIdentity": "IdentitySection",
+}
+POLICY_RULES["ResourcePolicy"] = []
+OPERATOR_ONLY["PolicyIdentity"] = (
+    OPERATOR_ONLY["IdentitySection"] + "; issuerRefs are unique by list-type set"
+)
 #: (model, field) → the key of a list whose items must have unique names.
 POLICY_LIST_MAPS: dict[tuple[str, str], str] = {
     ("PolicyDocument", "rules"): "name",
@@ -162,6 +187,18 @@ POLICY_LIMITS: dict[tuple[str, str], dict[str, int]] = {
     ("ApprovalSettings", "notify"): {"maxItems": 16},
     ("Rule", "upstreamRole"): {"maxLength": 63},
 }
+
+
+def _with_subclasses(table: dict[tuple[str, str], Any]) -> None:
+    """Give the subclasses of :data:`POLICY_SUBCLASSES` their base model's entries."""
+    for (model, key), value in list(table.items()):
+        for sub, base in POLICY_SUBCLASSES.items():
+            if model == base:
+                table[(sub, key)] = value
+
+
+_with_subclasses(POLICY_LIST_MAPS)
+_with_subclasses(POLICY_LIMITS)
 
 _DROP = frozenset({"title", "discriminator", "examples"})
 _KEY_ORDER = (
@@ -255,7 +292,7 @@ def _models(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
 
 #: The models of the policy document, wherever in the gateway they are defined (their
 #: defaults are the gateway's business, not the CRD's).
-POLICY_MODELS = frozenset(_models(PolicyDocument))
+POLICY_MODELS = frozenset(_models(PolicyDocument)) | frozenset(POLICY_SUBCLASSES)
 
 
 class _Structural:
@@ -594,6 +631,90 @@ def crd() -> dict[str, Any]:
     }
 
 
+def issuer_spec_schema() -> dict[str, Any]:
+    """A ClusterTokenIssuer's ``spec``: an issuer of the policy document, without a name."""
+    issuer = copy.deepcopy(_schema_of(IdentitySection)["properties"]["issuers"]["items"])
+    del issuer["properties"]["name"]
+    issuer["required"] = [key for key in issuer.get("required", []) if key != "name"]
+    if not issuer["required"]:
+        del issuer["required"]
+    issuer["description"] = (
+        "A trusted token issuer that policies name in spec.policy.identity.issuerRefs; "
+        "the resource's name is the issuer's name. The fields are those of an entry of "
+        "a policy's identity.issuers (docs/identity.md); kind is one of oidc, "
+        "kubernetes, dev, saml (default oidc). File paths (caFile, keyFile, "
+        "certificateFile, bearerTokenFile) are read in the gateway's container: each "
+        "referencing policy mounts them (spec.sidecar.files)."
+    )
+    return _ordered(issuer)
+
+
+def issuer_crd() -> dict[str, Any]:
+    """The ClusterTokenIssuer CustomResourceDefinition (cluster-scoped)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": ISSUER_CRD_NAME,
+            "labels": {
+                "app.kubernetes.io/name": "querywarden",
+                "app.kubernetes.io/component": "crd",
+            },
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Cluster",
+            "names": {
+                "plural": ISSUER_PLURAL,
+                "singular": ISSUER_SINGULAR,
+                "kind": ISSUER_KIND,
+                "listKind": f"{ISSUER_KIND}List",
+                "shortNames": ["cti"],
+                "categories": ["querywarden"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "additionalPrinterColumns": [
+                        {"name": "Kind", "type": "string", "jsonPath": ".spec.kind"},
+                        {"name": "Issuer", "type": "string", "jsonPath": ".spec.issuer"},
+                        {
+                            "name": "Entity ID",
+                            "type": "string",
+                            "jsonPath": ".spec.entityId",
+                            "priority": 1,
+                        },
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "description": "A token issuer the querywarden gateway trusts, "
+                            "shared by the DatabaseAccessPolicies that name it.",
+                            "type": "object",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": issuer_spec_schema(),
+                            },
+                            "x-kubernetes-validations": [
+                                _cel(
+                                    f"self.metadata.name.matches('{ISSUER_NAME}')",
+                                    "the name is the issuer's name in the policies: lower "
+                                    "case letters, digits and '-', at most 63 characters",
+                                )
+                            ],
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
 def review_crd() -> dict[str, Any]:
     """The QueryReview CustomResourceDefinition.
 
@@ -712,6 +833,16 @@ def render() -> str:
     return header + yaml.safe_dump(crd(), sort_keys=False, width=4096, allow_unicode=True)
 
 
+def render_issuer() -> str:
+    """The ClusterTokenIssuer CRD as the committed YAML text."""
+    header = (
+        "# Generated by `python -m querywarden_operator.schema --write` from the pydantic\n"
+        "# models (proxy/querywarden/policy/model.py issuers, without their name).\n"
+        "# Do not edit: change the models and regenerate.\n"
+    )
+    return header + yaml.safe_dump(issuer_crd(), sort_keys=False, width=4096, allow_unicode=True)
+
+
 def render_review() -> str:
     """The QueryReview CRD as the committed YAML text."""
     header = _HEADER.format(models="review.py")
@@ -720,10 +851,11 @@ def render_review() -> str:
 
 def generated() -> dict[Path, str]:
     """Every committed CRD file and the text it must hold."""
-    policy, review = render(), render_review()
+    policy, review, issuer = render(), render_review(), render_issuer()
     return {
         **{path: policy for path in CRD_FILES},
         **{path: review for path in REVIEW_CRD_FILES},
+        **{path: issuer for path in ISSUER_CRD_FILES},
     }
 
 
@@ -746,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in stale:
             print(f"{path.relative_to(REPO)} is stale: run {REGENERATE}")
         return 1 if stale else 0
-    sys.stdout.write(render() + "---\n" + render_review())
+    sys.stdout.write(render() + "---\n" + render_review() + "---\n" + render_issuer())
     return 0
 
 

@@ -2,12 +2,15 @@
 
 ``spec.policy`` is the gateway's own :class:`~querywarden.policy.PolicyDocument`, the same
 model that reads a policy file, so a policy means the same thing in a file and in a
-resource. ``spec.target`` says which pods get the gateway and with which credentials;
-``spec.sidecar`` how the gateway runs. The CRD's openAPIV3Schema is generated from these
-models (:mod:`querywarden_operator.schema`), including the CEL rules attached here as
-``x-kubernetes-validations``: the API server refuses what they forbid before the operator
-ever sees it, and the operator validates again with pydantic (a resource written before a
-rule existed, or a check CEL cannot express, ends in a False condition).
+resource (a resource may also name shared ClusterTokenIssuers in
+``identity.issuerRefs``, which the operator writes inline when it renders the policy:
+:mod:`querywarden_operator.issuers`). ``spec.target`` says which pods get the gateway
+and with which credentials; ``spec.sidecar`` how the gateway runs. The CRD's
+openAPIV3Schema is generated from these models (:mod:`querywarden_operator.schema`),
+including the CEL rules attached here as ``x-kubernetes-validations``: the API server
+refuses what they forbid before the operator ever sees it, and the operator validates
+again with pydantic (a resource written before a rule existed, or a check CEL cannot
+express, ends in a False condition).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from querywarden.policy import PolicyDocument
+from querywarden.policy.model import IdentitySection
 
 GROUP = "querywarden.io"
 VERSION = "v1alpha1"
@@ -56,6 +60,8 @@ INJECTED = "injected"
 #: The sidecar container's name (and how "already injected" is recognized).
 SIDECAR_NAME = "querywarden"
 
+#: A ClusterTokenIssuer's name is the issuer's name in the policy: the policy's grammar.
+ISSUER_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _SECRET_KEY = r"^[-._a-zA-Z0-9]+$"  # noqa: S105 - a pattern for key names
 #: Upstream role names become environment variable names
@@ -377,6 +383,29 @@ _KEY_GIVEN = (
 )
 
 
+class PolicyIdentity(IdentitySection):
+    """The trusted token issuers: the policy's own, and shared ClusterTokenIssuers."""
+
+    #: ClusterTokenIssuers (by name) the gateway trusts besides ``issuers``. The operator
+    #: writes them inline into the rendered policy; while one cannot be resolved the
+    #: gateway trusts no issuer at all (docs/operator.md).
+    issuer_refs: list[Annotated[str, Field(max_length=63, pattern=ISSUER_NAME)]] = Field(
+        [], max_length=16, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+
+    @model_validator(mode="after")
+    def _refs_unique(self) -> PolicyIdentity:
+        if len(set(self.issuer_refs)) != len(self.issuer_refs):
+            raise ValueError("issuerRefs must be unique")
+        return self
+
+
+class ResourcePolicy(PolicyDocument):
+    """The policy document of a resource: a policy file's, plus ``identity.issuerRefs``."""
+
+    identity: PolicyIdentity = PolicyIdentity()
+
+
 class DatabaseAccessPolicySpec(_Model):
     """The desired state: the gateway in front of the selected database pods."""
 
@@ -401,8 +430,9 @@ class DatabaseAccessPolicySpec(_Model):
     )
 
     target: Target
-    #: The policy document, as in a policy file (docs/policy.md, docs/masking.md).
-    policy: PolicyDocument = PolicyDocument()
+    #: The policy document, as in a policy file (docs/policy.md, docs/masking.md), whose
+    #: identity may also name shared ClusterTokenIssuers (``identity.issuerRefs``).
+    policy: ResourcePolicy = ResourcePolicy()
     sidecar: Sidecar = Sidecar()
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""A policy's status: conditions (Ready, Rendered, Injected) and the count of its pods.
+"""A policy's status: conditions (Ready, Rendered, Injected, IssuersResolved) and its pods.
 
 Pure functions: the handlers feed them what they read from the API server and write back
 what they return. Conditions follow ``metav1.Condition``: ``lastTransitionTime`` changes
@@ -122,6 +122,11 @@ def set_condition(existing: Sequence[Condition], new: Condition) -> list[Conditi
         out.append(new)
     order = {READY: 0, RENDERED: 1, INJECTED_CONDITION: 2}
     return sorted(out, key=lambda c: (order.get(c.type, 9), c.type))
+
+
+def drop_condition(existing: Sequence[Condition], type_: str) -> list[Condition]:
+    """``existing`` without the condition of ``type_`` (one that no longer applies)."""
+    return [c for c in existing if c.type != type_]
 
 
 def _names(names: Sequence[str]) -> str:

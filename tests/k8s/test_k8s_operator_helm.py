@@ -15,6 +15,7 @@ from k8sharness.cluster import Cluster
 from k8sharness.helm import Helm
 from k8sharness.qwoperator import CHART, create_namespace
 from querywarden_operator.config import OperatorConfig
+from querywarden_operator.issuers import ISSUER_CRD_NAME
 from querywarden_operator.spec import CRD_NAME
 
 NAMESPACE = "qw-system"
@@ -59,6 +60,7 @@ def test_helm_template_renders_the_operator(helm: Helm) -> None:
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
+            "CustomResourceDefinition",
             "Deployment",
             "MutatingWebhookConfiguration",
             "PodDisruptionBudget",
@@ -68,7 +70,12 @@ def test_helm_template_renders_the_operator(helm: Helm) -> None:
         ]
     )
     crds = {d["metadata"]["name"] for d in by_kind(documents, "CustomResourceDefinition")}
-    assert crds == {CRD_NAME, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    assert crds == {
+        CRD_NAME,
+        ISSUER_CRD_NAME,
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+    }
 
     deployment = one(documents, "Deployment")
     assert deployment["spec"]["replicas"] == 2

@@ -44,6 +44,7 @@ from querywarden_operator.spec import (
     ANNOTATION_STATUS,
     DatabaseAccessPolicySpec,
     LabelSelector,
+    ResourcePolicy,
 )
 from querywarden_operator.status import (
     INJECTED_CONDITION,
@@ -127,13 +128,28 @@ def sidecar(native: bool = True, **changes: Any) -> Any:
     return effective_sidecar(parsed.sidecar, CONFIG, native_supported=native)
 
 
+def as_file(policy: ResourcePolicy) -> PolicyDocument:
+    """A resource's policy document as the gateway's (without issuerRefs)."""
+    dumped = policy.model_dump(by_alias=True, exclude={"identity": {"issuer_refs"}})
+    return PolicyDocument.model_validate(dumped)
+
+
 # --- spec validation ---------------------------------------------------------------
 
 
 def test_spec_policy_is_the_gateways_policy_document() -> None:
     parsed = spec()
     assert isinstance(parsed.policy, PolicyDocument)
-    assert parsed.policy == PolicyDocument.model_validate(RAW_POLICY)
+    # The resource's document is the gateway's plus identity.issuerRefs (empty here).
+    assert parsed.policy.identity.issuer_refs == []
+    assert as_file(parsed.policy) == PolicyDocument.model_validate(RAW_POLICY)
+
+
+def test_the_gateway_refuses_issuer_refs() -> None:
+    # Only the operator resolves references: a policy file naming one is refused, so a
+    # gateway never runs with fewer issuers than its policy names.
+    with pytest.raises(ValidationError, match="issuerRefs"):
+        PolicyDocument.model_validate({"identity": {"issuerRefs": ["corp"]}})
 
 
 @pytest.mark.parametrize(
@@ -209,7 +225,7 @@ def test_configmap_holds_the_policy_and_the_settings(tmp_path: Path) -> None:
     # The gateway's own loader reads policy.yaml as the resource's spec.policy.
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(configmap["data"]["policy.yaml"])
-    assert load_policy(policy_file) == parsed.policy
+    assert load_policy(policy_file) == as_file(parsed.policy)
     assert "30s" in configmap["data"]["policy.yaml"]  # as written, not re-serialized
 
 
