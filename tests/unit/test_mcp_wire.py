@@ -201,7 +201,7 @@ def test_a_command_token_is_reused_until_shortly_before_it_expires(tmp_path: Pat
     now[0] = 1041.0
     asyncio.run(take())
     assert runs.read_text().count("x") == 2
-    source.invalidate()
+    assert source.invalidate()
     asyncio.run(take())
     assert runs.read_text().count("x") == 3
 

@@ -174,8 +174,8 @@ class _Static:
     async def token(self) -> str:
         return self._token
 
-    def invalidate(self) -> None:
-        pass  # the client must bring a fresh token
+    def invalidate(self) -> bool:
+        return False  # the client must bring a fresh token
 
 
 @dataclass(slots=True)

@@ -34,8 +34,8 @@ class TokenSource(Protocol):
         """A token valid for at least a little while."""
         ...
 
-    def invalidate(self) -> None:
-        """The gateway refused the token: fetch a new one next time."""
+    def invalidate(self) -> bool:
+        """The gateway refused the token: forget it; True if the next may differ."""
         ...
 
 
@@ -78,8 +78,8 @@ class EnvironmentToken:
             )
         return value
 
-    def invalidate(self) -> None:
-        pass  # the next use reads the variable again anyway
+    def invalidate(self) -> bool:
+        return False  # the variable holds what it held: asking again would not help
 
 
 class CommandToken:
@@ -107,8 +107,9 @@ class CommandToken:
             self._token = token
             return token
 
-    def invalidate(self) -> None:
+    def invalidate(self) -> bool:
         self._token = None
+        return True
 
     async def _run(self) -> str:
         try:

@@ -459,9 +459,12 @@ class GatewayTools:
             try:
                 return await GatewayConnection.open(self.address, caller.user, token)
             except GatewayError as exc:
-                if exc.sqlstate.startswith(_AUTH_FAILED) and attempt == 1:
-                    caller.tokens.invalidate()  # a command-made token: fetch a fresh one once
-                    continue
+                if (
+                    exc.sqlstate.startswith(_AUTH_FAILED)
+                    and attempt == 1
+                    and caller.tokens.invalidate()
+                ):
+                    continue  # a command-made token: run the command again, once
                 raise ToolFailure(_connect_failure(exc)) from None
         raise AssertionError("unreachable")
 
