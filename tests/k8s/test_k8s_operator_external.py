@@ -370,3 +370,94 @@ def test_the_external_example_is_one_apply(k8s: Cluster, installed: InstalledOpe
         assert password not in yaml.safe_dump(deployment)
     finally:
         k8s.delete(f"/api/v1/namespaces/{namespace}")
+
+
+# --- the pure functions, without a cluster ----------------------------------------------
+
+
+def test_without_bootstrap_or_ca_the_deployment_uses_the_users_secrets() -> None:
+    from querywarden_operator.config import OperatorConfig
+    from querywarden_operator.external import issues_certificate, render_deployment, resolved_spec
+    from querywarden_operator.render import PolicyRef, effective_sidecar, gateway_settings
+
+    raw = external_spec()
+    del raw["target"]["external"]["bootstrap"], raw["target"]["external"]["caSecret"]
+    raw["target"]["external"]["sslmode"] = "require"
+    raw["target"]["credentials"] = {"secretName": "billing-gateway", "usernameKey": "user"}
+    raw["target"]["tlsSecretName"] = "my-cert"
+    spec = parse_spec(raw)
+    assert not issues_certificate(spec)
+    sidecar = effective_sidecar(
+        spec.sidecar, OperatorConfig(sidecar_image="registry.invalid/qw:t"), native_supported=True
+    )
+    ref = PolicyRef(name=NAME, namespace="shop", uid="u-1", generation=1)
+    resolved = resolved_spec(NAME, spec)
+    assert resolved.target.tls_secret_name == "my-cert"
+    deployment = render_deployment(ref, resolved, sidecar)
+    pod = deployment["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["QUERYWARDEN_UPSTREAM__USER"]["valueFrom"]["secretKeyRef"] == {
+        "name": "billing-gateway", "key": "user",
+    }  # fmt: skip
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["querywarden-tls"]["secret"]["secretName"] == "my-cert"
+    assert "querywarden-upstream-ca" not in volumes
+    upstream = gateway_settings(resolved, sidecar)["upstream"]
+    assert (upstream["host"], upstream["sslmode"]) == (
+        "billing.abc123.eu-west-1.rds.amazonaws.com", "require",
+    )  # fmt: skip
+    assert "sslrootcert" not in upstream
+    # A pod-selector policy keeps its localhost upstream.
+    sidecar_spec = parse_spec(
+        {"target": {"podSelector": {"matchLabels": {"app": "db"}},
+                    "credentials": {"secretName": "s"}},
+         "sidecar": {"plaintext": "always"}}
+    )  # fmt: skip
+    assert gateway_settings(sidecar_spec, sidecar)["upstream"]["host"] == "127.0.0.1"
+
+
+def test_renewal_window_and_ready_for_an_external_target() -> None:
+    from querywarden_operator.certificates import (
+        CERTIFICATE_LIFETIME,
+        issue_serving,
+        needs_renewal,
+        new_ca,
+    )
+    from querywarden_operator.status import (
+        AVAILABLE,
+        INJECTED_CONDITION,
+        available_condition,
+        ready_condition,
+    )
+    from querywarden_operator.status import (
+        condition as make_condition,
+    )
+
+    at = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    assert needs_renewal(None, at=at)
+    assert needs_renewal(at + RENEW_BEFORE - datetime.timedelta(seconds=1), at=at)
+    assert not needs_renewal(at + RENEW_BEFORE + datetime.timedelta(seconds=1), at=at)
+    ca = new_ca(at=at)
+    pair = issue_serving(ca, ["gw.shop.svc.cluster.local", "gw"], at=at)
+    assert pair.not_after == at + CERTIFICATE_LIFETIME
+    # Ready follows Available (not Injected) once the target is external.
+    rendered = make_condition("Rendered", True, "Rendered", "", generation=1, at=at)
+    stale = make_condition(INJECTED_CONDITION, True, "AllInjected", "", generation=1, at=at)
+    available = available_condition(
+        {"metadata": {"name": "gw", "generation": 2}, "spec": {"replicas": 2},
+         "status": {"observedGeneration": 2, "availableReplicas": 2, "updatedReplicas": 2}},
+        generation=1, at=at,
+    )  # fmt: skip
+    assert (available.type, available.status) == (AVAILABLE, "True")
+    ready = ready_condition([rendered, stale, available], generation=1, at=at)
+    assert ready.status == "True" and "Deployment" in ready.message
+    down = available_condition(
+        {"metadata": {"name": "gw", "generation": 2}, "spec": {"replicas": 2},
+         "status": {"observedGeneration": 2}},
+        generation=1, at=at,
+    )  # fmt: skip
+    assert ready_condition([rendered, stale, down], generation=1, at=at).reason == (
+        "NoReplicasAvailable"
+    )
