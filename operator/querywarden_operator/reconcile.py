@@ -163,7 +163,7 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
 
     if spec.target.external is not None:
         sync_webhooks(ctx)  # a policy that was a sidecar's before loses its entry
-        return Outcome(status=reconcile_external(ctx, body, spec, conditions, at=at))
+        return Outcome(status=_external_status(ctx, body, spec, conditions, at=at))
     conditions = [c for c in conditions if c.type != AVAILABLE]
     sidecar = _sidecar_for(ctx, policy.name, spec)
     raw_policy = (body.get("spec") or {}).get("policy") or {}
@@ -204,7 +204,7 @@ def refresh_pods(ctx: Context, body: Mapping[str, Any]) -> PolicyStatus | None:
     status = _status_of(body)
     conditions = parse_conditions(status.get("conditions"))
     rendered = next((c for c in conditions if c.type == RENDERED), None)
-    if rendered is None or rendered.status != "True":
+    if rendered is None or (rendered.status != "True" and rendered.reason != FORBIDDEN):
         return None
     try:
         spec = parse_spec(body.get("spec"))
@@ -212,8 +212,11 @@ def refresh_pods(ctx: Context, body: Mapping[str, Any]) -> PolicyStatus | None:
         return None
     if spec.target.external is not None:
         # Availability and the certificate's renewal are checked on every resync; the
-        # rendering is applied again too (server-side apply: a no-op when unchanged).
-        return reconcile_external(ctx, body, spec, conditions, at=now())
+        # rendering is applied again too (server-side apply: a no-op when unchanged), and
+        # retried after a Forbidden (the chart's RBAC fixed meanwhile).
+        return _external_status(ctx, body, spec, conditions, at=now())
+    if rendered.status != "True":
+        return None
     return _with_pods(
         ctx,
         body,
@@ -394,6 +397,41 @@ def _certificate(
     log.info("policy %s/%s: issued the gateway's certificate, valid until %s",
              policy.namespace, policy.name, pair.not_after.isoformat())  # fmt: skip
     return pair.not_after
+
+
+#: Rendered=False reason when the operator's RBAC does not cover what a policy needs.
+FORBIDDEN = "Forbidden"
+
+
+def _external_status(
+    ctx: Context,
+    body: Mapping[str, Any],
+    spec: DatabaseAccessPolicySpec,
+    conditions: list[Condition],
+    *,
+    at: datetime.datetime,
+) -> PolicyStatus:
+    """:func:`reconcile_external`, a Forbidden reported as a condition.
+
+    The resync retries it (the chart's RBAC may be fixed meanwhile) instead of kopf
+    retrying it silently.
+    """
+    try:
+        return reconcile_external(ctx, body, spec, conditions, at=at)
+    except KubeApiError as exc:
+        if exc.status != 403:
+            raise
+        generation = PolicyRef.from_body(body).generation
+        message = (
+            f"the operator may not create the gateway's objects ({exc.message}): install "
+            "the chart with rbac.externalTargets=true"
+        )
+        updated = set_condition(
+            conditions,
+            condition(RENDERED, False, FORBIDDEN, message, generation=generation, at=at),
+        )
+        updated = set_condition(updated, ready_condition(updated, generation=generation, at=at))
+        return PolicyStatus(observed_generation=generation, conditions=updated)
 
 
 def reconcile_external(

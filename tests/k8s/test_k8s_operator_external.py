@@ -461,3 +461,28 @@ def test_renewal_window_and_ready_for_an_external_target() -> None:
     assert ready_condition([rendered, stale, down], generation=1, at=at).reason == (
         "NoReplicasAvailable"
     )
+
+
+def test_without_the_charts_external_rbac_the_policy_says_forbidden(
+    k8s: Cluster, helm: Helm, workdir: Path
+) -> None:
+    with installed_operator(
+        k8s, helm, workdir / "operator-external-norbac",
+        extra_values={"rbac.externalTargets": "false"},
+    ) as running:  # fmt: skip
+        namespace = create_namespace(k8s, "qw-ext-norbac")
+        try:
+            k8s.create(policies(namespace), policy(NAME, external_spec()))
+            path = f"{policies(namespace)}/{NAME}"
+            found = wait_until(
+                lambda: (c := condition(k8s.get(path), "Rendered")) and c["reason"] == "Forbidden"
+                and c,
+                what="Rendered=False, Forbidden",
+            )  # fmt: skip
+            assert found["status"] == "False"
+            assert "rbac.externalTargets=true" in found["message"]
+            ready = condition(k8s.get(path), "Ready")
+            assert ready is not None and ready["reason"] == "Forbidden"
+            assert running.operator.alive
+        finally:
+            k8s.delete(f"/api/v1/namespaces/{namespace}")
