@@ -9,6 +9,7 @@ the policy allows and no more.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 
 from querywarden.devcluster import DATABASE, EphemeralCluster
 from querywarden.policy import PolicyDocument
+from querywarden.tlsutil import write_self_signed
 from querywarden_operator.bootstrap import (
     ENV_SETTINGS,
     Settings,
@@ -145,3 +147,33 @@ def test_the_scram_verifier_is_what_postgresql_stores(pg: EphemeralCluster) -> N
             assert conn.execute("SELECT current_user").fetchone() == (role,)
     finally:
         pg.psql(f"DROP ROLE {role}")
+
+
+def test_bootstrap_verifies_the_databases_certificate(
+    pg: EphemeralCluster,
+    admin: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``sslmode: verify-full`` with the CA of ``caSecret``; a wrong CA fails at once."""
+    password_file = tmp_path / "gateway-password"
+    password_file.write_text("tls-generated-password")
+    base = _settings(pg, admin, password_file)
+    server_cert = pg.datadir / "server.crt"
+    verified = dataclasses.replace(
+        base, host="localhost", sslmode="verify-full", sslrootcert=str(server_cert)
+    )
+    asyncio.run(run(verified, _Secrets.read(verified)))
+    with psycopg.connect(
+        host="localhost", port=pg.port, dbname=DATABASE, user=ROLE,
+        password="tls-generated-password", sslmode="verify-full", sslrootcert=str(server_cert),
+    ) as conn:  # fmt: skip
+        assert conn.execute("SELECT current_user").fetchone() == (ROLE,)
+    other = write_self_signed(tmp_path, "other", hostname="localhost")[0]
+    wrong = dataclasses.replace(verified, sslrootcert=str(other))
+    monkeypatch.setattr(Settings, "from_json", classmethod(lambda cls, raw: wrong))
+    monkeypatch.setenv(ENV_SETTINGS, "{}")
+    with caplog.at_level(logging.INFO, logger="querywarden.bootstrap"):
+        assert main() == 1
+    assert "TLS to localhost" in caplog.text and "attempt" not in caplog.text

@@ -229,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for attempt in range(1, 31):
         try:
             done = asyncio.run(run(settings, _Secrets.read(settings)))
+        except ssl.SSLError as exc:
+            # A certificate that does not verify will not verify on the next attempt.
+            log.error("bootstrap of role %s: TLS to %s:%d failed: %s", settings.role,
+                      settings.host, settings.port, exc)  # fmt: skip
+            return 1
         except (TimeoutError, OSError) as exc:
             # The database may not be reachable yet (a new Service, DNS): retry a while.
             log.warning("attempt %d: cannot reach %s:%d: %s", attempt, settings.host,
