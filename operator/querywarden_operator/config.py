@@ -87,8 +87,17 @@ class OperatorConfig(BaseSettings):
 
     #: ``http://0.0.0.0:8080/healthz`` for the Deployment's probes; unset: none.
     liveness_endpoint: str | None = None
-    #: How often each policy's pods are counted again (and workloads restarted if asked).
+    #: How often each policy's pods are counted again (and workloads restarted if asked);
+    #: for external targets, how often the gateway Deployment's availability is read
+    #: and its certificate checked for renewal.
     resync_interval: float = Field(60.0, gt=0)
+
+    # External targets (docs/operator.md#databases-the-cluster-does-not-run).
+    #: The Secret, in ``namespace``, with the operator's CA (``tls.crt``/``tls.key``),
+    #: which issues the gateway Deployments' serving certificates; made when missing.
+    ca_secret: str = "querywarden-ca"  # noqa: S105 - a Secret's name
+    #: The cluster's DNS domain, in the names of the serving certificates.
+    cluster_domain: str = "cluster.local"
 
     def sidecar_image_allow_list(self) -> tuple[str, ...]:
         """Images a pod annotation may choose for its sidecar."""

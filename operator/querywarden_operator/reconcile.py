@@ -7,6 +7,8 @@ second event for the same change all converge on the same state.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import datetime
 import logging
 import threading
@@ -17,7 +19,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from querywarden.approvals.kube_store import to_review
-from querywarden_operator import sidecar_binding
+from querywarden_operator import external, sidecar_binding
+from querywarden_operator.certificates import KeyPair, issue_serving, needs_renewal, new_ca
 from querywarden_operator.config import OperatorConfig
 from querywarden_operator.issuers import (
     ISSUER_API_VERSION,
@@ -53,12 +56,14 @@ from querywarden_operator.spec import (
     Target,
 )
 from querywarden_operator.status import (
+    AVAILABLE,
     INJECTED_CONDITION,
     READY,
     RENDERED,
     Condition,
     PodCensus,
     PolicyStatus,
+    available_condition,
     census,
     condition,
     drop_condition,
@@ -89,6 +94,9 @@ class Context:
     config: OperatorConfig
     native_supported: bool
     webhook_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The operator's CA, once read (or made): it issues the gateways' certificates.
+    ca: KeyPair | None = None
+    ca_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def connect(cls, kube: KubeClient, config: OperatorConfig) -> Context:
@@ -163,6 +171,10 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
         sync_webhooks(ctx)
         return refused("InvalidPolicy", str(exc))
 
+    if spec.target.external is not None:
+        sync_webhooks(ctx)  # a policy that was a sidecar's before loses its entry
+        return Outcome(status=_external_status(ctx, body, spec, conditions, at=at))
+    conditions = [c for c in conditions if c.type != AVAILABLE]
     sidecar = _sidecar_for(ctx, policy.name, spec)
     raw_policy = (body.get("spec") or {}).get("policy") or {}
     resolution = resolve_issuers(ctx, raw_policy)
@@ -180,20 +192,7 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
         ),
         render_network_policy(policy, spec, sidecar),
     )  # fmt: skip
-    if not spec.policy.identity.issuer_refs:
-        conditions = drop_condition(conditions, ISSUERS_RESOLVED)
-    else:
-        conditions = set_condition(
-            conditions,
-            condition(
-                ISSUERS_RESOLVED,
-                resolution.resolved,
-                "Resolved" if resolution.resolved else LOCKED_REASON,
-                resolution.message(),
-                generation=generation,
-                at=at,
-            ),
-        )
+    conditions = _issuers_condition(conditions, spec, resolution, generation=generation, at=at)
     rendered = (
         condition(
             RENDERED,
@@ -218,6 +217,30 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
     sync_webhooks(ctx)
     status = _with_pods(ctx, body, spec=spec, sidecar=sidecar, conditions=conditions, at=at)
     return Outcome(status=status, error=None if resolution.resolved else rendered.message)
+
+
+def _issuers_condition(
+    conditions: list[Condition],
+    spec: DatabaseAccessPolicySpec,
+    resolution: Resolution,
+    *,
+    generation: int,
+    at: datetime.datetime,
+) -> list[Condition]:
+    """``IssuersResolved`` as ``resolution`` says (absent when the policy names none)."""
+    if not spec.policy.identity.issuer_refs:
+        return drop_condition(conditions, ISSUERS_RESOLVED)
+    return set_condition(
+        conditions,
+        condition(
+            ISSUERS_RESOLVED,
+            resolution.resolved,
+            "Resolved" if resolution.resolved else LOCKED_REASON,
+            resolution.message(),
+            generation=generation,
+            at=at,
+        ),
+    )
 
 
 def resolve_issuers(ctx: Context, raw_policy: Mapping[str, Any]) -> Resolution:
@@ -272,11 +295,18 @@ def refresh_pods(ctx: Context, body: Mapping[str, Any]) -> PolicyStatus | None:
     status = _status_of(body)
     conditions = parse_conditions(status.get("conditions"))
     rendered = next((c for c in conditions if c.type == RENDERED), None)
-    if rendered is None or rendered.status != "True":
+    if rendered is None or (rendered.status != "True" and rendered.reason != FORBIDDEN):
         return None
     try:
         spec = parse_spec(body.get("spec"))
     except InvalidPolicy:
+        return None
+    if spec.target.external is not None:
+        # Availability and the certificate's renewal are checked on every resync; the
+        # rendering is applied again too (server-side apply: a no-op when unchanged), and
+        # retried after a Forbidden (the chart's RBAC fixed meanwhile).
+        return _external_status(ctx, body, spec, conditions, at=now())
+    if rendered.status != "True":
         return None
     return _with_pods(
         ctx,
@@ -337,17 +367,15 @@ def _selected_pods(
     ctx: Context, policy: PolicyRef, spec: DatabaseAccessPolicySpec
 ) -> list[dict[str, Any]]:
     """The pods the policy selects, as stored now."""
+    selector = spec.target.pod_selector
+    if selector is None:
+        return []
     pods = ctx.kube.list(
-        object_path("v1", "pods", policy.namespace),
-        label_selector=spec.target.pod_selector.as_query(),
+        object_path("v1", "pods", policy.namespace), label_selector=selector.as_query()
     )
     # The API server applied the selector; applying it here too keeps a selector the
     # query syntax cannot say exactly from counting the wrong pods.
-    return [
-        p
-        for p in pods
-        if spec.target.pod_selector.matches((p.get("metadata") or {}).get("labels") or {})
-    ]
+    return [p for p in pods if selector.matches((p.get("metadata") or {}).get("labels") or {})]
 
 
 def bind_pod_account(ctx: Context, policy_body: Mapping[str, Any], pod: Mapping[str, Any]) -> None:
@@ -370,6 +398,222 @@ def bind_pod_account(ctx: Context, policy_body: Mapping[str, Any], pod: Mapping[
             "policy %s/%s: binding ServiceAccount %s for the sidecar failed (the resync "
             "will): %s", policy.namespace, policy.name, account, exc,
         )  # fmt: skip
+
+
+# --- external targets: the gateway as a Deployment ------------------------------------
+
+
+def operator_ca(ctx: Context) -> KeyPair:
+    """The operator's CA from its Secret in the operator's namespace; made when missing.
+
+    Replicas that race to make it agree on the first one stored (create fails with 409
+    for the others, which then read it).
+    """
+    with ctx.ca_lock:
+        if ctx.ca is not None:
+            return ctx.ca
+        path = object_path("v1", "secrets", ctx.config.namespace, ctx.config.ca_secret)
+        found = ctx.kube.get(path)
+        if found is None:
+            made = new_ca(at=now())
+            manifest = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": ctx.config.ca_secret,
+                    "namespace": ctx.config.namespace,
+                    "labels": {"app.kubernetes.io/managed-by": "querywarden-operator"},
+                },
+                "type": "kubernetes.io/tls",
+                "data": {
+                    "tls.crt": base64.b64encode(made.cert_pem).decode(),
+                    "tls.key": base64.b64encode(made.key_pem).decode(),
+                },
+            }
+            try:
+                ctx.kube.request("POST", path.rsplit("/", 1)[0], manifest)
+                log.info("made the operator's CA in Secret %s/%s", ctx.config.namespace,
+                         ctx.config.ca_secret)  # fmt: skip
+                found = manifest
+            except KubeApiError as exc:
+                if exc.status != 409:
+                    raise
+                found = ctx.kube.get(path)
+                if found is None:
+                    raise TemporaryFailure("the operator's CA Secret vanished") from exc
+        data = found.get("data") or {}
+        ctx.ca = KeyPair(base64.b64decode(data["tls.crt"]), base64.b64decode(data["tls.key"]))
+        return ctx.ca
+
+
+class TemporaryFailure(RuntimeError):
+    """Something to retry (the handler's backoff)."""
+
+
+def _ensure_upstream_secret(ctx: Context, policy: PolicyRef, role: str) -> None:
+    """The bootstrapped role's Secret: created once with a new password, never replaced.
+
+    Only ``create`` is needed (a 409 means it exists): the operator never reads it.
+    """
+    manifest = external.render_upstream_secret(policy, role, external.generated_password())
+    try:
+        ctx.kube.request("POST", object_path("v1", "secrets", policy.namespace), manifest)
+        log.info("policy %s/%s: generated the password of role %s in Secret %s",
+                 policy.namespace, policy.name, role, manifest["metadata"]["name"])  # fmt: skip
+    except KubeApiError as exc:
+        if exc.status != 409:
+            raise
+
+
+def _certificate(
+    ctx: Context, policy: PolicyRef, previous: Mapping[str, Any], at: datetime.datetime
+) -> datetime.datetime:
+    """Issue the gateway's serving certificate if there is none or it is due; its expiry."""
+    raw = previous.get("certificateNotAfter")
+    not_after = datetime.datetime.fromisoformat(str(raw)) if raw else None
+    if previous.get("certificateSecret") != external.serving_secret_name(policy.name):
+        not_after = None
+    if not needs_renewal(not_after, at=at) and not_after is not None:
+        return not_after
+    ca = operator_ca(ctx)
+    pair = issue_serving(ca, external.dns_names(policy, ctx.config.cluster_domain), at=at)
+    ctx.kube.apply(
+        object_path("v1", "secrets", policy.namespace, external.serving_secret_name(policy.name)),
+        external.render_serving_secret(policy, pair, ca.cert_pem),
+    )
+    ctx.kube.apply(
+        object_path("v1", "configmaps", policy.namespace, external.ca_configmap_name(policy.name)),
+        external.render_ca_configmap(policy, ca.cert_pem),
+    )
+    log.info("policy %s/%s: issued the gateway's certificate, valid until %s",
+             policy.namespace, policy.name, pair.not_after.isoformat())  # fmt: skip
+    return pair.not_after
+
+
+#: Rendered=False reason when the operator's RBAC does not cover what a policy needs.
+FORBIDDEN = "Forbidden"
+
+
+def _external_status(
+    ctx: Context,
+    body: Mapping[str, Any],
+    spec: DatabaseAccessPolicySpec,
+    conditions: list[Condition],
+    *,
+    at: datetime.datetime,
+) -> PolicyStatus:
+    """:func:`reconcile_external`, a Forbidden reported as a condition.
+
+    The resync retries it (the chart's RBAC may be fixed meanwhile) instead of kopf
+    retrying it silently.
+    """
+    try:
+        return reconcile_external(ctx, body, spec, conditions, at=at)
+    except KubeApiError as exc:
+        if exc.status != 403:
+            raise
+        generation = PolicyRef.from_body(body).generation
+        message = (
+            f"the operator may not create the gateway's objects ({exc.message}): install "
+            "the chart with rbac.externalTargets=true"
+        )
+        updated = set_condition(
+            conditions,
+            condition(RENDERED, False, FORBIDDEN, message, generation=generation, at=at),
+        )
+        updated = set_condition(updated, ready_condition(updated, generation=generation, at=at))
+        return PolicyStatus(observed_generation=generation, conditions=updated)
+
+
+def reconcile_external(
+    ctx: Context,
+    body: Mapping[str, Any],
+    spec: DatabaseAccessPolicySpec,
+    conditions: list[Condition],
+    *,
+    at: datetime.datetime,
+) -> PolicyStatus:
+    """Apply the gateway Deployment of an external target and report its availability."""
+    policy = PolicyRef.from_body(body)
+    generation = policy.generation
+    previous = _status_of(body)
+    ext = external.external_of(spec)
+    sidecar = dataclasses.replace(_sidecar_for(ctx, policy.name, spec), native=False)
+    resolved = external.resolved_spec(policy.name, spec)
+    name = external.gateway_name(policy.name)
+
+    def at_path(api_version: str, plural: str, object_name: str = name) -> str:
+        return object_path(api_version, plural, policy.namespace, object_name)
+
+    ctx.kube.apply(at_path("v1", "serviceaccounts"), external.render_service_account(policy))
+    if ext.bootstrap is not None:
+        _ensure_upstream_secret(ctx, policy, ext.bootstrap.role)
+    not_after = (
+        _certificate(ctx, policy, previous, at) if external.issues_certificate(spec) else None
+    )
+    raw_policy = (body.get("spec") or {}).get("policy") or {}
+    # Shared issuers are resolved as for a sidecar's ConfigMap, locked when one is missing.
+    resolution = resolve_issuers(ctx, raw_policy)
+    ctx.kube.apply(
+        at_path("v1", "configmaps", configmap_name(policy.name)),
+        render_configmap(
+            policy, resolved, resolution.policy, sidecar,
+            locked=None if resolution.resolved else resolution.message(),
+        ),
+    )  # fmt: skip
+    ctx.kube.apply(
+        at_path("networking.k8s.io/v1", "networkpolicies", network_policy_name(policy.name)),
+        render_network_policy(policy, resolved, sidecar),
+    )
+    ctx.kube.apply(at_path("v1", "services"), external.render_service(policy, sidecar))
+    ctx.kube.apply(at_path("policy/v1", "poddisruptionbudgets"), external.render_pdb(policy))
+    deployment = ctx.kube.apply(
+        at_path("apps/v1", "deployments"),
+        external.render_deployment(
+            policy, resolved, sidecar,
+            certificate_not_after=not_after.isoformat() if not_after else None,
+        ),
+    )  # fmt: skip
+    cluster_role = ctx.config.sidecar_cluster_role
+    if ctx.config.reviews and cluster_role is not None:
+        # The gateway pods keep QueryReviews as their own ServiceAccount.
+        sidecar_binding.write(ctx.kube, policy, cluster_role, lambda _read: ({name}, {}))
+    conditions = [c for c in conditions if c.type != INJECTED_CONDITION]
+    conditions = _issuers_condition(conditions, spec, resolution, generation=generation, at=at)
+    rendered = (
+        condition(
+            RENDERED, True, "Rendered",
+            f"ConfigMap {configmap_name(policy.name)}, Deployment, Service and "
+            f"PodDisruptionBudget {name} are up to date (upstream {ext.host}:{ext.port})",
+            generation=generation, at=at,
+        )
+        if resolution.resolved
+        else condition(
+            RENDERED, False, LOCKED_REASON,
+            f"ConfigMap {configmap_name(policy.name)} is rendered locked: " + resolution.message(),
+            generation=generation, at=at,
+        )
+    )  # fmt: skip
+    conditions = set_condition(conditions, rendered)
+    conditions = set_condition(
+        conditions, available_condition(deployment, generation=generation, at=at)
+    )
+    conditions = set_condition(
+        conditions, ready_condition(conditions, generation=generation, at=at)
+    )
+    status = (deployment or {}).get("status") or {}
+    return PolicyStatus(
+        observed_generation=generation,
+        config_map=configmap_name(policy.name),
+        gateway_service=f"{name}.{policy.namespace}.svc:{sidecar.gateway_port}",
+        replicas=ext.replicas,
+        available_replicas=int(status.get("availableReplicas") or 0),
+        certificate_secret=(
+            external.serving_secret_name(policy.name) if not_after is not None else None
+        ),
+        certificate_not_after=not_after,
+        conditions=conditions,
+    )
 
 
 # --- ended reviews --------------------------------------------------------------------
@@ -546,6 +790,8 @@ def sync_webhooks(ctx: Context) -> list[str]:
                 if entry is not None:
                     entries.append(entry)
                 continue
+            if spec.target.external is not None:
+                continue  # a gateway Deployment: no pod to inject
             entries.append(
                 webhook_entry(
                     PolicyRef.from_body(item),
@@ -570,6 +816,8 @@ def _entry_from_target(
     try:
         target = Target.model_validate(raw.get("target") or {})
     except ValidationError:
+        return None
+    if target.pod_selector is None:
         return None
     # Only the target matters for the entry: a stand-in spec with an empty policy.
     stand_in = DatabaseAccessPolicySpec.model_construct(target=target)

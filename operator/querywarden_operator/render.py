@@ -38,8 +38,10 @@ from querywarden_operator.spec import (
     KIND,
     SIDECAR_NAME,
     DatabaseAccessPolicySpec,
+    LabelSelector,
     MountedFiles,
     Resources,
+    SecretCredentials,
     Sidecar,
     Target,
     role_env_name,
@@ -52,6 +54,9 @@ POLICY_FILE = f"{POLICY_DIR}/policy.yaml"
 CREDENTIALS_DIR = f"{CONFIG_DIR}/credentials"
 TLS_DIR = f"{CONFIG_DIR}/tls"
 FILES_DIR = f"{CONFIG_DIR}/files"
+#: The external database's CA (``target.external.caSecret``), gateway Deployments only.
+UPSTREAM_CA_DIR = f"{CONFIG_DIR}/upstream-ca"
+UPSTREAM_CA_FILE = f"{UPSTREAM_CA_DIR}/ca.crt"
 AUDIT_DIR = "/var/lib/querywarden/audit"
 TMP_DIR = "/tmp"  # noqa: S108 - an emptyDir of the sidecar's own
 #: Where the sidecar finds its ServiceAccount token, CA and namespace: the path every
@@ -173,6 +178,11 @@ def configmap_name(policy: str) -> str:
     return f"{policy}-querywarden"
 
 
+def gateway_pod_labels(policy: str) -> dict[str, str]:
+    """Labels of the pods of an external target's gateway Deployment."""
+    return {"app.kubernetes.io/name": "querywarden-gateway", ANNOTATION_POLICY: policy}
+
+
 def network_policy_name(policy: str) -> str:
     """The NetworkPolicy a policy renders."""
     return f"{policy}-querywarden"
@@ -242,6 +252,13 @@ def gateway_settings(spec: DatabaseAccessPolicySpec, sidecar: EffectiveSidecar) 
         "passwordFile": f"{CREDENTIALS_DIR}/default/password",
         "sslmode": target.sslmode,
     }
+    if target.external is not None:
+        # The gateway as a Deployment (external.py): the database is elsewhere.
+        upstream["host"] = target.external.host
+        upstream["port"] = target.external.port
+        upstream["sslmode"] = target.external.sslmode
+        if target.external.ca_secret is not None:
+            upstream["sslrootcert"] = UPSTREAM_CA_FILE
     if target.database is not None:
         upstream["database"] = target.database
     if target.roles:
@@ -370,7 +387,7 @@ def render_network_policy(
     if target.clients:
         gateway_rule["from"] = [peer.as_manifest() for peer in target.clients]
     ingress = [gateway_rule]
-    if target.direct_access:
+    if target.direct_access and target.external is None:
         ingress.append(
             {
                 "ports": [{"protocol": "TCP", "port": target.database_port}],
@@ -382,7 +399,11 @@ def render_network_policy(
         "kind": "NetworkPolicy",
         "metadata": owned_metadata(policy, network_policy_name(policy.name)),
         "spec": {
-            "podSelector": target.pod_selector.as_manifest(),
+            "podSelector": (
+                target.pod_selector.as_manifest()
+                if target.pod_selector is not None
+                else {"matchLabels": gateway_pod_labels(policy.name)}
+            ),
             "policyTypes": ["Ingress"],
             "ingress": ingress,
         },
@@ -392,6 +413,13 @@ def render_network_policy(
 # --- the sidecar ----------------------------------------------------------------------
 
 
+def credentials_of(target: Target) -> SecretCredentials:
+    """The gateway's default credentials (an external target's are filled in first)."""
+    if target.credentials is None:
+        raise InjectionError("spec.target.credentials is not set")
+    return target.credentials
+
+
 def _env(target: Target, sidecar: EffectiveSidecar) -> list[dict[str, Any]]:
     def from_secret(name: str, secret: str, key: str) -> dict[str, Any]:
         return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
@@ -399,8 +427,8 @@ def _env(target: Target, sidecar: EffectiveSidecar) -> list[dict[str, Any]]:
     env = [
         from_secret(
             "QUERYWARDEN_UPSTREAM__USER",
-            target.credentials.secret_name,
-            target.credentials.username_key,
+            credentials_of(target).secret_name,
+            credentials_of(target).username_key,
         )
     ]
     env += [
@@ -514,7 +542,9 @@ def sidecar_volumes(
 
     sources = [
         secret_source(
-            target.credentials.secret_name, target.credentials.password_key, "default/password"
+            credentials_of(target).secret_name,
+            credentials_of(target).password_key,
+            "default/password",
         )
     ]
     sources += [
@@ -714,7 +744,7 @@ def webhook_entry(
                 namespace_selector_expression(enabled_by_default=enabled_by_default),
             ]
         },
-        "objectSelector": spec.target.pod_selector.as_manifest(),
+        "objectSelector": (spec.target.pod_selector or LabelSelector()).as_manifest(),
     }
 
 

@@ -234,25 +234,81 @@ class SecretKeyRef(_Model):
     key: str = Field(max_length=253, pattern=_SECRET_KEY)
 
 
+class Bootstrap(_Model):
+    """Create the gateway's login role once, from a superuser Secret (opt-in).
+
+    An init container of the gateway's Deployment connects to the external database with
+    the superuser's credentials (mounted into it alone), creates or updates the login
+    role ``role`` with the password of a Secret the operator generates and owns
+    (``<policy>-querywarden-upstream``) and grants it what the policy needs
+    (docs/operator.md#bootstrap). The operator itself never reads the superuser Secret.
+    """
+
+    #: A Secret in the policy's namespace with the superuser's credentials.
+    superuser_secret: str = Field(max_length=253, pattern=_DNS_SUBDOMAIN)
+    username_key: str = Field("username", max_length=253, pattern=_SECRET_KEY)
+    password_key: str = Field("password", max_length=253, pattern=_SECRET_KEY)
+    #: The login role the gateway connects as.
+    role: str = Field("querywarden_gateway", max_length=63, pattern=ROLE_NAME)
+
+
+class ExternalDatabase(_Model):
+    """A database the cluster does not run (RDS, Cloud SQL, a CloudNativePG ``-rw`` Service).
+
+    The operator runs the gateway as a Deployment and a Service of its own in the
+    policy's namespace, in front of ``host:port``; no pod is injected.
+    """
+
+    #: DNS name or address of the database.
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(5432, ge=1, le=65535)
+    #: TLS from the gateway to the database.
+    sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    #: A Secret (key ``ca.crt``) with the CA that signed the database's certificate,
+    #: for ``verify-ca`` and ``verify-full``.
+    ca_secret: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)
+    #: Gateway replicas (a PodDisruptionBudget keeps all but one up during drains).
+    replicas: int = Field(2, ge=1, le=20)
+    #: Create the gateway's login role from a superuser Secret (instead of
+    #: ``target.credentials``).
+    bootstrap: Bootstrap | None = None
+
+
 class Target(_Model):
-    """Which pods get the gateway, where their database listens, and the credentials."""
+    """Which pods get the gateway (or which external database), and the credentials."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 _cel(
+                    "!has(self.podSelector) || "
                     "(has(self.podSelector.matchLabels) && size(self.podSelector.matchLabels) > 0)"
                     " || (has(self.podSelector.matchExpressions)"
                     " && size(self.podSelector.matchExpressions) > 0)",
                     "podSelector must select something: an empty selector would put the "
                     "gateway in every pod of the namespace",
-                )
+                ),
+                _cel(
+                    "has(self.podSelector) != has(self.external)",
+                    "name exactly one of podSelector (the gateway as a sidecar) and "
+                    "external (the gateway as a Deployment)",
+                ),
+                _cel(
+                    "has(self.credentials) || (has(self.external) && has(self.external.bootstrap))",
+                    "credentials is required unless external.bootstrap creates them",
+                ),
+                _cel(
+                    "!has(self.external) || !has(self.external.bootstrap) || has(self.database)",
+                    "external.bootstrap needs target.database (the database to grant on)",
+                ),
             ]
         }
     )
 
     #: The database pods, in the policy's namespace.
-    pod_selector: LabelSelector
+    pod_selector: LabelSelector | None = None
+    #: Or: a database outside the cluster's pods; the gateway runs as a Deployment.
+    external: ExternalDatabase | None = None
     #: The port the database container listens on; the gateway connects to it on
     #: localhost and the NetworkPolicy closes it to everyone else.
     database_port: int = Field(5432, ge=1, le=65535)
@@ -261,7 +317,8 @@ class Target(_Model):
     #: TLS to the database inside the pod (over localhost).
     sslmode: Literal["disable", "prefer", "require"] = "prefer"
     #: The gateway's own database role (sessions whose rules name no ``upstreamRole``).
-    credentials: SecretCredentials
+    #: With ``external.bootstrap``: leave it out, the operator's generated Secret is used.
+    credentials: SecretCredentials | None = None
     #: More roles, selected by the rules' ``upstreamRole``.
     roles: list[UpstreamRole] = Field(
         [],
@@ -283,11 +340,22 @@ class Target(_Model):
 
     @model_validator(mode="after")
     def _selects_something(self) -> Target:
-        if not self.pod_selector.match_labels and not self.pod_selector.match_expressions:
+        if (self.pod_selector is None) == (self.external is None):
+            raise ValueError(
+                "name exactly one of podSelector (the gateway as a sidecar) and external "
+                "(the gateway as a Deployment)"
+            )
+        selector = self.pod_selector
+        if selector is not None and not selector.match_labels and not selector.match_expressions:
             raise ValueError(
                 "podSelector must select something: an empty selector would put the gateway "
                 "in every pod of the namespace"
             )
+        bootstrap = self.external.bootstrap if self.external is not None else None
+        if self.credentials is None and bootstrap is None:
+            raise ValueError("credentials is required unless external.bootstrap creates them")
+        if bootstrap is not None and self.database is None:
+            raise ValueError("external.bootstrap needs target.database (the database to grant on)")
         return self
 
 
@@ -417,8 +485,10 @@ class DatabaseAccessPolicySpec(_Model):
                     "sidecar.gatewayPort must differ from target.databasePort",
                 ),
                 _cel(
-                    "has(self.target.tlsSecretName) || self.sidecar.plaintext == 'always'",
-                    "target.tlsSecretName is required unless sidecar.plaintext is 'always'",
+                    "has(self.target.tlsSecretName) || has(self.target.external) "
+                    "|| self.sidecar.plaintext == 'always'",
+                    "target.tlsSecretName is required unless sidecar.plaintext is 'always' "
+                    "(or the target is external: the operator then issues the certificate)",
                 ),
                 _cel(_ROLES_KNOWN, "every rule's upstreamRole must name one of target.roles"),
                 _cel(
@@ -441,9 +511,14 @@ class DatabaseAccessPolicySpec(_Model):
         # rule existed (and so that the operator never trusts the schema alone).
         if self.sidecar.gateway_port == self.target.database_port:
             raise ValueError("sidecar.gatewayPort must differ from target.databasePort")
-        if self.target.tls_secret_name is None and self.sidecar.plaintext != "always":
+        if (
+            self.target.tls_secret_name is None
+            and self.target.external is None
+            and self.sidecar.plaintext != "always"
+        ):
             raise ValueError(
-                "target.tlsSecretName is required unless sidecar.plaintext is 'always'"
+                "target.tlsSecretName is required unless sidecar.plaintext is 'always' "
+                "(or the target is external: the operator then issues the certificate)"
             )
         roles = {role.name for role in self.target.roles}
         if len(roles) != len(self.target.roles):

@@ -21,6 +21,8 @@ from querywarden_operator.spec import ANNOTATION_CONFIG_HASH, ANNOTATION_POLICY
 READY = "Ready"
 RENDERED = "Rendered"
 INJECTED_CONDITION = "Injected"
+#: External targets: the gateway Deployment's replicas are available.
+AVAILABLE = "Available"
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 #: How many pod names a condition message lists before it says "and N more".
@@ -59,6 +61,14 @@ class PolicyStatus(_Model):
     injected: int | None = None
     #: The rendered ConfigMap.
     config_map: str | None = None
+    #: External targets: the gateway Service (``host:port`` clients connect to).
+    gateway_service: str | None = None
+    #: External targets: gateway replicas wanted, and available.
+    replicas: int | None = None
+    available_replicas: int | None = None
+    #: The Secret with the serving certificate the operator issued, and its expiry.
+    certificate_secret: str | None = None
+    certificate_not_after: datetime.datetime | None = None
     conditions: list[Condition] = Field(
         [],
         json_schema_extra={
@@ -120,7 +130,7 @@ def set_condition(existing: Sequence[Condition], new: Condition) -> list[Conditi
         out.append(new)
     if not replaced:
         out.append(new)
-    order = {READY: 0, RENDERED: 1, INJECTED_CONDITION: 2}
+    order = {READY: 0, RENDERED: 1, INJECTED_CONDITION: 2, AVAILABLE: 2}
     return sorted(out, key=lambda c: (order.get(c.type, 9), c.type))
 
 
@@ -240,11 +250,53 @@ def injected_condition(
     )
 
 
+def available_condition(
+    deployment: Mapping[str, Any] | None, *, generation: int, at: datetime.datetime
+) -> Condition:
+    """``Available`` (external targets): the gateway Deployment's replicas are available."""
+
+    def made(status: bool, reason: str, message: str) -> Condition:
+        return condition(AVAILABLE, status, reason, message, generation=generation, at=at)
+
+    if deployment is None:
+        return made(False, "DeploymentMissing", "the gateway Deployment does not exist yet")
+    name = (deployment.get("metadata") or {}).get("name", "?")
+    wanted = int((deployment.get("spec") or {}).get("replicas") or 0)
+    status = deployment.get("status") or {}
+    available = int(status.get("availableReplicas") or 0)
+    updated = int(status.get("updatedReplicas") or 0)
+    meta_generation = int((deployment.get("metadata") or {}).get("generation") or 0)
+    if int(status.get("observedGeneration") or 0) < meta_generation:
+        return made(
+            False, "DeploymentPending", f"Deployment {name}: the change is not rolled out yet"
+        )
+    for item in status.get("conditions") or []:
+        if item.get("type") == "Progressing" and item.get("reason") == "ProgressDeadlineExceeded":
+            return made(False, "ProgressDeadlineExceeded",
+                        f"Deployment {name}: {item.get('message', 'no progress')}")  # fmt: skip
+    if available == 0:
+        return made(
+            False, "NoReplicasAvailable",
+            f"Deployment {name}: 0 of {wanted} gateway pods available (see its pods' events "
+            "and logs; with bootstrap, the logs of their init container 'bootstrap')",
+        )  # fmt: skip
+    if available < wanted or updated < wanted:
+        return made(
+            False, "ReplicasUnavailable",
+            f"Deployment {name}: {available} of {wanted} gateway pods available, "
+            f"{updated} up to date",
+        )  # fmt: skip
+    return made(
+        True, "ReplicasAvailable", f"Deployment {name}: all {wanted} gateway pods available"
+    )
+
+
 def ready_condition(
     conditions: Sequence[Condition], *, generation: int, at: datetime.datetime
 ) -> Condition:
-    """``Ready``: the policy is rendered and every selected pod carries its gateway."""
-    for type_ in (RENDERED, INJECTED_CONDITION):
+    """``Ready``: the policy is rendered and its gateway runs (injected, or available)."""
+    external = any(c.type == AVAILABLE for c in conditions)
+    for type_ in (RENDERED, AVAILABLE if external else INJECTED_CONDITION):
         found = next((c for c in conditions if c.type == type_), None)
         if found is None:
             return condition(
@@ -254,6 +306,9 @@ def ready_condition(
             return condition(
                 READY, False, found.reason, found.message, generation=generation, at=at
             )
-    return condition(
-        READY, True, "Ready", "the gateway guards every selected pod", generation=generation, at=at
+    message = (
+        "the gateway Deployment serves the external database"
+        if external
+        else "the gateway guards every selected pod"
     )
+    return condition(READY, True, "Ready", message, generation=generation, at=at)

@@ -64,6 +64,8 @@ def test_helm_template_renders_the_operator(helm: Helm) -> None:
             "Deployment",
             "MutatingWebhookConfiguration",
             "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
             "Secret",
             "Service",
             "ServiceAccount",
@@ -309,7 +311,15 @@ def test_rbac_is_least_privilege(helm: Helm) -> None:
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    assert not any(resource == "secrets" for _, resource, _ in grants)
+    # Secrets are written, never read (external targets: a generated password, a
+    # serving certificate); the CA is read in the release's namespace only, by name.
+    assert {verb for _, resource, verb in grants if resource == "secrets"} == {"create", "patch"}
+    (ca_role,) = [
+        r for r in by_kind(template(helm), "Role") if r["metadata"]["name"].endswith("-ca")
+    ]
+    assert ca_role["metadata"]["namespace"] == NAMESPACE
+    assert {"resources": ["secrets"], "resourceNames": ["querywarden-ca"], "verbs": ["get"],
+            "apiGroups": [""]} in ca_role["rules"]  # fmt: skip
     assert not any(
         verb in {"*", "delete", "deletecollection", "escalate", "bind"} for *_, verb in grants
     )
@@ -323,9 +333,14 @@ def test_rbac_is_least_privilege(helm: Helm) -> None:
             "verbs": ["get", "patch"],
         }
     ]
-    # Without workload restarts, no access to workloads at all.
-    role = one(template(helm, "--set", "rbac.rolloutRestart=false"), "ClusterRole")
+    # Without workload restarts and external targets, no access to workloads or Secrets.
+    documents = template(
+        helm, "--set", "rbac.rolloutRestart=false", "--set", "rbac.externalTargets=false"
+    )
+    role = one(documents, "ClusterRole")
     assert not [r for r in role["rules"] if "apps" in r["apiGroups"]]
+    assert not [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert not by_kind(documents, "Role")
 
 
 def test_values_switch_parts_off(helm: Helm) -> None:
