@@ -256,3 +256,34 @@ def test_a_policy_without_references_has_no_issuer_condition(
     k8s.create(policies(namespace), policy("plain", minimal_spec()))
     current = wait_for_condition(k8s, namespace, "plain", "Rendered", "True", "Rendered")
     assert condition(current, "IssuersResolved") is None
+
+
+def test_an_external_targets_gateway_gets_shared_issuers_and_locks_without_them(
+    k8s: Cluster, namespace: str, installed: InstalledOperator
+) -> None:
+    """The gateway Deployment of an external target reads the same ConfigMap: its issuer
+    references are resolved, and locked while one is missing, as for a sidecar's."""
+    k8s.delete(f"{ISSUERS}/ext-corp")
+    spec = {
+        "target": {
+            "external": {"host": "db.example.internal", "port": 5432, "sslmode": "require"},
+            "database": "billing",
+            "credentials": {"secretName": "billing-gateway"},
+        },
+        "policy": {
+            "identity": {"issuerRefs": ["ext-corp"]},
+            "rules": [{"name": "read", "subjects": {"groups": ["agents"]},
+                       "allow": {"operations": ["select"]}}],
+        },
+    }  # fmt: skip
+    k8s.create(policies(namespace), policy("billing", spec))
+    wait_for_condition(k8s, namespace, "billing", "IssuersResolved", "False", "IssuersUnresolved")
+    wait_for_condition(k8s, namespace, "billing", "Rendered", "False", "IssuersUnresolved")
+    text, document = rendered_policy(k8s, namespace, "billing")
+    assert "# LOCKED, no issuer is trusted" in text and document["identity"] == {"issuers": []}
+
+    k8s.create(ISSUERS, issuer("ext-corp", CORP))
+    wait_for_condition(k8s, namespace, "billing", "IssuersResolved", "True", "Resolved")
+    document = wait_for_issuers(k8s, namespace, "billing", ["ext-corp"])
+    PolicyDocument.model_validate(document)  # what the gateway Deployment loads
+    k8s.delete(f"{ISSUERS}/ext-corp")
