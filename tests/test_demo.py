@@ -348,10 +348,12 @@ def test_a_held_statement_reaches_the_receiver_and_the_console_releases_it(demo:
             assert kept["signed"] is True
             assert review["statement"] == "UPDATE customers SET email = email"
             assert review["requester"]["subject"] == "dba"
-            # Posted within a second of the review's opening.
+            # Posted as the review opens (about 0.1 s on a quiet machine), not by a poll:
+            # the bound leaves room for a loaded CI machine, and still fails a poll of
+            # several seconds.
             opened = datetime.fromisoformat(review["created"])
             received = datetime.fromisoformat(kept["received"])
-            assert (received - opened).total_seconds() < 1.0, (opened, received)
+            assert (received - opened).total_seconds() < 3.0, (opened, received)
             assert kept["event"]["links"]["decide"] == f"{console}/reviews/{review['id']}"
             card = WebDriverWait(browser, 5, poll_frequency=0.05).until(
                 ec.visibility_of_element_located(
@@ -359,7 +361,8 @@ def test_a_held_statement_reaches_the_receiver_and_the_console_releases_it(demo:
                 )
             )
             shown = datetime.now(UTC)
-            assert (shown - opened).total_seconds() < 2.0  # the list refreshes twice a second
+            # The list refreshes twice a second (under a second on a quiet machine).
+            assert (shown - opened).total_seconds() < 5.0, (opened, shown)
             card.find_element(By.CSS_SELECTOR, "input.comment").send_keys("fine, no change")
             card.find_element(By.CSS_SELECTOR, "button.approve").click()
             out, errors = held.communicate(timeout=60)
