@@ -35,6 +35,7 @@ from querywarden_operator.review import (
     check,
     stamp,
 )
+from querywarden_operator.services import holds_services, restore_before_deletion
 from querywarden_operator.spec import API_VERSION, GROUP, PLURAL, VERSION
 from querywarden_operator.status import PolicyStatus
 
@@ -102,8 +103,18 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
     def forget(**_: Any) -> None:
         # The ConfigMap and NetworkPolicy are owned by the policy (garbage-collected);
         # only its webhook entry is the operator's to remove. Optional: no finalizer,
-        # so a policy never waits for the operator to be deleted.
+        # so a policy never waits for the operator to be deleted (unless it switched
+        # Services: restore-services below).
         sync_webhooks(ctx)
+
+    @kopf.on.delete(
+        *resource, registry=registry, id="restore-services", backoff=RETRY_BACKOFF,
+        when=lambda body, **_: holds_services(body),
+    )  # fmt: skip
+    def restore_services(body: kopf.Body, **_: Any) -> None:
+        # Not optional, for the policies that switch Services only (the filter): their
+        # finalizer holds the policy until each Service points at the database again.
+        restore_before_deletion(ctx.kube, body)
 
     @kopf.timer(
         *resource,

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from querywarden.approvals.kube_store import to_review
-from querywarden_operator import sidecar_binding
+from querywarden_operator import services, sidecar_binding
 from querywarden_operator.config import OperatorConfig
 from querywarden_operator.issuers import (
     ISSUER_API_VERSION,
@@ -317,6 +317,8 @@ def _with_pods(
     restart = annotations.get(ANNOTATION_RESTART) == "true"
     if restart and (found.missing or found.outdated):
         restart_workloads(ctx, policy, selected, found, key=f"{policy.name}/{current_hash}")
+    switching = services.sync(ctx.kube, policy, spec, body, at=at)
+    conditions = switching.conditions(conditions)
     conditions = set_condition(
         conditions,
         injected_condition(found, restart_enabled=restart, generation=policy.generation, at=at),
@@ -329,6 +331,7 @@ def _with_pods(
         targets=found.targets,
         injected=found.injected,
         config_map=configmap_name(policy.name),
+        switched_services=switching.switched,
         conditions=conditions,
     )
 

@@ -59,6 +59,9 @@ class PolicyStatus(_Model):
     injected: int | None = None
     #: The rendered ConfigMap.
     config_map: str | None = None
+    #: Services whose targetPort the operator pointed at the gateway
+    #: (``spec.target.services.switch``); restored before the policy goes.
+    switched_services: list[str] | None = None
     conditions: list[Condition] = Field(
         [],
         json_schema_extra={
