@@ -102,9 +102,8 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
     @kopf.on.delete(*resource, registry=registry, id="forget", optional=True)
     def forget(**_: Any) -> None:
         # The ConfigMap and NetworkPolicy are owned by the policy (garbage-collected);
-        # only its webhook entry is the operator's to remove. Optional: no finalizer,
-        # so a policy never waits for the operator to be deleted (unless it switched
-        # Services: restore-services below).
+        # only its webhook entry is the operator's to remove. Optional: it asks for no
+        # finalizer of its own (the recount timer has kopf keep one in any case).
         sync_webhooks(ctx)
 
     @kopf.on.delete(
@@ -112,8 +111,9 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
         when=lambda body, **_: holds_services(body),
     )  # fmt: skip
     def restore_services(body: kopf.Body, **_: Any) -> None:
-        # Not optional, for the policies that switch Services only (the filter): their
-        # finalizer holds the policy until each Service points at the database again.
+        # Not optional, for the policies that switch Services (the filter): the
+        # finalizer holds the policy until each Service points at the database again
+        # (a failure is retried).
         restore_before_deletion(ctx.kube, body)
 
     @kopf.timer(

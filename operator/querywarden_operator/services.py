@@ -4,7 +4,8 @@ Opt-in (``switch: true``): a Service in the policy's namespace whose selector pi
 policy's pods and whose ports send traffic to the database port (by number, or by the
 container port's name) gets the gateway port as ``targetPort`` instead. What it pointed
 at before is recorded on the Service (:data:`ANNOTATION_SWITCHED`), and put back when the
-option is turned off or the policy is deleted (a finalizer holds the policy until then).
+option is turned off or the policy is deleted (kopf's finalizer holds the policy until
+then).
 
 Services the operator did not switch are never written. It does not fight: a Service a
 controller owns (which would switch it back), one that also sends traffic to pods the
@@ -240,10 +241,10 @@ def switching_requested(body: Mapping[str, Any]) -> bool:
 
 
 def holds_services(body: Mapping[str, Any]) -> bool:
-    """Whether the policy must wait for its Services to be restored before it goes.
+    """Whether the policy must have its Services restored before it goes.
 
-    The finalizer's filter: while switching is asked for, or the status still names
-    switched Services (the option was just turned off).
+    The deletion handler's filter: while switching is asked for, or the status still
+    names switched Services (the option was just turned off).
     """
     if switching_requested(body):
         return True
