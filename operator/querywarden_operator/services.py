@@ -320,7 +320,14 @@ def _switch(
     kube: KubeClient, policy: PolicyRef, spec: DatabaseAccessPolicySpec, *, at: datetime.datetime
 ) -> Outcome:
     namespace = policy.namespace
-    pods: list[dict[str, Any]] = kube.list(object_path("v1", "pods", namespace))
+    # Finished and terminating pods receive no traffic: they neither count as the
+    # policy's nor hold a Service back (as the pod census and the check count them).
+    pods = [
+        p
+        for p in kube.list(object_path("v1", "pods", namespace))
+        if not (p.get("metadata") or {}).get("deletionTimestamp")
+        and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+    ]
     selector = spec.target.pod_selector
     selected = [p for p in pods if selector.matches(dict(_labels(p)))]
     switched: list[str] = []
