@@ -137,14 +137,15 @@ def plan(
     meta = service.get("metadata") or {}
     spec = service.get("spec") or {}
     selector = spec.get("selector") or {}
-    if not selector:
-        return None  # no selector: its endpoints are someone else's business
+    record = Record.of(service)
     selected_names = {_name(p) for p in selected}
-    routed = [p for p in namespace_pods if _selects(selector, _labels(p))]
+    routed = [p for p in namespace_pods if _selects(selector, _labels(p))] if selector else []
     ours = [p for p in routed if _name(p) in selected_names]
     if not ours:
-        return None
-    record = Record.of(service)
+        # Not (or no longer) in front of the policy's pods. One it switched stays
+        # listed, so that turning the option off still restores it.
+        mine = record is not None and record.policy == policy
+        return Plan(name, switched=True) if mine else None
     if record is not None and record.policy != policy:
         return Plan(name, refused=f"switched by policy {record.policy}")
     ports: list[dict[str, Any]] = [dict(p) for p in spec.get("ports") or []]

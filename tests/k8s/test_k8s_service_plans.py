@@ -107,6 +107,16 @@ def test_services_left_alone_say_why() -> None:
     assert planned(theirs) == Plan("db", refused="switched by policy other")
 
 
+def test_a_switched_service_that_no_longer_selects_the_pods_stays_listed() -> None:
+    svc = service((5432, 5432))
+    switched = applied(svc, planned(svc))
+    switched["spec"]["selector"] = {"app": "elsewhere"}
+    assert planned(switched) == Plan("db", switched=True)
+    switched["spec"]["selector"] = {}
+    assert planned(switched) == Plan("db", switched=True)
+    assert planned(switched, policy="another") is None
+
+
 def test_a_new_gateway_port_moves_switched_ports_and_a_reverted_port_is_not_fought() -> None:
     svc = service((5432, 5432))
     switched = applied(svc, planned(svc))
