@@ -342,17 +342,18 @@ def _switch(
             continue
         if step.refused is not None:
             refused.append(f"{step.service} ({step.refused})")
-        if step.patch is not None and not _write(kube, namespace, step.service, step.patch):
-            continue
-        if step.switched:
-            if step.patch is not None:
-                log.info("policy %s/%s: Service %s switched to port %d", namespace,
-                         policy.name, step.service, spec.sidecar.gateway_port)  # fmt: skip
+        written = step.patch is None or _write(kube, namespace, step.service, step.patch)
+        if step.patch is not None and written:
+            log.info("policy %s/%s: Service %s switched to port %d", namespace,
+                     policy.name, step.service, spec.sidecar.gateway_port)  # fmt: skip
+        # A Service changed meanwhile is written next round; one switched before stays
+        # listed in the meantime (turning the option off must still restore it).
+        if step.switched and (written or Record.of(service) is not None):
             switched.append(step.service)
     switched.sort()
     port = spec.sidecar.gateway_port
     said = (
-        f"Services sending the database port to the gateway port {port}: " + _list(switched)
+        f"pointed at the gateway port {port}: " + _list(switched)
         if switched
         else "no Service sends the database port of the selected pods"
     )
