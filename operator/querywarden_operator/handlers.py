@@ -35,6 +35,7 @@ from querywarden_operator.review import (
     check,
     stamp,
 )
+from querywarden_operator.services import holds_services, restore_before_deletion
 from querywarden_operator.spec import API_VERSION, GROUP, PLURAL, VERSION
 from querywarden_operator.status import PolicyStatus
 
@@ -101,9 +102,19 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
     @kopf.on.delete(*resource, registry=registry, id="forget", optional=True)
     def forget(**_: Any) -> None:
         # The ConfigMap and NetworkPolicy are owned by the policy (garbage-collected);
-        # only its webhook entry is the operator's to remove. Optional: no finalizer,
-        # so a policy never waits for the operator to be deleted.
+        # only its webhook entry is the operator's to remove. Optional: it asks for no
+        # finalizer of its own (the recount timer has kopf keep one in any case).
         sync_webhooks(ctx)
+
+    @kopf.on.delete(
+        *resource, registry=registry, id="restore-services", backoff=RETRY_BACKOFF,
+        when=lambda body, **_: holds_services(body),
+    )  # fmt: skip
+    def restore_services(body: kopf.Body, **_: Any) -> None:
+        # Not optional, for the policies that switch Services (the filter): the
+        # finalizer holds the policy until each Service points at the database again
+        # (a failure is retried).
+        restore_before_deletion(ctx.kube, body)
 
     @kopf.timer(
         *resource,

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from querywarden.approvals.kube_store import to_review
-from querywarden_operator import external, sidecar_binding
+from querywarden_operator import external, services, sidecar_binding
 from querywarden_operator.certificates import KeyPair, issue_serving, needs_renewal, new_ca
 from querywarden_operator.config import OperatorConfig
 from querywarden_operator.issuers import (
@@ -347,6 +347,8 @@ def _with_pods(
     restart = annotations.get(ANNOTATION_RESTART) == "true"
     if restart and (found.missing or found.outdated):
         restart_workloads(ctx, policy, selected, found, key=f"{policy.name}/{current_hash}")
+    switching = services.sync(ctx.kube, policy, spec, body, at=at)
+    conditions = switching.conditions(conditions)
     conditions = set_condition(
         conditions,
         injected_condition(found, restart_enabled=restart, generation=policy.generation, at=at),
@@ -359,6 +361,7 @@ def _with_pods(
         targets=found.targets,
         injected=found.injected,
         config_map=configmap_name(policy.name),
+        switched_services=switching.switched,
         conditions=conditions,
     )
 

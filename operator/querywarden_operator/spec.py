@@ -274,6 +274,16 @@ class ExternalDatabase(_Model):
     bootstrap: Bootstrap | None = None
 
 
+class ServiceSwitching(_Model):
+    """Whether the operator points the namespace's Services at the gateway port."""
+
+    #: ``true``: the Services in the policy's namespace that send a port to the selected
+    #: pods' database port (by number or by the container port's name) are pointed at
+    #: the gateway port; the original targetPort is kept in an annotation and restored
+    #: when this is turned off or the policy is deleted (:mod:`querywarden_operator.services`).
+    switch: bool = False
+
+
 class Target(_Model):
     """Which pods get the gateway (or which external database), and the credentials."""
 
@@ -337,6 +347,8 @@ class Target(_Model):
     #: Who may reach the database port directly, bypassing the gateway (replication,
     #: backups). Empty: only the pod itself, over localhost.
     direct_access: list[NetworkPeer] = Field([], max_length=MAX_PEERS)
+    #: Whether the operator switches the Services of the selected pods to the gateway.
+    services: ServiceSwitching = ServiceSwitching()
 
     @model_validator(mode="after")
     def _selects_something(self) -> Target:

@@ -69,6 +69,9 @@ class PolicyStatus(_Model):
     #: The Secret with the serving certificate the operator issued, and its expiry.
     certificate_secret: str | None = None
     certificate_not_after: datetime.datetime | None = None
+    #: Services whose targetPort the operator pointed at the gateway
+    #: (``spec.target.services.switch``); restored before the policy goes.
+    switched_services: list[str] | None = None
     conditions: list[Condition] = Field(
         [],
         json_schema_extra={

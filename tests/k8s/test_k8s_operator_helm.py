@@ -341,6 +341,15 @@ def test_rbac_is_least_privilege(helm: Helm) -> None:
     assert not [r for r in role["rules"] if "apps" in r["apiGroups"]]
     assert not [r for r in role["rules"] if "secrets" in r["resources"]]
     assert not by_kind(documents, "Role")
+    # Services: read and patched (never watched) for spec.target.services.switch, unless off.
+    assert [r for r in role["rules"] if "services" in r["resources"]] == [
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "patch"]}
+    ]
+    role = one(
+        template(helm, "--set", "rbac.externalTargets=false", "--set", "rbac.switchServices=false"),
+        "ClusterRole",
+    )
+    assert not [r for r in role["rules"] if "services" in r["resources"]]
 
 
 def test_values_switch_parts_off(helm: Helm) -> None:
@@ -351,6 +360,8 @@ def test_values_switch_parts_off(helm: Helm) -> None:
     assert "QUERYWARDEN_OPERATOR_PEERING_NAME" not in {e["name"] for e in env}
     notes = helm("install", "qw", str(CHART), "--dry-run=client", "--namespace", NAMESPACE)
     assert "kubectl -n DB_NAMESPACE apply -f databaseaccesspolicy.yaml" in notes.stdout
+    assert "spec.target.services.switch: true" in notes.stdout
+    assert "kubectl -n DB_NAMESPACE patch service SERVICE --type json" in notes.stdout
 
 
 @pytest.fixture

@@ -260,3 +260,51 @@ def test_a_sound_state_gives_none(
     code, found = findings(k8s, plugin_path, "-n", ns, "-f", str(manifest))
     assert code == 1
     assert [f["code"] for f in found if f["severity"] == "error"] == ["QW0402"]
+
+
+def test_services_the_policy_switches_are_not_reported(
+    k8s: Cluster, namespace: str, crds: None, plugin_path: str
+) -> None:
+    ns = namespace
+    secrets_for(k8s, ns)
+    data = {**DB, "tier": "data"}
+    database = database_pod("orders-db-0")
+    database["metadata"]["labels"] = data
+    k8s.create(f"/api/v1/namespaces/{ns}/pods", database)
+    k8s.create(f"/api/v1/namespaces/{ns}/pods", pod("web-0", {"app": "web", "tier": "data"}))
+    services = f"/api/v1/namespaces/{ns}/services"
+    # Switched by the operator: by the container port's name.
+    k8s.create(services, service("orders-db", "postgres"))
+    # Not switched: it also sends traffic to web-0, and another is a controller's.
+    shared = service("data", 5432)
+    shared["spec"]["selector"] = {"tier": "data"}
+    k8s.create(services, shared)
+    owned = service("owned", 5432)
+    owned["metadata"]["ownerReferences"] = [
+        {"apiVersion": "example.com/v1", "kind": "Cluster", "name": "pg", "controller": True,
+         "uid": "0b5c8d6e-6d3e-4c1b-9a58-0a1f5e2b7c11"}
+    ]  # fmt: skip
+    k8s.create(services, owned)
+
+    # Without the option: every such Service, and the fix names the option and the patch.
+    spec = minimal_spec(DB)
+    k8s.create(policies(ns), policy("orders", spec))
+    _, found = findings(k8s, plugin_path, "-n", ns)
+    cut = {f["message"].split()[1]: f for f in found if f["code"] == "QW0101"}
+    assert set(cut) == {f"{ns}/orders-db", f"{ns}/data", f"{ns}/owned"}
+    fix = cut[f"{ns}/orders-db"]["fix"]
+    assert "spec.target.services.switch: true" in fix
+    assert (
+        f"kubectl -n {ns} patch service orders-db --type json -p "
+        """'[{"op": "replace", "path": "/spec/ports/0/targetPort", "value": 6432}]'"""
+    ) in fix
+
+    # With it: the Service the operator switches is not reported; the others say why not.
+    spec["target"]["services"] = {"switch": True}
+    k8s.kubectl("apply", "-n", ns, "-f", "-", stdin=yaml.safe_dump(policy("orders", spec)))
+    _, found = findings(k8s, plugin_path, "-n", ns)
+    cut = {f["message"].split()[1]: f for f in found if f["code"] == "QW0101"}
+    assert set(cut) == {f"{ns}/data", f"{ns}/owned"}
+    assert "does not select: web-0" in cut[f"{ns}/data"]["fix"]
+    assert "controlled by Cluster pg" in cut[f"{ns}/owned"]["fix"]
+    assert "QW0104" not in {f["code"] for f in found}  # orders-db will reach the gateway
