@@ -321,6 +321,10 @@ def _switch(
     kube: KubeClient, policy: PolicyRef, spec: DatabaseAccessPolicySpec, *, at: datetime.datetime
 ) -> Outcome:
     namespace = policy.namespace
+    selector = spec.target.pod_selector
+    if selector is None:
+        # An external target: its clients reach the gateway's own Service, nothing to switch.
+        return Outcome(switched=[], condition=None)
     # Finished and terminating pods receive no traffic: they neither count as the
     # policy's nor hold a Service back (as the pod census and the check count them).
     pods = [
@@ -329,7 +333,6 @@ def _switch(
         if not (p.get("metadata") or {}).get("deletionTimestamp")
         and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
     ]
-    selector = spec.target.pod_selector
     selected = [p for p in pods if selector.matches(dict(_labels(p)))]
     switched: list[str] = []
     refused: list[str] = []
