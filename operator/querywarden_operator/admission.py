@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from querywarden_operator import sidecar_tls
 from querywarden_operator.config import OperatorConfig
 from querywarden_operator.injection import (
     ANNOTATION_INJECT,
@@ -158,6 +159,8 @@ def decide(
             policy=name,
         )
     spec = DatabaseAccessPolicySpec.model_construct(target=target, sidecar=sidecar_spec)
+    # No tlsSecretName: the sidecar mounts the certificate the operator issues.
+    spec = sidecar_tls.resolved_spec(name, spec)
     sidecar = effective_sidecar(
         sidecar_spec, config, native_supported=native_supported, policy_name=name
     )

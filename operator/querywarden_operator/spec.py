@@ -328,7 +328,8 @@ class Target(_Model):
             "x-kubernetes-list-map-keys": ["name"],
         },
     )
-    #: A ``kubernetes.io/tls`` Secret with the gateway's serving certificate.
+    #: A ``kubernetes.io/tls`` Secret with the gateway's serving certificate; without it
+    #: the operator's CA issues one (docs/operator.md#tls-for-the-gateway).
     tls_secret_name: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)
     #: The key of the keyed masking strategies (``hash``, ``digits``), at least 16 bytes.
     masking_key: SecretKeyRef | None = None
@@ -484,12 +485,6 @@ class DatabaseAccessPolicySpec(_Model):
                     "self.sidecar.gatewayPort != self.target.databasePort",
                     "sidecar.gatewayPort must differ from target.databasePort",
                 ),
-                _cel(
-                    "has(self.target.tlsSecretName) || has(self.target.external) "
-                    "|| self.sidecar.plaintext == 'always'",
-                    "target.tlsSecretName is required unless sidecar.plaintext is 'always' "
-                    "(or the target is external: the operator then issues the certificate)",
-                ),
                 _cel(_ROLES_KNOWN, "every rule's upstreamRole must name one of target.roles"),
                 _cel(
                     _KEY_GIVEN,
@@ -511,15 +506,6 @@ class DatabaseAccessPolicySpec(_Model):
         # rule existed (and so that the operator never trusts the schema alone).
         if self.sidecar.gateway_port == self.target.database_port:
             raise ValueError("sidecar.gatewayPort must differ from target.databasePort")
-        if (
-            self.target.tls_secret_name is None
-            and self.target.external is None
-            and self.sidecar.plaintext != "always"
-        ):
-            raise ValueError(
-                "target.tlsSecretName is required unless sidecar.plaintext is 'always' "
-                "(or the target is external: the operator then issues the certificate)"
-            )
         roles = {role.name for role in self.target.roles}
         if len(roles) != len(self.target.roles):
             raise ValueError("target.roles names must be unique")

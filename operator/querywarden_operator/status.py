@@ -69,6 +69,8 @@ class PolicyStatus(_Model):
     #: The Secret with the serving certificate the operator issued, and its expiry.
     certificate_secret: str | None = None
     certificate_not_after: datetime.datetime | None = None
+    #: The names the issued certificate carries (a change issues a new one).
+    certificate_names: list[str] | None = None
     conditions: list[Condition] = Field(
         [],
         json_schema_extra={
