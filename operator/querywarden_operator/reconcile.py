@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from querywarden.approvals.kube_store import to_review
-from querywarden_operator import external, sidecar_binding, sidecar_tls
+from querywarden_operator import external, sidecar_binding, sidecar_bootstrap, sidecar_tls
 from querywarden_operator.certificates import KeyPair, issue_serving, needs_renewal, new_ca
 from querywarden_operator.config import OperatorConfig
 from querywarden_operator.issuers import (
@@ -137,6 +137,14 @@ def _status_of(body: Mapping[str, Any]) -> Mapping[str, Any]:
     return body.get("status") or {}
 
 
+def resolved_sidecar_spec(policy: str, spec: DatabaseAccessPolicySpec) -> DatabaseAccessPolicySpec:
+    """A sidecar policy's spec with what the operator provides: certificate, credentials.
+
+    The webhook renders pods from it and the reconciler counts them by it (same hash).
+    """
+    return sidecar_tls.resolved_spec(policy, sidecar_bootstrap.resolved_spec(policy, spec))
+
+
 def _sidecar_for(ctx: Context, name: str, spec: DatabaseAccessPolicySpec) -> EffectiveSidecar:
     return effective_sidecar(
         spec.sidecar, ctx.config, native_supported=ctx.native_supported, policy_name=name
@@ -176,6 +184,8 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
         return Outcome(status=_external_status(ctx, body, spec, conditions, at=at))
     conditions = [c for c in conditions if c.type != AVAILABLE]
     try:
+        if spec.target.bootstrap is not None:
+            _ensure_upstream_secret(ctx, policy, spec.target.bootstrap.role)
         certificate = _sidecar_certificate(ctx, body, spec, at=at)
     except KubeApiError as exc:
         if exc.status != 403:
@@ -183,11 +193,11 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
         sync_webhooks(ctx)
         return refused(
             FORBIDDEN,
-            f"the operator may not issue the sidecar's certificate ({exc.message}): install "
-            "the chart with rbac.sidecarCertificates=true, or name a Secret of yours in "
-            "target.tlsSecretName",
+            f"the operator may not write the sidecar's Secrets ({exc.message}): install "
+            "the chart with rbac.sidecarCertificates=true, or name Secrets of yours in "
+            "target.tlsSecretName and target.credentials",
         )
-    spec = sidecar_tls.resolved_spec(policy.name, spec)
+    spec = resolved_sidecar_spec(policy.name, spec)
     sidecar = _sidecar_for(ctx, policy.name, spec)
     raw_policy = (body.get("spec") or {}).get("policy") or {}
     resolution = resolve_issuers(ctx, raw_policy)
@@ -326,7 +336,7 @@ def refresh_pods(ctx: Context, body: Mapping[str, Any]) -> PolicyStatus | None:
     at = now()
     # The certificate's renewal (and new Service names) is checked on every resync too.
     certificate = _sidecar_certificate(ctx, body, spec, at=at)
-    spec = sidecar_tls.resolved_spec(PolicyRef.from_body(body).name, spec)
+    spec = resolved_sidecar_spec(PolicyRef.from_body(body).name, spec)
     return _with_pods(
         ctx,
         body,

@@ -235,10 +235,11 @@ class SecretKeyRef(_Model):
 
 
 class Bootstrap(_Model):
-    """Create the gateway's login role once, from a superuser Secret (opt-in).
+    """Create the gateway's login role, from a superuser Secret (opt-in).
 
-    An init container of the gateway's Deployment connects to the external database with
-    the superuser's credentials (mounted into it alone), creates or updates the login
+    A container of its own (an external target's init container; next to a sidecar, a
+    container that waits for the database in the pod) connects with the superuser's
+    credentials (mounted into it alone), creates or updates the login
     role ``role`` with the password of a Secret the operator generates and owns
     (``<policy>-querywarden-upstream``) and grants it what the policy needs
     (docs/operator.md#bootstrap). The operator itself never reads the superuser Secret.
@@ -294,12 +295,18 @@ class Target(_Model):
                     "external (the gateway as a Deployment)",
                 ),
                 _cel(
-                    "has(self.credentials) || (has(self.external) && has(self.external.bootstrap))",
-                    "credentials is required unless external.bootstrap creates them",
+                    "has(self.credentials) || has(self.bootstrap) "
+                    "|| (has(self.external) && has(self.external.bootstrap))",
+                    "credentials is required unless bootstrap (or external.bootstrap) creates them",
                 ),
                 _cel(
                     "!has(self.external) || !has(self.external.bootstrap) || has(self.database)",
                     "external.bootstrap needs target.database (the database to grant on)",
+                ),
+                _cel(
+                    "!has(self.bootstrap) || (has(self.podSelector) && has(self.database))",
+                    "bootstrap is for podSelector targets (external ones: external.bootstrap) "
+                    "and needs target.database (the database to grant on)",
                 ),
             ]
         }
@@ -317,8 +324,13 @@ class Target(_Model):
     #: TLS to the database inside the pod (over localhost).
     sslmode: Literal["disable", "prefer", "require"] = "prefer"
     #: The gateway's own database role (sessions whose rules name no ``upstreamRole``).
-    #: With ``external.bootstrap``: leave it out, the operator's generated Secret is used.
+    #: With ``bootstrap`` or ``external.bootstrap``: leave it out, the operator's
+    #: generated Secret is used.
     credentials: SecretCredentials | None = None
+    #: podSelector targets: create the gateway's login role from a superuser Secret
+    #: (instead of ``credentials``), from a container of the database pod once the
+    #: database accepts connections (docs/operator.md#bootstrap).
+    bootstrap: Bootstrap | None = None
     #: More roles, selected by the rules' ``upstreamRole``.
     roles: list[UpstreamRole] = Field(
         [],
@@ -353,10 +365,17 @@ class Target(_Model):
                 "in every pod of the namespace"
             )
         bootstrap = self.external.bootstrap if self.external is not None else None
-        if self.credentials is None and bootstrap is None:
-            raise ValueError("credentials is required unless external.bootstrap creates them")
+        if self.credentials is None and bootstrap is None and self.bootstrap is None:
+            raise ValueError(
+                "credentials is required unless bootstrap (or external.bootstrap) creates them"
+            )
         if bootstrap is not None and self.database is None:
             raise ValueError("external.bootstrap needs target.database (the database to grant on)")
+        if self.bootstrap is not None and (self.pod_selector is None or self.database is None):
+            raise ValueError(
+                "bootstrap is for podSelector targets (external ones: external.bootstrap) "
+                "and needs target.database (the database to grant on)"
+            )
         return self
 
 
