@@ -1,10 +1,14 @@
-"""Sidecar policies without ``tlsSecretName`` on the real API server: the operator's CA.
+"""What the operator provides to sidecar policies, on the real API server.
 
-The chart is installed with helm and the operator runs in this process as the chart's
-ServiceAccount, serving the webhook. The tests check the certificate the operator issues
-for the Services that select the database pods, the CA ConfigMap, what the webhook
-mounts in the sidecar, and renewal on resync: near expiry, and when the Services change.
-tests/test_tls_reload.py shows the gateway serving a renewed certificate without a restart.
+Without ``tlsSecretName``: a certificate from the operator's CA. With ``bootstrap``: the
+gateway's role, made by a container of the database pod. The chart is installed with
+helm and the operator runs in this process as the chart's ServiceAccount, serving the
+webhook (no kubelet: pods are stored, never started). The tests check the certificate
+the operator issues for the Services that select the database pods, the CA ConfigMap,
+what the webhook mounts in the sidecar, renewal on resync (near expiry, and when the
+Services change), and the bootstrap container the webhook adds.
+tests/test_tls_reload.py shows the gateway serving a renewed certificate without a
+restart; tests/test_operator_bootstrap.py the bootstrap waiting for the database.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from k8sharness.qwoperator import (
     wait_until,
 )
 from querywarden_operator.certificates import RENEW_BEFORE
-from querywarden_operator.external import ca_configmap_name, serving_secret_name
+from querywarden_operator.external import (
+    ca_configmap_name,
+    serving_secret_name,
+    upstream_secret_name,
+)
+from querywarden_operator.reconcile import InvalidPolicy, parse_spec
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +51,7 @@ LABELS = {"app": "orders-db"}
 
 @pytest.fixture(scope="module")
 def installed(k8s: Cluster, helm: Helm, workdir: Path) -> Iterator[InstalledOperator]:
-    with installed_operator(k8s, helm, workdir / "operator-sidecar-tls") as running:
+    with installed_operator(k8s, helm, workdir / "operator-sidecar-provisioned") as running:
         yield running
 
 
@@ -216,3 +225,77 @@ def test_a_named_tls_secret_is_used_and_nothing_is_issued(
     wait_until(lambda: condition(k8s.get(path), "Rendered"), what="the policy rendered")
     assert "certificateSecret" not in (k8s.get(path).get("status") or {})
     assert _get(k8s, f"/api/v1/namespaces/{namespace}/secrets/{serving_secret_name(NAME)}") is None
+
+
+def test_a_sidecar_bootstrap_adds_a_container_that_waits_for_the_database(
+    k8s: Cluster, installed: InstalledOperator, namespace: str
+) -> None:
+    spec = sidecar_spec()
+    del spec["target"]["credentials"]
+    spec["target"]["bootstrap"] = {"superuserSecret": "orders-superuser"}
+    created = k8s.create(policies(namespace), policy(NAME, spec))
+    upstream_path = f"/api/v1/namespaces/{namespace}/secrets/{upstream_secret_name(NAME)}"
+    upstream = wait_until(lambda: _get(k8s, upstream_path), what="the generated password")
+    assert upstream["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+    assert base64.b64decode(upstream["data"]["username"]) == b"querywarden_gateway"
+
+    installed.wait_for_webhook(namespace, pod("probe", LABELS))
+    injected = k8s.create(f"/api/v1/namespaces/{namespace}/pods", pod("orders-db-0", LABELS))
+    pod_spec = injected["spec"]
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    assert volumes["querywarden-bootstrap-superuser"]["secret"]["secretName"] == (
+        "orders-superuser"
+    )
+    # Native sidecars (this API server has them): right after the gateway, without a
+    # startup probe, so the database container starts while it waits for it.
+    gateway, bootstrap, *_ = pod_spec["initContainers"]
+    assert gateway["name"] == "querywarden" and bootstrap["name"] == "querywarden-bootstrap"
+    assert bootstrap["restartPolicy"] == "Always"
+    assert "startupProbe" not in bootstrap
+    assert bootstrap["readinessProbe"]["exec"]["command"][-1] == "--check"
+    settings = yaml.safe_load(
+        next(e["value"] for e in bootstrap["env"] if e["name"] == "QUERYWARDEN_BOOTSTRAP")
+    )
+    assert settings["host"] == "127.0.0.1" and settings["port"] == 5432
+    assert settings["database"] == "orders" and settings["stay"] is True
+    # The superuser Secret reaches the bootstrap container alone.
+    assert "querywarden-bootstrap-superuser" in {m["name"] for m in bootstrap["volumeMounts"]}
+    assert "querywarden-bootstrap-superuser" not in {m["name"] for m in gateway["volumeMounts"]}
+    # The gateway logs in as the role, with the generated password.
+    env = {e["name"]: e for e in gateway["env"]}
+    assert env["QUERYWARDEN_UPSTREAM__USER"]["valueFrom"]["secretKeyRef"] == {
+        "name": upstream_secret_name(NAME), "key": "username",
+    }  # fmt: skip
+    assert [c["name"] for c in pod_spec["containers"]] == ["postgres"]
+    path = f"{policies(namespace)}/{NAME}"
+    wait_until(
+        lambda: (condition(k8s.get(path), "Rendered") or {}).get("status") == "True" or None,
+        what="the policy rendered",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"database": None}, "needs target.database"),
+        ({"credentials": None, "bootstrap": None}, "credentials is required"),
+    ],
+    ids=["bootstrap-without-database", "neither-credentials-nor-bootstrap"],
+)
+def test_api_server_and_pydantic_refuse_the_same_sidecar_bootstraps(
+    k8s: Cluster,
+    installed: InstalledOperator,
+    namespace: str,
+    change: dict[str, Any],
+    message: str,
+) -> None:
+    spec = sidecar_spec()
+    spec["target"]["bootstrap"] = {"superuserSecret": "orders-superuser"}
+    for key in change:
+        spec["target"].pop(key, None)
+    with pytest.raises(KubeError) as refused:
+        k8s.create(policies(namespace), policy("bad", spec))
+    assert refused.value.status == 422
+    assert message in refused.value.message
+    with pytest.raises(InvalidPolicy):
+        parse_spec(spec)
