@@ -54,7 +54,8 @@ from querywarden_operator.spec import (
 )
 
 #: Pod template annotation: the serving certificate's expiry; a new certificate rolls
-#: the gateway pods (the gateway reads its certificate at start).
+#: the gateway pods (they would reload it anyway; the roll keeps template and Secret in
+#: step). Sidecars are not rolled: :mod:`sidecar_tls`.
 ANNOTATION_CERTIFICATE = f"{GROUP}/certificate-not-after"
 VOLUME_SUPERUSER = "querywarden-bootstrap-superuser"
 VOLUME_UPSTREAM_CA = "querywarden-upstream-ca"
