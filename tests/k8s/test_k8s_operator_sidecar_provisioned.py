@@ -35,13 +35,16 @@ from k8sharness.qwoperator import (
     policy,
     wait_until,
 )
+from querywarden_operator import sidecar_bootstrap, sidecar_tls
 from querywarden_operator.certificates import RENEW_BEFORE
+from querywarden_operator.config import OperatorConfig
 from querywarden_operator.external import (
     ca_configmap_name,
     serving_secret_name,
     upstream_secret_name,
 )
-from querywarden_operator.reconcile import InvalidPolicy, parse_spec
+from querywarden_operator.reconcile import InvalidPolicy, parse_spec, resolved_sidecar_spec
+from querywarden_operator.render import effective_sidecar, pod_patch
 
 pytestmark = pytest.mark.slow
 
@@ -299,3 +302,47 @@ def test_api_server_and_pydantic_refuse_the_same_sidecar_bootstraps(
     assert message in refused.value.message
     with pytest.raises(InvalidPolicy):
         parse_spec(spec)
+
+
+# --- pure: the names, and where the bootstrap container goes --------------------------
+
+
+def test_only_services_whose_selector_selects_the_pods_name_the_certificate() -> None:
+    services = [
+        service("b-db", {"app": "orders-db"}),
+        service("a-primary", {"app": "orders-db", "role": "primary"}),
+        service("other", {"app": "orders-db", "role": "replica"}),
+        service("manual", None),
+    ]
+    pods = [{"app": "orders-db", "role": "primary", "pod-template-hash": "x"}]
+    found = sidecar_tls.selecting_services(services, pods)
+    assert [s["metadata"]["name"] for s in found] == ["b-db", "a-primary"]
+    names = sidecar_tls.dns_names(found, "shop", "corp.example")
+    assert names[:4] == [
+        "a-primary.shop.svc.corp.example", "a-primary.shop.svc", "a-primary.shop", "a-primary",
+    ]  # fmt: skip
+    assert sidecar_tls.dns_names([], "shop", "cluster.local") == ["localhost"]
+
+
+def test_without_native_sidecars_the_bootstrap_runs_next_to_the_database() -> None:
+    raw = sidecar_spec()
+    del raw["target"]["credentials"]
+    raw["target"]["bootstrap"] = {"superuserSecret": "orders-superuser", "role": "gw_role"}
+    spec = resolved_sidecar_spec(NAME, parse_spec(raw))
+    assert spec.target.credentials is not None
+    assert spec.target.credentials.secret_name == upstream_secret_name(NAME)
+    assert spec.target.tls_secret_name == serving_secret_name(NAME)
+    sidecar = effective_sidecar(spec.sidecar, OperatorConfig(), native_supported=False)
+    patch = pod_patch(pod("db-0", LABELS), NAME, spec, sidecar)
+    assert patch is not None
+    patch = sidecar_bootstrap.add_to_patch(patch, spec, sidecar)
+    names = [c["name"] for c in patch["spec"]["containers"]]
+    assert names == ["postgres", "querywarden", "querywarden-bootstrap"]
+    bootstrap = patch["spec"]["containers"][-1]
+    assert "restartPolicy" not in bootstrap and "startupProbe" not in bootstrap
+    assert '"role": "gw_role"' in bootstrap["env"][0]["value"]
+    # A policy without bootstrap: the patch is left as it is.
+    plain = parse_spec(sidecar_spec())
+    untouched = pod_patch(pod("db-1", LABELS), NAME, plain, sidecar)
+    assert untouched is not None
+    assert sidecar_bootstrap.add_to_patch(untouched, plain, sidecar) == untouched
