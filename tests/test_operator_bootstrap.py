@@ -9,9 +9,13 @@ the policy allows and no more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
+import socket
+import socketserver
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import pytest
 from querywarden.devcluster import DATABASE, EphemeralCluster
 from querywarden.policy import PolicyDocument
 from querywarden.tlsutil import write_self_signed
+from querywarden_operator import bootstrap
 from querywarden_operator.bootstrap import (
     ENV_SETTINGS,
     Settings,
@@ -177,3 +182,85 @@ def test_bootstrap_verifies_the_databases_certificate(
     with caplog.at_level(logging.INFO, logger="querywarden.bootstrap"):
         assert main() == 1
     assert "TLS to localhost" in caplog.text and "attempt" not in caplog.text
+
+
+class _Forwarder(socketserver.ThreadingTCPServer):
+    """A TCP relay to the database: "the database container" starting late."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, upstream: int) -> None:
+        self.upstream = upstream
+        super().__init__(("127.0.0.1", port), _Relay)
+
+
+class _Relay(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        assert isinstance(self.server, _Forwarder)
+        with socket.create_connection(("127.0.0.1", self.server.upstream)) as upstream:
+
+            def pump(src: socket.socket, dst: socket.socket) -> None:
+                with contextlib.suppress(OSError):
+                    while data := src.recv(65536):
+                        dst.sendall(data)
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+
+            back = threading.Thread(target=pump, args=(upstream, self.request), daemon=True)
+            back.start()
+            pump(self.request, upstream)
+            back.join(timeout=5)
+
+
+class _Stayed(Exception):
+    """Raised instead of waiting for SIGTERM forever."""
+
+
+def test_next_to_a_sidecar_bootstrap_waits_for_the_database_then_stays(
+    pg: EphemeralCluster,
+    admin: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database container starts after the bootstrap container: it retries, then stays."""
+    password_file = tmp_path / "gateway-password"
+    password_file.write_text("sidecar-generated-password")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = dataclasses.replace(_settings(pg, admin, password_file), port=port, stay=True)
+    assert Settings.from_json(settings.as_json()).stay is True
+    monkeypatch.setenv(ENV_SETTINGS, settings.as_json())
+    monkeypatch.setattr(Settings, "from_json", classmethod(lambda cls, raw: settings))
+    ready = tmp_path / "state" / "done"
+    monkeypatch.setattr(bootstrap, "READY_FILE", ready)
+    servers: list[_Forwarder] = []
+
+    def database_starts(seconds: float) -> None:
+        # The first retry: nothing listened; now "the database container" is up.
+        assert seconds > 0
+        if not servers:
+            servers.append(_Forwarder(port, pg.port))
+            threading.Thread(target=servers[0].serve_forever, daemon=True).start()
+
+    def pause() -> None:
+        raise _Stayed
+
+    monkeypatch.setattr(bootstrap.time, "sleep", database_starts)
+    monkeypatch.setattr(bootstrap.signal, "signal", lambda *_: None)
+    monkeypatch.setattr(bootstrap.signal, "pause", pause)
+    assert main(["--check"]) == 1
+    try:
+        with pytest.raises(_Stayed):
+            main([])
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert servers, "the first attempt found the database up"
+    assert ready.exists()
+    assert main(["--check"]) == 0
+    dsn = f"host=127.0.0.1 port={pg.port} dbname={DATABASE} user={ROLE}"
+    with psycopg.connect(f"{dsn} password=sidecar-generated-password") as conn:
+        assert conn.execute("SELECT amount FROM qwboot_sales.deals").fetchone() == (100,)

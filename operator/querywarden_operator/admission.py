@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from querywarden_operator import sidecar_bootstrap
 from querywarden_operator.config import OperatorConfig
 from querywarden_operator.injection import (
     ANNOTATION_INJECT,
@@ -34,7 +35,7 @@ from querywarden_operator.injection import (
     pod_overrides,
 )
 from querywarden_operator.kube import object_path
-from querywarden_operator.reconcile import Context, validation_message
+from querywarden_operator.reconcile import Context, resolved_sidecar_spec, validation_message
 from querywarden_operator.render import InjectionError, effective_sidecar, has_sidecar, pod_patch
 from querywarden_operator.spec import (
     API_VERSION,
@@ -158,12 +159,17 @@ def decide(
             policy=name,
         )
     spec = DatabaseAccessPolicySpec.model_construct(target=target, sidecar=sidecar_spec)
+    # No tlsSecretName: the certificate the operator issues; bootstrap: its password.
+    spec = resolved_sidecar_spec(name, spec)
     sidecar = effective_sidecar(
         sidecar_spec, config, native_supported=native_supported, policy_name=name
     )
     try:
         overrides = pod_overrides(annotations, allowed_images=config.sidecar_image_allow_list())
-        patch = pod_patch(pod, name, spec, sidecar, pod_sidecar=overrides.apply(sidecar))
+        pod_sidecar = overrides.apply(sidecar)
+        patch = pod_patch(pod, name, spec, sidecar, pod_sidecar=pod_sidecar)
+        if patch is not None:
+            patch = sidecar_bootstrap.add_to_patch(patch, spec, pod_sidecar)
     except InjectionRefused as exc:
         return Admission(refusal=str(exc), policy=name)
     except InjectionError as exc:

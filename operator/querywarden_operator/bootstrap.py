@@ -1,8 +1,10 @@
-"""Bootstrap of an external database: the gateway's login role, made from a superuser Secret.
+"""Bootstrap: the gateway's login role, made from a superuser Secret.
 
 Runs as the init container ``bootstrap`` of a gateway Deployment
-(``python -m querywarden_operator.bootstrap``), before the gateway starts, on every pod
-start: each run converges on the same state, so it is idempotent. The superuser's
+(``python -m querywarden_operator.bootstrap``), before the gateway starts, or as the
+container ``querywarden-bootstrap`` of an injected database pod (``stay``: it waits for
+the database container, makes the role, then stays up), on every pod start: each run
+converges on the same state, so it is idempotent. The superuser's
 credentials are files of a Secret volume mounted into this container alone; they are
 used for one connection and never written, logged or passed on. The gateway's own
 password comes from the Secret the operator generated (mounted as the gateway's
@@ -34,8 +36,10 @@ import json
 import logging
 import os
 import secrets
+import signal
 import ssl
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +51,9 @@ log = logging.getLogger("querywarden.bootstrap")
 #: Where the init container finds what it needs (render: external.py).
 SUPERUSER_DIR = Path("/etc/querywarden/bootstrap/superuser")
 ENV_SETTINGS = "QUERYWARDEN_BOOTSTRAP"
+#: Next to a sidecar: an emptyDir of the bootstrap container, where it says it is done.
+STATE_DIR = Path("/var/run/querywarden-bootstrap")
+READY_FILE = STATE_DIR / "done"
 
 SCRAM_ITERATIONS = 4096
 _SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
@@ -143,6 +150,9 @@ class Settings:
     schemas: tuple[str, ...]
     privileges: tuple[str, ...]
     sslrootcert: str | None = None
+    #: Next to a sidecar: wait for the database as long as it takes, then stay (a pod's
+    #: container that exits is restarted), ``ready_file`` saying the role is made.
+    stay: bool = False
     superuser_dir: str = str(SUPERUSER_DIR)
     password_file: str = "/etc/querywarden/credentials/default/password"  # noqa: S105
 
@@ -153,6 +163,7 @@ class Settings:
                 "host": self.host, "port": self.port, "database": self.database,
                 "sslmode": self.sslmode, "role": self.role, "schemas": list(self.schemas),
                 "privileges": list(self.privileges), "sslrootcert": self.sslrootcert,
+                **({"stay": True} if self.stay else {}),
             },
             sort_keys=True,
         )  # fmt: skip
@@ -165,7 +176,7 @@ class Settings:
             host=str(data["host"]), port=int(data["port"]), database=str(data["database"]),
             sslmode=str(data["sslmode"]), role=str(data["role"]),
             schemas=tuple(data["schemas"]), privileges=tuple(data["privileges"]),
-            sslrootcert=data.get("sslrootcert"),
+            sslrootcert=data.get("sslrootcert"), stay=bool(data.get("stay", False)),
         )  # fmt: skip
 
 
@@ -221,12 +232,25 @@ async def run(settings: Settings, credentials: _Secrets) -> list[str]:
     return [sql[0].split(" PASSWORD ", 1)[0], *sql[1:]]
 
 
+def _not_up_yet(exc: BaseException) -> bool:
+    """The database is not reachable, or up but not accepting connections yet (57P03)."""
+    return isinstance(exc, (TimeoutError, OSError)) or getattr(exc, "sqlstate", None) == "57P03"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The init container's entry point; exit status 0 once the role is as wanted."""
-    del argv
+    """The container's entry point; exit status 0 once the role is as wanted.
+
+    ``--check``: exit status 0 if a staying bootstrap has made the role (its readiness
+    probe).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--check"]:
+        return 0 if READY_FILE.exists() else 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings.from_json(os.environ[ENV_SETTINGS])
-    for attempt in range(1, 31):
+    attempt = 0
+    while settings.stay or attempt < 30:
+        attempt += 1
         try:
             done = asyncio.run(run(settings, _Secrets.read(settings)))
         except ssl.SSLError as exc:
@@ -234,21 +258,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("bootstrap of role %s: TLS to %s:%d failed: %s", settings.role,
                       settings.host, settings.port, exc)  # fmt: skip
             return 1
-        except (TimeoutError, OSError) as exc:
-            # The database may not be reachable yet (a new Service, DNS): retry a while.
+        except Exception as exc:  # reported (no secret is in asyncpg's messages)
+            if not _not_up_yet(exc):
+                log.error("bootstrap of role %s failed: %s: %s", settings.role,
+                          type(exc).__name__, exc)  # fmt: skip
+                return 1
+            # The database may not be reachable yet (a new Service, DNS; next to a
+            # sidecar, the database container starting): retry.
             log.warning("attempt %d: cannot reach %s:%d: %s", attempt, settings.host,
                         settings.port, exc)  # fmt: skip
-            asyncio.run(asyncio.sleep(min(2 * attempt, 10)))
+            time.sleep(min(2 * attempt, 10))
             continue
-        except Exception as exc:  # reported (no secret is in asyncpg's messages), then fail
-            log.error("bootstrap of role %s failed: %s: %s", settings.role,
-                      type(exc).__name__, exc)  # fmt: skip
-            return 1
         _report(done)
+        if settings.stay:
+            _stay()
         return 0
     log.error("bootstrap of role %s: %s:%d unreachable", settings.role, settings.host,
               settings.port)  # fmt: skip
     return 1
+
+
+def _stay() -> None:
+    """Say the role is made (``--check``), then wait for the pod's end (SIGTERM)."""
+    READY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    READY_FILE.write_text("done\n")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        signal.pause()
 
 
 def _report(done: Iterable[str]) -> None:

@@ -47,13 +47,15 @@ from querywarden_operator.spec import (
     ANNOTATION_CONFIG_HASH,
     ANNOTATION_POLICY,
     GROUP,
+    Bootstrap,
     DatabaseAccessPolicySpec,
     ExternalDatabase,
     SecretCredentials,
 )
 
 #: Pod template annotation: the serving certificate's expiry; a new certificate rolls
-#: the gateway pods (the gateway reads its certificate at start).
+#: the gateway pods (they would reload it anyway; the roll keeps template and Secret in
+#: step). Sidecars are not rolled: :mod:`sidecar_tls`.
 ANNOTATION_CERTIFICATE = f"{GROUP}/certificate-not-after"
 VOLUME_SUPERUSER = "querywarden-bootstrap-superuser"
 VOLUME_UPSTREAM_CA = "querywarden-upstream-ca"
@@ -216,6 +218,47 @@ def _security_context() -> dict[str, Any]:
     }
 
 
+def bootstrap_container_with(
+    name: str, settings: Settings, sidecar: EffectiveSidecar, mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A container running the bootstrap with ``settings`` (external targets and sidecars).
+
+    It mounts the superuser Secret and the generated password (plus ``mounts``).
+    """
+    return {
+        "name": name,
+        "image": sidecar.image,
+        "imagePullPolicy": sidecar.image_pull_policy,
+        "command": ["python", "-m", "querywarden_operator.bootstrap"],
+        "env": [
+            {"name": ENV_SETTINGS, "value": settings.as_json()},
+            {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        ],
+        "volumeMounts": [
+            {"name": VOLUME_SUPERUSER, "mountPath": str(SUPERUSER_DIR), "readOnly": True},
+            {"name": VOLUME_CREDENTIALS, "mountPath": CREDENTIALS_DIR, "readOnly": True},
+            *mounts,
+        ],
+        "resources": sidecar.resources.model_dump(by_alias=True, exclude_defaults=True),
+        "securityContext": _security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def superuser_volume(bootstrap: Bootstrap) -> dict[str, Any]:
+    """The superuser Secret, for the bootstrap container alone."""
+    return {
+        "name": VOLUME_SUPERUSER,
+        "secret": {
+            "secretName": bootstrap.superuser_secret,
+            "items": [
+                {"key": bootstrap.username_key, "path": "username"},
+                {"key": bootstrap.password_key, "path": "password"},
+            ],
+        },
+    }
+
+
 def bootstrap_container(
     spec: DatabaseAccessPolicySpec, sidecar: EffectiveSidecar
 ) -> dict[str, Any] | None:
@@ -235,26 +278,10 @@ def bootstrap_container(
         privileges=wanted.privileges,
         sslrootcert=UPSTREAM_CA_FILE if external.ca_secret is not None else None,
     )
-    mounts = [
-        {"name": VOLUME_SUPERUSER, "mountPath": str(SUPERUSER_DIR), "readOnly": True},
-        {"name": VOLUME_CREDENTIALS, "mountPath": CREDENTIALS_DIR, "readOnly": True},
-    ]
+    mounts = []
     if external.ca_secret is not None:
         mounts.append({"name": VOLUME_UPSTREAM_CA, "mountPath": UPSTREAM_CA_DIR, "readOnly": True})
-    return {
-        "name": BOOTSTRAP_CONTAINER,
-        "image": sidecar.image,
-        "imagePullPolicy": sidecar.image_pull_policy,
-        "command": ["python", "-m", "querywarden_operator.bootstrap"],
-        "env": [
-            {"name": ENV_SETTINGS, "value": settings.as_json()},
-            {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
-        ],
-        "volumeMounts": mounts,
-        "resources": sidecar.resources.model_dump(by_alias=True, exclude_defaults=True),
-        "securityContext": _security_context(),
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
+    return bootstrap_container_with(BOOTSTRAP_CONTAINER, settings, sidecar, mounts)
 
 
 def render_deployment(
@@ -287,19 +314,7 @@ def render_deployment(
         )
     init = bootstrap_container(spec, sidecar)
     if init is not None and external.bootstrap is not None:
-        boot = external.bootstrap
-        volumes.append(
-            {
-                "name": VOLUME_SUPERUSER,
-                "secret": {
-                    "secretName": boot.superuser_secret,
-                    "items": [
-                        {"key": boot.username_key, "path": "username"},
-                        {"key": boot.password_key, "path": "password"},
-                    ],
-                },
-            }
-        )
+        volumes.append(superuser_volume(external.bootstrap))
         pod_spec["initContainers"] = [init]
     labels = gateway_pod_labels(policy.name)
     annotations = {

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from querywarden.approvals.kube_store import to_review
-from querywarden_operator import external, services, sidecar_binding
+from querywarden_operator import external, services, sidecar_binding, sidecar_bootstrap, sidecar_tls
 from querywarden_operator.certificates import KeyPair, issue_serving, needs_renewal, new_ca
 from querywarden_operator.config import OperatorConfig
 from querywarden_operator.issuers import (
@@ -137,6 +137,14 @@ def _status_of(body: Mapping[str, Any]) -> Mapping[str, Any]:
     return body.get("status") or {}
 
 
+def resolved_sidecar_spec(policy: str, spec: DatabaseAccessPolicySpec) -> DatabaseAccessPolicySpec:
+    """A sidecar policy's spec with what the operator provides: certificate, credentials.
+
+    The webhook renders pods from it and the reconciler counts them by it (same hash).
+    """
+    return sidecar_tls.resolved_spec(policy, sidecar_bootstrap.resolved_spec(policy, spec))
+
+
 def _sidecar_for(ctx: Context, name: str, spec: DatabaseAccessPolicySpec) -> EffectiveSidecar:
     return effective_sidecar(
         spec.sidecar, ctx.config, native_supported=ctx.native_supported, policy_name=name
@@ -175,6 +183,21 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
         sync_webhooks(ctx)  # a policy that was a sidecar's before loses its entry
         return Outcome(status=_external_status(ctx, body, spec, conditions, at=at))
     conditions = [c for c in conditions if c.type != AVAILABLE]
+    try:
+        if spec.target.bootstrap is not None:
+            _ensure_upstream_secret(ctx, policy, spec.target.bootstrap.role)
+        certificate = _sidecar_certificate(ctx, body, spec, at=at)
+    except KubeApiError as exc:
+        if exc.status != 403:
+            raise
+        sync_webhooks(ctx)
+        return refused(
+            FORBIDDEN,
+            f"the operator may not write the sidecar's Secrets ({exc.message}): install "
+            "the chart with rbac.sidecarCertificates=true, or name Secrets of yours in "
+            "target.tlsSecretName and target.credentials",
+        )
+    spec = resolved_sidecar_spec(policy.name, spec)
     sidecar = _sidecar_for(ctx, policy.name, spec)
     raw_policy = (body.get("spec") or {}).get("policy") or {}
     resolution = resolve_issuers(ctx, raw_policy)
@@ -216,6 +239,7 @@ def reconcile_policy(ctx: Context, body: Mapping[str, Any]) -> Outcome:
     conditions = set_condition(conditions, rendered)
     sync_webhooks(ctx)
     status = _with_pods(ctx, body, spec=spec, sidecar=sidecar, conditions=conditions, at=at)
+    status = status.model_copy(update=certificate)
     return Outcome(status=status, error=None if resolution.resolved else rendered.message)
 
 
@@ -307,15 +331,20 @@ def refresh_pods(ctx: Context, body: Mapping[str, Any]) -> PolicyStatus | None:
         # retried after a Forbidden (the chart's RBAC fixed meanwhile).
         return _external_status(ctx, body, spec, conditions, at=now())
     if rendered.status != "True":
-        return None
+        # A sidecar's certificate was Forbidden: tried again (the RBAC may be fixed).
+        return reconcile_policy(ctx, body).status
+    at = now()
+    # The certificate's renewal (and new Service names) is checked on every resync too.
+    certificate = _sidecar_certificate(ctx, body, spec, at=at)
+    spec = resolved_sidecar_spec(PolicyRef.from_body(body).name, spec)
     return _with_pods(
         ctx,
         body,
         spec=spec,
         sidecar=_sidecar_for(ctx, PolicyRef.from_body(body).name, spec),
         conditions=conditions,
-        at=now(),
-    )
+        at=at,
+    ).model_copy(update=certificate)
 
 
 def _with_pods(
@@ -469,17 +498,29 @@ def _ensure_upstream_secret(ctx: Context, policy: PolicyRef, role: str) -> None:
 
 
 def _certificate(
-    ctx: Context, policy: PolicyRef, previous: Mapping[str, Any], at: datetime.datetime
+    ctx: Context,
+    policy: PolicyRef,
+    previous: Mapping[str, Any],
+    at: datetime.datetime,
+    names: list[str],
 ) -> datetime.datetime:
-    """Issue the gateway's serving certificate if there is none or it is due; its expiry."""
+    """Issue the gateway's serving certificate when it is missing, due or misnamed.
+
+    Misnamed: ``names`` differ from ``status.certificateNames`` (when recorded). Returns
+    the certificate's expiry. External targets and sidecars alike: the Secret
+    ``<policy>-querywarden-tls`` and the ConfigMap ``<policy>-querywarden-ca``.
+    """
     raw = previous.get("certificateNotAfter")
     not_after = datetime.datetime.fromisoformat(str(raw)) if raw else None
     if previous.get("certificateSecret") != external.serving_secret_name(policy.name):
         not_after = None
+    recorded = previous.get("certificateNames")
+    if recorded is not None and list(recorded) != names:
+        not_after = None
     if not needs_renewal(not_after, at=at) and not_after is not None:
         return not_after
     ca = operator_ca(ctx)
-    pair = issue_serving(ca, external.dns_names(policy, ctx.config.cluster_domain), at=at)
+    pair = issue_serving(ca, names, at=at)
     ctx.kube.apply(
         object_path("v1", "secrets", policy.namespace, external.serving_secret_name(policy.name)),
         external.render_serving_secret(policy, pair, ca.cert_pem),
@@ -488,9 +529,43 @@ def _certificate(
         object_path("v1", "configmaps", policy.namespace, external.ca_configmap_name(policy.name)),
         external.render_ca_configmap(policy, ca.cert_pem),
     )
-    log.info("policy %s/%s: issued the gateway's certificate, valid until %s",
-             policy.namespace, policy.name, pair.not_after.isoformat())  # fmt: skip
+    log.info("policy %s/%s: issued the gateway's certificate for %s, valid until %s",
+             policy.namespace, policy.name, ", ".join(names),
+             pair.not_after.isoformat())  # fmt: skip
     return pair.not_after
+
+
+def _sidecar_certificate(
+    ctx: Context,
+    body: Mapping[str, Any],
+    spec: DatabaseAccessPolicySpec,
+    *,
+    at: datetime.datetime,
+) -> dict[str, Any]:
+    """Issue (or renew) an injected sidecar's certificate (:mod:`sidecar_tls`).
+
+    Returns the status fields to set: none when the policy names its own Secret.
+    """
+    if not sidecar_tls.issues_certificate(spec):
+        return {"certificate_secret": None, "certificate_not_after": None,
+                "certificate_names": None}  # fmt: skip
+    policy = PolicyRef.from_body(body)
+    selector = spec.target.pod_selector
+    label_sets = [
+        (p.get("metadata") or {}).get("labels") or {} for p in _selected_pods(ctx, policy, spec)
+    ]
+    if selector is not None and selector.match_labels:
+        label_sets.append(selector.match_labels)  # pods not created yet
+    services = sidecar_tls.selecting_services(
+        ctx.kube.list(object_path("v1", "services", policy.namespace)), label_sets
+    )
+    names = sidecar_tls.dns_names(services, policy.namespace, ctx.config.cluster_domain)
+    not_after = _certificate(ctx, policy, _status_of(body), at, names)
+    return {
+        "certificate_secret": external.serving_secret_name(policy.name),
+        "certificate_not_after": not_after,
+        "certificate_names": names,
+    }
 
 
 #: Rendered=False reason when the operator's RBAC does not cover what a policy needs.
@@ -551,8 +626,11 @@ def reconcile_external(
     ctx.kube.apply(at_path("v1", "serviceaccounts"), external.render_service_account(policy))
     if ext.bootstrap is not None:
         _ensure_upstream_secret(ctx, policy, ext.bootstrap.role)
+    names = external.dns_names(policy, ctx.config.cluster_domain)
     not_after = (
-        _certificate(ctx, policy, previous, at) if external.issues_certificate(spec) else None
+        _certificate(ctx, policy, previous, at, names)
+        if external.issues_certificate(spec)
+        else None
     )
     raw_policy = (body.get("spec") or {}).get("policy") or {}
     # Shared issuers are resolved as for a sidecar's ConfigMap, locked when one is missing.
@@ -615,6 +693,7 @@ def reconcile_external(
             external.serving_secret_name(policy.name) if not_after is not None else None
         ),
         certificate_not_after=not_after,
+        certificate_names=names if not_after is not None else None,
         conditions=conditions,
     )
 

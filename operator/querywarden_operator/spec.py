@@ -235,10 +235,11 @@ class SecretKeyRef(_Model):
 
 
 class Bootstrap(_Model):
-    """Create the gateway's login role once, from a superuser Secret (opt-in).
+    """Create the gateway's login role, from a superuser Secret (opt-in).
 
-    An init container of the gateway's Deployment connects to the external database with
-    the superuser's credentials (mounted into it alone), creates or updates the login
+    A container of its own (an external target's init container; next to a sidecar, a
+    container that waits for the database in the pod) connects with the superuser's
+    credentials (mounted into it alone), creates or updates the login
     role ``role`` with the password of a Secret the operator generates and owns
     (``<policy>-querywarden-upstream``) and grants it what the policy needs
     (docs/operator.md#bootstrap). The operator itself never reads the superuser Secret.
@@ -304,12 +305,18 @@ class Target(_Model):
                     "external (the gateway as a Deployment)",
                 ),
                 _cel(
-                    "has(self.credentials) || (has(self.external) && has(self.external.bootstrap))",
-                    "credentials is required unless external.bootstrap creates them",
+                    "has(self.credentials) || has(self.bootstrap) "
+                    "|| (has(self.external) && has(self.external.bootstrap))",
+                    "credentials is required unless bootstrap (or external.bootstrap) creates them",
                 ),
                 _cel(
                     "!has(self.external) || !has(self.external.bootstrap) || has(self.database)",
                     "external.bootstrap needs target.database (the database to grant on)",
+                ),
+                _cel(
+                    "!has(self.bootstrap) || (has(self.podSelector) && has(self.database))",
+                    "bootstrap is for podSelector targets (external ones: external.bootstrap) "
+                    "and needs target.database (the database to grant on)",
                 ),
             ]
         }
@@ -327,8 +334,13 @@ class Target(_Model):
     #: TLS to the database inside the pod (over localhost).
     sslmode: Literal["disable", "prefer", "require"] = "prefer"
     #: The gateway's own database role (sessions whose rules name no ``upstreamRole``).
-    #: With ``external.bootstrap``: leave it out, the operator's generated Secret is used.
+    #: With ``bootstrap`` or ``external.bootstrap``: leave it out, the operator's
+    #: generated Secret is used.
     credentials: SecretCredentials | None = None
+    #: podSelector targets: create the gateway's login role from a superuser Secret
+    #: (instead of ``credentials``), from a container of the database pod once the
+    #: database accepts connections (docs/operator.md#bootstrap).
+    bootstrap: Bootstrap | None = None
     #: More roles, selected by the rules' ``upstreamRole``.
     roles: list[UpstreamRole] = Field(
         [],
@@ -338,7 +350,8 @@ class Target(_Model):
             "x-kubernetes-list-map-keys": ["name"],
         },
     )
-    #: A ``kubernetes.io/tls`` Secret with the gateway's serving certificate.
+    #: A ``kubernetes.io/tls`` Secret with the gateway's serving certificate; without it
+    #: the operator's CA issues one (docs/operator.md#tls-for-the-gateway).
     tls_secret_name: str | None = Field(None, max_length=253, pattern=_DNS_SUBDOMAIN)
     #: The key of the keyed masking strategies (``hash``, ``digits``), at least 16 bytes.
     masking_key: SecretKeyRef | None = None
@@ -364,10 +377,17 @@ class Target(_Model):
                 "in every pod of the namespace"
             )
         bootstrap = self.external.bootstrap if self.external is not None else None
-        if self.credentials is None and bootstrap is None:
-            raise ValueError("credentials is required unless external.bootstrap creates them")
+        if self.credentials is None and bootstrap is None and self.bootstrap is None:
+            raise ValueError(
+                "credentials is required unless bootstrap (or external.bootstrap) creates them"
+            )
         if bootstrap is not None and self.database is None:
             raise ValueError("external.bootstrap needs target.database (the database to grant on)")
+        if self.bootstrap is not None and (self.pod_selector is None or self.database is None):
+            raise ValueError(
+                "bootstrap is for podSelector targets (external ones: external.bootstrap) "
+                "and needs target.database (the database to grant on)"
+            )
         return self
 
 
@@ -496,12 +516,6 @@ class DatabaseAccessPolicySpec(_Model):
                     "self.sidecar.gatewayPort != self.target.databasePort",
                     "sidecar.gatewayPort must differ from target.databasePort",
                 ),
-                _cel(
-                    "has(self.target.tlsSecretName) || has(self.target.external) "
-                    "|| self.sidecar.plaintext == 'always'",
-                    "target.tlsSecretName is required unless sidecar.plaintext is 'always' "
-                    "(or the target is external: the operator then issues the certificate)",
-                ),
                 _cel(_ROLES_KNOWN, "every rule's upstreamRole must name one of target.roles"),
                 _cel(
                     _KEY_GIVEN,
@@ -523,15 +537,6 @@ class DatabaseAccessPolicySpec(_Model):
         # rule existed (and so that the operator never trusts the schema alone).
         if self.sidecar.gateway_port == self.target.database_port:
             raise ValueError("sidecar.gatewayPort must differ from target.databasePort")
-        if (
-            self.target.tls_secret_name is None
-            and self.target.external is None
-            and self.sidecar.plaintext != "always"
-        ):
-            raise ValueError(
-                "target.tlsSecretName is required unless sidecar.plaintext is 'always' "
-                "(or the target is external: the operator then issues the certificate)"
-            )
         roles = {role.name for role in self.target.roles}
         if len(roles) != len(self.target.roles):
             raise ValueError("target.roles names must be unique")

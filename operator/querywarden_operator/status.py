@@ -72,6 +72,8 @@ class PolicyStatus(_Model):
     #: Services whose targetPort the operator pointed at the gateway
     #: (``spec.target.services.switch``); restored before the policy goes.
     switched_services: list[str] | None = None
+    #: The names the issued certificate carries (a change issues a new one).
+    certificate_names: list[str] | None = None
     conditions: list[Condition] = Field(
         [],
         json_schema_extra={

@@ -324,8 +324,8 @@ class GatewaySettings(BaseSettings):
     state_directory: Path = Path(".querywarden")
     #: The policy document: trusted issuers and rules.
     policy_file: Path | None = None
-    #: How often the policy file is checked for changes (a failed reload keeps the last
-    #: good policy).
+    #: How often the policy file and the TLS certificate files are checked for changes (a
+    #: failed reload keeps the last good policy or certificate).
     policy_reload_interval: Duration = timedelta(seconds=2)
 
     @classmethod

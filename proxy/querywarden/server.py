@@ -141,6 +141,8 @@ class Gateway:
         self._exporter_stop = asyncio.Event()
         self._drain_seconds = settings.audit.drain_timeout.total_seconds()
         self.tls_context = _server_tls_context(settings)
+        #: The certificate and key files as last loaded (renewals replace them in place).
+        self._tls_stamp = _tls_stamp(settings)
         if self.tls_context is None and settings.listen.plaintext == "never":
             raise ValueError("listen.plaintext is 'never' but no tls.certFile/tls.keyFile is set")
         up = settings.upstream
@@ -181,7 +183,8 @@ class Gateway:
         )
         if self.settings.policy_file is not None:
             self._policy_stamp = _file_stamp(self.settings.policy_file)
-            self._watcher = loop.create_task(self._watch_policy())
+        if self.settings.policy_file is not None or self.tls_context is not None:
+            self._watcher = loop.create_task(self._watch_files())
         self.approvals.start()
         self._start_notifier(self.policy)
         admin = self.settings.admin
@@ -585,17 +588,45 @@ class Gateway:
         )
         return True
 
-    async def _watch_policy(self) -> None:
-        """Poll the policy file (a ConfigMap volume swaps a symlink) and reload on change."""
+    def reload_tls(self) -> bool:
+        """Load the serving certificate and key again; on any error keep the last good ones.
+
+        New connections get the new certificate; open sessions keep the TLS session they
+        negotiated (the context is only used at each connection's handshake).
+        """
+        try:
+            context = _server_tls_context(self.settings)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("TLS certificate reload failed, keeping the last good one: %s", exc)
+            return False
+        if context is None:
+            return False
+        self.tls_context = context
+        log.info("TLS certificate reloaded from %s", self.settings.tls.cert_file)
+        return True
+
+    async def _watch_files(self) -> None:
+        """Poll the policy file and the TLS files, and reload what changed.
+
+        A ConfigMap or Secret volume swaps a symlink, which changes the files' stamps; the
+        operator renews the serving certificate in its Secret that way.
+        """
         path = self.settings.policy_file
-        assert path is not None
         interval = self.settings.policy_reload_interval.total_seconds()
         while True:
             await asyncio.sleep(interval)
-            stamp = _file_stamp(path)
-            if stamp != self._policy_stamp:
-                self._policy_stamp = stamp
-                self.reload_policy()
+            if path is not None:
+                stamp = _file_stamp(path)
+                if stamp != self._policy_stamp:
+                    self._policy_stamp = stamp
+                    self.reload_policy()
+            if self.tls_context is not None:
+                tls_stamp = _tls_stamp(self.settings)
+                if tls_stamp != self._tls_stamp:
+                    # Stamped even when the load fails: a certificate written before its
+                    # key fails once and loads when the key's write changes the stamp.
+                    self._tls_stamp = tls_stamp
+                    self.reload_tls()
 
     async def close(self, *, grace: float = 5.0) -> None:
         """Stop listening, close every session, and wait until their sockets are closed.
@@ -1324,6 +1355,14 @@ def _send(endpoint: Endpoint | None, chunks: list[bytes]) -> None:
 _HELD_INPUT_LIMIT = 1024 * 1024
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "min": 60000.0, "h": 3600000.0, "d": 86400000.0}
+
+
+def _tls_stamp(settings: GatewaySettings) -> tuple[tuple[int, int, int] | None, ...]:
+    """The stamps of the serving certificate and key files (empty without TLS)."""
+    tls = settings.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return ()
+    return _file_stamp(Path(tls.cert_file)), _file_stamp(Path(tls.key_file))
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:

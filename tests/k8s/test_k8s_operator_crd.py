@@ -180,7 +180,6 @@ SAML = {"name": "saml", "kind": "saml", "entityId": "https://idp/saml", "audienc
 #: (mutation of valid_spec(), what the API server says): pydantic refuses each as well.
 REFUSED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("same ports", _set("sidecar.gatewayPort", 5432), "gatewayPort must differ"),
-    ("no TLS", _set("sidecar.plaintext", "never"), "tlsSecretName is required"),
     ("unknown role", _set("policy.rules.0.upstreamRole", "nobody"), "upstreamRole must name"),
     (
         "hash without key",

@@ -312,6 +312,8 @@ REFUSED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("no credentials", _set("target.external.bootstrap", None), "credentials is required"),
     ("bootstrap without database", _set("target.database", None), "needs target.database"),
     ("no replicas", _set("target.external.replicas", 0), "should be greater than or equal"),
+    ("a sidecar's bootstrap", _set("target.bootstrap", {"superuserSecret": "su"}),
+     "bootstrap is for podSelector targets"),
 ]  # fmt: skip
 
 

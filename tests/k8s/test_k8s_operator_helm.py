@@ -311,9 +311,11 @@ def test_rbac_is_least_privilege(helm: Helm) -> None:
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    # Secrets are written, never read (external targets: a generated password, a
-    # serving certificate); the CA is read in the release's namespace only, by name.
+    # Secrets are written, never read (a generated password, serving certificates of
+    # gateways and sidecars); Services are only listed (a sidecar certificate's names);
+    # the CA is read in the release's namespace only, by name.
     assert {verb for _, resource, verb in grants if resource == "secrets"} == {"create", "patch"}
+    assert ("", "services", "list") in grants
     (ca_role,) = [
         r for r in by_kind(template(helm), "Role") if r["metadata"]["name"].endswith("-ca")
     ]
@@ -333,10 +335,12 @@ def test_rbac_is_least_privilege(helm: Helm) -> None:
             "verbs": ["get", "patch"],
         }
     ]
-    # Without workload restarts and external targets, no access to workloads or Secrets.
+    # Without workload restarts, external targets and sidecar certificates, no access to
+    # workloads or Secrets.
     documents = template(
-        helm, "--set", "rbac.rolloutRestart=false", "--set", "rbac.externalTargets=false"
-    )
+        helm, "--set", "rbac.rolloutRestart=false", "--set", "rbac.externalTargets=false",
+        "--set", "rbac.sidecarCertificates=false",
+    )  # fmt: skip
     role = one(documents, "ClusterRole")
     assert not [r for r in role["rules"] if "apps" in r["apiGroups"]]
     assert not [r for r in role["rules"] if "secrets" in r["resources"]]
@@ -346,9 +350,12 @@ def test_rbac_is_least_privilege(helm: Helm) -> None:
         {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "patch"]}
     ]
     role = one(
-        template(helm, "--set", "rbac.externalTargets=false", "--set", "rbac.switchServices=false"),
+        template(
+            helm, "--set", "rbac.externalTargets=false", "--set", "rbac.switchServices=false",
+            "--set", "rbac.sidecarCertificates=false",
+        ),
         "ClusterRole",
-    )
+    )  # fmt: skip
     assert not [r for r in role["rules"] if "services" in r["resources"]]
 
 

@@ -156,7 +156,6 @@ def test_the_gateway_refuses_issuer_refs() -> None:
     ("changes", "message"),
     [
         ({"sidecar__gatewayPort": 5432}, "gatewayPort must differ"),
-        ({"target__tlsSecretName": None}, "tlsSecretName is required"),
         ({"target__roles": []}, "upstreamRole 'readonly'"),
         ({"target__maskingKey": None}, "need target.maskingKey"),
         ({"target__podSelector": {"matchLabels": {"a": "b"}, "bogus": 1}}, "bogus"),
