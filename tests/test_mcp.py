@@ -582,3 +582,26 @@ def test_held_statements_belong_to_their_caller_over_http(
     time.sleep(0.1)
     assert pg.psql("SELECT count(*) FROM qmcp_items").strip() == "1"
     assert json.dumps(admin_call(gw, "GET", f"/reviews/{review_id}", "bob"))
+
+
+def test_over_http_no_mcp_session_is_kept_so_any_replica_answers(
+    gw: RunningGateway, http_server: str
+) -> None:
+    """Stateless streamable HTTP: replicas behind one Service answer any request."""
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"},
+        },
+    }
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Authorization": f"Bearer {token_for('alice')}",
+    }
+    reply = httpx2.post(http_server, json=body, headers=headers, timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert "mcp-session-id" not in {k.lower() for k in reply.headers}

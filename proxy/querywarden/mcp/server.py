@@ -280,7 +280,10 @@ def run_http(
         security = TransportSecuritySettings(
             enable_dns_rebinding_protection=True, allowed_hosts=allowed_hosts, allowed_origins=[]
         )
-    app = server.streamable_http_app(host=host, transport_security=security)
+    # Stateless: no MCP session lives in one process, so replicas behind a Service can
+    # answer any request (the tools keep no state but held statements, which are the
+    # caller's and outlive any one MCP session).
+    app = server.streamable_http_app(host=host, transport_security=security, stateless_http=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     web = uvicorn.Server(config)
 

@@ -284,8 +284,16 @@ def bind_anonymous_discovery(cluster: Cluster) -> None:
     """Let anyone read the service-account issuer's discovery document and JWKS.
 
     As managed clusters do: a relying party (the gateway) verifies tokens without
-    credentials of its own.
+    credentials of its own. Idempotent: every module on a shared node asks for it.
     """
+    try:
+        _create_anonymous_discovery(cluster)
+    except KubeError as exc:
+        if exc.status != 409:  # already bound (by an earlier module on this cluster)
+            raise
+
+
+def _create_anonymous_discovery(cluster: Cluster) -> None:
     cluster.create(
         "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
         {
