@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import functools
 import inspect
 import re
 import sys
@@ -245,6 +246,15 @@ class _Generator(GenerateJsonSchema):
 
 def field_docs(cls: type[BaseModel]) -> dict[str, str]:
     """``#:`` comments above each field of ``cls`` and its bases, by field name."""
+    return dict(_field_docs(cls))
+
+
+@functools.cache
+def _field_docs(cls: type[BaseModel]) -> dict[str, str]:
+    # Parsed once per class and process: inspect.getsource parses the whole module, and
+    # CPython 3.11's parser keeps its recursion count per interpreter, not per thread,
+    # so fewer parses leave less room to meet one in another thread (an operator run
+    # in the test process) ("AST constructor recursion depth mismatch").
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not (isinstance(klass, type) and issubclass(klass, BaseModel)) or klass is BaseModel:
