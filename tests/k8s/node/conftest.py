@@ -57,17 +57,19 @@ def image_archives(directory: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def node(workdir: Path) -> Iterator[Node]:
+def node(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Node]:
     """A one-node cluster: control plane, kubelet, containerd, kube-proxy, CoreDNS.
 
     Module-scoped: it stops (and gives back its CPU and memory) once the module using it
-    is done, instead of idling through the rest of the test session.
+    is done, instead of idling through the rest of the test session. Each module starts
+    from an empty cluster: a directory of its own, so no etcd data (releases, bindings)
+    of an earlier module's cluster is read again.
     """
     require_tools(*NODE_TOOLS)
     if os.geteuid() != 0:
         pytest.fail("the node tests need root (network namespaces, containerd)", pytrace=False)
     archives = image_archives(workdir / "node-images")
-    running = Node(workdir / "node", archives)
+    running = Node(workdir / f"node-{request.module.__name__.rsplit('.', 1)[-1]}", archives)
     running.start()
     try:
         yield running
