@@ -11,7 +11,8 @@ from typing import Any
 
 import psycopg
 
-from gateway_harness import RunningGateway, token_for
+from gateway_harness import POLICY, RunningGateway, token_for
+from querywarden.policy import PolicyDocument
 
 #: The gateway's hold notice: "...: held for approval as review ID; waiting up to ...".
 _HOLD_NOTICE = re.compile(r"as review (\S+);")
@@ -77,6 +78,17 @@ REVIEW_RULES: list[dict[str, Any]] = [
         "allow": {"operations": ["*"], "tables": ["*"]},
     },
 ]
+
+
+def review_policy(hold: str, rules: list[dict[str, Any]] = REVIEW_RULES) -> PolicyDocument:
+    """The test issuer's policy with ``rules`` and the DBAs as approvers, holding for ``hold``."""
+    return PolicyDocument.model_validate(
+        {
+            "identity": POLICY.identity.model_dump(by_alias=True),
+            "rules": rules,
+            "approvals": {"approvers": {"groups": ["dba"]}, "hold": hold, "grantTTL": "5m"},
+        }
+    )
 
 
 def admin_call(

@@ -21,8 +21,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from gateway_harness import DATABASE, POLICY, RunningGateway, token_for
-from held_statement import HeldStatement, admin_call
+from gateway_harness import DATABASE, RunningGateway, token_for
+from held_statement import HeldStatement, admin_call, review_policy
 from querywarden import codec
 from querywarden.audit.log import read_records
 from querywarden.devcluster import EphemeralCluster
@@ -46,13 +46,7 @@ RULES = [
 
 
 def _policy(hold: str) -> PolicyDocument:
-    return PolicyDocument.model_validate(
-        {
-            "identity": POLICY.identity.model_dump(by_alias=True),
-            "rules": RULES,
-            "approvals": {"approvers": {"groups": ["dba"]}, "hold": hold, "grantTTL": "5m"},
-        }
-    )
+    return review_policy(hold, RULES)
 
 
 @pytest.fixture(scope="module")

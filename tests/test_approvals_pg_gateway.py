@@ -20,38 +20,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from gateway_harness import POLICY, RunningGateway
-from held_statement import HeldStatement, admin_call
+from gateway_harness import RunningGateway
+from held_statement import HeldStatement, admin_call, review_policy
 from querywarden import server
 from querywarden.approvals.pg_store import PostgresReviewStore
 from querywarden.devcluster import DATABASE, EphemeralCluster, free_port
-from querywarden.policy import PolicyDocument
 
 pytestmark = pytest.mark.postgres
-
-RULES = [
-    {
-        "name": "agents-write-reviewed",
-        "subjects": {"groups": ["ai-agents"]},
-        "allow": {"operations": ["select"], "tables": ["public.*", "pg_catalog.*"]},
-        "review": {"operations": ["delete"]},
-    },
-    {
-        "name": "dba-all",
-        "subjects": {"groups": ["dba"]},
-        "allow": {"operations": ["*"], "tables": ["*"]},
-    },
-]
-
-
-def _policy(hold: str) -> PolicyDocument:
-    return PolicyDocument.model_validate(
-        {
-            "identity": POLICY.identity.model_dump(by_alias=True),
-            "rules": RULES,
-            "approvals": {"approvers": {"groups": ["dba"]}, "hold": hold, "grantTTL": "5m"},
-        }
-    )
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +81,7 @@ def _replicas(
     }
     a, b = (
         make_gateway(
-            policy=_policy(hold),
+            policy=review_policy(hold),
             stateDirectory=str(tmp_path / name),
             admin={"port": 0},
             approvals=store,
@@ -248,7 +223,7 @@ def test_an_unreachable_review_store_refuses_with_58030_and_the_session_goes_on(
 ) -> None:
     pg.psql("TRUNCATE qpg_items; INSERT INTO qpg_items VALUES (1)")
     gw = make_gateway(
-        policy=_policy("20s"),
+        policy=review_policy("20s"),
         stateDirectory=str(tmp_path / "state"),
         admin={"port": 0},
         approvals={
