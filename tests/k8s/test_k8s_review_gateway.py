@@ -333,7 +333,9 @@ def test_the_operator_deletes_ended_reviews_after_the_policys_retention(
             return exc.status == 404
         return False
 
-    wait_until(lambda: gone(outcomes["denied"]), what="the denied review deleted")
+    # The update reconciles the whole policy first (its certificate, its Services): on a
+    # loaded machine, with a retried step, that takes more than the default 30 s.
+    wait_until(lambda: gone(outcomes["denied"]), timeout=120, what="the denied review deleted")
     assert not gone(outcomes["approved"])
     # What happened stays in the sidecar's audit log.
     kinds = {r["type"] for r in sidecar.audit() if r.get("review_id") == outcomes["denied"]}
