@@ -7,6 +7,7 @@ banner prints: psql lines, the reviews commands, the policy file and the audit c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -159,9 +160,14 @@ def _listeners() -> dict[int, set[int]]:
         if not proc.name.isdigit():
             continue
         try:
-            links = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+            fds = list((proc / "fd").iterdir())
         except OSError:
-            continue
+            continue  # the process is gone, or not ours to read
+        links = []
+        for fd in fds:
+            # One fd closing during the scan must not hide the process's other sockets.
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(fd))
         for link in links:
             inode = link[len("socket:[") : -1] if link.startswith("socket:[") else None
             if inode in inodes:
