@@ -32,6 +32,7 @@ from k8sharness.qwoperator import (
     installed_operator,
     policies,
     policy,
+    renewed_certificate,
     wait_until,
 )
 from querywarden.config import GatewaySettings
@@ -263,16 +264,8 @@ def test_a_certificate_close_to_expiry_is_issued_again(
     path = f"{policies(shop)}/{NAME}"
     wait_until(lambda: k8s.get(path).get("status", {}).get("certificateNotAfter"), what="status")
     # As if it had been issued long ago: the resync finds it inside the renewal window.
-    soon = datetime.datetime.now(datetime.UTC) + RENEW_BEFORE - datetime.timedelta(days=1)
-    k8s.request(
-        "PATCH", f"{path}/status",
-        {"status": {"certificateNotAfter": soon.strftime("%Y-%m-%dT%H:%M:%SZ")}},
-        content_type="application/merge-patch+json",
-    )  # fmt: skip
-    renewed = wait_until(
-        lambda: (s := k8s.get(secret_path))["data"]["tls.crt"] != first["data"]["tls.crt"] and s,
-        what="the renewed certificate",
-    )
+    renewed = renewed_certificate(k8s, path, secret_path)
+    assert renewed["data"]["tls.crt"] != first["data"]["tls.crt"]
     not_after = x509.load_pem_x509_certificate(
         base64.b64decode(renewed["data"]["tls.crt"])
     ).not_valid_after_utc

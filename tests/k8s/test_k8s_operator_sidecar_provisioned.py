@@ -33,6 +33,7 @@ from k8sharness.qwoperator import (
     pod,
     policies,
     policy,
+    renewed_certificate,
     wait_until,
 )
 from querywarden_operator import sidecar_bootstrap, sidecar_tls
@@ -179,16 +180,8 @@ def test_a_sidecar_without_a_tls_secret_gets_one_from_the_operators_ca(
 
     # Near expiry, the resync issues a new certificate; the pod is not rolled (the
     # gateway reloads the files).
-    soon = datetime.datetime.now(datetime.UTC) + RENEW_BEFORE - datetime.timedelta(days=1)
-    k8s.request(
-        "PATCH", f"{path}/status",
-        {"status": {"certificateNotAfter": soon.strftime("%Y-%m-%dT%H:%M:%SZ")}},
-        content_type="application/merge-patch+json",
-    )  # fmt: skip
-    renewed = wait_until(
-        lambda: (s := k8s.get(secret_path))["data"]["tls.crt"] != tls["data"]["tls.crt"] and s,
-        what="the renewed certificate",
-    )
+    renewed = renewed_certificate(k8s, path, secret_path)
+    assert renewed["data"]["tls.crt"] != tls["data"]["tls.crt"]
     not_after = x509.load_pem_x509_certificate(
         base64.b64decode(renewed["data"]["tls.crt"])
     ).not_valid_after_utc

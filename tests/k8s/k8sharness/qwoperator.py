@@ -10,6 +10,7 @@ the chart's webhook configuration names (``webhook.url``).
 from __future__ import annotations
 
 import base64
+import datetime
 import gc
 import secrets
 import threading
@@ -58,6 +59,28 @@ def wait_until(fetch: Callable[[], T | None], *, timeout: float = 30.0, what: st
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not after {timeout:.0f}s (last error: {last_error})")
         time.sleep(0.2)
+
+
+def renewed_certificate(k8s: Cluster, policy_path: str, secret_path: str) -> dict[str, Any]:
+    """Put a policy's issued certificate inside its renewal window; the renewed Secret.
+
+    The status is patched as if the certificate had been issued long ago (expiring a day
+    inside the window), and the operator's resync issues a new one into the Secret.
+    """
+    from querywarden_operator.certificates import RENEW_BEFORE
+
+    issued = k8s.get(secret_path)["data"]["tls.crt"]
+    soon = datetime.datetime.now(datetime.UTC) + RENEW_BEFORE - datetime.timedelta(days=1)
+    k8s.request(
+        "PATCH", f"{policy_path}/status",
+        {"status": {"certificateNotAfter": soon.strftime("%Y-%m-%dT%H:%M:%SZ")}},
+        content_type="application/merge-patch+json",
+    )  # fmt: skip
+    renewed: dict[str, Any] = wait_until(
+        lambda: (s := k8s.get(secret_path))["data"]["tls.crt"] != issued and s,
+        what="the renewed certificate",
+    )
+    return renewed
 
 
 def apply_crd(k8s: Cluster) -> None:
